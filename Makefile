@@ -1,0 +1,43 @@
+# vmcryptd build, test and demo targets. `make test` is the one command CI
+# runs (.ci/run); `make demo` is the README's run command.
+GO       ?= go
+BIN      := bin/vmcryptd
+PKGS     := ./...
+# The whole suite must stay well inside CI's budget on 2 cores.
+TEST_TIMEOUT ?= 20m
+FUZZTIME ?= 3m
+
+.PHONY: all build test vet deps bench demo demo-down fuzz generate clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/vmcryptd
+
+deps:
+	./scripts/install-deps.sh
+
+vet:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
+	$(GO) vet $(PKGS)
+
+test: deps vet
+	$(GO) test -race -timeout $(TEST_TIMEOUT) $(PKGS)
+
+# Sector-cipher throughput against OpenSSL, measured in the same run.
+bench: build
+	$(BIN) bench
+
+# Regenerate the assembly from its avo generator.
+generate:
+	$(GO) generate ./engine/xts/
+
+# Long fuzzing campaign (opt-in, not part of `make test`).
+fuzz:
+	./scripts/fuzz-all.sh $(FUZZTIME)
+
+demo: build deps
+	./scripts/demo.sh
+
+clean:
+	rm -rf bin

@@ -1,0 +1,246 @@
+package engine
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func newTestContainer(t *testing.T, dek *DEK, unit int) (*Container, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "c.bin")
+	c, err := CreateContainer(path, dek, CreateOptions{Kind: KindExtent, Binding: Binding{PurposeDisk, "disk-1"}, UnitSize: unit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, path
+}
+
+// model is the plaintext the container should hold.
+type model []byte
+
+func (m *model) write(p []byte, off int64) {
+	if end := off + int64(len(p)); end > int64(len(*m)) {
+		*m = append(*m, make([]byte, end-int64(len(*m)))...)
+	}
+	copy((*m)[off:], p)
+}
+
+func checkContents(t *testing.T, c *Container, want []byte) {
+	t.Helper()
+	if c.Size() != int64(len(want)) {
+		t.Fatalf("size %d, want %d", c.Size(), len(want))
+	}
+	got := make([]byte, len(want))
+	if len(want) > 0 {
+		if n, err := c.ReadAt(got, 0); n != len(want) || (err != nil && err != io.EOF) {
+			t.Fatalf("ReadAt: n=%d err=%v", n, err)
+		}
+	}
+	if !bytes.Equal(got, want) {
+		i := 0
+		for i < len(got) && got[i] == want[i] {
+			i++
+		}
+		t.Fatalf("contents differ at byte %d", i)
+	}
+}
+
+func TestContainerReadWrite(t *testing.T) {
+	for _, unit := range []int{512, 4096} {
+		dek := mustDEK(t)
+		c, path := newTestContainer(t, dek, unit)
+		var m model
+		rng := rand.New(rand.NewPCG(1, uint64(unit)))
+		writes := []struct{ off, n int64 }{
+			{0, 1}, {1, 15}, {100, 5000}, {int64(unit) - 3, 7}, {0, int64(unit)},
+			{3 * int64(unit), 2 * int64(unit)}, {50000, 1 << 20}, {1<<20 + 7, 300000}, {10, 3},
+		}
+		for _, w := range writes {
+			p := make([]byte, w.n)
+			for i := range p {
+				p[i] = byte(rng.Uint32())
+			}
+			if n, err := c.WriteAt(p, w.off); err != nil || n != len(p) {
+				t.Fatalf("unit %d: WriteAt(%d,%d): %d %v", unit, w.off, w.n, n, err)
+			}
+			m.write(p, w.off)
+			checkContents(t, c, m)
+		}
+		// Unaligned reads of every shape.
+		for i := 0; i < 200; i++ {
+			off := rng.Int64N(int64(len(m)))
+			n := rng.IntN(70000)
+			got := make([]byte, n)
+			k, err := c.ReadAt(got, off)
+			wantN := min(n, len(m)-int(off))
+			if k != wantN || (k < n && err != io.EOF) || (k == n && err != nil) {
+				t.Fatalf("ReadAt(%d, %d) = %d, %v", off, n, k, err)
+			}
+			if !bytes.Equal(got[:k], m[off:off+int64(k)]) {
+				t.Fatalf("ReadAt(%d, %d) wrong data", off, n)
+			}
+		}
+		if err := c.Close(); err != nil {
+			t.Fatal(err)
+		}
+		c2, err := OpenContainer(path, dek, false, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkContents(t, c2, m)
+		c2.Close()
+		// No 16-byte run of the plaintext survives in the file.
+		raw, _ := os.ReadFile(path)
+		for off := 0; off+64 <= len(m); off += 4096 {
+			if bytes.Contains(raw, m[off:off+64]) {
+				t.Fatalf("plaintext at %d visible in backing file", off)
+			}
+		}
+	}
+}
+
+func TestContainerHolesAndTruncate(t *testing.T) {
+	dek := mustDEK(t)
+	c, path := newTestContainer(t, dek, 4096)
+	defer c.Close()
+	var m model
+	p := bytes.Repeat([]byte{0xab}, 10000)
+	c.WriteAt(p, 10<<20)
+	m.write(p, 10<<20)
+	checkContents(t, c, m)
+	// The gap is a hole in the backing file.
+	off, err := unix.Seek(int(c.File().Fd()), HeaderSize, unix.SEEK_DATA)
+	if err != nil || off < HeaderSize+10<<20-4096 {
+		t.Fatalf("SEEK_DATA from header = %d, %v; want the gap to be a hole", off, err)
+	}
+	// Shrink to a ragged size, grow again: the cut tail reads zeros.
+	if err := c.Truncate(10<<20 + 100); err != nil {
+		t.Fatal(err)
+	}
+	m = m[:10<<20+100]
+	checkContents(t, c, m)
+	if err := c.Truncate(10<<20 + 9000); err != nil {
+		t.Fatal(err)
+	}
+	m = append(m, make([]byte, 8900)...)
+	checkContents(t, c, m)
+	// Punch a hole across units.
+	if err := c.PunchHole(10<<20+50, 8000); err != nil {
+		t.Fatal(err)
+	}
+	clear(m[10<<20+50 : 10<<20+8050])
+	checkContents(t, c, m)
+	if err := c.Truncate(0); err != nil {
+		t.Fatal(err)
+	}
+	checkContents(t, c, nil)
+	st, _ := os.Stat(path)
+	if st.Size() != HeaderSize {
+		t.Fatalf("empty container is %d bytes", st.Size())
+	}
+}
+
+func TestContainerOpenErrors(t *testing.T) {
+	dek := mustDEK(t)
+	c, path := newTestContainer(t, dek, 4096)
+	c.WriteAt(bytes.Repeat([]byte{1}, 20000), 0)
+	c.Close()
+	orig, _ := os.ReadFile(path)
+	dir := t.TempDir()
+	variant := func(name string, mutate func([]byte) []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, mutate(bytes.Clone(orig)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	other := mustDEK(t)
+	tests := []struct {
+		name string
+		path string
+		dek  *DEK
+		want error
+	}{
+		{"wrong key", path, other, ErrWrongKey},
+		{"tampered size both slots", variant("t1", func(b []byte) []byte { b[24] ^= 1; b[512+24] ^= 1; return b }), dek, ErrTampered},
+		{"truncated payload", variant("t2", func(b []byte) []byte { return b[:len(b)-4096] }), dek, ErrTruncated},
+		{"not a container", variant("t3", func(b []byte) []byte { return bytes.Repeat([]byte{'x'}, 8192) }), dek, ErrNotContainer},
+		{"tiny file", variant("t4", func(b []byte) []byte { return []byte("MRVN") }), dek, ErrNotContainer},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := OpenContainer(tt.path, tt.dek, true, "")
+			if err == nil {
+				c.Close()
+				t.Fatal("open succeeded")
+			}
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("err = %v, want %v", err, tt.want)
+			}
+			if !bytes.Contains([]byte(err.Error()), []byte(tt.path)) {
+				t.Fatalf("error does not name the file: %v", err)
+			}
+		})
+	}
+}
+
+// A torn write of the newer slot must fall back to the older one.
+func TestContainerTornSlot(t *testing.T) {
+	dek := mustDEK(t)
+	c, path := newTestContainer(t, dek, 4096)
+	c.WriteAt([]byte("hello"), 0)
+	c.WriteAt([]byte("world"), 5) // size 10 in the newest slot
+	h := c.Header()
+	c.Close()
+	raw, _ := os.ReadFile(path)
+	raw[h.slot*slotSize+100] ^= 0xff // corrupt the newest slot
+	os.WriteFile(path, raw, 0o600)
+	c2, err := OpenContainer(path, dek, true, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if c2.Size() != 5 || c2.Header().Seq != h.Seq-1 {
+		t.Fatalf("fell back to size %d seq %d, want 5 and %d", c2.Size(), c2.Header().Seq, h.Seq-1)
+	}
+}
+
+func TestContainerConcurrent(t *testing.T) {
+	dek := mustDEK(t)
+	c, _ := newTestContainer(t, dek, 4096)
+	defer c.Close()
+	const workers, per = 8, 64 << 10
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			base := int64(w) * per
+			p := bytes.Repeat([]byte{byte(w + 1)}, 1000)
+			for off := int64(0); off+1000 <= per; off += 1000 {
+				if _, err := c.WriteAt(p, base+off); err != nil {
+					t.Error(err)
+					return
+				}
+				got := make([]byte, 1000)
+				if _, err := c.ReadAt(got, base+off); err != nil && err != io.EOF {
+					t.Error(err)
+					return
+				}
+				if !bytes.Equal(got, p) {
+					t.Errorf("worker %d: read back wrong data at %d", w, off)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}

@@ -1,0 +1,315 @@
+package engine
+
+import (
+	"bytes"
+	"crypto/hkdf"
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// Container header constants; docs/FORMAT.md ("Encrypted container") is
+// the normative description and these must match it.
+const (
+	ContainerMagic   = "VMCRYPTD"
+	ContainerVersion = 1
+	HeaderSize       = 4096 // payload starts here, so units stay O_DIRECT-aligned
+	slotSize         = 512
+	slotMACOffset    = slotSize - sha256.Size
+	maxOwnerID       = 64
+	// DefaultUnitSize is the data unit (XTS sector) of new containers.
+	DefaultUnitSize = 4096
+)
+
+// Kind says what a container holds. It is authenticated in the header, so
+// swapping two files of one VM (same key) is still detected.
+type Kind uint8
+
+const (
+	KindExtent   Kind = 1 // virtual-disk extent (flat or sparse)
+	KindNVRAM    Kind = 2
+	KindVSWP     Kind = 3
+	KindVMSN     Kind = 4
+	KindVMSS     Kind = 5
+	KindVMEM     Kind = 6
+	KindCoreDump Kind = 7
+	KindOther    Kind = 8 // any other file created inside an encrypted VM
+)
+
+var kindNames = map[Kind]string{
+	KindExtent: "extent", KindNVRAM: "nvram", KindVSWP: "vswp", KindVMSN: "vmsn",
+	KindVMSS: "vmss", KindVMEM: "vmem", KindCoreDump: "coredump", KindOther: "other",
+}
+
+func (k Kind) String() string {
+	if s, ok := kindNames[k]; ok {
+		return s
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+var purposeCodes = map[Purpose]uint8{PurposeVM: 1, PurposeDisk: 2, PurposeCoreDump: 3}
+
+// Header is the authenticated metadata of a container (one slot's worth).
+type Header struct {
+	Kind        Kind
+	Seq         uint64 // higher wins between the two slots
+	Size        int64  // logical (plaintext) size in bytes
+	UnitSize    int
+	PayloadOff  int64
+	FileID      [16]byte
+	Fingerprint [16]byte // identifies the DEK without revealing it
+	Binding     Binding  // which DEK: the VM's, a disk's, or a core dump's
+	slot        int
+}
+
+// Units is the number of data units the payload holds.
+func (h *Header) Units() int64 {
+	return (h.Size + int64(h.UnitSize) - 1) / int64(h.UnitSize)
+}
+
+// MinBackingSize is the smallest backing file that holds every unit.
+func (h *Header) MinBackingSize() int64 {
+	return h.PayloadOff + h.Units()*int64(h.UnitSize)
+}
+
+// Sentinel errors, matched with errors.Is; messages name the file.
+var (
+	ErrNotContainer = errors.New("not a vmcryptd container")
+	ErrWrongKey     = errors.New("encrypted with a different key")
+	ErrTampered     = errors.New("header authentication failed (tampered or corrupt)")
+	ErrTruncated    = errors.New("container truncated")
+)
+
+// containerKeys are the per-DEK derived keys (docs/FORMAT.md "Key
+// derivation"). Deriving rather than using the DEK directly lets one VM
+// key serve many files without two files ever sharing XTS keystream
+// positions (the XTS key is per file id).
+type containerKeys struct {
+	prk         []byte
+	macKey      []byte
+	fingerprint [16]byte
+}
+
+const kdfSalt = "vmcryptd v1 container"
+
+func deriveContainerKeys(dek *DEK) (*containerKeys, error) {
+	prk, err := hkdf.Extract(sha256.New, dek.bytes(), []byte(kdfSalt))
+	if err != nil {
+		return nil, fmt.Errorf("hkdf extract: %w", err)
+	}
+	mac, err := hkdf.Expand(sha256.New, prk, "header-mac", 32)
+	if err != nil {
+		clear(prk)
+		return nil, fmt.Errorf("hkdf expand: %w", err)
+	}
+	fp, err := hkdf.Expand(sha256.New, prk, "fingerprint", 16)
+	if err != nil {
+		clear(prk)
+		clear(mac)
+		return nil, fmt.Errorf("hkdf expand: %w", err)
+	}
+	k := &containerKeys{prk: prk, macKey: mac}
+	copy(k.fingerprint[:], fp)
+	return k, nil
+}
+
+// fileXTSKey derives the 64-byte XTS key of one file. The caller clears it.
+func (k *containerKeys) fileXTSKey(fileID [16]byte) ([]byte, error) {
+	key, err := hkdf.Expand(sha256.New, k.prk, "xts"+string(fileID[:]), DEKSize)
+	if err != nil {
+		return nil, fmt.Errorf("hkdf expand: %w", err)
+	}
+	if equalHalves(key) {
+		clear(key)
+		return nil, errors.New("derived XTS key has equal halves")
+	}
+	return key, nil
+}
+
+func (k *containerKeys) destroy() {
+	if k != nil {
+		clear(k.prk)
+		clear(k.macKey)
+	}
+}
+
+// DEKFingerprint is the 16-byte fingerprint of a DEK as stored in
+// container headers and shown by `vmcryptd vm status`.
+func DEKFingerprint(dek *DEK) ([16]byte, error) {
+	k, err := deriveContainerKeys(dek)
+	if err != nil {
+		return [16]byte{}, err
+	}
+	defer k.destroy()
+	return k.fingerprint, nil
+}
+
+// marshalSlot encodes h into a 512-byte slot and MACs it.
+func marshalSlot(h *Header, slot int, macKey []byte) ([]byte, error) {
+	code, ok := purposeCodes[h.Binding.Purpose]
+	if !ok {
+		return nil, fmt.Errorf("header: unknown key purpose %q", h.Binding.Purpose)
+	}
+	if len(h.Binding.OwnerID) == 0 || len(h.Binding.OwnerID) > maxOwnerID {
+		return nil, fmt.Errorf("header: owner id must be 1..%d bytes, got %d", maxOwnerID, len(h.Binding.OwnerID))
+	}
+	if h.Size < 0 {
+		return nil, fmt.Errorf("header: negative size %d", h.Size)
+	}
+	b := make([]byte, slotSize)
+	copy(b[0:8], ContainerMagic)
+	binary.LittleEndian.PutUint16(b[8:], ContainerVersion)
+	b[10] = byte(slot)
+	b[11] = byte(h.Kind)
+	// b[12:16] flags: zero in version 1
+	binary.LittleEndian.PutUint64(b[16:], h.Seq)
+	binary.LittleEndian.PutUint64(b[24:], uint64(h.Size))
+	binary.LittleEndian.PutUint32(b[32:], uint32(h.UnitSize))
+	binary.LittleEndian.PutUint32(b[36:], uint32(h.PayloadOff))
+	copy(b[40:56], h.FileID[:])
+	copy(b[56:72], h.Fingerprint[:])
+	b[72] = code
+	b[73] = byte(len(h.Binding.OwnerID))
+	copy(b[74:74+maxOwnerID], h.Binding.OwnerID)
+	m := hmac.New(sha256.New, macKey)
+	m.Write(b[:slotMACOffset])
+	copy(b[slotMACOffset:], m.Sum(nil))
+	return b, nil
+}
+
+// parseSlot decodes a slot without checking its MAC. It validates every
+// field so that even an unauthenticated header (inspect, no key) never
+// yields nonsense sizes.
+func parseSlot(b []byte, slot int) (*Header, error) {
+	if len(b) < slotSize || string(b[0:8]) != ContainerMagic {
+		return nil, ErrNotContainer
+	}
+	if v := binary.LittleEndian.Uint16(b[8:]); v != ContainerVersion {
+		return nil, fmt.Errorf("unsupported container version %d (this vmcryptd reads %d)", v, ContainerVersion)
+	}
+	if int(b[10]) != slot {
+		return nil, fmt.Errorf("slot %d claims to be slot %d", slot, b[10])
+	}
+	h := &Header{slot: slot}
+	h.Kind = Kind(b[11])
+	if _, ok := kindNames[h.Kind]; !ok {
+		return nil, fmt.Errorf("unknown file kind %d", b[11])
+	}
+	if flags := binary.LittleEndian.Uint32(b[12:]); flags != 0 {
+		return nil, fmt.Errorf("unknown header flags %#x", flags)
+	}
+	h.Seq = binary.LittleEndian.Uint64(b[16:])
+	size := binary.LittleEndian.Uint64(b[24:])
+	if size > 1<<62 {
+		return nil, fmt.Errorf("logical size %d out of range", size)
+	}
+	h.Size = int64(size)
+	h.UnitSize = int(binary.LittleEndian.Uint32(b[32:]))
+	if !validUnitSize(h.UnitSize) {
+		return nil, fmt.Errorf("invalid data unit size %d", h.UnitSize)
+	}
+	h.PayloadOff = int64(binary.LittleEndian.Uint32(b[36:]))
+	if h.PayloadOff != HeaderSize {
+		return nil, fmt.Errorf("invalid payload offset %d", h.PayloadOff)
+	}
+	copy(h.FileID[:], b[40:56])
+	copy(h.Fingerprint[:], b[56:72])
+	var purpose Purpose
+	for p, c := range purposeCodes {
+		if c == b[72] {
+			purpose = p
+		}
+	}
+	if purpose == "" {
+		return nil, fmt.Errorf("unknown key purpose code %d", b[72])
+	}
+	n := int(b[73])
+	if n == 0 || n > maxOwnerID {
+		return nil, fmt.Errorf("invalid owner id length %d", n)
+	}
+	h.Binding = Binding{Purpose: purpose, OwnerID: string(b[74 : 74+n])}
+	if !bytes.Equal(b[74+n:74+maxOwnerID], make([]byte, maxOwnerID-n)) || !bytes.Equal(b[74+maxOwnerID:slotMACOffset], make([]byte, slotMACOffset-74-maxOwnerID)) {
+		return nil, errors.New("reserved header bytes are not zero")
+	}
+	return h, nil
+}
+
+func validUnitSize(n int) bool {
+	return n == 512 || n == 1024 || n == 2048 || n == 4096
+}
+
+func slotMACOK(b []byte, macKey []byte) bool {
+	m := hmac.New(sha256.New, macKey)
+	m.Write(b[:slotMACOffset])
+	return subtle.ConstantTimeCompare(m.Sum(nil), b[slotMACOffset:slotSize]) == 1
+}
+
+// PeekHeader reads the header region without a key: it returns the newest
+// slot that parses, unauthenticated. Used by inspect and by the engine to
+// learn which DEK a file needs before it has one.
+func PeekHeader(region []byte) (*Header, error) {
+	var best *Header
+	var firstErr error
+	for slot := 0; slot < 2; slot++ {
+		off := slot * slotSize
+		if len(region) < off+slotSize {
+			break
+		}
+		h, err := parseSlot(region[off:off+slotSize], slot)
+		if err != nil {
+			if firstErr == nil || errors.Is(firstErr, ErrNotContainer) {
+				firstErr = err
+			}
+			continue
+		}
+		if best == nil || h.Seq > best.Seq {
+			best = h
+		}
+	}
+	if best == nil {
+		if firstErr == nil {
+			firstErr = ErrNotContainer
+		}
+		return nil, firstErr
+	}
+	return best, nil
+}
+
+// verifyHeader returns the newest slot whose MAC verifies under keys.
+// Errors distinguish "not ours", "other key" and "tampered".
+func verifyHeader(region []byte, keys *containerKeys) (*Header, error) {
+	if _, err := PeekHeader(region); err != nil {
+		return nil, err
+	}
+	var best *Header
+	fpMatch := false
+	for slot := 0; slot < 2; slot++ {
+		b := region[slot*slotSize : (slot+1)*slotSize]
+		h, err := parseSlot(b, slot)
+		if err != nil {
+			continue
+		}
+		if subtle.ConstantTimeCompare(h.Fingerprint[:], keys.fingerprint[:]) != 1 {
+			continue
+		}
+		fpMatch = true
+		if !slotMACOK(b, keys.macKey) {
+			continue
+		}
+		if best == nil || h.Seq > best.Seq {
+			best = h
+		}
+	}
+	switch {
+	case best != nil:
+		return best, nil
+	case !fpMatch:
+		return nil, ErrWrongKey
+	default:
+		return nil, ErrTampered
+	}
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite and the demo need, if any of
+# their commands is missing. Root + apt-get does it; otherwise it says what
+# to run and fails, so a CI run never silently skips a peer.
+set -euo pipefail
+
+# command -> package that provides it
+declare -A need=(
+	[qemu-img]=qemu-utils
+	[qemu-io]=qemu-utils
+	[pykmip-server]=python3-pykmip
+	[fio]=fio
+	[gocryptfs]=gocryptfs
+	[fusermount3]=fuse3
+	[openssl]=openssl
+)
+
+missing=()
+for cmd in "${!need[@]}"; do
+	command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+	exit 0
+fi
+# de-duplicate
+mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+	echo "install-deps: missing packages: ${pkgs[*]} (run: apt-get install -y ${pkgs[*]} as root)" >&2
+	exit 1
+fi
+echo "install-deps: installing ${pkgs[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
