@@ -51,6 +51,9 @@ func NewKEK(ref KeyRef, raw []byte) (*KEK, error) {
 	return &KEK{Ref: ref, buf: buf}, nil
 }
 
+// MemoryLocked reports whether the key's memory is mlock'ed.
+func (k *KEK) MemoryLocked() bool { return k.buf.Locked() }
+
 // Destroy zeroes and frees the key. Safe to call more than once.
 func (k *KEK) Destroy() {
 	if k != nil {

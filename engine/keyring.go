@@ -1,0 +1,180 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+)
+
+// KeyServer is what the engine needs from a key provider: create a KEK and
+// fetch one by id. kms.Provider implements it; the engine never speaks
+// KMIP itself.
+type KeyServer interface {
+	CreateKey(ctx context.Context, name string) (id string, err error)
+	// GetKey returns the raw key; the caller takes ownership and clears it.
+	GetKey(ctx context.Context, id string) ([]byte, error)
+}
+
+// Keyring caches KEKs by reference, in locked memory only. It is filled
+// on demand (concurrent requests for one key share one fetch) and never
+// persisted: after a restart every KEK is fetched again by id.
+type Keyring struct {
+	mu        sync.Mutex
+	providers map[string]KeyServer
+	keys      map[KeyRef]*KEK
+	inflight  map[KeyRef]*fetch
+}
+
+type fetch struct {
+	done chan struct{}
+	err  error
+}
+
+// NewKeyring returns an empty keyring.
+func NewKeyring() *Keyring {
+	return &Keyring{providers: map[string]KeyServer{}, keys: map[KeyRef]*KEK{}, inflight: map[KeyRef]*fetch{}}
+}
+
+// SetProvider registers (or replaces, or with nil removes) a provider.
+func (r *Keyring) SetProvider(name string, ks KeyServer) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if ks == nil {
+		delete(r.providers, name)
+		return
+	}
+	r.providers[name] = ks
+}
+
+func (r *Keyring) provider(name string) (KeyServer, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ks, ok := r.providers[name]
+	if !ok {
+		return nil, fmt.Errorf("key provider %q is not configured", name)
+	}
+	return ks, nil
+}
+
+// Create makes a new KEK on provider and caches it.
+func (r *Keyring) Create(ctx context.Context, provider, name string) (*KEK, error) {
+	ks, err := r.provider(provider)
+	if err != nil {
+		return nil, err
+	}
+	id, err := ks.CreateKey(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("create key on provider %q: %w", provider, err)
+	}
+	return r.Get(ctx, KeyRef{Provider: provider, KeyID: id})
+}
+
+// Get returns the cached KEK or fetches it. The returned KEK stays owned
+// by the keyring: do not Destroy it.
+func (r *Keyring) Get(ctx context.Context, ref KeyRef) (*KEK, error) {
+	for {
+		r.mu.Lock()
+		if k, ok := r.keys[ref]; ok {
+			r.mu.Unlock()
+			return k, nil
+		}
+		if f, ok := r.inflight[ref]; ok {
+			r.mu.Unlock()
+			select {
+			case <-f.done:
+				if f.err != nil {
+					return nil, f.err
+				}
+				continue // now cached (or forgotten meanwhile: fetch again)
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		ks, ok := r.providers[ref.Provider]
+		if !ok {
+			r.mu.Unlock()
+			return nil, fmt.Errorf("kek %s: key provider %q is not configured", ref, ref.Provider)
+		}
+		f := &fetch{done: make(chan struct{})}
+		r.inflight[ref] = f
+		r.mu.Unlock()
+
+		kek, err := r.fetch(ctx, ks, ref)
+		r.mu.Lock()
+		delete(r.inflight, ref)
+		if err == nil {
+			r.keys[ref] = kek
+		}
+		f.err = err
+		close(f.done)
+		r.mu.Unlock()
+		return kek, err
+	}
+}
+
+func (r *Keyring) fetch(ctx context.Context, ks KeyServer, ref KeyRef) (*KEK, error) {
+	raw, err := ks.GetKey(ctx, ref.KeyID)
+	if err != nil {
+		return nil, fmt.Errorf("kek %s: %w", ref, err)
+	}
+	return NewKEK(ref, raw)
+}
+
+// Cached reports whether ref is in memory now.
+func (r *Keyring) Cached(ref KeyRef) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	_, ok := r.keys[ref]
+	return ok
+}
+
+// Refs lists the cached key references, sorted.
+func (r *Keyring) Refs() []KeyRef {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]KeyRef, 0, len(r.keys))
+	for ref := range r.keys {
+		out = append(out, ref)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
+	return out
+}
+
+// AllMemoryLocked reports whether every cached KEK is in mlock'ed memory.
+func (r *Keyring) AllMemoryLocked() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, k := range r.keys {
+		if !k.MemoryLocked() {
+			return false
+		}
+	}
+	return true
+}
+
+// Forget zeroes and drops one KEK. Callers must make sure nothing still
+// needs it (a rekey drops the old KEK only after every copy wrapped under
+// it was rewritten).
+func (r *Keyring) Forget(ref KeyRef) {
+	r.mu.Lock()
+	k := r.keys[ref]
+	delete(r.keys, ref)
+	r.mu.Unlock()
+	k.Destroy()
+}
+
+// Close zeroes every cached KEK.
+func (r *Keyring) Close() {
+	r.mu.Lock()
+	keys := r.keys
+	r.keys = map[KeyRef]*KEK{}
+	r.mu.Unlock()
+	for _, k := range keys {
+		k.Destroy()
+	}
+}
+
+// ErrNoProvider is returned when no key provider is configured at all.
+var ErrNoProvider = errors.New("no key provider configured")

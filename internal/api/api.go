@@ -1,0 +1,101 @@
+// Package api is the daemon's HTTP/JSON interface on its unix socket: the
+// request and response types and a client. Paths are versioned ("/v1/...");
+// errors are {"error": "...", "missing_privilege": "..."} with an HTTP
+// status (400 bad request, 403 denied, 404 unknown, 409 conflict, 500).
+package api
+
+import (
+	"time"
+
+	"github.com/vmcryptd/vmcryptd/kms"
+)
+
+// Prefix of every path of this API version.
+const Prefix = "/v1"
+
+// MaxRequestBytes bounds a request body; larger ones get 400.
+const MaxRequestBytes = 1 << 20
+
+// Error is the body of every non-2xx response.
+type Error struct {
+	Error            string `json:"error"`
+	MissingPrivilege string `json:"missing_privilege,omitempty"`
+}
+
+// Status is GET /v1/status.
+type Status struct {
+	Version        string           `json:"version"`
+	PID            int              `json:"pid"`
+	Started        time.Time        `json:"started"`
+	Caller         Caller           `json:"caller"`
+	HostEncryption HostEncryption   `json:"host_encryption"`
+	Providers      []ProviderInfo   `json:"providers"`
+	DefaultKMS     string           `json:"default_provider,omitempty"`
+	CachedKeys     int              `json:"cached_keys"`
+	KeysLocked     bool             `json:"keys_mlocked"`
+	VMs            []VMLockState    `json:"vms"`
+	Datastores     []DatastoreState `json:"datastores"`
+}
+
+// Caller is who the daemon thinks is asking (from SO_PEERCRED).
+type Caller struct {
+	UID        int      `json:"uid"`
+	User       string   `json:"user"`
+	Role       string   `json:"role"`
+	Privileges []string `json:"privileges"`
+}
+
+// HostEncryption is the host's encryption mode.
+type HostEncryption struct {
+	Enabled   bool   `json:"enabled"`
+	Provider  string `json:"provider,omitempty"`
+	KeyID     string `json:"key_id,omitempty"`
+	KeyLoaded bool   `json:"key_loaded"`
+	Error     string `json:"error,omitempty"`
+}
+
+// HostEncryptionRequest is POST /v1/host/encryption.
+type HostEncryptionRequest struct {
+	Enable   bool   `json:"enable"`
+	Provider string `json:"provider,omitempty"` // default provider if empty
+}
+
+// ProviderInfo describes a key provider.
+type ProviderInfo struct {
+	Name    string   `json:"name"`
+	Servers []string `json:"servers"`
+	Default bool     `json:"default"`
+	Source  string   `json:"source"` // "config" or "api"
+}
+
+// ProviderAdd is POST /v1/kms.
+type ProviderAdd struct {
+	Name     string   `json:"name"`
+	Servers  []string `json:"servers"`
+	CAFile   string   `json:"ca_file"`
+	CertFile string   `json:"cert_file"`
+	KeyFile  string   `json:"key_file"`
+	Default  bool     `json:"default"`
+}
+
+// ProviderStatus is the status of one provider.
+type ProviderStatus struct {
+	Name    string             `json:"name"`
+	Servers []kms.ServerStatus `json:"servers"`
+}
+
+// VMLockState is whether the daemon holds every key a VM needs.
+type VMLockState struct {
+	Dir    string   `json:"dir"`
+	Name   string   `json:"name,omitempty"`
+	Locked bool     `json:"locked"`
+	Reason string   `json:"reason,omitempty"`
+	Keys   []string `json:"keys"`
+	State  string   `json:"state,omitempty"` // e.g. "conversion interrupted"
+}
+
+// DatastoreState is a configured datastore.
+type DatastoreState struct {
+	Name string `json:"name"`
+	Path string `json:"path"`
+}

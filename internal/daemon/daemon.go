@@ -1,0 +1,359 @@
+// Package daemon is vmcryptd's long-running process: it holds KEKs in
+// locked memory, serves the HTTP/JSON API on a unix socket, checks every
+// request against the caller's role (SO_PEERCRED) and audits every
+// cryptographic operation.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/internal/config"
+	"github.com/vmcryptd/vmcryptd/kms"
+)
+
+// Options configure a Daemon.
+type Options struct {
+	Config  *config.Config
+	Logger  *slog.Logger
+	Version string
+	// RetryInterval is how often keys that could not be fetched are tried
+	// again (default 10s).
+	RetryInterval time.Duration
+}
+
+// Daemon is one running vmcryptd.
+type Daemon struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	version string
+	retry   time.Duration
+	auth    *authorizer
+	audit   *auditLog
+	keyring *engine.Keyring
+	started time.Time
+
+	mu        sync.Mutex
+	st        *state
+	providers map[string]*kms.Provider
+	source    map[string]string // provider name -> "config" | "api"
+	keyErrs   map[engine.KeyRef]string
+}
+
+// HardenProcess makes the process undumpable (no core dumps, no ptrace
+// by other users, /proc/PID/mem closed) and sets RLIMIT_CORE to 0. Key
+// material lives in mlock'ed memory (internal/secmem), so it never reaches
+// swap either.
+func HardenProcess() error {
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		return fmt.Errorf("prctl(PR_SET_DUMPABLE, 0): %w", err)
+	}
+	if err := unix.Setrlimit(unix.RLIMIT_CORE, &unix.Rlimit{}); err != nil {
+		return fmt.Errorf("setrlimit(RLIMIT_CORE, 0): %w", err)
+	}
+	return nil
+}
+
+// New prepares a daemon: reads state, builds providers, opens the audit
+// log. It does not listen or fetch keys yet.
+func New(opts Options) (*Daemon, error) {
+	cfg := opts.Config
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.RetryInterval == 0 {
+		opts.RetryInterval = 10 * time.Second
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(cfg.AuditLog), 0o700); err != nil {
+		return nil, fmt.Errorf("audit log dir: %w", err)
+	}
+	st, err := loadState(filepath.Join(cfg.StateDir, "state.json"))
+	if err != nil {
+		return nil, err
+	}
+	auth, err := newAuthorizer(cfg.Roles)
+	if err != nil {
+		return nil, err
+	}
+	audit, err := openAudit(cfg.AuditLog)
+	if err != nil {
+		return nil, err
+	}
+	d := &Daemon{
+		cfg: cfg, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval,
+		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
+		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
+		keyErrs: map[engine.KeyRef]string{},
+	}
+	for _, kc := range cfg.KMS {
+		if err := d.addProviderLocked(kc, "config"); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	for _, kc := range st.Providers {
+		if err := d.addProviderLocked(kc, "api"); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+func (d *Daemon) statePath() string { return filepath.Join(d.cfg.StateDir, "state.json") }
+
+func (d *Daemon) addProviderLocked(kc kms.Config, source string) error {
+	if _, dup := d.providers[kc.Name]; dup {
+		return fmt.Errorf("key provider %q already exists", kc.Name)
+	}
+	p, err := kms.New(kc, d.log.With("provider", kc.Name))
+	if err != nil {
+		return fmt.Errorf("key provider %q: %w", kc.Name, err)
+	}
+	d.providers[kc.Name] = p
+	d.source[kc.Name] = source
+	d.keyring.SetProvider(kc.Name, p)
+	return nil
+}
+
+func (d *Daemon) defaultProvider() string {
+	if d.st.DefaultProvider != "" {
+		return d.st.DefaultProvider
+	}
+	return d.cfg.DefaultProvider
+}
+
+// neededKeys lists every KEK the registered state refers to.
+func (d *Daemon) neededKeys() []engine.KeyRef {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	seen := map[engine.KeyRef]bool{}
+	var out []engine.KeyRef
+	add := func(k keyRefJSON) {
+		r := engine.KeyRef{Provider: k.Provider, KeyID: k.KeyID}
+		if !seen[r] {
+			seen[r] = true
+			out = append(out, r)
+		}
+	}
+	if d.st.HostKey != nil {
+		add(*d.st.HostKey)
+	}
+	for _, vm := range d.st.VMs {
+		for _, k := range vm.Keys {
+			add(k)
+		}
+	}
+	return out
+}
+
+// loadKeys fetches every needed KEK that is not cached, at most four at a
+// time, and records per-key errors for status. The keyring de-duplicates
+// concurrent fetches of one key.
+func (d *Daemon) loadKeys(ctx context.Context) {
+	refs := d.neededKeys()
+	sem := make(chan struct{}, 4)
+	var wg sync.WaitGroup
+	for _, ref := range refs {
+		if d.keyring.Cached(ref) {
+			continue
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			_, err := d.keyring.Get(fctx, ref)
+			d.mu.Lock()
+			if err != nil {
+				d.keyErrs[ref] = err.Error()
+			} else {
+				delete(d.keyErrs, ref)
+			}
+			d.mu.Unlock()
+			if err != nil {
+				d.log.Warn("key not available", "key", ref.String(), "err", err)
+			} else {
+				d.log.Info("key loaded", "key", ref.String())
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// Run listens on the configured socket and serves until ctx is done, then
+// shuts down: stops serving, zeroes every key, closes providers.
+func (d *Daemon) Run(ctx context.Context) error {
+	ln, err := listenSocket(d.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           d.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnContext:       peerContext,
+		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
+	}
+	d.log.Info("vmcryptd serving", "socket", d.cfg.Socket, "pid", os.Getpid())
+
+	bg, cancelBG := context.WithCancel(ctx)
+	var bgWG sync.WaitGroup
+	bgWG.Add(1)
+	go func() {
+		defer bgWG.Done()
+		d.loadKeys(bg)
+		t := time.NewTicker(d.retry)
+		defer t.Stop()
+		for {
+			select {
+			case <-bg.Done():
+				return
+			case <-t.C:
+				d.loadKeys(bg)
+			}
+		}
+	}()
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	cancelBG()
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(sctx)
+	bgWG.Wait()
+	os.Remove(d.cfg.Socket)
+	d.Close()
+	d.log.Info("vmcryptd stopped; keys zeroed")
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// Close zeroes every key and releases resources. Run calls it.
+func (d *Daemon) Close() {
+	d.keyring.Close()
+	d.mu.Lock()
+	for _, p := range d.providers {
+		p.Close()
+	}
+	d.mu.Unlock()
+	if d.audit != nil {
+		d.audit.close()
+	}
+}
+
+// listenSocket creates the socket's directory (0750), removes a stale
+// socket left by a killed daemon (but not a live one), listens, and sets
+// the socket to 0660.
+func listenSocket(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, fmt.Errorf("socket dir: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("socket %s: another vmcryptd is already serving it", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("socket %s: remove stale: %w", path, err)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+type peerKey struct{}
+
+// peerContext records the connecting process's uid (SO_PEERCRED) in the
+// request context; the kernel vouches for it, so it cannot be forged.
+func peerContext(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) {
+		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if err != nil || cred == nil {
+		return ctx
+	}
+	return context.WithValue(ctx, peerKey{}, int(cred.Uid))
+}
+
+func (d *Daemon) status(id identity) api.Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s := api.Status{
+		Version: d.version, PID: os.Getpid(), Started: d.started,
+		Caller:     api.Caller{UID: id.UID, User: id.User, Role: id.Role, Privileges: d.auth.privileges(id.Role)},
+		DefaultKMS: d.defaultProvider(),
+		CachedKeys: len(d.keyring.Refs()),
+		KeysLocked: d.keyring.AllMemoryLocked(),
+		VMs:        []api.VMLockState{},
+		Providers:  []api.ProviderInfo{},
+		Datastores: []api.DatastoreState{},
+	}
+	if h := d.st.HostKey; h != nil {
+		ref := engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
+		s.HostEncryption = api.HostEncryption{Enabled: true, Provider: h.Provider, KeyID: h.KeyID,
+			KeyLoaded: d.keyring.Cached(ref), Error: d.keyErrs[ref]}
+	}
+	for name, p := range d.providers {
+		s.Providers = append(s.Providers, api.ProviderInfo{Name: name, Servers: p.Servers(),
+			Default: name == d.defaultProvider(), Source: d.source[name]})
+	}
+	sort.Slice(s.Providers, func(i, j int) bool { return s.Providers[i].Name < s.Providers[j].Name })
+	for _, vm := range d.st.VMs {
+		vs := api.VMLockState{Dir: vm.Dir, Name: vm.Name, Keys: []string{}}
+		for _, k := range vm.Keys {
+			ref := engine.KeyRef{Provider: k.Provider, KeyID: k.KeyID}
+			vs.Keys = append(vs.Keys, ref.String())
+			if !d.keyring.Cached(ref) {
+				vs.Locked = true
+				reason := d.keyErrs[ref]
+				if reason == "" {
+					reason = "key " + ref.String() + " not fetched yet"
+				}
+				vs.Reason = reason
+			}
+		}
+		s.VMs = append(s.VMs, vs)
+	}
+	for _, ds := range d.cfg.Datastores {
+		s.Datastores = append(s.Datastores, api.DatastoreState{Name: ds.Name, Path: ds.Path})
+	}
+	return s
+}

@@ -1,0 +1,371 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/kms"
+)
+
+// reqCtx is one authorised request.
+type reqCtx struct {
+	w  http.ResponseWriter
+	r  *http.Request
+	id identity
+	op string
+}
+
+// handler is an API operation body; it returns the response (JSON) or an
+// error carrying an HTTP status.
+type handler func(rc *reqCtx) (any, error)
+
+type httpError struct {
+	code int
+	msg  string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func badRequest(format string, a ...any) error {
+	return &httpError{http.StatusBadRequest, fmt.Sprintf(format, a...)}
+}
+func conflict(format string, a ...any) error {
+	return &httpError{http.StatusConflict, fmt.Sprintf(format, a...)}
+}
+func notFound(format string, a ...any) error {
+	return &httpError{http.StatusNotFound, fmt.Sprintf(format, a...)}
+}
+
+func (d *Daemon) routes() http.Handler {
+	mux := http.NewServeMux()
+	p := api.Prefix
+	mux.Handle("GET "+p+"/status", d.op("status", PrivRead, false, d.hStatus))
+	mux.Handle("GET "+p+"/host/encryption", d.op("host.encryption.status", PrivRead, false, d.hHostStatus))
+	mux.Handle("POST "+p+"/host/encryption", d.op("host.encryption.set", PrivRegisterHost, true, d.hHostSet))
+	mux.Handle("GET "+p+"/kms", d.op("kms.list", PrivRead, false, d.hKMSList))
+	mux.Handle("POST "+p+"/kms", d.op("kms.add", PrivManageKeyServers, true, d.hKMSAdd))
+	mux.Handle("DELETE "+p+"/kms/{name}", d.op("kms.remove", PrivManageKeyServers, true, d.hKMSRemove))
+	mux.Handle("GET "+p+"/kms/{name}/status", d.op("kms.status", PrivRead, false, d.hKMSStatus))
+	mux.Handle("POST "+p+"/keys", d.op("key.create", PrivManageKeys, true, d.hKeyCreate))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, api.Error{Error: fmt.Sprintf("no such API endpoint: %s %s", r.Method, r.URL.Path)})
+	})
+	return mux
+}
+
+// op wraps an operation: resolve the caller, check the privilege (403 and
+// an audit line when missing), run it, audit cryptographic operations.
+func (d *Daemon) op(name string, priv Privilege, audited bool, h handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		uid, ok := r.Context().Value(peerKey{}).(int)
+		if !ok {
+			writeJSON(w, http.StatusForbidden, api.Error{Error: "cannot identify the caller (SO_PEERCRED unavailable)"})
+			return
+		}
+		id := d.auth.resolve(uid)
+		if !d.auth.allowed(id, priv) {
+			msg := fmt.Sprintf("permission denied: %s needs privilege %s", name, priv)
+			if id.Role == "" {
+				msg = fmt.Sprintf("permission denied: user %s (uid %d) has no vmcryptd role", id.User, id.UID)
+			} else {
+				msg += fmt.Sprintf(", which role %s of user %s does not have", id.Role, id.User)
+			}
+			d.auditWrite(AuditEntry{UID: id.UID, User: id.User, Role: id.Role, Op: name, Target: r.URL.Path, Result: "denied", Detail: string(priv)})
+			writeJSON(w, http.StatusForbidden, api.Error{Error: msg, MissingPrivilege: string(priv)})
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, api.MaxRequestBytes)
+		rc := &reqCtx{w: w, r: r, id: id, op: name}
+		resp, err := h(rc)
+		if audited {
+			e := AuditEntry{UID: id.UID, User: id.User, Role: id.Role, Op: name, Target: r.URL.Path, Result: "ok"}
+			if a, ok := resp.(auditable); ok {
+				e.Target, e.KeyIDs = a.audit()
+			}
+			if err != nil {
+				e.Result, e.Detail = "error", err.Error()
+			}
+			d.auditWrite(e)
+		}
+		if err != nil {
+			code := http.StatusInternalServerError
+			var he *httpError
+			if errors.As(err, &he) {
+				code = he.code
+			}
+			writeJSON(w, code, api.Error{Error: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, resp)
+	})
+}
+
+// auditable responses name their target and key ids for the audit log.
+type auditable interface {
+	audit() (target string, keyIDs []string)
+}
+
+func (d *Daemon) auditWrite(e AuditEntry) {
+	if err := d.audit.write(e); err != nil {
+		d.log.Error("audit log write failed", "err", err)
+	}
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// decode reads a JSON body strictly: unknown fields, trailing data and
+// oversized bodies are 400.
+func decode(rc *reqCtx, v any) error {
+	dec := json.NewDecoder(rc.r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return badRequest("request body larger than %d bytes", api.MaxRequestBytes)
+		}
+		return badRequest("bad request body: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return badRequest("bad request body: trailing data")
+	}
+	return nil
+}
+
+func (d *Daemon) hStatus(rc *reqCtx) (any, error) { return d.status(rc.id), nil }
+
+func (d *Daemon) hHostStatus(rc *reqCtx) (any, error) { return d.status(rc.id).HostEncryption, nil }
+
+type hostResult struct {
+	api.HostEncryption
+}
+
+func (h hostResult) audit() (string, []string) {
+	if h.KeyID == "" {
+		return "host", nil
+	}
+	return "host", []string{h.Provider + "/" + h.KeyID}
+}
+
+func (d *Daemon) hHostSet(rc *reqCtx) (any, error) {
+	var req api.HostEncryptionRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(rc.r.Context(), time.Minute)
+	defer cancel()
+	d.mu.Lock()
+	cur := d.st.HostKey
+	provider := req.Provider
+	if provider == "" {
+		provider = d.defaultProvider()
+	}
+	d.mu.Unlock()
+	if req.Enable {
+		if cur != nil {
+			return hostResult{d.status(rc.id).HostEncryption}, nil // already on: idempotent
+		}
+		if provider == "" {
+			return nil, badRequest("no key provider: add one with 'vmcryptd kms add' or name one")
+		}
+		host, _ := os.Hostname()
+		kek, err := d.keyring.Create(ctx, provider, "vmcryptd-host-"+host)
+		if err != nil {
+			return nil, err
+		}
+		d.mu.Lock()
+		d.st.HostKey = &keyRefJSON{Provider: kek.Ref.Provider, KeyID: kek.Ref.KeyID}
+		err = d.st.save(d.statePath())
+		if err != nil {
+			d.st.HostKey = nil
+		}
+		d.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+		d.log.Info("host encryption mode enabled", "key", kek.Ref.String())
+		return hostResult{d.status(rc.id).HostEncryption}, nil
+	}
+	if cur == nil {
+		return hostResult{}, nil
+	}
+	d.mu.Lock()
+	if n := len(d.st.VMs); n > 0 {
+		d.mu.Unlock()
+		return nil, conflict("host encryption mode cannot be disabled: %d encrypted VM(s) are registered", n)
+	}
+	d.st.HostKey = nil
+	err := d.st.save(d.statePath())
+	if err != nil {
+		d.st.HostKey = cur
+	}
+	d.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	ref := engine.KeyRef{Provider: cur.Provider, KeyID: cur.KeyID}
+	d.keyring.Forget(ref)
+	d.log.Info("host encryption mode disabled", "key", ref.String())
+	return hostResult{api.HostEncryption{Provider: cur.Provider, KeyID: cur.KeyID}}, nil
+}
+
+// RequireHostEncryption is the check every encrypted-VM operation makes.
+func (d *Daemon) requireHostEncryption() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.st.HostKey == nil {
+		return conflict("host encryption mode is disabled: enable it with 'vmcryptd host encryption enable'")
+	}
+	return nil
+}
+
+func (d *Daemon) hKMSList(rc *reqCtx) (any, error) { return d.status(rc.id).Providers, nil }
+
+type kmsResult struct {
+	api.ProviderInfo
+}
+
+func (k kmsResult) audit() (string, []string) { return "kms/" + k.Name, nil }
+
+func (d *Daemon) hKMSAdd(rc *reqCtx) (any, error) {
+	var req api.ProviderAdd
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	if strings.TrimSpace(req.Name) == "" || strings.ContainsAny(req.Name, "/\n") {
+		return nil, badRequest("provider name must be non-empty and contain no '/' or newline")
+	}
+	kc := kms.Config{Name: req.Name, Servers: req.Servers, CAFile: req.CAFile, CertFile: req.CertFile, KeyFile: req.KeyFile}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, dup := d.providers[req.Name]; dup {
+		return nil, conflict("key provider %q already exists", req.Name)
+	}
+	if err := d.addProviderLocked(kc, "api"); err != nil {
+		return nil, badRequest("%v", err)
+	}
+	d.st.Providers = append(d.st.Providers, kc)
+	prevDefault := d.st.DefaultProvider
+	if req.Default || d.defaultProvider() == "" {
+		d.st.DefaultProvider = req.Name
+	}
+	if err := d.st.save(d.statePath()); err != nil {
+		d.st.Providers = d.st.Providers[:len(d.st.Providers)-1]
+		d.st.DefaultProvider = prevDefault
+		d.providers[req.Name].Close()
+		delete(d.providers, req.Name)
+		delete(d.source, req.Name)
+		d.keyring.SetProvider(req.Name, nil)
+		return nil, err
+	}
+	return kmsResult{api.ProviderInfo{Name: req.Name, Servers: d.providers[req.Name].Servers(),
+		Default: d.defaultProvider() == req.Name, Source: "api"}}, nil
+}
+
+func (d *Daemon) hKMSRemove(rc *reqCtx) (any, error) {
+	name := rc.r.PathValue("name")
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p, ok := d.providers[name]
+	if !ok {
+		return nil, notFound("no key provider %q", name)
+	}
+	if d.source[name] == "config" {
+		return nil, conflict("key provider %q comes from the config file; remove it there", name)
+	}
+	if h := d.st.HostKey; h != nil && h.Provider == name {
+		return nil, conflict("key provider %q holds the host key; disable host encryption mode first", name)
+	}
+	for _, vm := range d.st.VMs {
+		for _, k := range vm.Keys {
+			if k.Provider == name {
+				return nil, conflict("key provider %q holds keys of VM %s", name, vm.Dir)
+			}
+		}
+	}
+	var kept []kms.Config
+	for _, kc := range d.st.Providers {
+		if kc.Name != name {
+			kept = append(kept, kc)
+		}
+	}
+	old := d.st.Providers
+	oldDefault := d.st.DefaultProvider
+	d.st.Providers = kept
+	if d.st.DefaultProvider == name {
+		d.st.DefaultProvider = ""
+	}
+	if err := d.st.save(d.statePath()); err != nil {
+		d.st.Providers, d.st.DefaultProvider = old, oldDefault
+		return nil, err
+	}
+	p.Close()
+	delete(d.providers, name)
+	delete(d.source, name)
+	d.keyring.SetProvider(name, nil)
+	return kmsResult{api.ProviderInfo{Name: name}}, nil
+}
+
+func (d *Daemon) hKMSStatus(rc *reqCtx) (any, error) {
+	name := rc.r.PathValue("name")
+	d.mu.Lock()
+	p, ok := d.providers[name]
+	d.mu.Unlock()
+	if !ok {
+		return nil, notFound("no key provider %q", name)
+	}
+	ctx, cancel := context.WithTimeout(rc.r.Context(), 30*time.Second)
+	defer cancel()
+	return api.ProviderStatus{Name: name, Servers: p.Status(ctx)}, nil
+}
+
+// KeyCreateRequest is POST /v1/keys.
+type keyCreateRequest struct {
+	Provider string `json:"provider"`
+	Name     string `json:"name"`
+}
+
+type keyCreateResult struct {
+	Provider string `json:"provider"`
+	KeyID    string `json:"key_id"`
+}
+
+func (k keyCreateResult) audit() (string, []string) {
+	return "kms/" + k.Provider, []string{k.Provider + "/" + k.KeyID}
+}
+
+func (d *Daemon) hKeyCreate(rc *reqCtx) (any, error) {
+	var req keyCreateRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	if req.Provider == "" {
+		req.Provider = d.defaultProvider()
+	}
+	d.mu.Unlock()
+	if req.Name == "" {
+		req.Name = "vmcryptd-key"
+	}
+	ctx, cancel := context.WithTimeout(rc.r.Context(), time.Minute)
+	defer cancel()
+	kek, err := d.keyring.Create(ctx, req.Provider, req.Name)
+	if err != nil {
+		return nil, err
+	}
+	return keyCreateResult{Provider: kek.Ref.Provider, KeyID: kek.Ref.KeyID}, nil
+}
