@@ -16,14 +16,22 @@ import (
 // method; kong binds flags and dispatches.
 type cli struct {
 	LogLevel slog.Level `help:"Log level (debug, info, warn, error)." default:"info" name:"log-level"`
+	Socket   string     `help:"Daemon socket." env:"VMCRYPTD_SOCKET" default:"/run/vmcryptd/vmcryptd.sock" type:"path"`
 
+	Serve   serveCmd   `cmd:"" help:"Run the daemon (as root)."`
+	Status  statusCmd  `cmd:"" help:"Show the daemon's providers, host encryption mode and per-VM key state."`
+	Host    hostCmd    `cmd:"" help:"Host settings."`
+	KMS     kmsCmd     `cmd:"" name:"kms" help:"Key providers (KMIP) and the embedded lab KMS."`
+	Key     keyCmd     `cmd:"" help:"Keys on a key provider."`
+	Lab     labCmd     `cmd:"" help:"Start or stop a self-contained lab: embedded KMS plus daemon."`
 	Bench   benchCmd   `cmd:"" help:"Measure sector-cipher throughput of every implementation against OpenSSL."`
 	Version versionCmd `cmd:"" help:"Print the version."`
 }
 
 // globals is what every Run method receives.
 type globals struct {
-	log *slog.Logger
+	log    *slog.Logger
+	socket string
 }
 
 var version = "dev" // set with -ldflags "-X main.version=..."
@@ -43,7 +51,7 @@ func main() {
 		kong.UsageOnError(),
 	)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: c.LogLevel}))
-	if err := ctx.Run(&globals{log: log}); err != nil {
+	if err := ctx.Run(&globals{log: log, socket: c.Socket}); err != nil {
 		fmt.Fprintf(os.Stderr, "vmcryptd: %v\n", err)
 		os.Exit(1)
 	}

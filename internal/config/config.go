@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/BurntSushi/toml"
 
@@ -30,17 +31,37 @@ import (
 //	user = "alice"             # or group = "vmadmins", or uid = 1001
 //	role = "NoCryptoAdmin"
 type Config struct {
-	Socket          string        `toml:"socket"`
+	Socket string `toml:"socket"`
+	// SocketGroup (name or numeric gid) owns the socket and its directory,
+	// so members can reach the daemon; their role decides what they may do.
+	SocketGroup     string        `toml:"socket_group"`
 	StateDir        string        `toml:"state_dir"`
 	AuditLog        string        `toml:"audit_log"`
 	DefaultProvider string        `toml:"default_provider"`
 	KMS             []kms.Config  `toml:"kms"`
 	Datastores      []Datastore   `toml:"datastores"`
 	Roles           []RoleBinding `toml:"roles"`
+	// KeyRetryInterval is how often KEKs that could not be fetched are
+	// tried again, e.g. "10s" (default 10s).
+	KeyRetryInterval Duration `toml:"key_retry_interval"`
 	// MetricsListen serves Prometheus metrics over HTTP on this address
 	// (e.g. "127.0.0.1:9469"); empty disables it.
 	MetricsListen string `toml:"metrics_listen"`
 }
+
+// Duration is a time.Duration written as a string ("10s") in TOML.
+type Duration struct{ time.Duration }
+
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.String()), nil }
 
 // Datastore is a directory of VM directories.
 type Datastore struct {

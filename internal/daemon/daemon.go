@@ -12,8 +12,10 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/user"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 
@@ -201,8 +203,14 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 
 // Run listens on the configured socket and serves until ctx is done, then
 // shuts down: stops serving, zeroes every key, closes providers.
-func (d *Daemon) Run(ctx context.Context) error {
-	ln, err := listenSocket(d.cfg.Socket)
+func (d *Daemon) Run(ctx context.Context) (err error) {
+	gid := -1
+	if g := d.cfg.SocketGroup; g != "" {
+		if gid, err = lookupGroup(g); err != nil {
+			return err
+		}
+	}
+	ln, err := listenSocket(d.cfg.Socket, gid)
 	if err != nil {
 		return err
 	}
@@ -268,9 +276,18 @@ func (d *Daemon) Close() {
 // listenSocket creates the socket's directory (0750), removes a stale
 // socket left by a killed daemon (but not a live one), listens, and sets
 // the socket to 0660.
-func listenSocket(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+func listenSocket(path string, gid int) (net.Listener, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("socket dir: %w", err)
+	}
+	if gid >= 0 {
+		// Only a directory we own gets re-grouped; never a shared one like /tmp.
+		if st, err := os.Stat(dir); err == nil && st.Mode().Perm()&0o002 == 0 {
+			if err := os.Chown(dir, -1, gid); err != nil {
+				return nil, fmt.Errorf("socket dir %s: %w", dir, err)
+			}
+		}
 	}
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
@@ -287,7 +304,24 @@ func listenSocket(path string) (net.Listener, error) {
 		ln.Close()
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
+	if gid >= 0 {
+		if err := os.Chown(path, -1, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket %s: %w", path, err)
+		}
+	}
 	return ln, nil
+}
+
+func lookupGroup(g string) (int, error) {
+	if n, err := strconv.Atoi(g); err == nil {
+		return n, nil
+	}
+	gr, err := user.LookupGroup(g)
+	if err != nil {
+		return 0, fmt.Errorf("socket_group %q: %w", g, err)
+	}
+	return strconv.Atoi(gr.Gid)
 }
 
 type peerKey struct{}

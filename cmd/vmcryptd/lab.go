@@ -1,0 +1,246 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/internal/config"
+	"github.com/vmcryptd/vmcryptd/kms"
+	"github.com/vmcryptd/vmcryptd/kms/labkms"
+)
+
+// A lab directory holds everything: the lab KMS (kms/), the daemon's
+// config, state, audit log and socket, a demo datastore, logs, pid files
+// and lab.env.
+type labCmd struct {
+	Up   labUpCmd   `cmd:"" help:"Start (detached) a lab KMS and a daemon using it, with host encryption mode on; writes DIR/lab.env."`
+	Down labDownCmd `cmd:"" help:"Stop the lab's daemon and KMS."`
+}
+
+type labPaths struct{ dir string }
+
+func (l labPaths) j(name string) string { return filepath.Join(l.dir, name) }
+func (l labPaths) kmsDir() string       { return l.j("kms") }
+func (l labPaths) socket() string       { return l.j("vmcryptd.sock") }
+func (l labPaths) config() string       { return l.j("vmcryptd.toml") }
+func (l labPaths) datastore() string    { return l.j("datastore") }
+
+const labProvider = "lab"
+
+type labUpCmd struct {
+	Dir      string        `help:"Lab directory." required:"" type:"path"`
+	KeyRetry time.Duration `help:"How often the daemon retries keys it could not fetch." default:"10s"`
+}
+
+func (c *labUpCmd) Run(g *globals) error {
+	lp := labPaths{c.Dir}
+	for _, d := range []string{lp.dir, lp.datastore()} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("lab up: %w", err)
+		}
+	}
+	if err := labkms.Init(lp.kmsDir()); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("lab up: %w", err)
+	}
+
+	// KMS: reuse the previous port when it is free, so lab.env stays valid.
+	addr := "127.0.0.1:0"
+	if prev, err := os.ReadFile(lp.j("kms.addr")); err == nil {
+		addr = strings.TrimSpace(string(prev))
+	}
+	if !alive(lp.j("kms.pid")) {
+		os.Remove(lp.j("kms.addr"))
+		start := func(listen string) error {
+			return spawn(self, lp.j("kms.log"), lp.j("kms.pid"), "--log-level", "info",
+				"kms", "serve", "--dir", lp.kmsDir(), "--listen", listen, "--addr-file", lp.j("kms.addr"))
+		}
+		if err := start(addr); err != nil {
+			return err
+		}
+		if _, err := waitFile(lp.j("kms.addr"), 3*time.Second); err != nil && addr != "127.0.0.1:0" {
+			stopPID(lp.j("kms.pid")) // previous port taken: pick a free one
+			if err := start("127.0.0.1:0"); err != nil {
+				return err
+			}
+		}
+	}
+	raw, err := waitFile(lp.j("kms.addr"), 10*time.Second)
+	if err != nil {
+		return fmt.Errorf("lab up: lab KMS did not start (see %s): %w", lp.j("kms.log"), err)
+	}
+	kmsAddr := strings.TrimSpace(raw)
+
+	paths := labkms.PathsFor(lp.kmsDir())
+	cfg := &config.Config{
+		Socket:           lp.socket(),
+		StateDir:         lp.j("state"),
+		AuditLog:         lp.j("audit.log"),
+		DefaultProvider:  labProvider,
+		KMS:              []kms.Config{paths.ProviderConfig(labProvider, kmsAddr)},
+		Datastores:       []config.Datastore{{Name: "lab", Path: lp.datastore()}},
+		KeyRetryInterval: config.Duration{Duration: c.KeyRetry},
+	}
+	if err := config.Write(lp.config(), cfg); err != nil {
+		return err
+	}
+	if !alive(lp.j("daemon.pid")) {
+		if err := spawn(self, lp.j("daemon.log"), lp.j("daemon.pid"), "--socket", lp.socket(), "serve", "--config", lp.config()); err != nil {
+			return err
+		}
+	}
+	lg := &globals{log: g.log, socket: lp.socket()}
+	if err := waitDaemon(lg, 15*time.Second); err != nil {
+		return fmt.Errorf("lab up: daemon did not start (see %s): %w", lp.j("daemon.log"), err)
+	}
+	var he api.HostEncryption
+	if err := lg.call("POST", "/host/encryption", api.HostEncryptionRequest{Enable: true}, &he); err != nil {
+		return fmt.Errorf("lab up: enable host encryption mode: %w", err)
+	}
+	env := fmt.Sprintf(`# vmcryptd lab in %s (source this file)
+export VMCRYPTD_SOCKET=%q
+export VMCRYPTD_KMS_ADDR=%q
+export VMCRYPTD_KMS_CA=%q
+export VMCRYPTD_KMS_CLIENT_CERT=%q
+export VMCRYPTD_KMS_CLIENT_KEY=%q
+`, lp.dir, lp.socket(), kmsAddr, paths.CACert, paths.ClientCert, paths.ClientKey)
+	if err := atomicfile.Write(lp.j("lab.env"), []byte(env), 0o600); err != nil {
+		return err
+	}
+	fmt.Print(env)
+	fmt.Printf("# host key: %s/%s\n", he.Provider, he.KeyID)
+	return nil
+}
+
+type labDownCmd struct {
+	Dir string `help:"Lab directory." required:"" type:"path"`
+}
+
+func (c *labDownCmd) Run(g *globals) error {
+	lp := labPaths{c.Dir}
+	var errs []error
+	// Daemon first: it zeroes its keys and unmounts on SIGTERM.
+	for _, pid := range []string{lp.j("daemon.pid"), lp.j("kms.pid")} {
+		if err := stopPID(pid); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("lab down: %w", err)
+	}
+	fmt.Printf("lab in %s stopped\n", lp.dir)
+	return nil
+}
+
+// spawn starts self with args in its own session, output to logPath, and
+// records its pid.
+func spawn(self, logPath, pidPath string, args ...string) error {
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("lab: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(self, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("lab: start %s: %w", strings.Join(args, " "), err)
+	}
+	pid := cmd.Process.Pid
+	cmd.Process.Release()
+	return atomicfile.Write(pidPath, []byte(strconv.Itoa(pid)+"\n"), 0o600)
+}
+
+func readPID(pidPath string) int {
+	raw, err := os.ReadFile(pidPath)
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
+	return pid
+}
+
+// alive reports whether the pid file names a running vmcryptd (checking
+// the command line so a recycled pid is not mistaken for ours).
+func alive(pidPath string) bool {
+	pid := readPID(pidPath)
+	if pid <= 0 {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	if strings.Contains(string(cmdline), "vmcryptd") {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		// A zombie has exited; it only waits for its parent to reap it.
+		return err == nil && !strings.Contains(string(stat), ") Z ")
+	}
+	return false
+}
+
+// stopPID sends SIGTERM, waits up to 15 s, then SIGKILL.
+func stopPID(pidPath string) error {
+	if !alive(pidPath) {
+		os.Remove(pidPath)
+		return nil
+	}
+	pid := readPID(pidPath)
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		return fmt.Errorf("stop pid %d: %w", pid, err)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if !alive(pidPath) {
+			os.Remove(pidPath)
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
+	os.Remove(pidPath)
+	return fmt.Errorf("pid %d did not stop on SIGTERM within 15s; killed", pid)
+}
+
+func waitFile(path string, d time.Duration) (string, error) {
+	deadline := time.Now().Add(d)
+	for {
+		raw, err := os.ReadFile(path)
+		if err == nil && len(raw) > 0 {
+			return string(raw), nil
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("%s did not appear within %s", path, d)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func waitDaemon(g *globals, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := api.NewClient(g.socket).Do(ctx, "GET", "/status", nil, &api.Status{})
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -1,0 +1,37 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/vmcryptd/vmcryptd/internal/config"
+	"github.com/vmcryptd/vmcryptd/internal/daemon"
+)
+
+type serveCmd struct {
+	Config string `help:"TOML configuration file." required:"" type:"existingfile"`
+}
+
+func (s *serveCmd) Run(g *globals) error {
+	// Before any key exists in this process.
+	if err := daemon.HardenProcess(); err != nil {
+		return err
+	}
+	cfg, err := config.Load(s.Config)
+	if err != nil {
+		return err
+	}
+	d, err := daemon.New(daemon.Options{Config: cfg, Logger: g.log, Version: version, RetryInterval: cfg.KeyRetryInterval.Duration})
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := d.Run(ctx); err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	return nil
+}

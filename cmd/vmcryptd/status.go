@@ -1,0 +1,71 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/vmcryptd/vmcryptd/internal/api"
+)
+
+type statusCmd struct {
+	JSON bool `help:"Print JSON." name:"json"`
+}
+
+func (s *statusCmd) Run(g *globals) error {
+	var st api.Status
+	if err := g.call("GET", "/status", nil, &st); err != nil {
+		return err
+	}
+	if s.JSON {
+		return printJSON(st)
+	}
+	fmt.Printf("vmcryptd %s, pid %d, up since %s\n", st.Version, st.PID, st.Started.Format("2006-01-02 15:04:05"))
+	fmt.Printf("you: %s (uid %d), role %s\n", st.Caller.User, st.Caller.UID, orNone(st.Caller.Role))
+	he := st.HostEncryption
+	if he.Enabled {
+		state := "loaded"
+		if !he.KeyLoaded {
+			state = "NOT loaded: " + orNone(he.Error)
+		}
+		fmt.Printf("host encryption mode: enabled (host key %s/%s, %s)\n", he.Provider, he.KeyID, state)
+	} else {
+		fmt.Println("host encryption mode: disabled")
+	}
+	locked := "mlocked"
+	if !st.KeysLocked {
+		locked = "NOT mlocked (raise RLIMIT_MEMLOCK)"
+	}
+	fmt.Printf("keys in memory: %d (%s)\n", st.CachedKeys, locked)
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nPROVIDER\tDEFAULT\tSOURCE\tSERVERS")
+	for _, p := range st.Providers {
+		def := ""
+		if p.Default {
+			def = "yes"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Name, def, p.Source, strings.Join(p.Servers, ", "))
+	}
+	if len(st.VMs) > 0 {
+		fmt.Fprintln(tw, "\nVM\tSTATE\tKEYS\tREASON")
+		for _, vm := range st.VMs {
+			state := "unlocked"
+			if vm.Locked {
+				state = "locked"
+			}
+			if vm.State != "" {
+				state += ", " + vm.State
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", vm.Dir, state, strings.Join(vm.Keys, ","), vm.Reason)
+		}
+	}
+	return tw.Flush()
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
+}
