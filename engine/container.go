@@ -628,3 +628,28 @@ func (c *Container) Close() error {
 func newXTS(key []byte, unit int, impl xts.Impl) (*xts.Cipher, error) {
 	return xts.New(key, unit, impl)
 }
+
+// writeUnits encrypts whole units from p (len a multiple of the unit,
+// off unit-aligned, within the logical size set by Truncate) and writes
+// them; conversions use it to skip WriteAt's size bookkeeping. The final
+// unit may be partial only at the end of the file.
+func (c *Container) writeUnits(p []byte, off int64) (int, error) {
+	if off%c.unit != 0 {
+		return 0, fmt.Errorf("write %s: unaligned conversion write at %d", c.path, off)
+	}
+	if int64(len(p))%c.unit != 0 {
+		return c.WriteAt(p, off)
+	}
+	c.resize.RLock()
+	defer c.resize.RUnlock()
+	u0 := off / c.unit
+	unlock := c.lockRange(u0, u0+int64(len(p))/c.unit-1, true)
+	defer unlock()
+	if err := c.cryptRuns(p, u0, true); err != nil {
+		return 0, err
+	}
+	if _, err := c.f.WriteAt(p, c.payloadOff+off); err != nil {
+		return 0, fmt.Errorf("write %s: %w", c.path, err)
+	}
+	return len(p), nil
+}

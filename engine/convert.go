@@ -1,0 +1,323 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+)
+
+// File conversions (plain -> container, container -> plain, container ->
+// container under a new key) never modify the original: they write
+// "<name>.vmcryptd-tmp" beside it, fsync it, rename it over the original
+// and fsync the directory. A crash or a full disk at any point leaves the
+// original intact (and at worst a temporary file that the next attempt
+// removes), so no data unit is ever overwritten before its replacement is
+// durable.
+
+// TmpSuffix marks a conversion's temporary file.
+const TmpSuffix = ".vmcryptd-tmp"
+
+// convChunk is the unit of the conversion pipeline: large enough to keep
+// both cores busy encrypting, small enough to keep memory flat.
+const convChunk = 4 << 20
+
+// ProgressFunc is told how many more bytes of the current file are done.
+type ProgressFunc func(n int64)
+
+// dataRanges lists the [start, end) regions of f that hold data, using
+// SEEK_DATA/SEEK_HOLE (filesystems without hole support report one region).
+func dataRanges(f *os.File, size int64) ([][2]int64, error) {
+	var out [][2]int64
+	fd := int(f.Fd())
+	for off := int64(0); off < size; {
+		start, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, syscall.ENXIO) {
+			break // only a hole remains
+		}
+		if err != nil {
+			return [][2]int64{{0, size}}, nil // no SEEK_DATA: treat all as data
+		}
+		end, err := unix.Seek(fd, start, unix.SEEK_HOLE)
+		if err != nil {
+			end = size
+		}
+		end = min(end, size)
+		if start < end {
+			out = append(out, [2]int64{start, end})
+		}
+		off = end
+	}
+	return out, nil
+}
+
+// chunk is one read of the pipeline.
+type chunk struct {
+	off int64
+	buf []byte
+	err error
+}
+
+// readAhead reads ranges of src in chunks on its own goroutine, so reading
+// the next chunk overlaps encrypting and writing this one.
+func readAhead(ctx context.Context, src io.ReaderAt, ranges [][2]int64, align int64) <-chan chunk {
+	ch := make(chan chunk, 2)
+	go func() {
+		defer close(ch)
+		for _, r := range ranges {
+			// Align to data units so every write is whole units.
+			start := r[0] / align * align
+			for off := start; off < r[1]; off += convChunk {
+				n := min(int64(convChunk), r[1]-off)
+				n = (n + align - 1) / align * align
+				buf := make([]byte, n)
+				k, err := src.ReadAt(buf, off)
+				if err == io.EOF {
+					err = nil // the last unit runs past EOF: zero padding
+				}
+				if err == nil && k < len(buf) {
+					clear(buf[k:])
+				}
+				select {
+				case ch <- chunk{off: off, buf: buf, err: err}:
+				case <-ctx.Done():
+					return
+				}
+				if err != nil {
+					return
+				}
+			}
+		}
+	}()
+	return ch
+}
+
+// EncryptFile converts the plain file at path into a container.
+func EncryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions, progress ProgressFunc) error {
+	src, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("encrypt %s: %w", path, err)
+	}
+	defer src.Close()
+	st, err := src.Stat()
+	if err != nil {
+		return fmt.Errorf("encrypt %s: %w", path, err)
+	}
+	if opts.Perm == 0 {
+		opts.Perm = st.Mode().Perm()
+	}
+	tmp := path + TmpSuffix
+	os.Remove(tmp) // a previous attempt's leftovers
+	dst, err := CreateContainer(tmp, dek, opts)
+	if err != nil {
+		return fmt.Errorf("encrypt %s: %w", path, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			dst.Close()
+			os.Remove(tmp)
+		}
+	}()
+	size := st.Size()
+	if err := dst.Truncate(size); err != nil {
+		return fmt.Errorf("encrypt %s: %w", path, err)
+	}
+	ranges, err := dataRanges(src, size)
+	if err != nil {
+		return fmt.Errorf("encrypt %s: %w", path, err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for c := range readAhead(cctx, src, ranges, int64(dst.Header().UnitSize)) {
+		if c.err != nil {
+			return fmt.Errorf("encrypt %s: read: %w", path, c.err)
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("encrypt %s: %w", path, err)
+		}
+		n := min(int64(len(c.buf)), size-c.off)
+		if _, err := dst.writeUnits(c.buf, c.off); err != nil {
+			return fmt.Errorf("encrypt %s: %w", path, err)
+		}
+		if progress != nil {
+			progress(n)
+		}
+	}
+	// The reader also stops on cancellation; make sure that is an error.
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("encrypt %s: %w", path, err)
+	}
+	if err := finishConversion(dst, tmp, path, st); err != nil {
+		return err
+	}
+	ok = true
+	return nil
+}
+
+// finishConversion makes tmp durable and renames it over path.
+func finishConversion(dst *Container, tmp, path string, st os.FileInfo) error {
+	if err := dst.Sync(); err != nil {
+		return fmt.Errorf("convert %s: %w", path, err)
+	}
+	if err := dst.Close(); err != nil {
+		return fmt.Errorf("convert %s: %w", path, err)
+	}
+	return replace(tmp, path, st)
+}
+
+func replace(tmp, path string, st os.FileInfo) error {
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		os.Lchown(tmp, int(sys.Uid), int(sys.Gid))
+	}
+	os.Chmod(tmp, st.Mode().Perm())
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("convert %s: %w", path, err)
+	}
+	return atomicfile.SyncDir(filepath.Dir(path))
+}
+
+// DecryptFile converts the container at path back to a plain file. Units
+// that are holes in the container stay holes.
+func DecryptFile(ctx context.Context, path string, dek *DEK, progress ProgressFunc) error {
+	src, err := OpenContainer(path, dek, true, "")
+	if err != nil {
+		return fmt.Errorf("decrypt: %w", err)
+	}
+	defer src.Close()
+	st, err := src.File().Stat()
+	if err != nil {
+		return fmt.Errorf("decrypt %s: %w", path, err)
+	}
+	tmp := path + TmpSuffix
+	os.Remove(tmp)
+	dst, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, st.Mode().Perm())
+	if err != nil {
+		return fmt.Errorf("decrypt %s: %w", path, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			dst.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := copyPlain(ctx, src, func(p []byte, off int64) error {
+		_, err := dst.WriteAt(p, off)
+		return err
+	}, progress); err != nil {
+		return fmt.Errorf("decrypt %s: %w", path, err)
+	}
+	if err := dst.Truncate(src.Size()); err != nil {
+		return fmt.Errorf("decrypt %s: %w", path, err)
+	}
+	if err := dst.Sync(); err != nil {
+		return fmt.Errorf("decrypt %s: fsync: %w", path, err)
+	}
+	if err := dst.Close(); err != nil {
+		return fmt.Errorf("decrypt %s: %w", path, err)
+	}
+	if err := replace(tmp, path, st); err != nil {
+		return err
+	}
+	ok = true
+	return nil
+}
+
+// RekeyFile re-encrypts the container at path under newDEK (a deep rekey).
+func RekeyFile(ctx context.Context, path string, oldDEK, newDEK *DEK, opts CreateOptions, progress ProgressFunc) error {
+	src, err := OpenContainer(path, oldDEK, true, "")
+	if err != nil {
+		return fmt.Errorf("rekey: %w", err)
+	}
+	defer src.Close()
+	st, err := src.File().Stat()
+	if err != nil {
+		return fmt.Errorf("rekey %s: %w", path, err)
+	}
+	h := src.Header()
+	if opts.Kind == 0 {
+		opts.Kind = h.Kind
+	}
+	if opts.UnitSize == 0 {
+		opts.UnitSize = h.UnitSize
+	}
+	tmp := path + TmpSuffix
+	os.Remove(tmp)
+	dst, err := CreateContainer(tmp, newDEK, opts)
+	if err != nil {
+		return fmt.Errorf("rekey %s: %w", path, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			dst.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := dst.Truncate(src.Size()); err != nil {
+		return fmt.Errorf("rekey %s: %w", path, err)
+	}
+	if err := copyPlain(ctx, src, func(p []byte, off int64) error {
+		_, err := dst.writeUnits(p, off)
+		return err
+	}, progress); err != nil {
+		return fmt.Errorf("rekey %s: %w", path, err)
+	}
+	if err := finishConversion(dst, tmp, path, st); err != nil {
+		return err
+	}
+	ok = true
+	return nil
+}
+
+// copyPlain streams the plaintext of the data regions of src to write,
+// skipping units that are holes in the backing file.
+func copyPlain(ctx context.Context, src *Container, write func(p []byte, off int64) error, progress ProgressFunc) error {
+	size := src.Size()
+	bst, err := src.File().Stat()
+	if err != nil {
+		return err
+	}
+	back, err := dataRanges(src.File(), bst.Size())
+	if err != nil {
+		return err
+	}
+	unit := int64(src.Header().UnitSize)
+	var ranges [][2]int64
+	for _, r := range back {
+		s, e := max(r[0]-HeaderSize, 0), min(r[1]-HeaderSize, size)
+		if r[1] <= HeaderSize || s >= e {
+			continue
+		}
+		ranges = append(ranges, [2]int64{s / unit * unit, e})
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for c := range readAhead(cctx, src, ranges, unit) {
+		if c.err != nil {
+			return c.err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(int64(len(c.buf)), size-c.off)
+		if n <= 0 {
+			continue
+		}
+		if err := write(c.buf[:n], c.off); err != nil {
+			return err
+		}
+		if progress != nil {
+			progress(n)
+		}
+	}
+	return ctx.Err()
+}

@@ -1,0 +1,669 @@
+//go:build asmgen
+
+// Command asmgen generates the amd64 XTS-AES-256 kernels of package xts with
+// avo. Run it through `go generate` in engine/xts (see gen.go there); the
+// output is committed and a test checks it is reproduced byte for byte.
+//
+// Every kernel works on whole 16-byte blocks only. Ciphertext stealing, the
+// tweak counter and all input validation live in Go: they are rare or cheap,
+// and keeping them out of assembly keeps the assembly small and reviewable.
+//
+// Conventions shared by all kernels:
+//
+//   - Only physical registers are used, so avo's allocator has nothing to do
+//     and the register plan documented below is exactly what runs.
+//   - GPRs: AX round keys, BX dst, CX src, DX tweak pointer, SI unit count,
+//     DI unit length in bytes, R8 bytes left in the current unit.
+//   - A "tweak" handed to an XTS kernel is already encrypted with K2; the
+//     kernels only multiply it by powers of x in GF(2^128).
+//
+// GF(2^128) arithmetic (IEEE 1619 convention): a 16-byte tweak is a 128-bit
+// little-endian integer T and T*x = (T<<1) ^ (0x87 if bit 127 was set). More
+// generally, for 1 <= k <= 56,
+//
+//	T * x^k = (T << k) ^ clmul(T >> (128-k), 0x87)
+//
+// because the k bits shifted out, carry-less multiplied by x^128 mod P =
+// x^7+x^2+x+1 (0x87), give at most k+7 < 64 bits, so no second reduction is
+// needed. Vector units have no 128-bit shift, so it is assembled from the two
+// 64-bit halves of each 128-bit lane: shift both qwords, move the carry of the
+// low qword into the high one with a byte shift, and fold the carry out of
+// the high qword back in with one PCLMULQDQ against 0x87. For k a multiple of
+// 8 it is simpler still: a whole-lane byte shift (PSLLDQ) plus one PCLMULQDQ
+// of the top bytes. This is how all kernels advance their tweaks without any
+// serial doubling chain (the same idea as the Linux kernel's
+// aes-xts-avx-x86_64.S; the code here is independent).
+package main
+
+import (
+	"fmt"
+	"log"
+	"os"
+
+	. "github.com/mmcloughlin/avo/build"
+	"github.com/mmcloughlin/avo/ir"
+	. "github.com/mmcloughlin/avo/operand"
+	. "github.com/mmcloughlin/avo/reg"
+)
+
+// Go-assembly register names by number; avo exposes them as variables.
+var (
+	xr = []VecPhysical{X0, X1, X2, X3, X4, X5, X6, X7, X8, X9, X10, X11, X12, X13, X14, X15}
+	yr = []VecPhysical{Y0, Y1, Y2, Y3, Y4, Y5, Y6, Y7, Y8, Y9, Y10, Y11, Y12, Y13, Y14, Y15}
+	zr = []VecPhysical{Z0, Z1, Z2, Z3, Z4, Z5, Z6, Z7, Z8, Z9, Z10, Z11, Z12, Z13, Z14, Z15,
+		Z16, Z17, Z18, Z19, Z20, Z21, Z22, Z23, Z24, Z25, Z26, Z27, Z28, Z29, Z30, Z31}
+)
+
+// Constant tables.
+var (
+	polyMem Mem // 16 bytes: qword 0x87, qword 0 (the XTS reduction constant)
+	shlMem  Mem // 64 bytes: per-qword left shifts 0,0,1,1,2,2,3,3 (lane j gets x^j)
+	shrMem  Mem // 64 bytes: matching right shifts 64,64,63,63,62,62,61,61
+)
+
+func main() {
+	// The reproducibility test (TestGeneratedAssemblyUpToDate) regenerates
+	// into a temporary directory; an environment variable rather than a flag
+	// keeps the command line, which avo records in the file header, identical.
+	if dir := os.Getenv("XTS_ASMGEN_OUTDIR"); dir != "" {
+		if err := os.Chdir(dir); err != nil {
+			log.Fatal(err)
+		}
+	}
+	ConstraintExpr("amd64,!purego")
+
+	polyMem = GLOBL("xtsPoly", RODATA|NOPTR)
+	DATA(0, U64(0x87))
+	DATA(8, U64(0))
+
+	// DATA fills the most recently declared global, so declare and fill in turn.
+	shlMem = GLOBL("xtsLaneShl", RODATA|NOPTR)
+	for j := 0; j < 4; j++ {
+		DATA(16*j, U64(uint64(j)))
+		DATA(16*j+8, U64(uint64(j)))
+	}
+	shrMem = GLOBL("xtsLaneShr", RODATA|NOPTR)
+	for j := 0; j < 4; j++ {
+		DATA(16*j, U64(uint64(64-j)))
+		DATA(16*j+8, U64(uint64(64-j)))
+	}
+
+	genAESNI()
+	genVAES256()
+	genVAES512()
+
+	Generate()
+}
+
+// ---------------------------------------------------------------------------
+// Raw instruction emission. avo v0.5.0 only knows the XMM forms of
+// VAESENC/VAESENCLAST/VAESDEC/VAESDECLAST/VPCLMULQDQ, so those (and, for
+// uniformity, the legacy AESENC family) are emitted directly.
+
+func raw(op string, operands []Op, inputs []Op, outputs []Op) {
+	Instruction(&ir.Instruction{Opcode: op, Operands: operands, Inputs: inputs, Outputs: outputs})
+}
+
+// sse2 emits a two-operand legacy SSE instruction "op src, dst" (dst op= src).
+func sse2(op string, src, dst Op) {
+	raw(op, []Op{src, dst}, []Op{src, dst}, []Op{dst})
+}
+
+// vex3 emits a three-operand AVX instruction "op src2, src1, dst".
+func vex3(op string, src2, src1, dst Op) {
+	raw(op, []Op{src2, src1, dst}, []Op{src2, src1}, []Op{dst})
+}
+
+// clmul emits "VPCLMULQDQ $imm, src2, src1, dst" for any vector width.
+// imm bit 0 selects the qword of src1, imm bit 4 the qword of src2 (Intel's
+// order is reversed in Go syntax).
+func clmul(imm uint8, src2, src1, dst Op) {
+	raw("VPCLMULQDQ", []Op{U8(imm), src2, src1, dst}, []Op{src2, src1}, []Op{dst})
+}
+
+func mem(base Register, disp int) Mem { return Mem{Base: base, Disp: disp} }
+
+type dir struct {
+	round, last string
+	suffix      string
+}
+
+var (
+	encDir = dir{"AESENC", "AESENCLAST", "Enc"}
+	decDir = dir{"AESDEC", "AESDECLAST", "Dec"}
+)
+
+func loadArgs(xts bool) {
+	Load(Param("rk"), RAX)
+	Load(Param("dst"), RBX)
+	Load(Param("src"), RCX)
+	if xts {
+		Load(Param("tw"), RDX)
+		Load(Param("nunits"), RSI)
+		Load(Param("ulen"), RDI)
+	} else {
+		Load(Param("nblocks"), RSI)
+	}
+}
+
+const (
+	xtsSig = "func(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)"
+	ecbSig = "func(rk *byte, dst *byte, src *byte, nblocks int)"
+)
+
+// ---------------------------------------------------------------------------
+// aesni: legacy-SSE AES-NI, 8 blocks in flight.
+//
+// Register plan: X0-X7 the eight data blocks, X8-X15 their tweaks. Round
+// keys are used straight from memory (AESENC m128: the key schedule lives in
+// a page-aligned mmap region, so the 16-byte alignment legacy SSE requires
+// always holds); a load per use is cheaper than the registers we do not have.
+// After the stores X0-X7 are free again and serve as poly constant and
+// temporaries to advance all eight tweaks by x^8 in parallel.
+
+// mulXkSSE sets dst = src * x^k (1 <= k <= 56) using t1, t2 as temporaries
+// and poly (0x87 in qword 0).
+func mulXkSSE(dst, src VecPhysical, k int, t1, t2, poly VecPhysical) {
+	MOVO(src, t1)
+	PSRLQ(U8(64-k), t1) // t1 = bits carried out of each qword
+	MOVO(src, dst)
+	PSLLQ(U8(k), dst)
+	MOVO(t1, t2)
+	PSLLDQ(U8(8), t2)             // low qword's carry moves into the high qword
+	PCLMULQDQ(U8(0x01), poly, t1) // high qword's carry-out times 0x87
+	PXOR(t2, dst)
+	PXOR(t1, dst)
+}
+
+func genAESNI() {
+	for _, d := range []dir{encDir, decDir} {
+		genXTSAESNI(d)
+	}
+	genECBAESNI()
+}
+
+func aesniRounds(d dir, regs []VecPhysical) {
+	for _, x := range regs {
+		PXOR(mem(RAX, 0), x)
+	}
+	for r := 1; r <= 13; r++ {
+		for _, x := range regs {
+			sse2(d.round, mem(RAX, 16*r), x)
+		}
+	}
+	for _, x := range regs {
+		sse2(d.last, mem(RAX, 16*14), x)
+	}
+}
+
+func genXTSAESNI(d dir) {
+	TEXT("xts"+d.suffix+"AESNI", NOSPLIT, xtsSig)
+	Pragma("noescape")
+	Doc(fmt.Sprintf("xts%sAESNI processes nunits data units of ulen bytes (a multiple of 16) with AES-NI.", d.suffix),
+		"tw points at nunits already-encrypted 16-byte tweaks; rk at 15 round keys (16-byte aligned).")
+	loadArgs(true)
+	TESTQ(RSI, RSI)
+	JZ(LabelRef("done"))
+
+	Label("unit")
+	MOVQ(RDI, R8)
+	MOVOU(mem(RDX, 0), X8)
+	MOVOU(polyMem, X0)
+	Comment("X9..X15 = T*x^1..T*x^7, computed independently (no serial chain).")
+	for k := 1; k <= 7; k++ {
+		mulXkSSE(xr[8+k], X8, k, xr[1+(k&1)*2], xr[2+(k&1)*2], X0)
+	}
+
+	Label("loop8")
+	CMPQ(R8, U32(128))
+	JB(LabelRef("tail"))
+	for i := 0; i < 8; i++ {
+		MOVOU(mem(RCX, 16*i), xr[i])
+		PXOR(xr[8+i], xr[i])
+	}
+	aesniRounds(d, xr[0:8])
+	for i := 0; i < 8; i++ {
+		PXOR(xr[8+i], xr[i])
+		MOVOU(xr[i], mem(RBX, 16*i))
+	}
+	Comment("Advance every tweak by x^8: byte shift plus a fold of the top byte.")
+	MOVOU(polyMem, X0)
+	for i := 0; i < 8; i++ {
+		t := xr[1+i%7]
+		MOVO(xr[8+i], t)
+		PSRLDQ(U8(15), t)
+		PSLLDQ(U8(1), xr[8+i])
+		PCLMULQDQ(U8(0x00), X0, t)
+		PXOR(t, xr[8+i])
+	}
+	ADDQ(U32(128), RCX)
+	ADDQ(U32(128), RBX)
+	SUBQ(U32(128), R8)
+	JMP(LabelRef("loop8"))
+
+	Label("tail")
+	Comment("Fewer than 8 blocks left: X8.. already hold their tweaks; use X8 and shift the rest down.")
+	TESTQ(R8, R8)
+	JZ(LabelRef("unitdone"))
+	Label("tail1")
+	MOVOU(mem(RCX, 0), X0)
+	PXOR(X8, X0)
+	aesniRounds(d, xr[0:1])
+	PXOR(X8, X0)
+	MOVOU(X0, mem(RBX, 0))
+	for i := 8; i < 15; i++ {
+		MOVO(xr[i+1], xr[i])
+	}
+	ADDQ(U32(16), RCX)
+	ADDQ(U32(16), RBX)
+	SUBQ(U32(16), R8)
+	JNZ(LabelRef("tail1"))
+
+	Label("unitdone")
+	ADDQ(U32(16), RDX)
+	DECQ(RSI)
+	JNZ(LabelRef("unit"))
+	Label("done")
+	RET()
+}
+
+func genECBAESNI() {
+	TEXT("ecbEncAESNI", NOSPLIT, ecbSig)
+	Pragma("noescape")
+	Doc("ecbEncAESNI encrypts nblocks 16-byte blocks (used for the tweaks of a batch of units).")
+	loadArgs(false)
+	Label("loop8")
+	CMPQ(RSI, U32(8))
+	JB(LabelRef("tail"))
+	for i := 0; i < 8; i++ {
+		MOVOU(mem(RCX, 16*i), xr[i])
+	}
+	aesniRounds(encDir, xr[0:8])
+	for i := 0; i < 8; i++ {
+		MOVOU(xr[i], mem(RBX, 16*i))
+	}
+	ADDQ(U32(128), RCX)
+	ADDQ(U32(128), RBX)
+	SUBQ(U32(8), RSI)
+	JMP(LabelRef("loop8"))
+	Label("tail")
+	TESTQ(RSI, RSI)
+	JZ(LabelRef("done"))
+	MOVOU(mem(RCX, 0), X0)
+	aesniRounds(encDir, xr[0:1])
+	MOVOU(X0, mem(RBX, 0))
+	ADDQ(U32(16), RCX)
+	ADDQ(U32(16), RBX)
+	DECQ(RSI)
+	JMP(LabelRef("tail"))
+	Label("done")
+	RET()
+}
+
+// ---------------------------------------------------------------------------
+// vaes256: VAES + VPCLMULQDQ on YMM (two blocks per register), AVX2.
+//
+// Register plan: Y0-Y7 data (16 blocks in flight), Y8-Y15 their tweaks.
+// Only 16 vector registers exist without EVEX, so round keys are memory
+// operands: the Go side stores each round key broadcast to 32 bytes (rk
+// points at that 15x32-byte table), and VAESENC m256 needs no alignment.
+// Tweaks advance by x^16 per iteration (two-byte lane shift + PCLMULQDQ).
+
+// mulXkVEX sets dst = src * x^k (1 <= k <= 56) in every 128-bit lane.
+func mulXkVEX(dst, src VecPhysical, k int, t1, t2, poly VecPhysical) {
+	VPSRLQ(U8(64-k), src, t1)
+	VPSLLQ(U8(k), src, dst)
+	VPSLLDQ(U8(8), t1, t2)
+	clmul(0x01, poly, t1, t1)
+	VPXOR(t2, dst, dst)
+	VPXOR(t1, dst, dst)
+}
+
+func vaes256Rounds(d dir, regs []VecPhysical) {
+	for _, y := range regs {
+		VPXOR(mem(RAX, 0), y, y)
+	}
+	for r := 1; r <= 13; r++ {
+		for _, y := range regs {
+			vex3("V"+d.round, mem(RAX, 32*r), y, y)
+		}
+	}
+	for _, y := range regs {
+		vex3("V"+d.last, mem(RAX, 32*14), y, y)
+	}
+}
+
+func genVAES256() {
+	for _, d := range []dir{encDir, decDir} {
+		genXTSVAES256(d)
+	}
+	genECBVAES256()
+}
+
+func genXTSVAES256(d dir) {
+	TEXT("xts"+d.suffix+"VAES256", NOSPLIT, xtsSig)
+	Pragma("noescape")
+	Doc(fmt.Sprintf("xts%sVAES256 is xts%sAESNI with VAES on YMM registers.", d.suffix, d.suffix),
+		"rk points at 15 round keys each broadcast to 32 bytes.")
+	loadArgs(true)
+	TESTQ(RSI, RSI)
+	JZ(LabelRef("done"))
+
+	Label("unit")
+	MOVQ(RDI, R8)
+	VMOVDQU(mem(RDX, 0), X8)
+	VBROADCASTI128(polyMem, Y0)
+	Comment("Y8 = [T, T*x]; Y9..Y15 = Y8*x^2 .. Y8*x^14, independently.")
+	mulXkVEX(X1, X8, 1, X2, X3, X0)
+	VINSERTI128(U8(1), X1, Y8, Y8)
+	for j := 1; j <= 7; j++ {
+		t := 1 + (j&1)*2
+		mulXkVEX(yr[8+j], Y8, 2*j, yr[t], yr[t+1], Y0)
+	}
+
+	Label("loop16")
+	CMPQ(R8, U32(256))
+	JB(LabelRef("tail"))
+	for i := 0; i < 8; i++ {
+		VPXOR(mem(RCX, 32*i), yr[8+i], yr[i])
+	}
+	vaes256Rounds(d, yr[0:8])
+	for i := 0; i < 8; i++ {
+		VPXOR(yr[8+i], yr[i], yr[i])
+		VMOVDQU(yr[i], mem(RBX, 32*i))
+	}
+	Comment("Advance every tweak pair by x^16.")
+	VBROADCASTI128(polyMem, Y0)
+	for i := 0; i < 8; i++ {
+		t := yr[1+i%7]
+		VPSRLDQ(U8(14), yr[8+i], t)
+		VPSLLDQ(U8(2), yr[8+i], yr[8+i])
+		clmul(0x00, Y0, t, t)
+		VPXOR(t, yr[8+i], yr[8+i])
+	}
+	ADDQ(U32(256), RCX)
+	ADDQ(U32(256), RBX)
+	SUBQ(U32(256), R8)
+	JMP(LabelRef("loop16"))
+
+	Label("tail")
+	Comment("Fewer than 16 blocks: two at a time with Y8, shifting the tweak registers down.")
+	Label("tail2")
+	CMPQ(R8, U32(32))
+	JB(LabelRef("tail1"))
+	VPXOR(mem(RCX, 0), Y8, Y0)
+	vaes256Rounds(d, yr[0:1])
+	VPXOR(Y8, Y0, Y0)
+	VMOVDQU(Y0, mem(RBX, 0))
+	for i := 8; i < 15; i++ {
+		VMOVDQA(yr[i+1], yr[i])
+	}
+	ADDQ(U32(32), RCX)
+	ADDQ(U32(32), RBX)
+	SUBQ(U32(32), R8)
+	JMP(LabelRef("tail2"))
+
+	Label("tail1")
+	TESTQ(R8, R8)
+	JZ(LabelRef("unitdone"))
+	Comment("One block left: its tweak is the low lane of Y8; keys are the low 16 bytes of each entry.")
+	VPXOR(mem(RCX, 0), X8, X0)
+	VPXOR(mem(RAX, 0), X0, X0)
+	for r := 1; r <= 13; r++ {
+		vex3("V"+d.round, mem(RAX, 32*r), X0, X0)
+	}
+	vex3("V"+d.last, mem(RAX, 32*14), X0, X0)
+	VPXOR(X8, X0, X0)
+	VMOVDQU(X0, mem(RBX, 0))
+	ADDQ(U32(16), RCX)
+	ADDQ(U32(16), RBX)
+
+	Label("unitdone")
+	ADDQ(U32(16), RDX)
+	DECQ(RSI)
+	JNZ(LabelRef("unit"))
+	Label("done")
+	VZEROUPPER()
+	RET()
+}
+
+func genECBVAES256() {
+	TEXT("ecbEncVAES256", NOSPLIT, ecbSig)
+	Pragma("noescape")
+	Doc("ecbEncVAES256 encrypts nblocks blocks; rk is the 32-byte-broadcast key table.")
+	loadArgs(false)
+	Label("loop8")
+	CMPQ(RSI, U32(8))
+	JB(LabelRef("tail2"))
+	for i := 0; i < 4; i++ {
+		VMOVDQU(mem(RCX, 32*i), yr[i])
+	}
+	vaes256Rounds(encDir, yr[0:4])
+	for i := 0; i < 4; i++ {
+		VMOVDQU(yr[i], mem(RBX, 32*i))
+	}
+	ADDQ(U32(128), RCX)
+	ADDQ(U32(128), RBX)
+	SUBQ(U32(8), RSI)
+	JMP(LabelRef("loop8"))
+	Label("tail2")
+	CMPQ(RSI, U32(2))
+	JB(LabelRef("tail1"))
+	VMOVDQU(mem(RCX, 0), Y0)
+	vaes256Rounds(encDir, yr[0:1])
+	VMOVDQU(Y0, mem(RBX, 0))
+	ADDQ(U32(32), RCX)
+	ADDQ(U32(32), RBX)
+	SUBQ(U32(2), RSI)
+	JMP(LabelRef("tail2"))
+	Label("tail1")
+	TESTQ(RSI, RSI)
+	JZ(LabelRef("done"))
+	VMOVDQU(mem(RCX, 0), X0)
+	VPXOR(mem(RAX, 0), X0, X0)
+	for r := 1; r <= 13; r++ {
+		vex3("VAESENC", mem(RAX, 32*r), X0, X0)
+	}
+	vex3("VAESENCLAST", mem(RAX, 32*14), X0, X0)
+	VMOVDQU(X0, mem(RBX, 0))
+	Label("done")
+	VZEROUPPER()
+	RET()
+}
+
+// ---------------------------------------------------------------------------
+// vaes512: VAES + VPCLMULQDQ on ZMM (four blocks per register), AVX-512
+// F+VL+BW (BW for the 512-bit byte shifts).
+//
+// Register plan (all 32 ZMM registers):
+//
+//	Z0-Z14   the 15 round keys, each broadcast to all four lanes, loaded once
+//	Z15-Z22  data: 8 registers = 32 blocks = 512 bytes in flight
+//	Z23-Z30  the 32 tweaks of those blocks
+//	Z31      0x87 in qword 0 of every lane (reduction constant)
+//
+// Per 512-byte iteration the tweaks advance by x^32 (4-byte lane shift plus
+// one VPCLMULQDQ each), using the just-stored data registers as temporaries.
+// The last 1-3 blocks of a unit use a masked load/store instead of a scalar
+// loop.
+
+func genVAES512() {
+	for _, d := range []dir{encDir, decDir} {
+		genXTSVAES512(d)
+	}
+	genECBVAES512()
+}
+
+func loadKeys512() {
+	for r := 0; r < 15; r++ {
+		VBROADCASTI32X4(mem(RAX, 16*r), zr[r])
+	}
+}
+
+func vaes512Rounds(d dir, regs []VecPhysical) {
+	for _, z := range regs {
+		VPXORQ(Z0, z, z)
+	}
+	for r := 1; r <= 13; r++ {
+		for _, z := range regs {
+			vex3("V"+d.round, zr[r], z, z)
+		}
+	}
+	for _, z := range regs {
+		vex3("V"+d.last, Z14, z, z)
+	}
+}
+
+// mulXkEVEX sets dst = src * x^k (1 <= k <= 56) in every lane.
+func mulXkEVEX(dst, src VecPhysical, k int, t1, t2 VecPhysical) {
+	VPSRLQ(U8(64-k), src, t1)
+	VPSLLQ(U8(k), src, dst)
+	VPSLLDQ(U8(8), t1, t2)
+	clmul(0x01, Z31, t1, t1)
+	VPTERNLOGQ(U8(0x96), t2, t1, dst) // dst ^= t1 ^ t2
+}
+
+// kmaskBlocks sets K1 to cover the low R8/16 (1..3) blocks of a ZMM register,
+// as a qword mask: (1 << (R8/8)) - 1.
+func kmaskBlocks() {
+	MOVQ(R8, R9)
+	SHRQ(U8(3), R9)
+	XORQ(R10, R10)
+	BTSQ(R9, R10)
+	DECQ(R10)
+	KMOVW(R10L, K1)
+}
+
+func genXTSVAES512(d dir) {
+	TEXT("xts"+d.suffix+"VAES512", NOSPLIT, xtsSig)
+	Pragma("noescape")
+	Doc(fmt.Sprintf("xts%sVAES512 is xts%sAESNI with VAES on ZMM registers.", d.suffix, d.suffix),
+		"rk points at 15 round keys of 16 bytes.")
+	loadArgs(true)
+	TESTQ(RSI, RSI)
+	JZ(LabelRef("done"))
+	loadKeys512()
+	VBROADCASTI32X4(polyMem, Z31)
+
+	Label("unit")
+	MOVQ(RDI, R8)
+	Comment("Z23 = [T, T*x, T*x^2, T*x^3] via per-qword variable shifts.")
+	VBROADCASTI32X4(mem(RDX, 0), Z23)
+	VPSRLVQ(shrMem, Z23, Z15)
+	VPSLLVQ(shlMem, Z23, Z23)
+	VPSLLDQ(U8(8), Z15, Z16)
+	clmul(0x01, Z31, Z15, Z15)
+	VPTERNLOGQ(U8(0x96), Z16, Z15, Z23)
+	Comment("Z24..Z30 = Z23*x^4 .. Z23*x^28, independently.")
+	for j := 1; j <= 7; j++ {
+		t := 15 + 2*(j%4)
+		mulXkEVEX(zr[23+j], Z23, 4*j, zr[t], zr[t+1])
+	}
+
+	Label("loop32")
+	CMPQ(R8, U32(512))
+	JB(LabelRef("tail4"))
+	for i := 0; i < 8; i++ {
+		VPXORQ(mem(RCX, 64*i), zr[23+i], zr[15+i])
+	}
+	vaes512Rounds(d, zr[15:23])
+	for i := 0; i < 8; i++ {
+		VPXORQ(zr[23+i], zr[15+i], zr[15+i])
+		VMOVDQU64(zr[15+i], mem(RBX, 64*i))
+	}
+	Comment("Advance every tweak vector by x^32.")
+	for i := 0; i < 8; i++ {
+		t := zr[15+i]
+		VPSRLDQ(U8(12), zr[23+i], t)
+		VPSLLDQ(U8(4), zr[23+i], zr[23+i])
+		clmul(0x00, Z31, t, t)
+		VPXORQ(t, zr[23+i], zr[23+i])
+	}
+	ADDQ(U32(512), RCX)
+	ADDQ(U32(512), RBX)
+	SUBQ(U32(512), R8)
+	JMP(LabelRef("loop32"))
+
+	Label("tail4")
+	Comment("Fewer than 32 blocks: four at a time with Z23, shifting the tweak registers down.")
+	CMPQ(R8, U32(64))
+	JB(LabelRef("tailmask"))
+	VPXORQ(mem(RCX, 0), Z23, Z15)
+	vaes512Rounds(d, zr[15:16])
+	VPXORQ(Z23, Z15, Z15)
+	VMOVDQU64(Z15, mem(RBX, 0))
+	for i := 23; i < 30; i++ {
+		VMOVDQA64(zr[i+1], zr[i])
+	}
+	ADDQ(U32(64), RCX)
+	ADDQ(U32(64), RBX)
+	SUBQ(U32(64), R8)
+	JMP(LabelRef("tail4"))
+
+	Label("tailmask")
+	TESTQ(R8, R8)
+	JZ(LabelRef("unitdone"))
+	Comment("1-3 blocks: masked load and store (masked-off lanes are neither read nor written).")
+	kmaskBlocks()
+	VMOVDQU64_Z(mem(RCX, 0), K1, Z15)
+	VPXORQ(Z23, Z15, Z15)
+	vaes512Rounds(d, zr[15:16])
+	VPXORQ(Z23, Z15, Z15)
+	VMOVDQU64(Z15, K1, mem(RBX, 0))
+	ADDQ(R8, RCX)
+	ADDQ(R8, RBX)
+
+	Label("unitdone")
+	ADDQ(U32(16), RDX)
+	DECQ(RSI)
+	JNZ(LabelRef("unit"))
+	Label("done")
+	VZEROUPPER()
+	RET()
+}
+
+func genECBVAES512() {
+	TEXT("ecbEncVAES512", NOSPLIT, ecbSig)
+	Pragma("noescape")
+	Doc("ecbEncVAES512 encrypts nblocks blocks with VAES on ZMM registers.")
+	loadArgs(false)
+	TESTQ(RSI, RSI)
+	JZ(LabelRef("done"))
+	loadKeys512()
+	Label("loop16")
+	CMPQ(RSI, U32(16))
+	JB(LabelRef("tail4"))
+	for i := 0; i < 4; i++ {
+		VMOVDQU64(mem(RCX, 64*i), zr[15+i])
+	}
+	vaes512Rounds(encDir, zr[15:19])
+	for i := 0; i < 4; i++ {
+		VMOVDQU64(zr[15+i], mem(RBX, 64*i))
+	}
+	ADDQ(U32(256), RCX)
+	ADDQ(U32(256), RBX)
+	SUBQ(U32(16), RSI)
+	JMP(LabelRef("loop16"))
+	Label("tail4")
+	CMPQ(RSI, U32(4))
+	JB(LabelRef("tailmask"))
+	VMOVDQU64(mem(RCX, 0), Z15)
+	vaes512Rounds(encDir, zr[15:16])
+	VMOVDQU64(Z15, mem(RBX, 0))
+	ADDQ(U32(64), RCX)
+	ADDQ(U32(64), RBX)
+	SUBQ(U32(4), RSI)
+	JMP(LabelRef("tail4"))
+	Label("tailmask")
+	TESTQ(RSI, RSI)
+	JZ(LabelRef("done"))
+	MOVQ(RSI, R8)
+	SHLQ(U8(4), R8) // bytes left, for kmaskBlocks
+	kmaskBlocks()
+	VMOVDQU64_Z(mem(RCX, 0), K1, Z15)
+	vaes512Rounds(encDir, zr[15:16])
+	VMOVDQU64(Z15, K1, mem(RBX, 0))
+	Label("done")
+	VZEROUPPER()
+	RET()
+}
