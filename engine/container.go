@@ -57,6 +57,9 @@ type CreateOptions struct {
 	UnitSize int // 0 means DefaultUnitSize
 	Impl     xts.Impl
 	Perm     os.FileMode // 0 means 0600
+	// EmbeddedKeySafe, when set, is stored in the header's keySafe area
+	// (FORMAT.md 3.4) for containers whose key has no text file to live in.
+	EmbeddedKeySafe string
 
 	fileID *[16]byte // fixed file id, for the FORMAT.md vectors only
 }
@@ -100,6 +103,19 @@ func CreateContainer(path string, dek *DEK, opts CreateOptions) (*Container, err
 		f.Close()
 		os.Remove(path)
 		return nil, err
+	}
+	if opts.EmbeddedKeySafe != "" {
+		for i := 0; i < 2; i++ {
+			b, err := marshalKSCopy(opts.EmbeddedKeySafe, 1)
+			if err == nil {
+				_, err = f.WriteAt(b, int64(ksAreaOff+i*ksCopySize))
+			}
+			if err != nil {
+				c.Close()
+				os.Remove(path)
+				return nil, fmt.Errorf("create %s: %w", path, err)
+			}
+		}
 	}
 	// Write both slots so a reader never sees a half-initialised header.
 	if err := c.writeBothSlots(); err != nil {

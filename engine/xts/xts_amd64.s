@@ -28,21 +28,54 @@ DATA xtsLaneShr<>+48(SB)/8, $0x000000000000003d
 DATA xtsLaneShr<>+56(SB)/8, $0x000000000000003d
 GLOBL xtsLaneShr<>(SB), RODATA|NOPTR, $64
 
-// func xtsEncAESNI(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+// func xtsEncAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: PCLMULQDQ, SSE2
-TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-48
+TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-72
 	MOVQ  rk+0(FP), AX
-	MOVQ  dst+8(FP), BX
-	MOVQ  src+16(FP), CX
-	MOVQ  tw+24(FP), DX
-	MOVQ  nunits+32(FP), SI
-	MOVQ  ulen+40(FP), DI
+	MOVQ  dst+16(FP), BX
+	MOVQ  src+24(FP), CX
+	MOVQ  tk+8(FP), DX
+	MOVQ  tw+32(FP), R13
+	MOVQ  lo+40(FP), R11
+	MOVQ  hi+48(FP), R12
+	MOVQ  nunits+56(FP), SI
+	MOVQ  ulen+64(FP), DI
 	TESTQ SI, SI
 	JZ    done
 
 unit:
 	MOVQ  DI, R8
-	MOVOU (DX), X8
+	TESTQ DX, DX
+	JZ    explicit
+
+	// X8 = E_K2(unit number).
+	MOVQ       R11, X8
+	MOVQ       R12, X0
+	PUNPCKLQDQ X0, X8
+	PXOR       (DX), X8
+	AESENC     16(DX), X8
+	AESENC     32(DX), X8
+	AESENC     48(DX), X8
+	AESENC     64(DX), X8
+	AESENC     80(DX), X8
+	AESENC     96(DX), X8
+	AESENC     112(DX), X8
+	AESENC     128(DX), X8
+	AESENC     144(DX), X8
+	AESENC     160(DX), X8
+	AESENC     176(DX), X8
+	AESENC     192(DX), X8
+	AESENC     208(DX), X8
+	AESENCLAST 224(DX), X8
+	ADDQ       $0x01, R11
+	ADCQ       $0x00, R12
+	JMP        tweak
+
+explicit:
+	MOVOU (R13), X8
+	ADDQ  $0x00000010, R13
+
+tweak:
 	MOVOU xtsPoly<>+0(SB), X0
 
 	// X9..X15 = T*x^1..T*x^7, computed independently (no serial chain).
@@ -351,28 +384,60 @@ tail1:
 	JNZ        tail1
 
 unitdone:
-	ADDQ $0x00000010, DX
 	DECQ SI
 	JNZ  unit
 
 done:
 	RET
 
-// func xtsDecAESNI(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+// func xtsDecAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: PCLMULQDQ, SSE2
-TEXT ·xtsDecAESNI(SB), NOSPLIT, $0-48
+TEXT ·xtsDecAESNI(SB), NOSPLIT, $0-72
 	MOVQ  rk+0(FP), AX
-	MOVQ  dst+8(FP), BX
-	MOVQ  src+16(FP), CX
-	MOVQ  tw+24(FP), DX
-	MOVQ  nunits+32(FP), SI
-	MOVQ  ulen+40(FP), DI
+	MOVQ  dst+16(FP), BX
+	MOVQ  src+24(FP), CX
+	MOVQ  tk+8(FP), DX
+	MOVQ  tw+32(FP), R13
+	MOVQ  lo+40(FP), R11
+	MOVQ  hi+48(FP), R12
+	MOVQ  nunits+56(FP), SI
+	MOVQ  ulen+64(FP), DI
 	TESTQ SI, SI
 	JZ    done
 
 unit:
 	MOVQ  DI, R8
-	MOVOU (DX), X8
+	TESTQ DX, DX
+	JZ    explicit
+
+	// X8 = E_K2(unit number).
+	MOVQ       R11, X8
+	MOVQ       R12, X0
+	PUNPCKLQDQ X0, X8
+	PXOR       (DX), X8
+	AESENC     16(DX), X8
+	AESENC     32(DX), X8
+	AESENC     48(DX), X8
+	AESENC     64(DX), X8
+	AESENC     80(DX), X8
+	AESENC     96(DX), X8
+	AESENC     112(DX), X8
+	AESENC     128(DX), X8
+	AESENC     144(DX), X8
+	AESENC     160(DX), X8
+	AESENC     176(DX), X8
+	AESENC     192(DX), X8
+	AESENC     208(DX), X8
+	AESENCLAST 224(DX), X8
+	ADDQ       $0x01, R11
+	ADCQ       $0x00, R12
+	JMP        tweak
+
+explicit:
+	MOVOU (R13), X8
+	ADDQ  $0x00000010, R13
+
+tweak:
 	MOVOU xtsPoly<>+0(SB), X0
 
 	// X9..X15 = T*x^1..T*x^7, computed independently (no serial chain).
@@ -681,7 +746,6 @@ tail1:
 	JNZ        tail1
 
 unitdone:
-	ADDQ $0x00000010, DX
 	DECQ SI
 	JNZ  unit
 
@@ -868,21 +932,53 @@ tail:
 done:
 	RET
 
-// func xtsEncVAES256(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+// func xtsEncVAES256(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: AVX, AVX2
-TEXT ·xtsEncVAES256(SB), NOSPLIT, $0-48
+TEXT ·xtsEncVAES256(SB), NOSPLIT, $0-72
 	MOVQ  rk+0(FP), AX
-	MOVQ  dst+8(FP), BX
-	MOVQ  src+16(FP), CX
-	MOVQ  tw+24(FP), DX
-	MOVQ  nunits+32(FP), SI
-	MOVQ  ulen+40(FP), DI
+	MOVQ  dst+16(FP), BX
+	MOVQ  src+24(FP), CX
+	MOVQ  tk+8(FP), DX
+	MOVQ  tw+32(FP), R13
+	MOVQ  lo+40(FP), R11
+	MOVQ  hi+48(FP), R12
+	MOVQ  nunits+56(FP), SI
+	MOVQ  ulen+64(FP), DI
 	TESTQ SI, SI
 	JZ    done
 
 unit:
-	MOVQ           DI, R8
-	VMOVDQU        (DX), X8
+	MOVQ  DI, R8
+	TESTQ DX, DX
+	JZ    explicit
+
+	// X8 = E_K2(unit number), VEX-encoded AES on XMM.
+	VMOVQ       R11, X8
+	VPINSRQ     $0x01, R12, X8, X8
+	VPXOR       (DX), X8, X8
+	VAESENC     16(DX), X8, X8
+	VAESENC     32(DX), X8, X8
+	VAESENC     48(DX), X8, X8
+	VAESENC     64(DX), X8, X8
+	VAESENC     80(DX), X8, X8
+	VAESENC     96(DX), X8, X8
+	VAESENC     112(DX), X8, X8
+	VAESENC     128(DX), X8, X8
+	VAESENC     144(DX), X8, X8
+	VAESENC     160(DX), X8, X8
+	VAESENC     176(DX), X8, X8
+	VAESENC     192(DX), X8, X8
+	VAESENC     208(DX), X8, X8
+	VAESENCLAST 224(DX), X8, X8
+	ADDQ        $0x01, R11
+	ADCQ        $0x00, R12
+	JMP         tweak
+
+explicit:
+	VMOVDQU (R13), X8
+	ADDQ    $0x00000010, R13
+
+tweak:
 	VBROADCASTI128 xtsPoly<>+0(SB), Y0
 
 	// Y8 = [T, T*x]; Y9..Y15 = Y8*x^2 .. Y8*x^14, independently.
@@ -1185,7 +1281,6 @@ tail1:
 	ADDQ        $0x00000010, BX
 
 unitdone:
-	ADDQ $0x00000010, DX
 	DECQ SI
 	JNZ  unit
 
@@ -1193,21 +1288,53 @@ done:
 	VZEROUPPER
 	RET
 
-// func xtsDecVAES256(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+// func xtsDecVAES256(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: AVX, AVX2
-TEXT ·xtsDecVAES256(SB), NOSPLIT, $0-48
+TEXT ·xtsDecVAES256(SB), NOSPLIT, $0-72
 	MOVQ  rk+0(FP), AX
-	MOVQ  dst+8(FP), BX
-	MOVQ  src+16(FP), CX
-	MOVQ  tw+24(FP), DX
-	MOVQ  nunits+32(FP), SI
-	MOVQ  ulen+40(FP), DI
+	MOVQ  dst+16(FP), BX
+	MOVQ  src+24(FP), CX
+	MOVQ  tk+8(FP), DX
+	MOVQ  tw+32(FP), R13
+	MOVQ  lo+40(FP), R11
+	MOVQ  hi+48(FP), R12
+	MOVQ  nunits+56(FP), SI
+	MOVQ  ulen+64(FP), DI
 	TESTQ SI, SI
 	JZ    done
 
 unit:
-	MOVQ           DI, R8
-	VMOVDQU        (DX), X8
+	MOVQ  DI, R8
+	TESTQ DX, DX
+	JZ    explicit
+
+	// X8 = E_K2(unit number), VEX-encoded AES on XMM.
+	VMOVQ       R11, X8
+	VPINSRQ     $0x01, R12, X8, X8
+	VPXOR       (DX), X8, X8
+	VAESENC     16(DX), X8, X8
+	VAESENC     32(DX), X8, X8
+	VAESENC     48(DX), X8, X8
+	VAESENC     64(DX), X8, X8
+	VAESENC     80(DX), X8, X8
+	VAESENC     96(DX), X8, X8
+	VAESENC     112(DX), X8, X8
+	VAESENC     128(DX), X8, X8
+	VAESENC     144(DX), X8, X8
+	VAESENC     160(DX), X8, X8
+	VAESENC     176(DX), X8, X8
+	VAESENC     192(DX), X8, X8
+	VAESENC     208(DX), X8, X8
+	VAESENCLAST 224(DX), X8, X8
+	ADDQ        $0x01, R11
+	ADCQ        $0x00, R12
+	JMP         tweak
+
+explicit:
+	VMOVDQU (R13), X8
+	ADDQ    $0x00000010, R13
+
+tweak:
 	VBROADCASTI128 xtsPoly<>+0(SB), Y0
 
 	// Y8 = [T, T*x]; Y9..Y15 = Y8*x^2 .. Y8*x^14, independently.
@@ -1510,7 +1637,6 @@ tail1:
 	ADDQ        $0x00000010, BX
 
 unitdone:
-	ADDQ $0x00000010, DX
 	DECQ SI
 	JNZ  unit
 
@@ -1652,15 +1778,18 @@ done:
 	VZEROUPPER
 	RET
 
-// func xtsEncVAES512(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+// func xtsEncVAES512(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: AVX, AVX512BW, AVX512F
-TEXT ·xtsEncVAES512(SB), NOSPLIT, $0-48
+TEXT ·xtsEncVAES512(SB), NOSPLIT, $0-72
 	MOVQ            rk+0(FP), AX
-	MOVQ            dst+8(FP), BX
-	MOVQ            src+16(FP), CX
-	MOVQ            tw+24(FP), DX
-	MOVQ            nunits+32(FP), SI
-	MOVQ            ulen+40(FP), DI
+	MOVQ            dst+16(FP), BX
+	MOVQ            src+24(FP), CX
+	MOVQ            tk+8(FP), DX
+	MOVQ            tw+32(FP), R13
+	MOVQ            lo+40(FP), R11
+	MOVQ            hi+48(FP), R12
+	MOVQ            nunits+56(FP), SI
+	MOVQ            ulen+64(FP), DI
 	TESTQ           SI, SI
 	JZ              done
 	VBROADCASTI32X4 (AX), Z0
@@ -1681,15 +1810,44 @@ TEXT ·xtsEncVAES512(SB), NOSPLIT, $0-48
 	VBROADCASTI32X4 xtsPoly<>+0(SB), Z31
 
 unit:
-	MOVQ DI, R8
+	MOVQ  DI, R8
+	TESTQ DX, DX
+	JZ    explicit
 
+	// X15 = E_K2(unit number); Z0-Z14 hold K1, so K2 comes from memory.
+	VMOVQ       R11, X15
+	VPINSRQ     $0x01, R12, X15, X15
+	VPXOR       (DX), X15, X15
+	VAESENC     16(DX), X15, X15
+	VAESENC     32(DX), X15, X15
+	VAESENC     48(DX), X15, X15
+	VAESENC     64(DX), X15, X15
+	VAESENC     80(DX), X15, X15
+	VAESENC     96(DX), X15, X15
+	VAESENC     112(DX), X15, X15
+	VAESENC     128(DX), X15, X15
+	VAESENC     144(DX), X15, X15
+	VAESENC     160(DX), X15, X15
+	VAESENC     176(DX), X15, X15
+	VAESENC     192(DX), X15, X15
+	VAESENC     208(DX), X15, X15
+	VAESENCLAST 224(DX), X15, X15
+	ADDQ        $0x01, R11
+	ADCQ        $0x00, R12
+	JMP         tweak
+
+explicit:
+	VMOVDQU (R13), X15
+	ADDQ    $0x00000010, R13
+
+tweak:
 	// Z23 = [T, T*x, T*x^2, T*x^3] via per-qword variable shifts.
-	VBROADCASTI32X4 (DX), Z23
-	VPSRLVQ         xtsLaneShr<>+0(SB), Z23, Z15
-	VPSLLVQ         xtsLaneShl<>+0(SB), Z23, Z23
-	VPSLLDQ         $0x08, Z15, Z16
-	VPCLMULQDQ      $0x01, Z31, Z15, Z15
-	VPTERNLOGQ      $0x96, Z16, Z15, Z23
+	VSHUFI64X2 $0x00, Z15, Z15, Z23
+	VPSRLVQ    xtsLaneShr<>+0(SB), Z23, Z15
+	VPSLLVQ    xtsLaneShl<>+0(SB), Z23, Z23
+	VPSLLDQ    $0x08, Z15, Z16
+	VPCLMULQDQ $0x01, Z31, Z15, Z15
+	VPTERNLOGQ $0x96, Z16, Z15, Z23
 
 	// Z24..Z30 = Z23*x^4 .. Z23*x^28, independently.
 	VPSRLQ     $0x3c, Z23, Z17
@@ -1982,7 +2140,6 @@ tailmask:
 	ADDQ        R8, BX
 
 unitdone:
-	ADDQ $0x00000010, DX
 	DECQ SI
 	JNZ  unit
 
@@ -1990,15 +2147,18 @@ done:
 	VZEROUPPER
 	RET
 
-// func xtsDecVAES512(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+// func xtsDecVAES512(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: AVX, AVX512BW, AVX512F
-TEXT ·xtsDecVAES512(SB), NOSPLIT, $0-48
+TEXT ·xtsDecVAES512(SB), NOSPLIT, $0-72
 	MOVQ            rk+0(FP), AX
-	MOVQ            dst+8(FP), BX
-	MOVQ            src+16(FP), CX
-	MOVQ            tw+24(FP), DX
-	MOVQ            nunits+32(FP), SI
-	MOVQ            ulen+40(FP), DI
+	MOVQ            dst+16(FP), BX
+	MOVQ            src+24(FP), CX
+	MOVQ            tk+8(FP), DX
+	MOVQ            tw+32(FP), R13
+	MOVQ            lo+40(FP), R11
+	MOVQ            hi+48(FP), R12
+	MOVQ            nunits+56(FP), SI
+	MOVQ            ulen+64(FP), DI
 	TESTQ           SI, SI
 	JZ              done
 	VBROADCASTI32X4 (AX), Z0
@@ -2019,15 +2179,44 @@ TEXT ·xtsDecVAES512(SB), NOSPLIT, $0-48
 	VBROADCASTI32X4 xtsPoly<>+0(SB), Z31
 
 unit:
-	MOVQ DI, R8
+	MOVQ  DI, R8
+	TESTQ DX, DX
+	JZ    explicit
 
+	// X15 = E_K2(unit number); Z0-Z14 hold K1, so K2 comes from memory.
+	VMOVQ       R11, X15
+	VPINSRQ     $0x01, R12, X15, X15
+	VPXOR       (DX), X15, X15
+	VAESENC     16(DX), X15, X15
+	VAESENC     32(DX), X15, X15
+	VAESENC     48(DX), X15, X15
+	VAESENC     64(DX), X15, X15
+	VAESENC     80(DX), X15, X15
+	VAESENC     96(DX), X15, X15
+	VAESENC     112(DX), X15, X15
+	VAESENC     128(DX), X15, X15
+	VAESENC     144(DX), X15, X15
+	VAESENC     160(DX), X15, X15
+	VAESENC     176(DX), X15, X15
+	VAESENC     192(DX), X15, X15
+	VAESENC     208(DX), X15, X15
+	VAESENCLAST 224(DX), X15, X15
+	ADDQ        $0x01, R11
+	ADCQ        $0x00, R12
+	JMP         tweak
+
+explicit:
+	VMOVDQU (R13), X15
+	ADDQ    $0x00000010, R13
+
+tweak:
 	// Z23 = [T, T*x, T*x^2, T*x^3] via per-qword variable shifts.
-	VBROADCASTI32X4 (DX), Z23
-	VPSRLVQ         xtsLaneShr<>+0(SB), Z23, Z15
-	VPSLLVQ         xtsLaneShl<>+0(SB), Z23, Z23
-	VPSLLDQ         $0x08, Z15, Z16
-	VPCLMULQDQ      $0x01, Z31, Z15, Z15
-	VPTERNLOGQ      $0x96, Z16, Z15, Z23
+	VSHUFI64X2 $0x00, Z15, Z15, Z23
+	VPSRLVQ    xtsLaneShr<>+0(SB), Z23, Z15
+	VPSLLVQ    xtsLaneShl<>+0(SB), Z23, Z23
+	VPSLLDQ    $0x08, Z15, Z16
+	VPCLMULQDQ $0x01, Z31, Z15, Z15
+	VPTERNLOGQ $0x96, Z16, Z15, Z23
 
 	// Z24..Z30 = Z23*x^4 .. Z23*x^28, independently.
 	VPSRLQ     $0x3c, Z23, Z17
@@ -2320,7 +2509,6 @@ tailmask:
 	ADDQ        R8, BX
 
 unitdone:
-	ADDQ $0x00000010, DX
 	DECQ SI
 	JNZ  unit
 

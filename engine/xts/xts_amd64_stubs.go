@@ -4,51 +4,59 @@
 
 package xts
 
-// xtsEncAESNI processes nunits data units of ulen bytes (a multiple of 16) with AES-NI.
-// tw points at nunits already-encrypted 16-byte tweaks; rk at 15 round keys (16-byte aligned).
+// xtsEncAESNI is the XTS kernel for AES-NI (schedules 16-byte aligned).
+// rk: K1 schedule; tk: K2 schedule (16-byte keys), or nil to read pre-encrypted tweaks from tw;
+// lo, hi: the first unit number. Processes nunits units of ulen bytes (a multiple of 16).
 //
 //go:noescape
-func xtsEncAESNI(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+func xtsEncAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 
-// xtsDecAESNI processes nunits data units of ulen bytes (a multiple of 16) with AES-NI.
-// tw points at nunits already-encrypted 16-byte tweaks; rk at 15 round keys (16-byte aligned).
+// xtsDecAESNI is the XTS kernel for AES-NI (schedules 16-byte aligned).
+// rk: K1 schedule; tk: K2 schedule (16-byte keys), or nil to read pre-encrypted tweaks from tw;
+// lo, hi: the first unit number. Processes nunits units of ulen bytes (a multiple of 16).
 //
 //go:noescape
-func xtsDecAESNI(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+func xtsDecAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 
 // ecbEncAESNI encrypts nblocks 16-byte blocks (used for the tweaks of a batch of units).
 //
 //go:noescape
 func ecbEncAESNI(rk *byte, dst *byte, src *byte, nblocks int)
 
-// xtsEncVAES256 is xtsEncAESNI with VAES on YMM registers.
-// rk points at 15 round keys each broadcast to 32 bytes.
+// xtsEncVAES256 is the XTS kernel for VAES on YMM registers.
+// rk: K1 schedule; tk: K2 schedule (16-byte keys), or nil to read pre-encrypted tweaks from tw;
+// lo, hi: the first unit number. Processes nunits units of ulen bytes (a multiple of 16).
+// rk's round keys are each broadcast to 32 bytes.
 //
 //go:noescape
-func xtsEncVAES256(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+func xtsEncVAES256(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 
-// xtsDecVAES256 is xtsDecAESNI with VAES on YMM registers.
-// rk points at 15 round keys each broadcast to 32 bytes.
+// xtsDecVAES256 is the XTS kernel for VAES on YMM registers.
+// rk: K1 schedule; tk: K2 schedule (16-byte keys), or nil to read pre-encrypted tweaks from tw;
+// lo, hi: the first unit number. Processes nunits units of ulen bytes (a multiple of 16).
+// rk's round keys are each broadcast to 32 bytes.
 //
 //go:noescape
-func xtsDecVAES256(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+func xtsDecVAES256(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 
 // ecbEncVAES256 encrypts nblocks blocks; rk is the 32-byte-broadcast key table.
 //
 //go:noescape
 func ecbEncVAES256(rk *byte, dst *byte, src *byte, nblocks int)
 
-// xtsEncVAES512 is xtsEncAESNI with VAES on ZMM registers.
-// rk points at 15 round keys of 16 bytes.
+// xtsEncVAES512 is the XTS kernel for VAES on ZMM registers.
+// rk: K1 schedule; tk: K2 schedule (16-byte keys), or nil to read pre-encrypted tweaks from tw;
+// lo, hi: the first unit number. Processes nunits units of ulen bytes (a multiple of 16).
 //
 //go:noescape
-func xtsEncVAES512(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+func xtsEncVAES512(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 
-// xtsDecVAES512 is xtsDecAESNI with VAES on ZMM registers.
-// rk points at 15 round keys of 16 bytes.
+// xtsDecVAES512 is the XTS kernel for VAES on ZMM registers.
+// rk: K1 schedule; tk: K2 schedule (16-byte keys), or nil to read pre-encrypted tweaks from tw;
+// lo, hi: the first unit number. Processes nunits units of ulen bytes (a multiple of 16).
 //
 //go:noescape
-func xtsDecVAES512(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)
+func xtsDecVAES512(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 
 // ecbEncVAES512 encrypts nblocks blocks with VAES on ZMM registers.
 //

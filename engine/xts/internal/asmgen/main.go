@@ -12,10 +12,18 @@
 //
 //   - Only physical registers are used, so avo's allocator has nothing to do
 //     and the register plan documented below is exactly what runs.
-//   - GPRs: AX round keys, BX dst, CX src, DX tweak pointer, SI unit count,
-//     DI unit length in bytes, R8 bytes left in the current unit.
-//   - A "tweak" handed to an XTS kernel is already encrypted with K2; the
-//     kernels only multiply it by powers of x in GF(2^128).
+//   - GPRs: AX K1 round keys, DX K2 round keys, BX dst, CX src, SI unit
+//     count, DI unit length in bytes, R8 bytes left in the current unit,
+//     R11:R12 the 128-bit unit number, R13 the explicit-tweak pointer.
+//   - Tweaks: normally (tk != nil) an XTS kernel encrypts each unit's number
+//     with K2 itself, at the start of the unit, and increments the 128-bit
+//     counter. That encryption is a serial 15-round chain, but it depends only
+//     on the counter, so out-of-order execution overlaps it with the previous
+//     unit's data blocks; and a single-unit call (the common 4 KiB or 512 B
+//     request) needs one kernel call, not an ECB call plus an XTS call. With
+//     tk == nil the kernel instead reads one already-encrypted tweak per unit
+//     from tw; the Go side uses that for ciphertext stealing and tests use it
+//     (a zero tweak turns the kernel into plain ECB).
 //
 // GF(2^128) arithmetic (IEEE 1619 convention): a 16-byte tweak is a 128-bit
 // little-endian integer T and T*x = (T<<1) ^ (0x87 if bit 127 was set). More
@@ -138,7 +146,10 @@ func loadArgs(xts bool) {
 	Load(Param("dst"), RBX)
 	Load(Param("src"), RCX)
 	if xts {
-		Load(Param("tw"), RDX)
+		Load(Param("tk"), RDX)
+		Load(Param("tw"), R13)
+		Load(Param("lo"), R11)
+		Load(Param("hi"), R12)
 		Load(Param("nunits"), RSI)
 		Load(Param("ulen"), RDI)
 	} else {
@@ -147,9 +158,24 @@ func loadArgs(xts bool) {
 }
 
 const (
-	xtsSig = "func(rk *byte, dst *byte, src *byte, tw *byte, nunits int, ulen int)"
+	xtsSig = "func(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)"
 	ecbSig = "func(rk *byte, dst *byte, src *byte, nblocks int)"
 )
+
+var xtsDoc = []string{
+	"rk: K1 schedule; tk: K2 schedule (16-byte keys), or nil to read pre-encrypted tweaks from tw;",
+	"lo, hi: the first unit number. Processes nunits units of ulen bytes (a multiple of 16).",
+}
+
+func docXTS(first string, more ...string) {
+	Doc(append(append([]string{first}, xtsDoc...), more...)...)
+}
+
+// nextCounter increments the 128-bit unit number R11:R12.
+func nextCounter() {
+	ADDQ(U8(1), R11)
+	ADCQ(U8(0), R12)
+}
 
 // ---------------------------------------------------------------------------
 // aesni: legacy-SSE AES-NI, 8 blocks in flight.
@@ -199,15 +225,30 @@ func aesniRounds(d dir, regs []VecPhysical) {
 func genXTSAESNI(d dir) {
 	TEXT("xts"+d.suffix+"AESNI", NOSPLIT, xtsSig)
 	Pragma("noescape")
-	Doc(fmt.Sprintf("xts%sAESNI processes nunits data units of ulen bytes (a multiple of 16) with AES-NI.", d.suffix),
-		"tw points at nunits already-encrypted 16-byte tweaks; rk at 15 round keys (16-byte aligned).")
+	docXTS(fmt.Sprintf("xts%sAESNI is the XTS kernel for AES-NI (schedules 16-byte aligned).", d.suffix))
 	loadArgs(true)
 	TESTQ(RSI, RSI)
 	JZ(LabelRef("done"))
 
 	Label("unit")
 	MOVQ(RDI, R8)
-	MOVOU(mem(RDX, 0), X8)
+	TESTQ(RDX, RDX)
+	JZ(LabelRef("explicit"))
+	Comment("X8 = E_K2(unit number).")
+	MOVQ(R11, X8)
+	MOVQ(R12, X0)
+	PUNPCKLQDQ(X0, X8)
+	PXOR(mem(RDX, 0), X8)
+	for r := 1; r <= 13; r++ {
+		sse2("AESENC", mem(RDX, 16*r), X8)
+	}
+	sse2("AESENCLAST", mem(RDX, 16*14), X8)
+	nextCounter()
+	JMP(LabelRef("tweak"))
+	Label("explicit")
+	MOVOU(mem(R13, 0), X8)
+	ADDQ(U32(16), R13)
+	Label("tweak")
 	MOVOU(polyMem, X0)
 	Comment("X9..X15 = T*x^1..T*x^7, computed independently (no serial chain).")
 	for k := 1; k <= 7; k++ {
@@ -260,7 +301,6 @@ func genXTSAESNI(d dir) {
 	JNZ(LabelRef("tail1"))
 
 	Label("unitdone")
-	ADDQ(U32(16), RDX)
 	DECQ(RSI)
 	JNZ(LabelRef("unit"))
 	Label("done")
@@ -343,15 +383,30 @@ func genVAES256() {
 func genXTSVAES256(d dir) {
 	TEXT("xts"+d.suffix+"VAES256", NOSPLIT, xtsSig)
 	Pragma("noescape")
-	Doc(fmt.Sprintf("xts%sVAES256 is xts%sAESNI with VAES on YMM registers.", d.suffix, d.suffix),
-		"rk points at 15 round keys each broadcast to 32 bytes.")
+	docXTS(fmt.Sprintf("xts%sVAES256 is the XTS kernel for VAES on YMM registers.", d.suffix),
+		"rk's round keys are each broadcast to 32 bytes.")
 	loadArgs(true)
 	TESTQ(RSI, RSI)
 	JZ(LabelRef("done"))
 
 	Label("unit")
 	MOVQ(RDI, R8)
-	VMOVDQU(mem(RDX, 0), X8)
+	TESTQ(RDX, RDX)
+	JZ(LabelRef("explicit"))
+	Comment("X8 = E_K2(unit number), VEX-encoded AES on XMM.")
+	VMOVQ(R11, X8)
+	VPINSRQ(U8(1), R12, X8, X8)
+	VPXOR(mem(RDX, 0), X8, X8)
+	for r := 1; r <= 13; r++ {
+		vex3("VAESENC", mem(RDX, 16*r), X8, X8)
+	}
+	vex3("VAESENCLAST", mem(RDX, 16*14), X8, X8)
+	nextCounter()
+	JMP(LabelRef("tweak"))
+	Label("explicit")
+	VMOVDQU(mem(R13, 0), X8)
+	ADDQ(U32(16), R13)
+	Label("tweak")
 	VBROADCASTI128(polyMem, Y0)
 	Comment("Y8 = [T, T*x]; Y9..Y15 = Y8*x^2 .. Y8*x^14, independently.")
 	mulXkVEX(X1, X8, 1, X2, X3, X0)
@@ -419,7 +474,6 @@ func genXTSVAES256(d dir) {
 	ADDQ(U32(16), RBX)
 
 	Label("unitdone")
-	ADDQ(U32(16), RDX)
 	DECQ(RSI)
 	JNZ(LabelRef("unit"))
 	Label("done")
@@ -537,8 +591,7 @@ func kmaskBlocks() {
 func genXTSVAES512(d dir) {
 	TEXT("xts"+d.suffix+"VAES512", NOSPLIT, xtsSig)
 	Pragma("noescape")
-	Doc(fmt.Sprintf("xts%sVAES512 is xts%sAESNI with VAES on ZMM registers.", d.suffix, d.suffix),
-		"rk points at 15 round keys of 16 bytes.")
+	docXTS(fmt.Sprintf("xts%sVAES512 is the XTS kernel for VAES on ZMM registers.", d.suffix))
 	loadArgs(true)
 	TESTQ(RSI, RSI)
 	JZ(LabelRef("done"))
@@ -547,8 +600,24 @@ func genXTSVAES512(d dir) {
 
 	Label("unit")
 	MOVQ(RDI, R8)
+	TESTQ(RDX, RDX)
+	JZ(LabelRef("explicit"))
+	Comment("X15 = E_K2(unit number); Z0-Z14 hold K1, so K2 comes from memory.")
+	VMOVQ(R11, X15)
+	VPINSRQ(U8(1), R12, X15, X15)
+	VPXOR(mem(RDX, 0), X15, X15)
+	for r := 1; r <= 13; r++ {
+		vex3("VAESENC", mem(RDX, 16*r), X15, X15)
+	}
+	vex3("VAESENCLAST", mem(RDX, 16*14), X15, X15)
+	nextCounter()
+	JMP(LabelRef("tweak"))
+	Label("explicit")
+	VMOVDQU(mem(R13, 0), X15)
+	ADDQ(U32(16), R13)
+	Label("tweak")
 	Comment("Z23 = [T, T*x, T*x^2, T*x^3] via per-qword variable shifts.")
-	VBROADCASTI32X4(mem(RDX, 0), Z23)
+	VSHUFI64X2(U8(0), Z15, Z15, Z23)
 	VPSRLVQ(shrMem, Z23, Z15)
 	VPSLLVQ(shlMem, Z23, Z23)
 	VPSLLDQ(U8(8), Z15, Z16)
@@ -614,7 +683,6 @@ func genXTSVAES512(d dir) {
 	ADDQ(R8, RBX)
 
 	Label("unitdone")
-	ADDQ(U32(16), RDX)
 	DECQ(RSI)
 	JNZ(LabelRef("unit"))
 	Label("done")

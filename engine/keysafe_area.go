@@ -1,0 +1,120 @@
+package engine
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// Embedded keySafe area (docs/FORMAT.md 3.4): containers whose key has no
+// text file to live in (a sparse or stream-optimized disk whose descriptor
+// is inside the encrypted extent, a core dump) carry their keySafe in the
+// header's reserved region, in two copies so that rewriting it (a shallow
+// rekey) can never leave no valid copy.
+const (
+	ksAreaOff   = 1024
+	ksCopySize  = 1536
+	ksMagic     = "VMCKSAFE"
+	ksHashOff   = ksCopySize - sha256.Size
+	ksMaxString = ksHashOff - 18
+)
+
+func marshalKSCopy(ks string, seq uint64) ([]byte, error) {
+	if len(ks) > ksMaxString {
+		return nil, fmt.Errorf("embedded keySafe of %d bytes exceeds %d", len(ks), ksMaxString)
+	}
+	b := make([]byte, ksCopySize)
+	copy(b, ksMagic)
+	binary.LittleEndian.PutUint64(b[8:], seq)
+	binary.LittleEndian.PutUint16(b[16:], uint16(len(ks)))
+	copy(b[18:], ks)
+	sum := sha256.Sum256(b[:ksHashOff])
+	copy(b[ksHashOff:], sum[:])
+	return b, nil
+}
+
+func parseKSCopy(b []byte) (string, uint64, bool) {
+	if len(b) < ksCopySize || string(b[:8]) != ksMagic {
+		return "", 0, false
+	}
+	sum := sha256.Sum256(b[:ksHashOff])
+	if !bytes.Equal(sum[:], b[ksHashOff:ksCopySize]) {
+		return "", 0, false
+	}
+	n := int(binary.LittleEndian.Uint16(b[16:]))
+	if n > ksMaxString {
+		return "", 0, false
+	}
+	return string(b[18 : 18+n]), binary.LittleEndian.Uint64(b[8:]), true
+}
+
+// ReadEmbeddedKeySafe returns the newest valid embedded keySafe from a
+// header region (the file's first 4096 bytes), if any.
+func ReadEmbeddedKeySafe(region []byte) (ks string, ok bool) {
+	var best uint64
+	for i := 0; i < 2; i++ {
+		off := ksAreaOff + i*ksCopySize
+		if len(region) < off+ksCopySize {
+			break
+		}
+		s, seq, valid := parseKSCopy(region[off : off+ksCopySize])
+		if valid && (!ok || seq > best) {
+			ks, best, ok = s, seq, true
+		}
+	}
+	return ks, ok
+}
+
+// ReadEmbeddedKeySafeFile reads the embedded keySafe of the container at path.
+func ReadEmbeddedKeySafeFile(path string) (string, bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", false, err
+	}
+	defer f.Close()
+	region := make([]byte, HeaderSize)
+	n, _ := f.ReadAt(region, 0)
+	ks, ok := ReadEmbeddedKeySafe(region[:n])
+	return ks, ok, nil
+}
+
+// WriteEmbeddedKeySafe replaces the embedded keySafe of the container at
+// path: it writes the copy that is not the newest, with a higher sequence
+// number, and fsyncs. The older copy stays valid until the new one is
+// complete.
+func WriteEmbeddedKeySafe(path, ks string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("write keySafe of %s: %w", path, err)
+	}
+	defer f.Close()
+	region := make([]byte, HeaderSize)
+	if n, err := f.ReadAt(region, 0); n < HeaderSize {
+		return fmt.Errorf("write keySafe of %s: short header: %v", path, err)
+	}
+	if _, err := PeekHeader(region); err != nil {
+		return fmt.Errorf("write keySafe of %s: %w", path, err)
+	}
+	target, seq := 0, uint64(1)
+	for i := 0; i < 2; i++ {
+		off := ksAreaOff + i*ksCopySize
+		if _, s, ok := parseKSCopy(region[off : off+ksCopySize]); ok && s >= seq {
+			seq, target = s+1, 1-i
+		}
+	}
+	b, err := marshalKSCopy(ks, seq)
+	if err != nil {
+		return fmt.Errorf("write keySafe of %s: %w", path, err)
+	}
+	if _, err := f.WriteAt(b, int64(ksAreaOff+target*ksCopySize)); err != nil {
+		return fmt.Errorf("write keySafe of %s: %w", path, err)
+	}
+	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+		return fmt.Errorf("write keySafe of %s: fsync: %w", path, err)
+	}
+	return nil
+}
