@@ -38,11 +38,6 @@ const (
 	blockSize   = 16
 	maxUnitSize = 1 << 20
 
-	// batchUnits is how many unit tweaks are encrypted with K2 in one ECB
-	// kernel call before the data kernel runs over those units. 64 tweaks
-	// are 1 KiB of stack; for 512-byte units that is one kernel call pair
-	// per 32 KiB of data.
-	batchUnits = 64
 )
 
 // Layout of the key region (one page, see secmem_*.go): the 16-byte round
@@ -184,8 +179,8 @@ func (c *Cipher) crypt(dst, src []byte, lo, hi uint64, enc bool) error {
 		return err
 	}
 	c.mu.RLock()
-	defer c.mu.RUnlock()
 	if c.closed {
+		c.mu.RUnlock()
 		return errClosed
 	}
 	if c.impl == ImplGeneric {
@@ -193,40 +188,27 @@ func (c *Cipher) crypt(dst, src []byte, lo, hi uint64, enc bool) error {
 	} else {
 		c.cryptAsm(dst, src, lo, hi, enc)
 	}
+	c.mu.RUnlock()
 	return nil
 }
 
-// cryptAsm drives the assembly kernels: per batch of up to batchUnits whole
-// units it writes the unit numbers, encrypts them with K2 in one ECB kernel
-// call, and lets one XTS kernel call process all those units. A final short
-// unit goes through cryptTailAsm.
+// cryptAsm drives the assembly kernels: all whole units go to one kernel
+// call, which derives every unit's tweak itself; a final short unit goes
+// through cryptTailAsm.
 func (c *Cipher) cryptAsm(dst, src []byte, lo, hi uint64, enc bool) {
-	var tw [batchUnits * blockSize]byte
 	us := c.unitSize
 	full := len(src) / us
-	used := min(full, batchUnits) * blockSize
-	off := 0
-	for full > 0 {
-		n := min(full, batchUnits)
-		for i := 0; i < n; i++ {
-			binary.LittleEndian.PutUint64(tw[16*i:], lo)
-			binary.LittleEndian.PutUint64(tw[16*i+8:], hi)
-			lo++
-			if lo == 0 {
-				hi++
-			}
+	if full > 0 {
+		c.xtsUnits(enc, &dst[0], &src[0], lo, hi, full, us)
+	}
+	if off := full * us; off < len(src) {
+		// Unit number of the tail: hi:lo + full, in 128 bits.
+		nlo := lo + uint64(full)
+		if nlo < lo {
+			hi++
 		}
-		c.ecbTweaks(&tw[0], n)
-		c.xtsUnits(enc, &dst[off], &src[off], &tw[0], n, us)
-		off += n * us
-		full -= n
+		c.cryptTailAsm(dst[off:], src[off:], nlo, hi, enc)
 	}
-	if off < len(src) {
-		c.cryptTailAsm(dst[off:], src[off:], lo, hi, enc, &tw)
-		used = max(used, 3*blockSize)
-	}
-	// The encrypted tweaks are derived from K2; do not leave them on the stack.
-	clear(tw[:used])
 }
 
 // cryptTailAsm handles a final unit shorter than the unit size (>= 16 bytes).
@@ -234,21 +216,23 @@ func (c *Cipher) cryptAsm(dst, src []byte, lo, hi uint64, enc bool) {
 // Ciphertext stealing (IEEE 1619 §5.3.2) is done here in Go rather than in
 // every kernel: it touches only the last two blocks of the last unit of a
 // request, which in this project means odd-sized files, so its speed does
-// not matter, while four more assembly paths would. The kernels are reused
-// as single-block XTS primitives with an explicit tweak.
-func (c *Cipher) cryptTailAsm(dst, src []byte, lo, hi uint64, enc bool, tw *[batchUnits * blockSize]byte) {
-	binary.LittleEndian.PutUint64(tw[0:], lo)
-	binary.LittleEndian.PutUint64(tw[8:], hi)
-	c.ecbTweaks(&tw[0], 1)
+// not matter, while six more assembly paths would. The kernels are reused as
+// single-block XTS primitives with explicit tweaks.
+func (c *Cipher) cryptTailAsm(dst, src []byte, lo, hi uint64, enc bool) {
 	m, r := len(src)/blockSize, len(src)%blockSize
 	if r == 0 {
-		c.xtsUnits(enc, &dst[0], &src[0], &tw[0], 1, len(src))
+		c.xtsUnits(enc, &dst[0], &src[0], lo, hi, 1, len(src))
 		return
 	}
 	if m > 1 {
-		c.xtsUnits(enc, &dst[0], &src[0], &tw[0], 1, (m-1)*blockSize)
+		c.xtsUnits(enc, &dst[0], &src[0], lo, hi, 1, (m-1)*blockSize)
 	}
-	// Tweaks of the last full block (m-1) and of the stolen block (m).
+	// tw holds E_K2(unit), then the tweaks of the last full block (m-1) and
+	// of the stolen block (m).
+	var tw [3 * blockSize]byte
+	binary.LittleEndian.PutUint64(tw[0:], lo)
+	binary.LittleEndian.PutUint64(tw[8:], hi)
+	c.ecbTweaks(&tw[0], 1)
 	t0, t1 := binary.LittleEndian.Uint64(tw[0:]), binary.LittleEndian.Uint64(tw[8:])
 	t0, t1 = mulXPow(t0, t1, m-1)
 	binary.LittleEndian.PutUint64(tw[16:], t0)
@@ -262,19 +246,21 @@ func (c *Cipher) cryptTailAsm(dst, src []byte, lo, hi uint64, enc bool, tw *[bat
 	var cc, pp [blockSize]byte
 	if enc {
 		// CC = XTS(P[m-1], T[m-1]); C[m] = CC[:r]; C[m-1] = XTS(P[m] || CC[r:], T[m]).
-		c.xtsUnits(true, &cc[0], &src[p], tPrev, 1, blockSize)
+		c.xtsExplicit(true, &cc[0], &src[p], tPrev, 1, blockSize)
 		copy(pp[:r], src[p+blockSize:]) // read P[m] before dst (maybe == src) is written
 		copy(pp[r:], cc[r:])
 		copy(dst[p+blockSize:], cc[:r])
-		c.xtsUnits(true, &dst[p], &pp[0], tLast, 1, blockSize)
+		c.xtsExplicit(true, &dst[p], &pp[0], tLast, 1, blockSize)
 	} else {
 		// PP = XTS⁻¹(C[m-1], T[m]); P[m] = PP[:r]; P[m-1] = XTS⁻¹(C[m] || PP[r:], T[m-1]).
-		c.xtsUnits(false, &pp[0], &src[p], tLast, 1, blockSize)
+		c.xtsExplicit(false, &pp[0], &src[p], tLast, 1, blockSize)
 		copy(cc[:r], src[p+blockSize:])
 		copy(cc[r:], pp[r:])
 		copy(dst[p+blockSize:], pp[:r])
-		c.xtsUnits(false, &dst[p], &cc[0], tPrev, 1, blockSize)
+		c.xtsExplicit(false, &dst[p], &cc[0], tPrev, 1, blockSize)
 	}
+	// Encrypted tweaks and block remnants: do not leave them on the stack.
+	clear(tw[:])
 	clear(cc[:])
 	clear(pp[:])
 }

@@ -1,0 +1,328 @@
+package engine
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vmcryptd/vmcryptd/formats/vmdir"
+	"github.com/vmcryptd/vmcryptd/formats/vmdk"
+	"github.com/vmcryptd/vmcryptd/formats/vmx"
+	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+)
+
+// Lines vmcryptd adds to a VM's text files (docs/FORMAT.md section 4).
+const (
+	VMXVMID       = "vmcryptd.vmId"
+	VMXPolicy     = "vmcryptd.policy"
+	VMXKeySafe    = "encryption.keySafe"
+	VMXData       = "encryption.data"
+	DDBDiskID     = "ddb.vmcryptd.diskId"
+	DescKeySafe   = "encryptionKeys"
+	JournalName   = ".vmcryptd-journal.json"
+	PolicyEncrypt = "VM Encryption Policy"
+	PolicyDefault = "Datastore Default"
+)
+
+// disk is one virtual disk of a VM (one descriptor; a snapshot's delta
+// disk is a disk of its own).
+type disk struct {
+	Name     string   // descriptor file (for an embedded descriptor: the extent)
+	Embedded bool     // the descriptor lives inside the (single) extent
+	Extents  []string // base names
+	DiskID   string   // from ddb.vmcryptd.diskId or the container header
+	KeySafe  string   // "" when plain
+}
+
+// dataFile is a non-disk file that the VM key protects.
+type dataFile struct {
+	Name string
+	Kind Kind
+}
+
+// vmLayout is what a VM directory holds, as far as encryption goes.
+type vmLayout struct {
+	Dir       string
+	VMXPath   string
+	VMXText   []byte
+	VMX       *vmx.File
+	Encrypted bool
+	VMID      string
+	KeySafe   string
+	Policy    string
+	Disks     []*disk
+	Files     []dataFile // nvram, vswp, vmsn, vmss, vmem
+	CoreDumps []string
+	Snapshots int
+}
+
+var kindFromDir = map[vmdir.Kind]Kind{
+	vmdir.KindNVRAM: KindNVRAM, vmdir.KindVSwap: KindVSWP, vmdir.KindVMSN: KindVMSN,
+	vmdir.KindVMSS: KindVMSS, vmdir.KindVMEM: KindVMEM,
+}
+
+// loadLayout reads a VM directory: the vmx, every disk the vmx or the
+// snapshot descriptor names (following parent links), and the VM's data
+// files. It works on plain and on encrypted VMs: an encrypted extent that
+// holds its own descriptor is recognised by its container header.
+func loadLayout(dir string) (*vmLayout, error) {
+	dir = filepath.Clean(dir)
+	vmxPath, err := vmdir.FindVMX(dir)
+	if err != nil {
+		return nil, err
+	}
+	text, err := os.ReadFile(vmxPath)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := vmx.Parse(text)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", vmxPath, err)
+	}
+	l := &vmLayout{Dir: dir, VMXPath: vmxPath, VMXText: text, VMX: cfg}
+	l.KeySafe, _ = cfg.Get(VMXKeySafe)
+	l.Encrypted = l.KeySafe != ""
+	l.VMID, _ = cfg.Get(VMXVMID)
+	l.Policy, _ = cfg.Get(VMXPolicy)
+
+	scan, err := vmdir.Scan(dir)
+	if err != nil {
+		return nil, err
+	}
+	seen := map[string]bool{}
+	var names []string
+	for _, d := range cfg.Disks() {
+		if d.IsHardDisk() && d.FileName != "" {
+			names = append(names, d.FileName)
+		}
+	}
+	for _, f := range scan.Files {
+		if f.Kind == vmdir.KindVMSD {
+			raw, err := os.ReadFile(filepath.Join(dir, f.Name))
+			if err != nil {
+				return nil, err
+			}
+			sd, err := vmx.Parse(raw)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", f.Name, err)
+			}
+			for _, s := range sd.Snapshots() {
+				l.Snapshots++
+				for _, sdk := range s.Disks {
+					names = append(names, sdk.FileName)
+				}
+			}
+		}
+	}
+	for len(names) > 0 {
+		name := names[0]
+		names = names[1:]
+		p, err := vmdk.ResolveExtentPath(dir, name)
+		if err != nil {
+			return nil, fmt.Errorf("%s: disk %q: %w", vmxPath, name, err)
+		}
+		base := filepath.Base(p)
+		if seen[base] {
+			continue
+		}
+		seen[base] = true
+		d, parent, err := loadDisk(dir, base)
+		if err != nil {
+			return nil, err
+		}
+		l.Disks = append(l.Disks, d)
+		if parent != "" {
+			names = append(names, parent)
+		}
+	}
+	inDisk := map[string]bool{}
+	for _, d := range l.Disks {
+		inDisk[d.Name] = true
+		for _, e := range d.Extents {
+			inDisk[e] = true
+		}
+	}
+	for _, f := range scan.Files {
+		if inDisk[f.Name] || strings.HasSuffix(f.Name, TmpSuffix) {
+			continue
+		}
+		if k, ok := kindFromDir[f.Kind]; ok {
+			l.Files = append(l.Files, dataFile{f.Name, k})
+		} else if f.Kind == vmdir.KindCoreDump {
+			l.CoreDumps = append(l.CoreDumps, f.Name)
+		}
+	}
+	return l, nil
+}
+
+// loadDisk reads one disk: a text descriptor, a plain sparse extent with
+// an embedded descriptor, or such an extent already encrypted.
+func loadDisk(dir, name string) (*disk, string, error) {
+	path := filepath.Join(dir, name)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, "", fmt.Errorf("disk %s: %w", path, err)
+	}
+	defer f.Close()
+	head := make([]byte, HeaderSize)
+	n, err := io.ReadFull(f, head)
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+		return nil, "", fmt.Errorf("disk %s: %w", path, err)
+	}
+	head = head[:n]
+	if h, err := PeekHeader(head); err == nil {
+		ks, ok := ReadEmbeddedKeySafe(head)
+		if !ok {
+			return nil, "", fmt.Errorf("disk %s: encrypted, but its header holds no keySafe", path)
+		}
+		return &disk{Name: name, Embedded: true, Extents: []string{name}, DiskID: h.Binding.OwnerID, KeySafe: ks}, "", nil
+	}
+	if vmdk.IsSparse(head) {
+		// The parent of a delta disk is named in its embedded descriptor.
+		d, err := vmdk.Open(path, nil)
+		if err != nil {
+			return nil, "", fmt.Errorf("disk %s: %w", path, err)
+		}
+		parent, _ := d.Descriptor().ParentFileNameHint()
+		d.Close()
+		return &disk{Name: name, Embedded: true, Extents: []string{name}}, parent, nil
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, "", err
+	}
+	desc, err := vmdk.ParseDescriptor(raw)
+	if err != nil {
+		return nil, "", fmt.Errorf("disk %s: %w", path, err)
+	}
+	d := &disk{Name: name}
+	d.KeySafe, _ = desc.Get(DescKeySafe)
+	d.DiskID, _ = desc.Get(DDBDiskID)
+	for _, e := range desc.Extents() {
+		if e.Filename == "" {
+			continue // ZERO extents have no file
+		}
+		p, err := vmdk.ResolveExtentPath(dir, e.Filename)
+		if err != nil {
+			return nil, "", fmt.Errorf("disk %s: extent %q: %w", path, e.Filename, err)
+		}
+		d.Extents = append(d.Extents, filepath.Base(p))
+	}
+	parent, _ := desc.ParentFileNameHint()
+	return d, parent, nil
+}
+
+// newID returns a random RFC 4122 version-4 UUID string.
+func newID() (string, error) {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("crypto/rand: %w", err)
+	}
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16]), nil
+}
+
+// journal records an in-progress conversion so a killed one can be
+// resumed. It holds wrapped keys only (keySafes), never a plain key.
+type journal struct {
+	Version    int           `json:"version"`
+	Op         string        `json:"op"` // "encrypt", "decrypt", "rekey-deep"
+	VMID       string        `json:"vm_id"`
+	KeySafe    string        `json:"keysafe"`               // target VM keySafe
+	OldKeySafe string        `json:"old_keysafe,omitempty"` // rekey-deep: the one being replaced
+	Disks      []journalDisk `json:"disks"`
+	Policy     string        `json:"policy,omitempty"`
+}
+
+type journalDisk struct {
+	Name       string `json:"name"`
+	DiskID     string `json:"disk_id"`
+	KeySafe    string `json:"keysafe"`
+	OldKeySafe string `json:"old_keysafe,omitempty"`
+}
+
+func journalPath(dir string) string { return filepath.Join(dir, JournalName) }
+
+func loadJournal(dir string) (*journal, error) {
+	raw, err := os.ReadFile(journalPath(dir))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var j journal
+	if err := json.Unmarshal(raw, &j); err != nil {
+		return nil, fmt.Errorf("%s: %w", journalPath(dir), err)
+	}
+	if j.Version != 1 {
+		return nil, fmt.Errorf("%s: unknown version %d", journalPath(dir), j.Version)
+	}
+	return &j, nil
+}
+
+func (j *journal) save(dir string) error {
+	j.Version = 1
+	b, err := json.MarshalIndent(j, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(journalPath(dir), b, 0o600)
+}
+
+func removeJournal(dir string) error {
+	if err := os.Remove(journalPath(dir)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return atomicfile.SyncDir(dir)
+}
+
+// writeText atomically replaces a text file, keeping its permissions.
+func writeText(path string, data []byte) error {
+	perm := os.FileMode(0o644)
+	if st, err := os.Stat(path); err == nil {
+		perm = st.Mode().Perm()
+	}
+	return atomicfile.Write(path, data, perm)
+}
+
+// fileKeyState says whether path is plain, a container under dek, or a
+// container under some other key.
+type fileKeyState int
+
+const (
+	statePlain fileKeyState = iota
+	stateUnderKey
+	stateOtherKey
+)
+
+func keyStateOf(path string, dek *DEK) (fileKeyState, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	region := make([]byte, 2*slotSize)
+	n, _ := io.ReadFull(f, region)
+	if _, err := PeekHeader(region[:n]); err != nil {
+		return statePlain, nil
+	}
+	keys, err := deriveContainerKeys(dek)
+	if err != nil {
+		return 0, err
+	}
+	defer keys.destroy()
+	if _, err := verifyHeader(region, keys); err != nil {
+		if errors.Is(err, ErrWrongKey) {
+			return stateOtherKey, nil
+		}
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	return stateUnderKey, nil
+}

@@ -1,0 +1,607 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/vmcryptd/vmcryptd/engine/xts"
+	"github.com/vmcryptd/vmcryptd/formats/vmdk"
+	"github.com/vmcryptd/vmcryptd/formats/vmx"
+)
+
+// VMOps runs the VM lifecycle operations. Each operation that converts
+// data (encrypt, decrypt, deep rekey) writes a journal first and can be
+// re-run after a crash: files already converted are recognised by their
+// header and skipped, the rest are converted, and text files are
+// rewritten last.
+type VMOps struct {
+	Keys     *Keyring
+	Impl     xts.Impl
+	Log      *slog.Logger
+	Progress func(ProgressEvent) // may be nil
+}
+
+// ProgressEvent reports conversion progress.
+type ProgressEvent struct {
+	Op    string `json:"op"`
+	File  string `json:"file"`
+	Done  int64  `json:"done"`  // bytes of all files so far
+	Total int64  `json:"total"` // bytes of all files to convert
+}
+
+// ErrConversionInterrupted marks a VM whose journal shows a conversion
+// that did not finish.
+var ErrConversionInterrupted = errors.New("conversion interrupted")
+
+// InterruptedOp returns the operation of an unfinished conversion in dir
+// ("" if none).
+func InterruptedOp(dir string) (string, error) {
+	j, err := loadJournal(dir)
+	if err != nil || j == nil {
+		return "", err
+	}
+	return j.Op, nil
+}
+
+// unwrapFrom unwraps the DEK of a keySafe, trying each pair's KEK.
+func (o *VMOps) unwrapFrom(ctx context.Context, ks string, b Binding) (*DEK, KeyRef, error) {
+	entries, err := DecodeKeySafe(ks)
+	if err != nil {
+		return nil, KeyRef{}, err
+	}
+	var errs []error
+	for _, e := range entries {
+		kek, err := o.Keys.Get(ctx, e.KEK)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		dek, err := UnwrapDEK(kek, e.Locked, b)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		return dek, e.KEK, nil
+	}
+	return nil, KeyRef{}, errors.Join(errs...)
+}
+
+func (o *VMOps) wrapInto(ctx context.Context, kekRef KeyRef, dek *DEK, b Binding) (string, error) {
+	kek, err := o.Keys.Get(ctx, kekRef)
+	if err != nil {
+		return "", err
+	}
+	locked, err := WrapDEK(kek, dek, b)
+	if err != nil {
+		return "", err
+	}
+	return EncodeKeySafe([]KeySafeEntry{{KEK: kekRef, Locked: locked}})
+}
+
+// task is one file to convert.
+type task struct {
+	path    string
+	kind    Kind
+	dek     *DEK // target key (encrypt, rekey) or current key (decrypt)
+	old     *DEK // rekey: current key
+	binding Binding
+	embed   string // keySafe to embed (self-describing extents)
+}
+
+type keySet struct {
+	vm    *DEK
+	disks map[string]*DEK // by disk name
+}
+
+func (k *keySet) destroy() {
+	if k == nil {
+		return
+	}
+	k.vm.Destroy()
+	for _, d := range k.disks {
+		d.Destroy()
+	}
+}
+
+// unwrapJournal unwraps the VM and disk DEKs named by keySafes in j.
+func (o *VMOps) unwrapKeys(ctx context.Context, vmID, vmKS string, disks []journalDisk, old bool) (*keySet, error) {
+	ks := &keySet{disks: map[string]*DEK{}}
+	var err error
+	if ks.vm, _, err = o.unwrapFrom(ctx, vmKS, Binding{PurposeVM, vmID}); err != nil {
+		return nil, fmt.Errorf("VM key: %w", err)
+	}
+	for _, d := range disks {
+		s := d.KeySafe
+		if old {
+			s = d.OldKeySafe
+		}
+		dek, _, err := o.unwrapFrom(ctx, s, Binding{PurposeDisk, d.DiskID})
+		if err != nil {
+			ks.destroy()
+			return nil, fmt.Errorf("disk %s key: %w", d.Name, err)
+		}
+		ks.disks[d.Name] = dek
+	}
+	return ks, nil
+}
+
+// tasks lists every data file of the layout with its key.
+func tasks(l *vmLayout, ks *keySet, vmID string, jd []journalDisk) []task {
+	var out []task
+	byName := map[string]journalDisk{}
+	for _, d := range jd {
+		byName[d.Name] = d
+	}
+	for _, d := range l.Disks {
+		j := byName[d.Name]
+		for _, e := range d.Extents {
+			t := task{path: filepath.Join(l.Dir, e), kind: KindExtent, dek: ks.disks[d.Name], binding: Binding{PurposeDisk, j.DiskID}}
+			if d.Embedded {
+				t.embed = j.KeySafe
+			}
+			out = append(out, t)
+		}
+	}
+	for _, f := range l.Files {
+		out = append(out, task{path: filepath.Join(l.Dir, f.Name), kind: f.Kind, dek: ks.vm, binding: Binding{PurposeVM, vmID}})
+	}
+	return out
+}
+
+func (o *VMOps) progressor(op string, ts []task) (func(file string) ProgressFunc, error) {
+	var total, done int64
+	for _, t := range ts {
+		st, err := os.Stat(t.path)
+		if err != nil {
+			return nil, err
+		}
+		total += st.Size()
+	}
+	return func(file string) ProgressFunc {
+		return func(n int64) {
+			done += n
+			if o.Progress != nil {
+				o.Progress(ProgressEvent{Op: op, File: filepath.Base(file), Done: done, Total: total})
+			}
+		}
+	}, nil
+}
+
+// Encrypt encrypts a plain VM in place under the KEK kekRef: a fresh VM
+// DEK, one DEK per disk, every data file converted, then the descriptors
+// and the vmx rewritten. Re-running it after a crash finishes the job.
+func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
+	j, err := loadJournal(dir)
+	if err != nil {
+		return err
+	}
+	if j != nil && j.Op != "encrypt" {
+		return fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
+	}
+	l, err := loadLayout(dir)
+	if err != nil {
+		return err
+	}
+	if j == nil {
+		if l.Encrypted {
+			return fmt.Errorf("%s: VM is already encrypted", dir)
+		}
+		if j, err = o.newJournal(ctx, l, kekRef, "encrypt"); err != nil {
+			return err
+		}
+	}
+	ks, err := o.unwrapKeys(ctx, j.VMID, j.KeySafe, j.Disks, false)
+	if err != nil {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	defer ks.destroy()
+	ts := tasks(l, ks, j.VMID, j.Disks)
+	prog, err := o.progressor("encrypt", ts)
+	if err != nil {
+		return err
+	}
+	for _, t := range ts {
+		state, err := keyStateOf(t.path, t.dek)
+		if err != nil {
+			return err
+		}
+		switch state {
+		case stateUnderKey:
+			continue // converted before a crash
+		case stateOtherKey:
+			return fmt.Errorf("%s: already encrypted with a different key; refusing to touch it", t.path)
+		}
+		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
+		if err := EncryptFile(ctx, t.path, t.dek, opts, prog(t.path)); err != nil {
+			return err
+		}
+	}
+	if err := o.writeDescriptors(l, j.Disks, true); err != nil {
+		return err
+	}
+	if err := o.writeEncryptedVMX(l, j, ks.vm); err != nil {
+		return err
+	}
+	return removeJournal(dir)
+}
+
+// newJournal generates the keys of a fresh encryption (or deep rekey) and
+// records them, wrapped, before any file changes.
+func (o *VMOps) newJournal(ctx context.Context, l *vmLayout, kekRef KeyRef, op string) (*journal, error) {
+	j := &journal{Op: op, VMID: l.VMID}
+	if j.VMID == "" {
+		id, err := newID()
+		if err != nil {
+			return nil, err
+		}
+		j.VMID = id
+	}
+	vmDEK, err := NewDEK()
+	if err != nil {
+		return nil, err
+	}
+	defer vmDEK.Destroy()
+	if j.KeySafe, err = o.wrapInto(ctx, kekRef, vmDEK, Binding{PurposeVM, j.VMID}); err != nil {
+		return nil, err
+	}
+	if op == "rekey-deep" {
+		j.OldKeySafe = l.KeySafe
+	}
+	for _, d := range l.Disks {
+		jd := journalDisk{Name: d.Name, DiskID: d.DiskID}
+		if op == "rekey-deep" {
+			jd.OldKeySafe = d.KeySafe
+		}
+		if d.KeySafe == "" && op == "rekey-deep" {
+			continue // a plain disk on an encrypted VM stays plain
+		}
+		if jd.DiskID == "" {
+			if jd.DiskID, err = newID(); err != nil {
+				return nil, err
+			}
+		}
+		dek, err := NewDEK()
+		if err != nil {
+			return nil, err
+		}
+		jd.KeySafe, err = o.wrapInto(ctx, kekRef, dek, Binding{PurposeDisk, jd.DiskID})
+		dek.Destroy()
+		if err != nil {
+			return nil, err
+		}
+		j.Disks = append(j.Disks, jd)
+	}
+	if err := j.save(l.Dir); err != nil {
+		return nil, err
+	}
+	return j, nil
+}
+
+// writeDescriptors sets (or, for decrypt, removes) the encryption lines of
+// every text descriptor.
+func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool) error {
+	for _, jd := range disks {
+		var d *disk
+		for _, x := range l.Disks {
+			if x.Name == jd.Name {
+				d = x
+			}
+		}
+		if d == nil || d.Embedded {
+			continue
+		}
+		path := filepath.Join(l.Dir, d.Name)
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		desc, err := vmdk.ParseDescriptor(raw)
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		if encrypt {
+			if err := desc.Set(DescKeySafe, jd.KeySafe); err != nil {
+				return fmt.Errorf("%s: %w", path, err)
+			}
+			if err := desc.Set(DDBDiskID, jd.DiskID); err != nil {
+				return fmt.Errorf("%s: %w", path, err)
+			}
+		} else {
+			desc.Delete(DescKeySafe)
+			desc.Delete(DDBDiskID)
+		}
+		if err := writeText(path, desc.Bytes()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeEncryptedVMX moves the sensitive lines into encryption.data and
+// adds the key lines. Skipped when the vmx already carries this keySafe
+// (a resumed conversion that got this far).
+func (o *VMOps) writeEncryptedVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
+	if cur, _ := l.VMX.Get(VMXKeySafe); cur == j.KeySafe {
+		return nil
+	}
+	rest, moved := extractSensitive(l.VMXText)
+	cfg, err := vmx.Parse(rest)
+	if err != nil {
+		return fmt.Errorf("%s: %w", l.VMXPath, err)
+	}
+	set := func(k, v string) {
+		if err == nil {
+			err = cfg.Set(k, v)
+		}
+	}
+	set(VMXVMID, j.VMID)
+	set(VMXKeySafe, j.KeySafe)
+	if len(moved) > 0 {
+		data, serr := sealVMXData(vmDEK, j.VMID, moved)
+		if serr != nil {
+			return serr
+		}
+		set(VMXData, data)
+	}
+	policy := j.Policy
+	if policy == "" {
+		policy = PolicyEncrypt
+	}
+	set(VMXPolicy, policy)
+	if err != nil {
+		return fmt.Errorf("%s: %w", l.VMXPath, err)
+	}
+	out := cfg.Bytes()
+	// Keep the file's final-newline convention: appending must not add a
+	// newline that decryption (which deletes the appended lines) could not
+	// tell from an original one.
+	if len(l.VMXText) > 0 && !bytes.HasSuffix(l.VMXText, []byte("\n")) {
+		out = bytes.TrimSuffix(out, []byte("\n"))
+	}
+	return writeText(l.VMXPath, out)
+}
+
+// Decrypt turns an encrypted VM back into a plain one, byte for byte as it
+// was before encryption (the vmx minus the encryption lines).
+func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
+	j, err := loadJournal(dir)
+	if err != nil {
+		return err
+	}
+	if j != nil && j.Op != "decrypt" {
+		return fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
+	}
+	l, err := loadLayout(dir)
+	if err != nil {
+		return err
+	}
+	if j == nil {
+		if !l.Encrypted {
+			return fmt.Errorf("%s: VM is not encrypted", dir)
+		}
+		j = &journal{Op: "decrypt", VMID: l.VMID, KeySafe: l.KeySafe}
+		for _, d := range l.Disks {
+			if d.KeySafe != "" {
+				j.Disks = append(j.Disks, journalDisk{Name: d.Name, DiskID: d.DiskID, KeySafe: d.KeySafe})
+			}
+		}
+		if err := j.save(dir); err != nil {
+			return err
+		}
+	}
+	ks, err := o.unwrapKeys(ctx, j.VMID, j.KeySafe, j.Disks, false)
+	if err != nil {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	defer ks.destroy()
+	var ts []task
+	for _, t := range tasks(l, ks, j.VMID, j.Disks) {
+		if t.dek != nil { // plain disks of an encrypted VM stay as they are
+			ts = append(ts, t)
+		}
+	}
+	prog, err := o.progressor("decrypt", ts)
+	if err != nil {
+		return err
+	}
+	for _, t := range ts {
+		state, err := keyStateOf(t.path, t.dek)
+		if err != nil {
+			return err
+		}
+		switch state {
+		case statePlain:
+			continue // decrypted before a crash
+		case stateOtherKey:
+			return fmt.Errorf("%s: encrypted with a key that is not this VM's or disk's", t.path)
+		}
+		if err := DecryptFile(ctx, t.path, t.dek, prog(t.path)); err != nil {
+			return err
+		}
+	}
+	if err := o.writeDescriptors(l, j.Disks, false); err != nil {
+		return err
+	}
+	if l.Encrypted {
+		if err := o.writePlainVMX(l, j, ks.vm); err != nil {
+			return err
+		}
+	}
+	return removeJournal(dir)
+}
+
+func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
+	var moved []movedLine
+	if data, ok := l.VMX.Get(VMXData); ok && data != "" {
+		var err error
+		if moved, err = openVMXData(vmDEK, j.VMID, data); err != nil {
+			return fmt.Errorf("%s: %w", l.VMXPath, err)
+		}
+	}
+	for _, k := range []string{VMXVMID, VMXKeySafe, VMXData, VMXPolicy} {
+		l.VMX.Delete(k)
+	}
+	return writeText(l.VMXPath, restoreSensitive(l.VMX.Bytes(), moved))
+}
+
+// RekeyShallow rewraps every DEK of the VM under newKEK: only keySafes
+// change, no data is touched, so it is allowed with snapshots. Each
+// keySafe is replaced atomically; until the last one is rewritten the old
+// KEK is still needed, which is why the keyring keeps it.
+func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) error {
+	if op, err := InterruptedOp(dir); err != nil || op != "" {
+		if err == nil {
+			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
+		}
+		return err
+	}
+	l, err := loadLayout(dir)
+	if err != nil {
+		return err
+	}
+	if !l.Encrypted {
+		return fmt.Errorf("%s: VM is not encrypted", dir)
+	}
+	rewrap := func(ks string, b Binding) (string, error) {
+		dek, _, err := o.unwrapFrom(ctx, ks, b)
+		if err != nil {
+			return "", err
+		}
+		defer dek.Destroy()
+		return o.wrapInto(ctx, newKEK, dek, b)
+	}
+	for _, d := range l.Disks {
+		if d.KeySafe == "" {
+			continue
+		}
+		nks, err := rewrap(d.KeySafe, Binding{PurposeDisk, d.DiskID})
+		if err != nil {
+			return fmt.Errorf("disk %s: %w", d.Name, err)
+		}
+		path := filepath.Join(dir, d.Name)
+		if d.Embedded {
+			if err := WriteEmbeddedKeySafe(path, nks); err != nil {
+				return err
+			}
+			continue
+		}
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		desc, err := vmdk.ParseDescriptor(raw)
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		if err := desc.Set(DescKeySafe, nks); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		if err := writeText(path, desc.Bytes()); err != nil {
+			return err
+		}
+	}
+	nks, err := rewrap(l.KeySafe, Binding{PurposeVM, l.VMID})
+	if err != nil {
+		return fmt.Errorf("VM key: %w", err)
+	}
+	if err := l.VMX.Set(VMXKeySafe, nks); err != nil {
+		return err
+	}
+	return writeText(l.VMXPath, l.VMX.Bytes())
+}
+
+// RekeyDeep replaces every DEK and re-encrypts all data under kekRef. It
+// is refused while the VM has snapshots.
+func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error {
+	j, err := loadJournal(dir)
+	if err != nil {
+		return err
+	}
+	if j != nil && j.Op != "rekey-deep" {
+		return fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
+	}
+	l, err := loadLayout(dir)
+	if err != nil {
+		return err
+	}
+	if j == nil {
+		if !l.Encrypted {
+			return fmt.Errorf("%s: VM is not encrypted", dir)
+		}
+		if l.Snapshots > 0 {
+			return fmt.Errorf("%s: deep rekey is not allowed while the VM has snapshots (%d); a shallow rekey is", dir, l.Snapshots)
+		}
+		if j, err = o.newJournal(ctx, l, kekRef, "rekey-deep"); err != nil {
+			return err
+		}
+	}
+	newKeys, err := o.unwrapKeys(ctx, j.VMID, j.KeySafe, j.Disks, false)
+	if err != nil {
+		return fmt.Errorf("%s: new keys: %w", dir, err)
+	}
+	defer newKeys.destroy()
+	oldKeys, err := o.unwrapKeys(ctx, j.VMID, j.OldKeySafe, j.Disks, true)
+	if err != nil {
+		return fmt.Errorf("%s: old keys: %w", dir, err)
+	}
+	defer oldKeys.destroy()
+	newTasks := tasks(l, newKeys, j.VMID, j.Disks)
+	oldTasks := tasks(l, oldKeys, j.VMID, j.Disks)
+	var ts []task
+	for i := range newTasks {
+		if newTasks[i].dek == nil {
+			continue
+		}
+		t := newTasks[i]
+		t.old = oldTasks[i].dek
+		ts = append(ts, t)
+	}
+	prog, err := o.progressor("rekey-deep", ts)
+	if err != nil {
+		return err
+	}
+	for _, t := range ts {
+		state, err := keyStateOf(t.path, t.dek)
+		if err != nil {
+			return err
+		}
+		if state == stateUnderKey {
+			continue
+		}
+		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
+		if err := RekeyFile(ctx, t.path, t.old, t.dek, opts, prog(t.path)); err != nil {
+			return err
+		}
+	}
+	if err := o.writeDescriptors(l, j.Disks, true); err != nil {
+		return err
+	}
+	// The vmx bundle moves from the old VM key to the new one.
+	if cur, _ := l.VMX.Get(VMXKeySafe); cur != j.KeySafe {
+		if data, ok := l.VMX.Get(VMXData); ok && data != "" {
+			moved, err := openVMXData(oldKeys.vm, j.VMID, data)
+			if err != nil {
+				return fmt.Errorf("%s: %w", l.VMXPath, err)
+			}
+			sealed, err := sealVMXData(newKeys.vm, j.VMID, moved)
+			if err != nil {
+				return err
+			}
+			if err := l.VMX.Set(VMXData, sealed); err != nil {
+				return err
+			}
+		}
+		if err := l.VMX.Set(VMXKeySafe, j.KeySafe); err != nil {
+			return err
+		}
+		if err := writeText(l.VMXPath, l.VMX.Bytes()); err != nil {
+			return err
+		}
+	}
+	return removeJournal(dir)
+}

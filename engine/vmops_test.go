@@ -1,0 +1,291 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// memKeyServer is an in-process key server for engine tests: the engine
+// only sees the KeyServer interface; the real KMIP servers are exercised by
+// the kms package and the daemon's end-to-end tests.
+type memKeyServer struct {
+	mu   sync.Mutex
+	keys map[string][]byte
+	n    int
+}
+
+func (m *memKeyServer) CreateKey(ctx context.Context, name string) (string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.keys == nil {
+		m.keys = map[string][]byte{}
+	}
+	m.n++
+	id := fmt.Sprintf("key-%d", m.n)
+	k := make([]byte, KEKSize)
+	rand.Read(k)
+	m.keys[id] = k
+	return id, nil
+}
+
+func (m *memKeyServer) GetKey(ctx context.Context, id string) ([]byte, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	k, ok := m.keys[id]
+	if !ok {
+		return nil, fmt.Errorf("key %s not found", id)
+	}
+	return bytes.Clone(k), nil
+}
+
+func needTool(t *testing.T, name string) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s not installed (make deps installs it)", name)
+		}
+		t.Skipf("%s not installed", name)
+	}
+}
+
+func run(t *testing.T, dir string, name string, args ...string) {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// makeVM builds a VM directory with one disk per qemu subformat (data
+// written by qemu-io), an nvram, a swap file, a snapshot state file and a
+// vmx with sensitive lines.
+func makeVM(t *testing.T) string {
+	t.Helper()
+	needTool(t, "qemu-img")
+	needTool(t, "qemu-io")
+	dir := t.TempDir()
+	subformats := []string{"monolithicFlat", "monolithicSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"}
+	var vmx strings.Builder
+	vmx.WriteString(".encoding = \"UTF-8\"\nconfig.version = \"8\"\ndisplayName = \"test vm\"\n")
+	vmx.WriteString("guestinfo.password = \"s3cret\"\nnvram = \"vm.nvram\"\nsched.swap.derivedName = \"vm.vswp\"\n")
+	for i, sf := range subformats {
+		name := fmt.Sprintf("disk%d.vmdk", i)
+		src := name
+		if sf == "streamOptimized" {
+			src = "src.vmdk"
+			run(t, dir, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicSparse", src, "3M")
+		} else {
+			run(t, dir, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat="+sf, name, "3M")
+		}
+		run(t, dir, "qemu-io", "-f", "vmdk", "-c", fmt.Sprintf("write -P 0x%x 0 64k", 0xa0+i), "-c", "write -P 0x5c 1M 300k", src)
+		if sf == "streamOptimized" {
+			run(t, dir, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, name)
+			os.Remove(filepath.Join(dir, src))
+		}
+		fmt.Fprintf(&vmx, "scsi0:%d.present = \"TRUE\"\nscsi0:%d.fileName = \"%s\"\n", i, i, name)
+	}
+	vmx.WriteString("annotation = \"notes\"\nchecksum = \"x\"") // no final newline
+	os.WriteFile(filepath.Join(dir, "vm.vmx"), []byte(vmx.String()), 0o644)
+	os.WriteFile(filepath.Join(dir, "vm.nvram"), randBytes(8684), 0o644)
+	os.WriteFile(filepath.Join(dir, "vm.vswp"), randBytes(3<<20+512), 0o600)
+	os.WriteFile(filepath.Join(dir, "vm-Snapshot1.vmsn"), randBytes(100000), 0o644)
+	os.WriteFile(filepath.Join(dir, "vm.log"), []byte("log stays plain\n"), 0o644)
+	return dir
+}
+
+func snapshotDir(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		raw, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = raw
+	}
+	return out
+}
+
+func newTestOps(t *testing.T) (*VMOps, KeyRef) {
+	kr := NewKeyring()
+	t.Cleanup(kr.Close)
+	kr.SetProvider("mem", &memKeyServer{})
+	kek, err := kr.Create(context.Background(), "mem", "kek")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &VMOps{Keys: kr}, kek.Ref
+}
+
+func TestVMEncryptDecrypt(t *testing.T) {
+	dir := makeVM(t)
+	before := snapshotDir(t, dir)
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	var events int
+	ops.Progress = func(ProgressEvent) { events++ }
+	if err := ops.Encrypt(ctx, dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	if events == 0 {
+		t.Error("no progress events")
+	}
+	after := snapshotDir(t, dir)
+	if _, ok := after[JournalName]; ok {
+		t.Fatal("journal left behind")
+	}
+	vmxText := string(after["vm.vmx"])
+	for _, want := range []string{"encryption.keySafe = \"vmware:key/list/(pair/(fqid/", "encryption.data = ", "vmcryptd.vmId = "} {
+		if !strings.Contains(vmxText, want) {
+			t.Errorf("vmx lacks %q:\n%s", want, vmxText)
+		}
+	}
+	if strings.Contains(vmxText, "s3cret") || strings.Contains(vmxText, "notes") {
+		t.Error("sensitive vmx lines still in plain text")
+	}
+	if !strings.Contains(string(after["disk0.vmdk"]), "encryptionKeys=\"vmware:key/list/") {
+		t.Errorf("flat descriptor lacks encryptionKeys:\n%s", after["disk0.vmdk"])
+	}
+	if !bytes.Equal(after["vm.log"], before["vm.log"]) {
+		t.Error("log changed")
+	}
+	// Every data file is a container, and no 4 KiB-aligned plaintext block
+	// of any original file (other than all-zero ones) survives anywhere.
+	var all [][]byte
+	for name, raw := range after {
+		if strings.HasSuffix(name, ".vmx") || strings.HasSuffix(name, ".log") || (strings.HasSuffix(name, ".vmdk") && bytes.HasPrefix(raw, []byte("# Disk DescriptorFile"))) {
+			continue
+		}
+		if string(raw[:8]) != ContainerMagic {
+			t.Errorf("%s is not encrypted", name)
+		}
+		all = append(all, raw)
+	}
+	for name, raw := range before {
+		if strings.HasSuffix(name, ".vmx") || strings.HasSuffix(name, ".log") || bytes.HasPrefix(raw, []byte("# Disk DescriptorFile")) {
+			continue
+		}
+		for off := 0; off+4096 <= len(raw); off += 4096 {
+			blk := raw[off : off+4096]
+			if isZero(blk) {
+				continue
+			}
+			for _, enc := range all {
+				if bytes.Contains(enc, blk) {
+					t.Fatalf("plaintext block %d of %s found in an encrypted file", off/4096, name)
+				}
+			}
+		}
+	}
+	if err := ops.Encrypt(ctx, dir, kek); err == nil {
+		t.Fatal("encrypting twice succeeded")
+	}
+	if err := ops.Decrypt(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	final := snapshotDir(t, dir)
+	for name, raw := range before {
+		if !bytes.Equal(final[name], raw) {
+			t.Errorf("%s differs after decrypt\n%q\n%q", name, final[name], raw)
+		}
+	}
+	if len(final) != len(before) {
+		t.Errorf("file set changed: %d files, was %d", len(final), len(before))
+	}
+}
+
+func TestVMRekey(t *testing.T) {
+	dir := makeVM(t)
+	before := snapshotDir(t, dir)
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	if err := ops.Encrypt(ctx, dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	enc := snapshotDir(t, dir)
+	kek2, err := ops.Keys.Create(ctx, "mem", "kek2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ops.RekeyShallow(ctx, dir, kek2.Ref); err != nil {
+		t.Fatal(err)
+	}
+	shallow := snapshotDir(t, dir)
+	l, err := loadLayout(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, err := DecodeKeySafe(l.KeySafe)
+	if err != nil || len(entries) != 1 || entries[0].KEK != kek2.Ref {
+		t.Fatalf("vmx keySafe not moved to the new KEK: %+v %v", entries, err)
+	}
+	for _, d := range l.Disks {
+		e, err := DecodeKeySafe(d.KeySafe)
+		if err != nil || e[0].KEK != kek2.Ref {
+			t.Fatalf("disk %s keySafe not moved to the new KEK", d.Name)
+		}
+	}
+	// Data untouched by a shallow rekey (payloads identical).
+	if !bytes.Equal(enc["vm.vswp"], shallow["vm.vswp"]) || !bytes.Equal(enc["disk0-flat.vmdk"], shallow["disk0-flat.vmdk"]) {
+		t.Fatal("shallow rekey rewrote data")
+	}
+	// The old KEK is no longer needed: forget it; everything still opens.
+	ops.Keys.Forget(kek)
+	if err := ops.RekeyDeep(ctx, dir, kek2.Ref); err != nil {
+		t.Fatal(err)
+	}
+	deep := snapshotDir(t, dir)
+	if bytes.Equal(deep["vm.vswp"][4096:8192], shallow["vm.vswp"][4096:8192]) {
+		t.Fatal("deep rekey did not re-encrypt data")
+	}
+	if err := ops.Decrypt(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	final := snapshotDir(t, dir)
+	for name, raw := range before {
+		if !bytes.Equal(final[name], raw) {
+			t.Errorf("%s differs after rekeys and decrypt", name)
+		}
+	}
+}
+
+// A keySafe copied from one disk's descriptor to another's is refused.
+func TestVMKeySafeSwapRefused(t *testing.T) {
+	dir := makeVM(t)
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	if err := ops.Encrypt(ctx, dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	// Copy disk0's flat descriptor (with its keySafe and disk id) over
+	// disk3's, which names other extents: the disk id no longer matches
+	// the extents' headers.
+	d0, _ := os.ReadFile(filepath.Join(dir, "disk0.vmdk"))
+	d3, _ := os.ReadFile(filepath.Join(dir, "disk3.vmdk"))
+	ks0 := lineValue(string(d0), "encryptionKeys")
+	swapped := strings.Replace(string(d3), lineValue(string(d3), "encryptionKeys"), ks0, 1)
+	os.WriteFile(filepath.Join(dir, "disk3.vmdk"), []byte(swapped), 0o644)
+	err := ops.Decrypt(ctx, dir)
+	if err == nil || !strings.Contains(err.Error(), "disk3.vmdk") {
+		t.Fatalf("decrypt with a swapped keySafe: %v", err)
+	}
+}
+
+func lineValue(text, key string) string {
+	for _, l := range strings.Split(text, "\n") {
+		if strings.HasPrefix(l, key+"=\"") {
+			return strings.TrimSuffix(strings.TrimPrefix(l, key+"=\""), "\"")
+		}
+	}
+	return ""
+}
