@@ -100,7 +100,7 @@ func TestContainerReadWrite(t *testing.T) {
 		// No 16-byte run of the plaintext survives in the file.
 		raw, _ := os.ReadFile(path)
 		for off := 0; off+64 <= len(m); off += 4096 {
-			if isZero(m[off:off+64]) {
+			if isZero(m[off : off+64]) {
 				continue // never-written gaps are holes: zeros on both sides
 			}
 			if bytes.Contains(raw, m[off:off+64]) {
