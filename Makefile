@@ -7,7 +7,7 @@ PKGS     := ./...
 TEST_TIMEOUT ?= 20m
 FUZZTIME ?= 3m
 
-.PHONY: all build test vet deps bench demo demo-down fuzz generate clean
+.PHONY: all build test vet deps bench demo fuzz crash generate clean
 
 all: build
 
@@ -35,6 +35,11 @@ generate:
 # Long fuzzing campaign (opt-in, not part of `make test`).
 fuzz:
 	./scripts/fuzz-all.sh $(FUZZTIME)
+
+# Long kill -9 campaign over encrypt / deep rekey / decrypt (opt-in).
+CRASH_ITER ?= 50
+crash: deps
+	VMCRYPTD_CRASH_ITER=$(CRASH_ITER) $(GO) test -count=1 -timeout 60m -run TestCrashResume -v ./cmd/vmcryptd/
 
 demo: build deps
 	./scripts/demo.sh

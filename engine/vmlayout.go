@@ -326,3 +326,39 @@ func keyStateOf(path string, dek *DEK) (fileKeyState, error) {
 	}
 	return stateUnderKey, nil
 }
+
+// cleanStaleTemps removes what a killed run left: conversion temporaries
+// ("<name>.vmcryptd-tmp") and atomic-write temporaries (".<name>.tmp-<n>")
+// of files that still exist. Their originals are intact by construction.
+func cleanStaleTemps(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		n := e.Name()
+		orig := ""
+		switch {
+		case strings.HasSuffix(n, TmpSuffix):
+			orig = strings.TrimSuffix(n, TmpSuffix)
+		case strings.HasPrefix(n, ".") && strings.Contains(n, ".tmp-"):
+			i := strings.LastIndex(n, ".tmp-")
+			if strings.Trim(n[i+5:], "0123456789") != "" {
+				continue
+			}
+			orig = n[1:i]
+		default:
+			continue
+		}
+		if orig == "" {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(dir, orig)); err != nil && orig != JournalName {
+			continue // not ours to judge
+		}
+		if err := os.Remove(filepath.Join(dir, n)); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -176,6 +176,9 @@ func (o *VMOps) progressor(op string, ts []task) (func(file string) ProgressFunc
 // DEK, one DEK per disk, every data file converted, then the descriptors
 // and the vmx rewritten. Re-running it after a crash finishes the job.
 func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
+	if err := cleanStaleTemps(dir); err != nil {
+		return err
+	}
 	j, err := loadJournal(dir)
 	if err != nil {
 		return err
@@ -369,6 +372,9 @@ func (o *VMOps) writeEncryptedVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 // Decrypt turns an encrypted VM back into a plain one, byte for byte as it
 // was before encryption (the vmx minus the encryption lines).
 func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
+	if err := cleanStaleTemps(dir); err != nil {
+		return err
+	}
 	j, err := loadJournal(dir)
 	if err != nil {
 		return err
@@ -454,6 +460,9 @@ func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 // keySafe is replaced atomically; until the last one is rewritten the old
 // KEK is still needed, which is why the keyring keeps it.
 func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) error {
+	if err := cleanStaleTemps(dir); err != nil {
+		return err
+	}
 	if op, err := InterruptedOp(dir); err != nil || op != "" {
 		if err == nil {
 			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
@@ -518,6 +527,9 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 // RekeyDeep replaces every DEK and re-encrypts all data under kekRef. It
 // is refused while the VM has snapshots.
 func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error {
+	if err := cleanStaleTemps(dir); err != nil {
+		return err
+	}
 	j, err := loadJournal(dir)
 	if err != nil {
 		return err

@@ -24,6 +24,8 @@ type cli struct {
 	KMS     kmsCmd     `cmd:"" name:"kms" help:"Key providers (KMIP) and the embedded lab KMS."`
 	Key     keyCmd     `cmd:"" help:"Keys on a key provider."`
 	Lab     labCmd     `cmd:"" help:"Start or stop a self-contained lab: embedded KMS plus daemon."`
+	VM      vmCmd      `cmd:"" name:"vm" help:"Encrypt, decrypt, rekey VMs; show their encryption state."`
+	Policy  policyCmd  `cmd:"" help:"Storage policies (VM Encryption Policy, Datastore Default)."`
 	Bench   benchCmd   `cmd:"" help:"Measure sector-cipher throughput of every implementation against OpenSSL."`
 	Version versionCmd `cmd:"" help:"Print the version."`
 }

@@ -80,8 +80,14 @@ func expandKey256(ek []byte, key []byte) {
 	for i, v := range w {
 		binary.BigEndian.PutUint32(ek[4*i:], v)
 	}
-	clear(w[:])
+	wipeWords(w[:])
 }
+
+// wipeWords zeroes a temporary copy of key material. It is not inlined so
+// the compiler cannot treat the stores as dead and drop them.
+//
+//go:noinline
+func wipeWords(w []uint32) { clear(w) }
 
 // invMixColumns applies InvMixColumns to one 16-byte round key in place.
 func invMixColumns(b []byte) {

@@ -17,6 +17,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"unsafe"
 )
@@ -37,7 +38,6 @@ const (
 	keySize     = 64
 	blockSize   = 16
 	maxUnitSize = 1 << 20
-
 )
 
 // Layout of the key region (one page, see secmem_*.go): the 16-byte round
@@ -69,8 +69,10 @@ type Cipher struct {
 	unitSize int
 	closed   bool
 
-	// Assembly implementations: the key region, outside the Go heap.
-	keys []byte
+	// Assembly implementations: the key region, outside the Go heap, and the
+	// cleanup that releases it if the Cipher is dropped without Close.
+	keys    []byte
+	cleanup runtime.Cleanup
 
 	// Generic implementation: crypto/aes blocks for K1 and K2. Their round
 	// keys live on the Go heap, inside crypto/aes, and cannot be wiped; use an
@@ -114,6 +116,9 @@ func New(key []byte, unitSize int, impl Impl) (*Cipher, error) {
 	broadcast256(keys[offDK1B:], keys[offDK1:offDK1+scheduleSz])
 	broadcast256(keys[offEK2B:], keys[offEK2:offEK2+scheduleSz])
 	c.keys = keys
+	// A Cipher that becomes unreachable without Close still gets its keys
+	// wiped and unmapped. The cleanup holds only the region, not c.
+	c.cleanup = runtime.AddCleanup(c, freeSecret, keys)
 	return c, nil
 }
 
@@ -133,6 +138,7 @@ func (c *Cipher) Close() {
 	}
 	c.closed = true
 	if c.keys != nil {
+		c.cleanup.Stop()
 		freeSecret(c.keys)
 		c.keys = nil
 	}

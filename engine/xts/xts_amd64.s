@@ -30,7 +30,7 @@ GLOBL xtsLaneShr<>(SB), RODATA|NOPTR, $64
 
 // func xtsEncAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: PCLMULQDQ, SSE2
-TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-72
+TEXT ·xtsEncAESNI(SB), NOSPLIT, $272-72
 	MOVQ  rk+0(FP), AX
 	MOVQ  dst+16(FP), BX
 	MOVQ  src+24(FP), CX
@@ -42,318 +42,376 @@ TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-72
 	MOVQ  ulen+64(FP), DI
 	TESTQ SI, SI
 	JZ    done
+	MOVOU xtsPoly<>+0(SB), X9
 
 unit:
-	MOVQ  DI, R8
+	MOVQ DI, R8
+
+	// R9 = current tweak buffer (16-byte aligned), R10 = next.
+	LEAQ  (SP), R9
+	ADDQ  $0x0f, R9
+	ANDQ  $-16, R9
+	LEAQ  128(R9), R10
 	TESTQ DX, DX
 	JZ    explicit
 
-	// X8 = E_K2(unit number).
-	MOVQ       R11, X8
-	MOVQ       R12, X0
-	PUNPCKLQDQ X0, X8
-	PXOR       (DX), X8
-	AESENC     16(DX), X8
-	AESENC     32(DX), X8
-	AESENC     48(DX), X8
-	AESENC     64(DX), X8
-	AESENC     80(DX), X8
-	AESENC     96(DX), X8
-	AESENC     112(DX), X8
-	AESENC     128(DX), X8
-	AESENC     144(DX), X8
-	AESENC     160(DX), X8
-	AESENC     176(DX), X8
-	AESENC     192(DX), X8
-	AESENC     208(DX), X8
-	AESENCLAST 224(DX), X8
+	// X10 = E_K2(unit number).
+	MOVQ       R11, X10
+	MOVQ       R12, X11
+	PUNPCKLQDQ X11, X10
+	PXOR       (DX), X10
+	AESENC     16(DX), X10
+	AESENC     32(DX), X10
+	AESENC     48(DX), X10
+	AESENC     64(DX), X10
+	AESENC     80(DX), X10
+	AESENC     96(DX), X10
+	AESENC     112(DX), X10
+	AESENC     128(DX), X10
+	AESENC     144(DX), X10
+	AESENC     160(DX), X10
+	AESENC     176(DX), X10
+	AESENC     192(DX), X10
+	AESENC     208(DX), X10
+	AESENCLAST 224(DX), X10
 	ADDQ       $0x01, R11
 	ADCQ       $0x00, R12
 	JMP        tweak
 
 explicit:
-	MOVOU (R13), X8
+	MOVOU (R13), X10
 	ADDQ  $0x00000010, R13
 
 tweak:
-	MOVOU xtsPoly<>+0(SB), X0
-
-	// X9..X15 = T*x^1..T*x^7, computed independently (no serial chain).
-	MOVO      X8, X3
-	PSRLQ     $0x3f, X3
-	MOVO      X8, X9
-	PSLLQ     $0x01, X9
-	MOVO      X3, X4
-	PSLLDQ    $0x08, X4
-	PCLMULQDQ $0x01, X0, X3
-	PXOR      X4, X9
-	PXOR      X3, X9
-	MOVO      X8, X1
-	PSRLQ     $0x3e, X1
-	MOVO      X8, X10
-	PSLLQ     $0x02, X10
-	MOVO      X1, X2
-	PSLLDQ    $0x08, X2
-	PCLMULQDQ $0x01, X0, X1
-	PXOR      X2, X10
-	PXOR      X1, X10
-	MOVO      X8, X3
-	PSRLQ     $0x3d, X3
-	MOVO      X8, X11
-	PSLLQ     $0x03, X11
-	MOVO      X3, X4
-	PSLLDQ    $0x08, X4
-	PCLMULQDQ $0x01, X0, X3
-	PXOR      X4, X11
-	PXOR      X3, X11
-	MOVO      X8, X1
-	PSRLQ     $0x3c, X1
-	MOVO      X8, X12
-	PSLLQ     $0x04, X12
-	MOVO      X1, X2
-	PSLLDQ    $0x08, X2
-	PCLMULQDQ $0x01, X0, X1
-	PXOR      X2, X12
-	PXOR      X1, X12
-	MOVO      X8, X3
-	PSRLQ     $0x3b, X3
-	MOVO      X8, X13
+	// Tweaks of blocks 0..7: T*x^0..T*x^7, computed independently (no serial chain).
+	MOVOU     X10, (R9)
+	MOVO      X10, X14
+	PSRLQ     $0x3f, X14
+	MOVO      X10, X13
+	PSLLQ     $0x01, X13
+	MOVO      X14, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X14
+	PXOR      X15, X13
+	PXOR      X14, X13
+	MOVOU     X13, 16(R9)
+	MOVO      X10, X12
+	PSRLQ     $0x3e, X12
+	MOVO      X10, X11
+	PSLLQ     $0x02, X11
+	MOVO      X12, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X12
+	PXOR      X15, X11
+	PXOR      X12, X11
+	MOVOU     X11, 32(R9)
+	MOVO      X10, X14
+	PSRLQ     $0x3d, X14
+	MOVO      X10, X13
+	PSLLQ     $0x03, X13
+	MOVO      X14, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X14
+	PXOR      X15, X13
+	PXOR      X14, X13
+	MOVOU     X13, 48(R9)
+	MOVO      X10, X12
+	PSRLQ     $0x3c, X12
+	MOVO      X10, X11
+	PSLLQ     $0x04, X11
+	MOVO      X12, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X12
+	PXOR      X15, X11
+	PXOR      X12, X11
+	MOVOU     X11, 64(R9)
+	MOVO      X10, X14
+	PSRLQ     $0x3b, X14
+	MOVO      X10, X13
 	PSLLQ     $0x05, X13
-	MOVO      X3, X4
-	PSLLDQ    $0x08, X4
-	PCLMULQDQ $0x01, X0, X3
-	PXOR      X4, X13
-	PXOR      X3, X13
-	MOVO      X8, X1
-	PSRLQ     $0x3a, X1
-	MOVO      X8, X14
-	PSLLQ     $0x06, X14
-	MOVO      X1, X2
-	PSLLDQ    $0x08, X2
-	PCLMULQDQ $0x01, X0, X1
-	PXOR      X2, X14
-	PXOR      X1, X14
-	MOVO      X8, X3
-	PSRLQ     $0x39, X3
-	MOVO      X8, X15
-	PSLLQ     $0x07, X15
-	MOVO      X3, X4
-	PSLLDQ    $0x08, X4
-	PCLMULQDQ $0x01, X0, X3
-	PXOR      X4, X15
-	PXOR      X3, X15
+	MOVO      X14, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X14
+	PXOR      X15, X13
+	PXOR      X14, X13
+	MOVOU     X13, 80(R9)
+	MOVO      X10, X12
+	PSRLQ     $0x3a, X12
+	MOVO      X10, X11
+	PSLLQ     $0x06, X11
+	MOVO      X12, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X12
+	PXOR      X15, X11
+	PXOR      X12, X11
+	MOVOU     X11, 96(R9)
+	MOVO      X10, X14
+	PSRLQ     $0x39, X14
+	MOVO      X10, X13
+	PSLLQ     $0x07, X13
+	MOVO      X14, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X14
+	PXOR      X15, X13
+	PXOR      X14, X13
+	MOVOU     X13, 112(R9)
 
 loop8:
-	CMPQ       R8, $0x00000080
-	JB         tail
-	MOVOU      (CX), X0
-	PXOR       X8, X0
-	MOVOU      16(CX), X1
-	PXOR       X9, X1
-	MOVOU      32(CX), X2
-	PXOR       X10, X2
-	MOVOU      48(CX), X3
-	PXOR       X11, X3
-	MOVOU      64(CX), X4
-	PXOR       X12, X4
-	MOVOU      80(CX), X5
-	PXOR       X13, X5
-	MOVOU      96(CX), X6
-	PXOR       X14, X6
-	MOVOU      112(CX), X7
-	PXOR       X15, X7
-	PXOR       (AX), X0
-	PXOR       (AX), X1
-	PXOR       (AX), X2
-	PXOR       (AX), X3
-	PXOR       (AX), X4
-	PXOR       (AX), X5
-	PXOR       (AX), X6
-	PXOR       (AX), X7
-	AESENC     16(AX), X0
-	AESENC     16(AX), X1
-	AESENC     16(AX), X2
-	AESENC     16(AX), X3
-	AESENC     16(AX), X4
-	AESENC     16(AX), X5
-	AESENC     16(AX), X6
-	AESENC     16(AX), X7
-	AESENC     32(AX), X0
-	AESENC     32(AX), X1
-	AESENC     32(AX), X2
-	AESENC     32(AX), X3
-	AESENC     32(AX), X4
-	AESENC     32(AX), X5
-	AESENC     32(AX), X6
-	AESENC     32(AX), X7
-	AESENC     48(AX), X0
-	AESENC     48(AX), X1
-	AESENC     48(AX), X2
-	AESENC     48(AX), X3
-	AESENC     48(AX), X4
-	AESENC     48(AX), X5
-	AESENC     48(AX), X6
-	AESENC     48(AX), X7
-	AESENC     64(AX), X0
-	AESENC     64(AX), X1
-	AESENC     64(AX), X2
-	AESENC     64(AX), X3
-	AESENC     64(AX), X4
-	AESENC     64(AX), X5
-	AESENC     64(AX), X6
-	AESENC     64(AX), X7
-	AESENC     80(AX), X0
-	AESENC     80(AX), X1
-	AESENC     80(AX), X2
-	AESENC     80(AX), X3
-	AESENC     80(AX), X4
-	AESENC     80(AX), X5
-	AESENC     80(AX), X6
-	AESENC     80(AX), X7
-	AESENC     96(AX), X0
-	AESENC     96(AX), X1
-	AESENC     96(AX), X2
-	AESENC     96(AX), X3
-	AESENC     96(AX), X4
-	AESENC     96(AX), X5
-	AESENC     96(AX), X6
-	AESENC     96(AX), X7
-	AESENC     112(AX), X0
-	AESENC     112(AX), X1
-	AESENC     112(AX), X2
-	AESENC     112(AX), X3
-	AESENC     112(AX), X4
-	AESENC     112(AX), X5
-	AESENC     112(AX), X6
-	AESENC     112(AX), X7
-	AESENC     128(AX), X0
-	AESENC     128(AX), X1
-	AESENC     128(AX), X2
-	AESENC     128(AX), X3
-	AESENC     128(AX), X4
-	AESENC     128(AX), X5
-	AESENC     128(AX), X6
-	AESENC     128(AX), X7
-	AESENC     144(AX), X0
-	AESENC     144(AX), X1
-	AESENC     144(AX), X2
-	AESENC     144(AX), X3
-	AESENC     144(AX), X4
-	AESENC     144(AX), X5
-	AESENC     144(AX), X6
-	AESENC     144(AX), X7
-	AESENC     160(AX), X0
-	AESENC     160(AX), X1
-	AESENC     160(AX), X2
-	AESENC     160(AX), X3
-	AESENC     160(AX), X4
-	AESENC     160(AX), X5
-	AESENC     160(AX), X6
-	AESENC     160(AX), X7
-	AESENC     176(AX), X0
-	AESENC     176(AX), X1
-	AESENC     176(AX), X2
-	AESENC     176(AX), X3
-	AESENC     176(AX), X4
-	AESENC     176(AX), X5
-	AESENC     176(AX), X6
-	AESENC     176(AX), X7
-	AESENC     192(AX), X0
-	AESENC     192(AX), X1
-	AESENC     192(AX), X2
-	AESENC     192(AX), X3
-	AESENC     192(AX), X4
-	AESENC     192(AX), X5
-	AESENC     192(AX), X6
-	AESENC     192(AX), X7
-	AESENC     208(AX), X0
-	AESENC     208(AX), X1
-	AESENC     208(AX), X2
-	AESENC     208(AX), X3
-	AESENC     208(AX), X4
-	AESENC     208(AX), X5
-	AESENC     208(AX), X6
-	AESENC     208(AX), X7
-	AESENCLAST 224(AX), X0
-	AESENCLAST 224(AX), X1
-	AESENCLAST 224(AX), X2
-	AESENCLAST 224(AX), X3
-	AESENCLAST 224(AX), X4
-	AESENCLAST 224(AX), X5
-	AESENCLAST 224(AX), X6
-	AESENCLAST 224(AX), X7
-	PXOR       X8, X0
-	MOVOU      X0, (BX)
-	PXOR       X9, X1
-	MOVOU      X1, 16(BX)
-	PXOR       X10, X2
-	MOVOU      X2, 32(BX)
-	PXOR       X11, X3
-	MOVOU      X3, 48(BX)
-	PXOR       X12, X4
-	MOVOU      X4, 64(BX)
-	PXOR       X13, X5
-	MOVOU      X5, 80(BX)
-	PXOR       X14, X6
-	MOVOU      X6, 96(BX)
-	PXOR       X15, X7
-	MOVOU      X7, 112(BX)
+	CMPQ   R8, $0x00000080
+	JB     tail
+	MOVOU  (AX), X8
+	MOVOU  (CX), X0
+	PXOR   (R9), X0
+	PXOR   X8, X0
+	MOVOU  16(CX), X1
+	PXOR   16(R9), X1
+	PXOR   X8, X1
+	MOVOU  32(CX), X2
+	PXOR   32(R9), X2
+	PXOR   X8, X2
+	MOVOU  48(CX), X3
+	PXOR   48(R9), X3
+	PXOR   X8, X3
+	MOVOU  64(CX), X4
+	PXOR   64(R9), X4
+	PXOR   X8, X4
+	MOVOU  80(CX), X5
+	PXOR   80(R9), X5
+	PXOR   X8, X5
+	MOVOU  96(CX), X6
+	PXOR   96(R9), X6
+	PXOR   X8, X6
+	MOVOU  112(CX), X7
+	PXOR   112(R9), X7
+	PXOR   X8, X7
+	MOVOU  16(AX), X8
+	AESENC X8, X0
+	AESENC X8, X1
+	AESENC X8, X2
+	AESENC X8, X3
+	AESENC X8, X4
+	AESENC X8, X5
+	AESENC X8, X6
+	AESENC X8, X7
 
-	// Advance every tweak by x^8: byte shift plus a fold of the top byte.
-	MOVOU     xtsPoly<>+0(SB), X0
-	MOVO      X8, X1
-	PSRLDQ    $0x0f, X1
-	PSLLDQ    $0x01, X8
-	PCLMULQDQ $0x00, X0, X1
-	PXOR      X1, X8
-	MOVO      X9, X2
-	PSRLDQ    $0x0f, X2
-	PSLLDQ    $0x01, X9
-	PCLMULQDQ $0x00, X0, X2
-	PXOR      X2, X9
-	MOVO      X10, X3
-	PSRLDQ    $0x0f, X3
+	// Tweak 0 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     (R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
 	PSLLDQ    $0x01, X10
-	PCLMULQDQ $0x00, X0, X3
-	PXOR      X3, X10
-	MOVO      X11, X4
-	PSRLDQ    $0x0f, X4
-	PSLLDQ    $0x01, X11
-	PCLMULQDQ $0x00, X0, X4
-	PXOR      X4, X11
-	MOVO      X12, X5
-	PSRLDQ    $0x0f, X5
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, (R10)
+	MOVOU     32(AX), X8
+	AESENC    X8, X0
+	AESENC    X8, X1
+	AESENC    X8, X2
+	AESENC    X8, X3
+	AESENC    X8, X4
+	AESENC    X8, X5
+	AESENC    X8, X6
+	AESENC    X8, X7
+
+	// Tweak 1 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     16(R9), X12
+	MOVO      X12, X13
+	PSRLDQ    $0x0f, X13
 	PSLLDQ    $0x01, X12
-	PCLMULQDQ $0x00, X0, X5
-	PXOR      X5, X12
-	MOVO      X13, X6
-	PSRLDQ    $0x0f, X6
-	PSLLDQ    $0x01, X13
-	PCLMULQDQ $0x00, X0, X6
-	PXOR      X6, X13
-	MOVO      X14, X7
-	PSRLDQ    $0x0f, X7
+	PCLMULQDQ $0x00, X9, X13
+	PXOR      X13, X12
+	MOVOU     X12, 16(R10)
+	MOVOU     48(AX), X8
+	AESENC    X8, X0
+	AESENC    X8, X1
+	AESENC    X8, X2
+	AESENC    X8, X3
+	AESENC    X8, X4
+	AESENC    X8, X5
+	AESENC    X8, X6
+	AESENC    X8, X7
+
+	// Tweak 2 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     32(R9), X14
+	MOVO      X14, X15
+	PSRLDQ    $0x0f, X15
 	PSLLDQ    $0x01, X14
-	PCLMULQDQ $0x00, X0, X7
-	PXOR      X7, X14
-	MOVO      X15, X1
-	PSRLDQ    $0x0f, X1
-	PSLLDQ    $0x01, X15
-	PCLMULQDQ $0x00, X0, X1
-	PXOR      X1, X15
-	ADDQ      $0x00000080, CX
-	ADDQ      $0x00000080, BX
-	SUBQ      $0x00000080, R8
-	JMP       loop8
+	PCLMULQDQ $0x00, X9, X15
+	PXOR      X15, X14
+	MOVOU     X14, 32(R10)
+	MOVOU     64(AX), X8
+	AESENC    X8, X0
+	AESENC    X8, X1
+	AESENC    X8, X2
+	AESENC    X8, X3
+	AESENC    X8, X4
+	AESENC    X8, X5
+	AESENC    X8, X6
+	AESENC    X8, X7
+
+	// Tweak 3 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     48(R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
+	PSLLDQ    $0x01, X10
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, 48(R10)
+	MOVOU     80(AX), X8
+	AESENC    X8, X0
+	AESENC    X8, X1
+	AESENC    X8, X2
+	AESENC    X8, X3
+	AESENC    X8, X4
+	AESENC    X8, X5
+	AESENC    X8, X6
+	AESENC    X8, X7
+
+	// Tweak 4 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     64(R9), X12
+	MOVO      X12, X13
+	PSRLDQ    $0x0f, X13
+	PSLLDQ    $0x01, X12
+	PCLMULQDQ $0x00, X9, X13
+	PXOR      X13, X12
+	MOVOU     X12, 64(R10)
+	MOVOU     96(AX), X8
+	AESENC    X8, X0
+	AESENC    X8, X1
+	AESENC    X8, X2
+	AESENC    X8, X3
+	AESENC    X8, X4
+	AESENC    X8, X5
+	AESENC    X8, X6
+	AESENC    X8, X7
+
+	// Tweak 5 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     80(R9), X14
+	MOVO      X14, X15
+	PSRLDQ    $0x0f, X15
+	PSLLDQ    $0x01, X14
+	PCLMULQDQ $0x00, X9, X15
+	PXOR      X15, X14
+	MOVOU     X14, 80(R10)
+	MOVOU     112(AX), X8
+	AESENC    X8, X0
+	AESENC    X8, X1
+	AESENC    X8, X2
+	AESENC    X8, X3
+	AESENC    X8, X4
+	AESENC    X8, X5
+	AESENC    X8, X6
+	AESENC    X8, X7
+
+	// Tweak 6 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     96(R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
+	PSLLDQ    $0x01, X10
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, 96(R10)
+	MOVOU     128(AX), X8
+	AESENC    X8, X0
+	AESENC    X8, X1
+	AESENC    X8, X2
+	AESENC    X8, X3
+	AESENC    X8, X4
+	AESENC    X8, X5
+	AESENC    X8, X6
+	AESENC    X8, X7
+
+	// Tweak 7 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU      112(R9), X12
+	MOVO       X12, X13
+	PSRLDQ     $0x0f, X13
+	PSLLDQ     $0x01, X12
+	PCLMULQDQ  $0x00, X9, X13
+	PXOR       X13, X12
+	MOVOU      X12, 112(R10)
+	MOVOU      144(AX), X8
+	AESENC     X8, X0
+	AESENC     X8, X1
+	AESENC     X8, X2
+	AESENC     X8, X3
+	AESENC     X8, X4
+	AESENC     X8, X5
+	AESENC     X8, X6
+	AESENC     X8, X7
+	MOVOU      160(AX), X8
+	AESENC     X8, X0
+	AESENC     X8, X1
+	AESENC     X8, X2
+	AESENC     X8, X3
+	AESENC     X8, X4
+	AESENC     X8, X5
+	AESENC     X8, X6
+	AESENC     X8, X7
+	MOVOU      176(AX), X8
+	AESENC     X8, X0
+	AESENC     X8, X1
+	AESENC     X8, X2
+	AESENC     X8, X3
+	AESENC     X8, X4
+	AESENC     X8, X5
+	AESENC     X8, X6
+	AESENC     X8, X7
+	MOVOU      192(AX), X8
+	AESENC     X8, X0
+	AESENC     X8, X1
+	AESENC     X8, X2
+	AESENC     X8, X3
+	AESENC     X8, X4
+	AESENC     X8, X5
+	AESENC     X8, X6
+	AESENC     X8, X7
+	MOVOU      208(AX), X8
+	AESENC     X8, X0
+	AESENC     X8, X1
+	AESENC     X8, X2
+	AESENC     X8, X3
+	AESENC     X8, X4
+	AESENC     X8, X5
+	AESENC     X8, X6
+	AESENC     X8, X7
+	MOVOU      224(AX), X8
+	AESENCLAST X8, X0
+	AESENCLAST X8, X1
+	AESENCLAST X8, X2
+	AESENCLAST X8, X3
+	AESENCLAST X8, X4
+	AESENCLAST X8, X5
+	AESENCLAST X8, X6
+	AESENCLAST X8, X7
+	PXOR       (R9), X0
+	MOVOU      X0, (BX)
+	PXOR       16(R9), X1
+	MOVOU      X1, 16(BX)
+	PXOR       32(R9), X2
+	MOVOU      X2, 32(BX)
+	PXOR       48(R9), X3
+	MOVOU      X3, 48(BX)
+	PXOR       64(R9), X4
+	MOVOU      X4, 64(BX)
+	PXOR       80(R9), X5
+	MOVOU      X5, 80(BX)
+	PXOR       96(R9), X6
+	MOVOU      X6, 96(BX)
+	PXOR       112(R9), X7
+	MOVOU      X7, 112(BX)
+	XCHGQ      R9, R10
+	ADDQ       $0x00000080, CX
+	ADDQ       $0x00000080, BX
+	SUBQ       $0x00000080, R8
+	JMP        loop8
 
 tail:
-	// Fewer than 8 blocks left: X8.. already hold their tweaks; use X8 and shift the rest down.
+	// Fewer than 8 blocks left: their tweaks are next in the current buffer.
 	TESTQ R8, R8
 	JZ    unitdone
 
 tail1:
 	MOVOU      (CX), X0
-	PXOR       X8, X0
+	PXOR       (R9), X0
 	PXOR       (AX), X0
 	AESENC     16(AX), X0
 	AESENC     32(AX), X0
@@ -369,15 +427,9 @@ tail1:
 	AESENC     192(AX), X0
 	AESENC     208(AX), X0
 	AESENCLAST 224(AX), X0
-	PXOR       X8, X0
+	PXOR       (R9), X0
 	MOVOU      X0, (BX)
-	MOVO       X9, X8
-	MOVO       X10, X9
-	MOVO       X11, X10
-	MOVO       X12, X11
-	MOVO       X13, X12
-	MOVO       X14, X13
-	MOVO       X15, X14
+	ADDQ       $0x00000010, R9
 	ADDQ       $0x00000010, CX
 	ADDQ       $0x00000010, BX
 	SUBQ       $0x00000010, R8
@@ -392,7 +444,7 @@ done:
 
 // func xtsDecAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: PCLMULQDQ, SSE2
-TEXT ·xtsDecAESNI(SB), NOSPLIT, $0-72
+TEXT ·xtsDecAESNI(SB), NOSPLIT, $272-72
 	MOVQ  rk+0(FP), AX
 	MOVQ  dst+16(FP), BX
 	MOVQ  src+24(FP), CX
@@ -404,318 +456,376 @@ TEXT ·xtsDecAESNI(SB), NOSPLIT, $0-72
 	MOVQ  ulen+64(FP), DI
 	TESTQ SI, SI
 	JZ    done
+	MOVOU xtsPoly<>+0(SB), X9
 
 unit:
-	MOVQ  DI, R8
+	MOVQ DI, R8
+
+	// R9 = current tweak buffer (16-byte aligned), R10 = next.
+	LEAQ  (SP), R9
+	ADDQ  $0x0f, R9
+	ANDQ  $-16, R9
+	LEAQ  128(R9), R10
 	TESTQ DX, DX
 	JZ    explicit
 
-	// X8 = E_K2(unit number).
-	MOVQ       R11, X8
-	MOVQ       R12, X0
-	PUNPCKLQDQ X0, X8
-	PXOR       (DX), X8
-	AESENC     16(DX), X8
-	AESENC     32(DX), X8
-	AESENC     48(DX), X8
-	AESENC     64(DX), X8
-	AESENC     80(DX), X8
-	AESENC     96(DX), X8
-	AESENC     112(DX), X8
-	AESENC     128(DX), X8
-	AESENC     144(DX), X8
-	AESENC     160(DX), X8
-	AESENC     176(DX), X8
-	AESENC     192(DX), X8
-	AESENC     208(DX), X8
-	AESENCLAST 224(DX), X8
+	// X10 = E_K2(unit number).
+	MOVQ       R11, X10
+	MOVQ       R12, X11
+	PUNPCKLQDQ X11, X10
+	PXOR       (DX), X10
+	AESENC     16(DX), X10
+	AESENC     32(DX), X10
+	AESENC     48(DX), X10
+	AESENC     64(DX), X10
+	AESENC     80(DX), X10
+	AESENC     96(DX), X10
+	AESENC     112(DX), X10
+	AESENC     128(DX), X10
+	AESENC     144(DX), X10
+	AESENC     160(DX), X10
+	AESENC     176(DX), X10
+	AESENC     192(DX), X10
+	AESENC     208(DX), X10
+	AESENCLAST 224(DX), X10
 	ADDQ       $0x01, R11
 	ADCQ       $0x00, R12
 	JMP        tweak
 
 explicit:
-	MOVOU (R13), X8
+	MOVOU (R13), X10
 	ADDQ  $0x00000010, R13
 
 tweak:
-	MOVOU xtsPoly<>+0(SB), X0
-
-	// X9..X15 = T*x^1..T*x^7, computed independently (no serial chain).
-	MOVO      X8, X3
-	PSRLQ     $0x3f, X3
-	MOVO      X8, X9
-	PSLLQ     $0x01, X9
-	MOVO      X3, X4
-	PSLLDQ    $0x08, X4
-	PCLMULQDQ $0x01, X0, X3
-	PXOR      X4, X9
-	PXOR      X3, X9
-	MOVO      X8, X1
-	PSRLQ     $0x3e, X1
-	MOVO      X8, X10
-	PSLLQ     $0x02, X10
-	MOVO      X1, X2
-	PSLLDQ    $0x08, X2
-	PCLMULQDQ $0x01, X0, X1
-	PXOR      X2, X10
-	PXOR      X1, X10
-	MOVO      X8, X3
-	PSRLQ     $0x3d, X3
-	MOVO      X8, X11
-	PSLLQ     $0x03, X11
-	MOVO      X3, X4
-	PSLLDQ    $0x08, X4
-	PCLMULQDQ $0x01, X0, X3
-	PXOR      X4, X11
-	PXOR      X3, X11
-	MOVO      X8, X1
-	PSRLQ     $0x3c, X1
-	MOVO      X8, X12
-	PSLLQ     $0x04, X12
-	MOVO      X1, X2
-	PSLLDQ    $0x08, X2
-	PCLMULQDQ $0x01, X0, X1
-	PXOR      X2, X12
-	PXOR      X1, X12
-	MOVO      X8, X3
-	PSRLQ     $0x3b, X3
-	MOVO      X8, X13
+	// Tweaks of blocks 0..7: T*x^0..T*x^7, computed independently (no serial chain).
+	MOVOU     X10, (R9)
+	MOVO      X10, X14
+	PSRLQ     $0x3f, X14
+	MOVO      X10, X13
+	PSLLQ     $0x01, X13
+	MOVO      X14, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X14
+	PXOR      X15, X13
+	PXOR      X14, X13
+	MOVOU     X13, 16(R9)
+	MOVO      X10, X12
+	PSRLQ     $0x3e, X12
+	MOVO      X10, X11
+	PSLLQ     $0x02, X11
+	MOVO      X12, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X12
+	PXOR      X15, X11
+	PXOR      X12, X11
+	MOVOU     X11, 32(R9)
+	MOVO      X10, X14
+	PSRLQ     $0x3d, X14
+	MOVO      X10, X13
+	PSLLQ     $0x03, X13
+	MOVO      X14, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X14
+	PXOR      X15, X13
+	PXOR      X14, X13
+	MOVOU     X13, 48(R9)
+	MOVO      X10, X12
+	PSRLQ     $0x3c, X12
+	MOVO      X10, X11
+	PSLLQ     $0x04, X11
+	MOVO      X12, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X12
+	PXOR      X15, X11
+	PXOR      X12, X11
+	MOVOU     X11, 64(R9)
+	MOVO      X10, X14
+	PSRLQ     $0x3b, X14
+	MOVO      X10, X13
 	PSLLQ     $0x05, X13
-	MOVO      X3, X4
-	PSLLDQ    $0x08, X4
-	PCLMULQDQ $0x01, X0, X3
-	PXOR      X4, X13
-	PXOR      X3, X13
-	MOVO      X8, X1
-	PSRLQ     $0x3a, X1
-	MOVO      X8, X14
-	PSLLQ     $0x06, X14
-	MOVO      X1, X2
-	PSLLDQ    $0x08, X2
-	PCLMULQDQ $0x01, X0, X1
-	PXOR      X2, X14
-	PXOR      X1, X14
-	MOVO      X8, X3
-	PSRLQ     $0x39, X3
-	MOVO      X8, X15
-	PSLLQ     $0x07, X15
-	MOVO      X3, X4
-	PSLLDQ    $0x08, X4
-	PCLMULQDQ $0x01, X0, X3
-	PXOR      X4, X15
-	PXOR      X3, X15
+	MOVO      X14, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X14
+	PXOR      X15, X13
+	PXOR      X14, X13
+	MOVOU     X13, 80(R9)
+	MOVO      X10, X12
+	PSRLQ     $0x3a, X12
+	MOVO      X10, X11
+	PSLLQ     $0x06, X11
+	MOVO      X12, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X12
+	PXOR      X15, X11
+	PXOR      X12, X11
+	MOVOU     X11, 96(R9)
+	MOVO      X10, X14
+	PSRLQ     $0x39, X14
+	MOVO      X10, X13
+	PSLLQ     $0x07, X13
+	MOVO      X14, X15
+	PSLLDQ    $0x08, X15
+	PCLMULQDQ $0x01, X9, X14
+	PXOR      X15, X13
+	PXOR      X14, X13
+	MOVOU     X13, 112(R9)
 
 loop8:
-	CMPQ       R8, $0x00000080
-	JB         tail
-	MOVOU      (CX), X0
-	PXOR       X8, X0
-	MOVOU      16(CX), X1
-	PXOR       X9, X1
-	MOVOU      32(CX), X2
-	PXOR       X10, X2
-	MOVOU      48(CX), X3
-	PXOR       X11, X3
-	MOVOU      64(CX), X4
-	PXOR       X12, X4
-	MOVOU      80(CX), X5
-	PXOR       X13, X5
-	MOVOU      96(CX), X6
-	PXOR       X14, X6
-	MOVOU      112(CX), X7
-	PXOR       X15, X7
-	PXOR       (AX), X0
-	PXOR       (AX), X1
-	PXOR       (AX), X2
-	PXOR       (AX), X3
-	PXOR       (AX), X4
-	PXOR       (AX), X5
-	PXOR       (AX), X6
-	PXOR       (AX), X7
-	AESDEC     16(AX), X0
-	AESDEC     16(AX), X1
-	AESDEC     16(AX), X2
-	AESDEC     16(AX), X3
-	AESDEC     16(AX), X4
-	AESDEC     16(AX), X5
-	AESDEC     16(AX), X6
-	AESDEC     16(AX), X7
-	AESDEC     32(AX), X0
-	AESDEC     32(AX), X1
-	AESDEC     32(AX), X2
-	AESDEC     32(AX), X3
-	AESDEC     32(AX), X4
-	AESDEC     32(AX), X5
-	AESDEC     32(AX), X6
-	AESDEC     32(AX), X7
-	AESDEC     48(AX), X0
-	AESDEC     48(AX), X1
-	AESDEC     48(AX), X2
-	AESDEC     48(AX), X3
-	AESDEC     48(AX), X4
-	AESDEC     48(AX), X5
-	AESDEC     48(AX), X6
-	AESDEC     48(AX), X7
-	AESDEC     64(AX), X0
-	AESDEC     64(AX), X1
-	AESDEC     64(AX), X2
-	AESDEC     64(AX), X3
-	AESDEC     64(AX), X4
-	AESDEC     64(AX), X5
-	AESDEC     64(AX), X6
-	AESDEC     64(AX), X7
-	AESDEC     80(AX), X0
-	AESDEC     80(AX), X1
-	AESDEC     80(AX), X2
-	AESDEC     80(AX), X3
-	AESDEC     80(AX), X4
-	AESDEC     80(AX), X5
-	AESDEC     80(AX), X6
-	AESDEC     80(AX), X7
-	AESDEC     96(AX), X0
-	AESDEC     96(AX), X1
-	AESDEC     96(AX), X2
-	AESDEC     96(AX), X3
-	AESDEC     96(AX), X4
-	AESDEC     96(AX), X5
-	AESDEC     96(AX), X6
-	AESDEC     96(AX), X7
-	AESDEC     112(AX), X0
-	AESDEC     112(AX), X1
-	AESDEC     112(AX), X2
-	AESDEC     112(AX), X3
-	AESDEC     112(AX), X4
-	AESDEC     112(AX), X5
-	AESDEC     112(AX), X6
-	AESDEC     112(AX), X7
-	AESDEC     128(AX), X0
-	AESDEC     128(AX), X1
-	AESDEC     128(AX), X2
-	AESDEC     128(AX), X3
-	AESDEC     128(AX), X4
-	AESDEC     128(AX), X5
-	AESDEC     128(AX), X6
-	AESDEC     128(AX), X7
-	AESDEC     144(AX), X0
-	AESDEC     144(AX), X1
-	AESDEC     144(AX), X2
-	AESDEC     144(AX), X3
-	AESDEC     144(AX), X4
-	AESDEC     144(AX), X5
-	AESDEC     144(AX), X6
-	AESDEC     144(AX), X7
-	AESDEC     160(AX), X0
-	AESDEC     160(AX), X1
-	AESDEC     160(AX), X2
-	AESDEC     160(AX), X3
-	AESDEC     160(AX), X4
-	AESDEC     160(AX), X5
-	AESDEC     160(AX), X6
-	AESDEC     160(AX), X7
-	AESDEC     176(AX), X0
-	AESDEC     176(AX), X1
-	AESDEC     176(AX), X2
-	AESDEC     176(AX), X3
-	AESDEC     176(AX), X4
-	AESDEC     176(AX), X5
-	AESDEC     176(AX), X6
-	AESDEC     176(AX), X7
-	AESDEC     192(AX), X0
-	AESDEC     192(AX), X1
-	AESDEC     192(AX), X2
-	AESDEC     192(AX), X3
-	AESDEC     192(AX), X4
-	AESDEC     192(AX), X5
-	AESDEC     192(AX), X6
-	AESDEC     192(AX), X7
-	AESDEC     208(AX), X0
-	AESDEC     208(AX), X1
-	AESDEC     208(AX), X2
-	AESDEC     208(AX), X3
-	AESDEC     208(AX), X4
-	AESDEC     208(AX), X5
-	AESDEC     208(AX), X6
-	AESDEC     208(AX), X7
-	AESDECLAST 224(AX), X0
-	AESDECLAST 224(AX), X1
-	AESDECLAST 224(AX), X2
-	AESDECLAST 224(AX), X3
-	AESDECLAST 224(AX), X4
-	AESDECLAST 224(AX), X5
-	AESDECLAST 224(AX), X6
-	AESDECLAST 224(AX), X7
-	PXOR       X8, X0
-	MOVOU      X0, (BX)
-	PXOR       X9, X1
-	MOVOU      X1, 16(BX)
-	PXOR       X10, X2
-	MOVOU      X2, 32(BX)
-	PXOR       X11, X3
-	MOVOU      X3, 48(BX)
-	PXOR       X12, X4
-	MOVOU      X4, 64(BX)
-	PXOR       X13, X5
-	MOVOU      X5, 80(BX)
-	PXOR       X14, X6
-	MOVOU      X6, 96(BX)
-	PXOR       X15, X7
-	MOVOU      X7, 112(BX)
+	CMPQ   R8, $0x00000080
+	JB     tail
+	MOVOU  (AX), X8
+	MOVOU  (CX), X0
+	PXOR   (R9), X0
+	PXOR   X8, X0
+	MOVOU  16(CX), X1
+	PXOR   16(R9), X1
+	PXOR   X8, X1
+	MOVOU  32(CX), X2
+	PXOR   32(R9), X2
+	PXOR   X8, X2
+	MOVOU  48(CX), X3
+	PXOR   48(R9), X3
+	PXOR   X8, X3
+	MOVOU  64(CX), X4
+	PXOR   64(R9), X4
+	PXOR   X8, X4
+	MOVOU  80(CX), X5
+	PXOR   80(R9), X5
+	PXOR   X8, X5
+	MOVOU  96(CX), X6
+	PXOR   96(R9), X6
+	PXOR   X8, X6
+	MOVOU  112(CX), X7
+	PXOR   112(R9), X7
+	PXOR   X8, X7
+	MOVOU  16(AX), X8
+	AESDEC X8, X0
+	AESDEC X8, X1
+	AESDEC X8, X2
+	AESDEC X8, X3
+	AESDEC X8, X4
+	AESDEC X8, X5
+	AESDEC X8, X6
+	AESDEC X8, X7
 
-	// Advance every tweak by x^8: byte shift plus a fold of the top byte.
-	MOVOU     xtsPoly<>+0(SB), X0
-	MOVO      X8, X1
-	PSRLDQ    $0x0f, X1
-	PSLLDQ    $0x01, X8
-	PCLMULQDQ $0x00, X0, X1
-	PXOR      X1, X8
-	MOVO      X9, X2
-	PSRLDQ    $0x0f, X2
-	PSLLDQ    $0x01, X9
-	PCLMULQDQ $0x00, X0, X2
-	PXOR      X2, X9
-	MOVO      X10, X3
-	PSRLDQ    $0x0f, X3
+	// Tweak 0 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     (R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
 	PSLLDQ    $0x01, X10
-	PCLMULQDQ $0x00, X0, X3
-	PXOR      X3, X10
-	MOVO      X11, X4
-	PSRLDQ    $0x0f, X4
-	PSLLDQ    $0x01, X11
-	PCLMULQDQ $0x00, X0, X4
-	PXOR      X4, X11
-	MOVO      X12, X5
-	PSRLDQ    $0x0f, X5
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, (R10)
+	MOVOU     32(AX), X8
+	AESDEC    X8, X0
+	AESDEC    X8, X1
+	AESDEC    X8, X2
+	AESDEC    X8, X3
+	AESDEC    X8, X4
+	AESDEC    X8, X5
+	AESDEC    X8, X6
+	AESDEC    X8, X7
+
+	// Tweak 1 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     16(R9), X12
+	MOVO      X12, X13
+	PSRLDQ    $0x0f, X13
 	PSLLDQ    $0x01, X12
-	PCLMULQDQ $0x00, X0, X5
-	PXOR      X5, X12
-	MOVO      X13, X6
-	PSRLDQ    $0x0f, X6
-	PSLLDQ    $0x01, X13
-	PCLMULQDQ $0x00, X0, X6
-	PXOR      X6, X13
-	MOVO      X14, X7
-	PSRLDQ    $0x0f, X7
+	PCLMULQDQ $0x00, X9, X13
+	PXOR      X13, X12
+	MOVOU     X12, 16(R10)
+	MOVOU     48(AX), X8
+	AESDEC    X8, X0
+	AESDEC    X8, X1
+	AESDEC    X8, X2
+	AESDEC    X8, X3
+	AESDEC    X8, X4
+	AESDEC    X8, X5
+	AESDEC    X8, X6
+	AESDEC    X8, X7
+
+	// Tweak 2 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     32(R9), X14
+	MOVO      X14, X15
+	PSRLDQ    $0x0f, X15
 	PSLLDQ    $0x01, X14
-	PCLMULQDQ $0x00, X0, X7
-	PXOR      X7, X14
-	MOVO      X15, X1
-	PSRLDQ    $0x0f, X1
-	PSLLDQ    $0x01, X15
-	PCLMULQDQ $0x00, X0, X1
-	PXOR      X1, X15
-	ADDQ      $0x00000080, CX
-	ADDQ      $0x00000080, BX
-	SUBQ      $0x00000080, R8
-	JMP       loop8
+	PCLMULQDQ $0x00, X9, X15
+	PXOR      X15, X14
+	MOVOU     X14, 32(R10)
+	MOVOU     64(AX), X8
+	AESDEC    X8, X0
+	AESDEC    X8, X1
+	AESDEC    X8, X2
+	AESDEC    X8, X3
+	AESDEC    X8, X4
+	AESDEC    X8, X5
+	AESDEC    X8, X6
+	AESDEC    X8, X7
+
+	// Tweak 3 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     48(R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
+	PSLLDQ    $0x01, X10
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, 48(R10)
+	MOVOU     80(AX), X8
+	AESDEC    X8, X0
+	AESDEC    X8, X1
+	AESDEC    X8, X2
+	AESDEC    X8, X3
+	AESDEC    X8, X4
+	AESDEC    X8, X5
+	AESDEC    X8, X6
+	AESDEC    X8, X7
+
+	// Tweak 4 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     64(R9), X12
+	MOVO      X12, X13
+	PSRLDQ    $0x0f, X13
+	PSLLDQ    $0x01, X12
+	PCLMULQDQ $0x00, X9, X13
+	PXOR      X13, X12
+	MOVOU     X12, 64(R10)
+	MOVOU     96(AX), X8
+	AESDEC    X8, X0
+	AESDEC    X8, X1
+	AESDEC    X8, X2
+	AESDEC    X8, X3
+	AESDEC    X8, X4
+	AESDEC    X8, X5
+	AESDEC    X8, X6
+	AESDEC    X8, X7
+
+	// Tweak 5 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     80(R9), X14
+	MOVO      X14, X15
+	PSRLDQ    $0x0f, X15
+	PSLLDQ    $0x01, X14
+	PCLMULQDQ $0x00, X9, X15
+	PXOR      X15, X14
+	MOVOU     X14, 80(R10)
+	MOVOU     112(AX), X8
+	AESDEC    X8, X0
+	AESDEC    X8, X1
+	AESDEC    X8, X2
+	AESDEC    X8, X3
+	AESDEC    X8, X4
+	AESDEC    X8, X5
+	AESDEC    X8, X6
+	AESDEC    X8, X7
+
+	// Tweak 6 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU     96(R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
+	PSLLDQ    $0x01, X10
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, 96(R10)
+	MOVOU     128(AX), X8
+	AESDEC    X8, X0
+	AESDEC    X8, X1
+	AESDEC    X8, X2
+	AESDEC    X8, X3
+	AESDEC    X8, X4
+	AESDEC    X8, X5
+	AESDEC    X8, X6
+	AESDEC    X8, X7
+
+	// Tweak 7 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
+	MOVOU      112(R9), X12
+	MOVO       X12, X13
+	PSRLDQ     $0x0f, X13
+	PSLLDQ     $0x01, X12
+	PCLMULQDQ  $0x00, X9, X13
+	PXOR       X13, X12
+	MOVOU      X12, 112(R10)
+	MOVOU      144(AX), X8
+	AESDEC     X8, X0
+	AESDEC     X8, X1
+	AESDEC     X8, X2
+	AESDEC     X8, X3
+	AESDEC     X8, X4
+	AESDEC     X8, X5
+	AESDEC     X8, X6
+	AESDEC     X8, X7
+	MOVOU      160(AX), X8
+	AESDEC     X8, X0
+	AESDEC     X8, X1
+	AESDEC     X8, X2
+	AESDEC     X8, X3
+	AESDEC     X8, X4
+	AESDEC     X8, X5
+	AESDEC     X8, X6
+	AESDEC     X8, X7
+	MOVOU      176(AX), X8
+	AESDEC     X8, X0
+	AESDEC     X8, X1
+	AESDEC     X8, X2
+	AESDEC     X8, X3
+	AESDEC     X8, X4
+	AESDEC     X8, X5
+	AESDEC     X8, X6
+	AESDEC     X8, X7
+	MOVOU      192(AX), X8
+	AESDEC     X8, X0
+	AESDEC     X8, X1
+	AESDEC     X8, X2
+	AESDEC     X8, X3
+	AESDEC     X8, X4
+	AESDEC     X8, X5
+	AESDEC     X8, X6
+	AESDEC     X8, X7
+	MOVOU      208(AX), X8
+	AESDEC     X8, X0
+	AESDEC     X8, X1
+	AESDEC     X8, X2
+	AESDEC     X8, X3
+	AESDEC     X8, X4
+	AESDEC     X8, X5
+	AESDEC     X8, X6
+	AESDEC     X8, X7
+	MOVOU      224(AX), X8
+	AESDECLAST X8, X0
+	AESDECLAST X8, X1
+	AESDECLAST X8, X2
+	AESDECLAST X8, X3
+	AESDECLAST X8, X4
+	AESDECLAST X8, X5
+	AESDECLAST X8, X6
+	AESDECLAST X8, X7
+	PXOR       (R9), X0
+	MOVOU      X0, (BX)
+	PXOR       16(R9), X1
+	MOVOU      X1, 16(BX)
+	PXOR       32(R9), X2
+	MOVOU      X2, 32(BX)
+	PXOR       48(R9), X3
+	MOVOU      X3, 48(BX)
+	PXOR       64(R9), X4
+	MOVOU      X4, 64(BX)
+	PXOR       80(R9), X5
+	MOVOU      X5, 80(BX)
+	PXOR       96(R9), X6
+	MOVOU      X6, 96(BX)
+	PXOR       112(R9), X7
+	MOVOU      X7, 112(BX)
+	XCHGQ      R9, R10
+	ADDQ       $0x00000080, CX
+	ADDQ       $0x00000080, BX
+	SUBQ       $0x00000080, R8
+	JMP        loop8
 
 tail:
-	// Fewer than 8 blocks left: X8.. already hold their tweaks; use X8 and shift the rest down.
+	// Fewer than 8 blocks left: their tweaks are next in the current buffer.
 	TESTQ R8, R8
 	JZ    unitdone
 
 tail1:
 	MOVOU      (CX), X0
-	PXOR       X8, X0
+	PXOR       (R9), X0
 	PXOR       (AX), X0
 	AESDEC     16(AX), X0
 	AESDEC     32(AX), X0
@@ -731,15 +841,9 @@ tail1:
 	AESDEC     192(AX), X0
 	AESDEC     208(AX), X0
 	AESDECLAST 224(AX), X0
-	PXOR       X8, X0
+	PXOR       (R9), X0
 	MOVOU      X0, (BX)
-	MOVO       X9, X8
-	MOVO       X10, X9
-	MOVO       X11, X10
-	MOVO       X12, X11
-	MOVO       X13, X12
-	MOVO       X14, X13
-	MOVO       X15, X14
+	ADDQ       $0x00000010, R9
 	ADDQ       $0x00000010, CX
 	ADDQ       $0x00000010, BX
 	SUBQ       $0x00000010, R8
@@ -934,297 +1038,364 @@ done:
 
 // func xtsEncVAES256(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: AVX, AVX2
-TEXT ·xtsEncVAES256(SB), NOSPLIT, $0-72
-	MOVQ  rk+0(FP), AX
-	MOVQ  dst+16(FP), BX
-	MOVQ  src+24(FP), CX
-	MOVQ  tk+8(FP), DX
-	MOVQ  tw+32(FP), R13
-	MOVQ  lo+40(FP), R11
-	MOVQ  hi+48(FP), R12
-	MOVQ  nunits+56(FP), SI
-	MOVQ  ulen+64(FP), DI
-	TESTQ SI, SI
-	JZ    done
+TEXT ·xtsEncVAES256(SB), NOSPLIT, $544-72
+	MOVQ           rk+0(FP), AX
+	MOVQ           dst+16(FP), BX
+	MOVQ           src+24(FP), CX
+	MOVQ           tk+8(FP), DX
+	MOVQ           tw+32(FP), R13
+	MOVQ           lo+40(FP), R11
+	MOVQ           hi+48(FP), R12
+	MOVQ           nunits+56(FP), SI
+	MOVQ           ulen+64(FP), DI
+	TESTQ          SI, SI
+	JZ             done
+	VBROADCASTI128 xtsPoly<>+0(SB), Y9
 
 unit:
-	MOVQ  DI, R8
+	MOVQ DI, R8
+
+	// R9 = current tweak buffer (32-byte aligned), R10 = next.
+	LEAQ  (SP), R9
+	ADDQ  $0x1f, R9
+	ANDQ  $-32, R9
+	LEAQ  256(R9), R10
 	TESTQ DX, DX
 	JZ    explicit
 
-	// X8 = E_K2(unit number), VEX-encoded AES on XMM.
-	VMOVQ       R11, X8
-	VPINSRQ     $0x01, R12, X8, X8
-	VPXOR       (DX), X8, X8
-	VAESENC     16(DX), X8, X8
-	VAESENC     32(DX), X8, X8
-	VAESENC     48(DX), X8, X8
-	VAESENC     64(DX), X8, X8
-	VAESENC     80(DX), X8, X8
-	VAESENC     96(DX), X8, X8
-	VAESENC     112(DX), X8, X8
-	VAESENC     128(DX), X8, X8
-	VAESENC     144(DX), X8, X8
-	VAESENC     160(DX), X8, X8
-	VAESENC     176(DX), X8, X8
-	VAESENC     192(DX), X8, X8
-	VAESENC     208(DX), X8, X8
-	VAESENCLAST 224(DX), X8, X8
+	// X10 = E_K2(unit number), VEX-encoded AES on XMM.
+	VMOVQ       R11, X10
+	VPINSRQ     $0x01, R12, X10, X10
+	VPXOR       (DX), X10, X10
+	VAESENC     16(DX), X10, X10
+	VAESENC     32(DX), X10, X10
+	VAESENC     48(DX), X10, X10
+	VAESENC     64(DX), X10, X10
+	VAESENC     80(DX), X10, X10
+	VAESENC     96(DX), X10, X10
+	VAESENC     112(DX), X10, X10
+	VAESENC     128(DX), X10, X10
+	VAESENC     144(DX), X10, X10
+	VAESENC     160(DX), X10, X10
+	VAESENC     176(DX), X10, X10
+	VAESENC     192(DX), X10, X10
+	VAESENC     208(DX), X10, X10
+	VAESENCLAST 224(DX), X10, X10
 	ADDQ        $0x01, R11
 	ADCQ        $0x00, R12
 	JMP         tweak
 
 explicit:
-	VMOVDQU (R13), X8
+	VMOVDQU (R13), X10
 	ADDQ    $0x00000010, R13
 
 tweak:
-	VBROADCASTI128 xtsPoly<>+0(SB), Y0
-
-	// Y8 = [T, T*x]; Y9..Y15 = Y8*x^2 .. Y8*x^14, independently.
-	VPSRLQ      $0x3f, X8, X2
-	VPSLLQ      $0x01, X8, X1
-	VPSLLDQ     $0x08, X2, X3
-	VPCLMULQDQ  $0x01, X0, X2, X2
-	VPXOR       X3, X1, X1
-	VPXOR       X2, X1, X1
-	VINSERTI128 $0x01, X1, Y8, Y8
-	VPSRLQ      $0x3e, Y8, Y3
-	VPSLLQ      $0x02, Y8, Y9
-	VPSLLDQ     $0x08, Y3, Y4
-	VPCLMULQDQ  $0x01, Y0, Y3, Y3
-	VPXOR       Y4, Y9, Y9
-	VPXOR       Y3, Y9, Y9
-	VPSRLQ      $0x3c, Y8, Y1
-	VPSLLQ      $0x04, Y8, Y10
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, Y0, Y1, Y1
-	VPXOR       Y2, Y10, Y10
-	VPXOR       Y1, Y10, Y10
-	VPSRLQ      $0x3a, Y8, Y3
-	VPSLLQ      $0x06, Y8, Y11
-	VPSLLDQ     $0x08, Y3, Y4
-	VPCLMULQDQ  $0x01, Y0, Y3, Y3
-	VPXOR       Y4, Y11, Y11
-	VPXOR       Y3, Y11, Y11
-	VPSRLQ      $0x38, Y8, Y1
-	VPSLLQ      $0x08, Y8, Y12
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, Y0, Y1, Y1
-	VPXOR       Y2, Y12, Y12
-	VPXOR       Y1, Y12, Y12
-	VPSRLQ      $0x36, Y8, Y3
-	VPSLLQ      $0x0a, Y8, Y13
-	VPSLLDQ     $0x08, Y3, Y4
-	VPCLMULQDQ  $0x01, Y0, Y3, Y3
-	VPXOR       Y4, Y13, Y13
-	VPXOR       Y3, Y13, Y13
-	VPSRLQ      $0x34, Y8, Y1
-	VPSLLQ      $0x0c, Y8, Y14
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, Y0, Y1, Y1
-	VPXOR       Y2, Y14, Y14
-	VPXOR       Y1, Y14, Y14
-	VPSRLQ      $0x32, Y8, Y3
-	VPSLLQ      $0x0e, Y8, Y15
-	VPSLLDQ     $0x08, Y3, Y4
-	VPCLMULQDQ  $0x01, Y0, Y3, Y3
-	VPXOR       Y4, Y15, Y15
-	VPXOR       Y3, Y15, Y15
+	// Y10 = [T, T*x]; the tweak pairs of blocks 0..15 are Y10*x^0, x^2 .. x^14, computed independently.
+	VPSRLQ      $0x3f, X10, X12
+	VPSLLQ      $0x01, X10, X11
+	VPSLLDQ     $0x08, X12, X13
+	VPCLMULQDQ  $0x01, X9, X12, X12
+	VPXOR       X13, X11, X11
+	VPXOR       X12, X11, X11
+	VINSERTI128 $0x01, X11, Y10, Y10
+	VMOVDQU     Y10, (R9)
+	VPSRLQ      $0x3e, Y10, Y14
+	VPSLLQ      $0x02, Y10, Y13
+	VPSLLDQ     $0x08, Y14, Y15
+	VPCLMULQDQ  $0x01, Y9, Y14, Y14
+	VPXOR       Y15, Y13, Y13
+	VPXOR       Y14, Y13, Y13
+	VMOVDQU     Y13, 32(R9)
+	VPSRLQ      $0x3c, Y10, Y12
+	VPSLLQ      $0x04, Y10, Y11
+	VPSLLDQ     $0x08, Y12, Y15
+	VPCLMULQDQ  $0x01, Y9, Y12, Y12
+	VPXOR       Y15, Y11, Y11
+	VPXOR       Y12, Y11, Y11
+	VMOVDQU     Y11, 64(R9)
+	VPSRLQ      $0x3a, Y10, Y14
+	VPSLLQ      $0x06, Y10, Y13
+	VPSLLDQ     $0x08, Y14, Y15
+	VPCLMULQDQ  $0x01, Y9, Y14, Y14
+	VPXOR       Y15, Y13, Y13
+	VPXOR       Y14, Y13, Y13
+	VMOVDQU     Y13, 96(R9)
+	VPSRLQ      $0x38, Y10, Y12
+	VPSLLQ      $0x08, Y10, Y11
+	VPSLLDQ     $0x08, Y12, Y15
+	VPCLMULQDQ  $0x01, Y9, Y12, Y12
+	VPXOR       Y15, Y11, Y11
+	VPXOR       Y12, Y11, Y11
+	VMOVDQU     Y11, 128(R9)
+	VPSRLQ      $0x36, Y10, Y14
+	VPSLLQ      $0x0a, Y10, Y13
+	VPSLLDQ     $0x08, Y14, Y15
+	VPCLMULQDQ  $0x01, Y9, Y14, Y14
+	VPXOR       Y15, Y13, Y13
+	VPXOR       Y14, Y13, Y13
+	VMOVDQU     Y13, 160(R9)
+	VPSRLQ      $0x34, Y10, Y12
+	VPSLLQ      $0x0c, Y10, Y11
+	VPSLLDQ     $0x08, Y12, Y15
+	VPCLMULQDQ  $0x01, Y9, Y12, Y12
+	VPXOR       Y15, Y11, Y11
+	VPXOR       Y12, Y11, Y11
+	VMOVDQU     Y11, 192(R9)
+	VPSRLQ      $0x32, Y10, Y14
+	VPSLLQ      $0x0e, Y10, Y13
+	VPSLLDQ     $0x08, Y14, Y15
+	VPCLMULQDQ  $0x01, Y9, Y14, Y14
+	VPXOR       Y15, Y13, Y13
+	VPXOR       Y14, Y13, Y13
+	VMOVDQU     Y13, 224(R9)
 
 loop16:
-	CMPQ        R8, $0x00000100
-	JB          tail
-	VPXOR       (CX), Y8, Y0
-	VPXOR       32(CX), Y9, Y1
-	VPXOR       64(CX), Y10, Y2
-	VPXOR       96(CX), Y11, Y3
-	VPXOR       128(CX), Y12, Y4
-	VPXOR       160(CX), Y13, Y5
-	VPXOR       192(CX), Y14, Y6
-	VPXOR       224(CX), Y15, Y7
-	VPXOR       (AX), Y0, Y0
-	VPXOR       (AX), Y1, Y1
-	VPXOR       (AX), Y2, Y2
-	VPXOR       (AX), Y3, Y3
-	VPXOR       (AX), Y4, Y4
-	VPXOR       (AX), Y5, Y5
-	VPXOR       (AX), Y6, Y6
-	VPXOR       (AX), Y7, Y7
-	VAESENC     32(AX), Y0, Y0
-	VAESENC     32(AX), Y1, Y1
-	VAESENC     32(AX), Y2, Y2
-	VAESENC     32(AX), Y3, Y3
-	VAESENC     32(AX), Y4, Y4
-	VAESENC     32(AX), Y5, Y5
-	VAESENC     32(AX), Y6, Y6
-	VAESENC     32(AX), Y7, Y7
-	VAESENC     64(AX), Y0, Y0
-	VAESENC     64(AX), Y1, Y1
-	VAESENC     64(AX), Y2, Y2
-	VAESENC     64(AX), Y3, Y3
-	VAESENC     64(AX), Y4, Y4
-	VAESENC     64(AX), Y5, Y5
-	VAESENC     64(AX), Y6, Y6
-	VAESENC     64(AX), Y7, Y7
-	VAESENC     96(AX), Y0, Y0
-	VAESENC     96(AX), Y1, Y1
-	VAESENC     96(AX), Y2, Y2
-	VAESENC     96(AX), Y3, Y3
-	VAESENC     96(AX), Y4, Y4
-	VAESENC     96(AX), Y5, Y5
-	VAESENC     96(AX), Y6, Y6
-	VAESENC     96(AX), Y7, Y7
-	VAESENC     128(AX), Y0, Y0
-	VAESENC     128(AX), Y1, Y1
-	VAESENC     128(AX), Y2, Y2
-	VAESENC     128(AX), Y3, Y3
-	VAESENC     128(AX), Y4, Y4
-	VAESENC     128(AX), Y5, Y5
-	VAESENC     128(AX), Y6, Y6
-	VAESENC     128(AX), Y7, Y7
-	VAESENC     160(AX), Y0, Y0
-	VAESENC     160(AX), Y1, Y1
-	VAESENC     160(AX), Y2, Y2
-	VAESENC     160(AX), Y3, Y3
-	VAESENC     160(AX), Y4, Y4
-	VAESENC     160(AX), Y5, Y5
-	VAESENC     160(AX), Y6, Y6
-	VAESENC     160(AX), Y7, Y7
-	VAESENC     192(AX), Y0, Y0
-	VAESENC     192(AX), Y1, Y1
-	VAESENC     192(AX), Y2, Y2
-	VAESENC     192(AX), Y3, Y3
-	VAESENC     192(AX), Y4, Y4
-	VAESENC     192(AX), Y5, Y5
-	VAESENC     192(AX), Y6, Y6
-	VAESENC     192(AX), Y7, Y7
-	VAESENC     224(AX), Y0, Y0
-	VAESENC     224(AX), Y1, Y1
-	VAESENC     224(AX), Y2, Y2
-	VAESENC     224(AX), Y3, Y3
-	VAESENC     224(AX), Y4, Y4
-	VAESENC     224(AX), Y5, Y5
-	VAESENC     224(AX), Y6, Y6
-	VAESENC     224(AX), Y7, Y7
-	VAESENC     256(AX), Y0, Y0
-	VAESENC     256(AX), Y1, Y1
-	VAESENC     256(AX), Y2, Y2
-	VAESENC     256(AX), Y3, Y3
-	VAESENC     256(AX), Y4, Y4
-	VAESENC     256(AX), Y5, Y5
-	VAESENC     256(AX), Y6, Y6
-	VAESENC     256(AX), Y7, Y7
-	VAESENC     288(AX), Y0, Y0
-	VAESENC     288(AX), Y1, Y1
-	VAESENC     288(AX), Y2, Y2
-	VAESENC     288(AX), Y3, Y3
-	VAESENC     288(AX), Y4, Y4
-	VAESENC     288(AX), Y5, Y5
-	VAESENC     288(AX), Y6, Y6
-	VAESENC     288(AX), Y7, Y7
-	VAESENC     320(AX), Y0, Y0
-	VAESENC     320(AX), Y1, Y1
-	VAESENC     320(AX), Y2, Y2
-	VAESENC     320(AX), Y3, Y3
-	VAESENC     320(AX), Y4, Y4
-	VAESENC     320(AX), Y5, Y5
-	VAESENC     320(AX), Y6, Y6
-	VAESENC     320(AX), Y7, Y7
-	VAESENC     352(AX), Y0, Y0
-	VAESENC     352(AX), Y1, Y1
-	VAESENC     352(AX), Y2, Y2
-	VAESENC     352(AX), Y3, Y3
-	VAESENC     352(AX), Y4, Y4
-	VAESENC     352(AX), Y5, Y5
-	VAESENC     352(AX), Y6, Y6
-	VAESENC     352(AX), Y7, Y7
-	VAESENC     384(AX), Y0, Y0
-	VAESENC     384(AX), Y1, Y1
-	VAESENC     384(AX), Y2, Y2
-	VAESENC     384(AX), Y3, Y3
-	VAESENC     384(AX), Y4, Y4
-	VAESENC     384(AX), Y5, Y5
-	VAESENC     384(AX), Y6, Y6
-	VAESENC     384(AX), Y7, Y7
-	VAESENC     416(AX), Y0, Y0
-	VAESENC     416(AX), Y1, Y1
-	VAESENC     416(AX), Y2, Y2
-	VAESENC     416(AX), Y3, Y3
-	VAESENC     416(AX), Y4, Y4
-	VAESENC     416(AX), Y5, Y5
-	VAESENC     416(AX), Y6, Y6
-	VAESENC     416(AX), Y7, Y7
-	VAESENCLAST 448(AX), Y0, Y0
-	VAESENCLAST 448(AX), Y1, Y1
-	VAESENCLAST 448(AX), Y2, Y2
-	VAESENCLAST 448(AX), Y3, Y3
-	VAESENCLAST 448(AX), Y4, Y4
-	VAESENCLAST 448(AX), Y5, Y5
-	VAESENCLAST 448(AX), Y6, Y6
-	VAESENCLAST 448(AX), Y7, Y7
-	VPXOR       Y8, Y0, Y0
-	VMOVDQU     Y0, (BX)
-	VPXOR       Y9, Y1, Y1
-	VMOVDQU     Y1, 32(BX)
-	VPXOR       Y10, Y2, Y2
-	VMOVDQU     Y2, 64(BX)
-	VPXOR       Y11, Y3, Y3
-	VMOVDQU     Y3, 96(BX)
-	VPXOR       Y12, Y4, Y4
-	VMOVDQU     Y4, 128(BX)
-	VPXOR       Y13, Y5, Y5
-	VMOVDQU     Y5, 160(BX)
-	VPXOR       Y14, Y6, Y6
-	VMOVDQU     Y6, 192(BX)
-	VPXOR       Y15, Y7, Y7
-	VMOVDQU     Y7, 224(BX)
+	CMPQ    R8, $0x00000100
+	JB      tail
+	VMOVDQU (AX), Y8
+	VMOVDQU (CX), Y0
+	VPXOR   (R9), Y0, Y0
+	VPXOR   Y8, Y0, Y0
+	VMOVDQU 32(CX), Y1
+	VPXOR   32(R9), Y1, Y1
+	VPXOR   Y8, Y1, Y1
+	VMOVDQU 64(CX), Y2
+	VPXOR   64(R9), Y2, Y2
+	VPXOR   Y8, Y2, Y2
+	VMOVDQU 96(CX), Y3
+	VPXOR   96(R9), Y3, Y3
+	VPXOR   Y8, Y3, Y3
+	VMOVDQU 128(CX), Y4
+	VPXOR   128(R9), Y4, Y4
+	VPXOR   Y8, Y4, Y4
+	VMOVDQU 160(CX), Y5
+	VPXOR   160(R9), Y5, Y5
+	VPXOR   Y8, Y5, Y5
+	VMOVDQU 192(CX), Y6
+	VPXOR   192(R9), Y6, Y6
+	VPXOR   Y8, Y6, Y6
+	VMOVDQU 224(CX), Y7
+	VPXOR   224(R9), Y7, Y7
+	VPXOR   Y8, Y7, Y7
+	VMOVDQU 32(AX), Y8
+	VAESENC Y8, Y0, Y0
+	VAESENC Y8, Y1, Y1
+	VAESENC Y8, Y2, Y2
+	VAESENC Y8, Y3, Y3
+	VAESENC Y8, Y4, Y4
+	VAESENC Y8, Y5, Y5
+	VAESENC Y8, Y6, Y6
+	VAESENC Y8, Y7, Y7
 
-	// Advance every tweak pair by x^16.
-	VBROADCASTI128 xtsPoly<>+0(SB), Y0
-	VPSRLDQ        $0x0e, Y8, Y1
-	VPSLLDQ        $0x02, Y8, Y8
-	VPCLMULQDQ     $0x00, Y0, Y1, Y1
-	VPXOR          Y1, Y8, Y8
-	VPSRLDQ        $0x0e, Y9, Y2
-	VPSLLDQ        $0x02, Y9, Y9
-	VPCLMULQDQ     $0x00, Y0, Y2, Y2
-	VPXOR          Y2, Y9, Y9
-	VPSRLDQ        $0x0e, Y10, Y3
-	VPSLLDQ        $0x02, Y10, Y10
-	VPCLMULQDQ     $0x00, Y0, Y3, Y3
-	VPXOR          Y3, Y10, Y10
-	VPSRLDQ        $0x0e, Y11, Y4
-	VPSLLDQ        $0x02, Y11, Y11
-	VPCLMULQDQ     $0x00, Y0, Y4, Y4
-	VPXOR          Y4, Y11, Y11
-	VPSRLDQ        $0x0e, Y12, Y5
-	VPSLLDQ        $0x02, Y12, Y12
-	VPCLMULQDQ     $0x00, Y0, Y5, Y5
-	VPXOR          Y5, Y12, Y12
-	VPSRLDQ        $0x0e, Y13, Y6
-	VPSLLDQ        $0x02, Y13, Y13
-	VPCLMULQDQ     $0x00, Y0, Y6, Y6
-	VPXOR          Y6, Y13, Y13
-	VPSRLDQ        $0x0e, Y14, Y7
-	VPSLLDQ        $0x02, Y14, Y14
-	VPCLMULQDQ     $0x00, Y0, Y7, Y7
-	VPXOR          Y7, Y14, Y14
-	VPSRLDQ        $0x0e, Y15, Y1
-	VPSLLDQ        $0x02, Y15, Y15
-	VPCLMULQDQ     $0x00, Y0, Y1, Y1
-	VPXOR          Y1, Y15, Y15
-	ADDQ           $0x00000100, CX
-	ADDQ           $0x00000100, BX
-	SUBQ           $0x00000100, R8
-	JMP            loop16
+	// Tweak pair 0 of the next iteration: times x^16.
+	VMOVDQU    (R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, (R10)
+	VMOVDQU    64(AX), Y8
+	VAESENC    Y8, Y0, Y0
+	VAESENC    Y8, Y1, Y1
+	VAESENC    Y8, Y2, Y2
+	VAESENC    Y8, Y3, Y3
+	VAESENC    Y8, Y4, Y4
+	VAESENC    Y8, Y5, Y5
+	VAESENC    Y8, Y6, Y6
+	VAESENC    Y8, Y7, Y7
+
+	// Tweak pair 1 of the next iteration: times x^16.
+	VMOVDQU    32(R9), Y12
+	VPSRLDQ    $0x0e, Y12, Y13
+	VPSLLDQ    $0x02, Y12, Y12
+	VPCLMULQDQ $0x00, Y9, Y13, Y13
+	VPXOR      Y13, Y12, Y12
+	VMOVDQU    Y12, 32(R10)
+	VMOVDQU    96(AX), Y8
+	VAESENC    Y8, Y0, Y0
+	VAESENC    Y8, Y1, Y1
+	VAESENC    Y8, Y2, Y2
+	VAESENC    Y8, Y3, Y3
+	VAESENC    Y8, Y4, Y4
+	VAESENC    Y8, Y5, Y5
+	VAESENC    Y8, Y6, Y6
+	VAESENC    Y8, Y7, Y7
+
+	// Tweak pair 2 of the next iteration: times x^16.
+	VMOVDQU    64(R9), Y14
+	VPSRLDQ    $0x0e, Y14, Y15
+	VPSLLDQ    $0x02, Y14, Y14
+	VPCLMULQDQ $0x00, Y9, Y15, Y15
+	VPXOR      Y15, Y14, Y14
+	VMOVDQU    Y14, 64(R10)
+	VMOVDQU    128(AX), Y8
+	VAESENC    Y8, Y0, Y0
+	VAESENC    Y8, Y1, Y1
+	VAESENC    Y8, Y2, Y2
+	VAESENC    Y8, Y3, Y3
+	VAESENC    Y8, Y4, Y4
+	VAESENC    Y8, Y5, Y5
+	VAESENC    Y8, Y6, Y6
+	VAESENC    Y8, Y7, Y7
+
+	// Tweak pair 3 of the next iteration: times x^16.
+	VMOVDQU    96(R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, 96(R10)
+	VMOVDQU    160(AX), Y8
+	VAESENC    Y8, Y0, Y0
+	VAESENC    Y8, Y1, Y1
+	VAESENC    Y8, Y2, Y2
+	VAESENC    Y8, Y3, Y3
+	VAESENC    Y8, Y4, Y4
+	VAESENC    Y8, Y5, Y5
+	VAESENC    Y8, Y6, Y6
+	VAESENC    Y8, Y7, Y7
+
+	// Tweak pair 4 of the next iteration: times x^16.
+	VMOVDQU    128(R9), Y12
+	VPSRLDQ    $0x0e, Y12, Y13
+	VPSLLDQ    $0x02, Y12, Y12
+	VPCLMULQDQ $0x00, Y9, Y13, Y13
+	VPXOR      Y13, Y12, Y12
+	VMOVDQU    Y12, 128(R10)
+	VMOVDQU    192(AX), Y8
+	VAESENC    Y8, Y0, Y0
+	VAESENC    Y8, Y1, Y1
+	VAESENC    Y8, Y2, Y2
+	VAESENC    Y8, Y3, Y3
+	VAESENC    Y8, Y4, Y4
+	VAESENC    Y8, Y5, Y5
+	VAESENC    Y8, Y6, Y6
+	VAESENC    Y8, Y7, Y7
+
+	// Tweak pair 5 of the next iteration: times x^16.
+	VMOVDQU    160(R9), Y14
+	VPSRLDQ    $0x0e, Y14, Y15
+	VPSLLDQ    $0x02, Y14, Y14
+	VPCLMULQDQ $0x00, Y9, Y15, Y15
+	VPXOR      Y15, Y14, Y14
+	VMOVDQU    Y14, 160(R10)
+	VMOVDQU    224(AX), Y8
+	VAESENC    Y8, Y0, Y0
+	VAESENC    Y8, Y1, Y1
+	VAESENC    Y8, Y2, Y2
+	VAESENC    Y8, Y3, Y3
+	VAESENC    Y8, Y4, Y4
+	VAESENC    Y8, Y5, Y5
+	VAESENC    Y8, Y6, Y6
+	VAESENC    Y8, Y7, Y7
+
+	// Tweak pair 6 of the next iteration: times x^16.
+	VMOVDQU    192(R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, 192(R10)
+	VMOVDQU    256(AX), Y8
+	VAESENC    Y8, Y0, Y0
+	VAESENC    Y8, Y1, Y1
+	VAESENC    Y8, Y2, Y2
+	VAESENC    Y8, Y3, Y3
+	VAESENC    Y8, Y4, Y4
+	VAESENC    Y8, Y5, Y5
+	VAESENC    Y8, Y6, Y6
+	VAESENC    Y8, Y7, Y7
+
+	// Tweak pair 7 of the next iteration: times x^16.
+	VMOVDQU     224(R9), Y12
+	VPSRLDQ     $0x0e, Y12, Y13
+	VPSLLDQ     $0x02, Y12, Y12
+	VPCLMULQDQ  $0x00, Y9, Y13, Y13
+	VPXOR       Y13, Y12, Y12
+	VMOVDQU     Y12, 224(R10)
+	VMOVDQU     288(AX), Y8
+	VAESENC     Y8, Y0, Y0
+	VAESENC     Y8, Y1, Y1
+	VAESENC     Y8, Y2, Y2
+	VAESENC     Y8, Y3, Y3
+	VAESENC     Y8, Y4, Y4
+	VAESENC     Y8, Y5, Y5
+	VAESENC     Y8, Y6, Y6
+	VAESENC     Y8, Y7, Y7
+	VMOVDQU     320(AX), Y8
+	VAESENC     Y8, Y0, Y0
+	VAESENC     Y8, Y1, Y1
+	VAESENC     Y8, Y2, Y2
+	VAESENC     Y8, Y3, Y3
+	VAESENC     Y8, Y4, Y4
+	VAESENC     Y8, Y5, Y5
+	VAESENC     Y8, Y6, Y6
+	VAESENC     Y8, Y7, Y7
+	VMOVDQU     352(AX), Y8
+	VAESENC     Y8, Y0, Y0
+	VAESENC     Y8, Y1, Y1
+	VAESENC     Y8, Y2, Y2
+	VAESENC     Y8, Y3, Y3
+	VAESENC     Y8, Y4, Y4
+	VAESENC     Y8, Y5, Y5
+	VAESENC     Y8, Y6, Y6
+	VAESENC     Y8, Y7, Y7
+	VMOVDQU     384(AX), Y8
+	VAESENC     Y8, Y0, Y0
+	VAESENC     Y8, Y1, Y1
+	VAESENC     Y8, Y2, Y2
+	VAESENC     Y8, Y3, Y3
+	VAESENC     Y8, Y4, Y4
+	VAESENC     Y8, Y5, Y5
+	VAESENC     Y8, Y6, Y6
+	VAESENC     Y8, Y7, Y7
+	VMOVDQU     416(AX), Y8
+	VAESENC     Y8, Y0, Y0
+	VAESENC     Y8, Y1, Y1
+	VAESENC     Y8, Y2, Y2
+	VAESENC     Y8, Y3, Y3
+	VAESENC     Y8, Y4, Y4
+	VAESENC     Y8, Y5, Y5
+	VAESENC     Y8, Y6, Y6
+	VAESENC     Y8, Y7, Y7
+	VMOVDQU     448(AX), Y8
+	VAESENCLAST Y8, Y0, Y0
+	VAESENCLAST Y8, Y1, Y1
+	VAESENCLAST Y8, Y2, Y2
+	VAESENCLAST Y8, Y3, Y3
+	VAESENCLAST Y8, Y4, Y4
+	VAESENCLAST Y8, Y5, Y5
+	VAESENCLAST Y8, Y6, Y6
+	VAESENCLAST Y8, Y7, Y7
+	VPXOR       (R9), Y0, Y0
+	VMOVDQU     Y0, (BX)
+	VPXOR       32(R9), Y1, Y1
+	VMOVDQU     Y1, 32(BX)
+	VPXOR       64(R9), Y2, Y2
+	VMOVDQU     Y2, 64(BX)
+	VPXOR       96(R9), Y3, Y3
+	VMOVDQU     Y3, 96(BX)
+	VPXOR       128(R9), Y4, Y4
+	VMOVDQU     Y4, 128(BX)
+	VPXOR       160(R9), Y5, Y5
+	VMOVDQU     Y5, 160(BX)
+	VPXOR       192(R9), Y6, Y6
+	VMOVDQU     Y6, 192(BX)
+	VPXOR       224(R9), Y7, Y7
+	VMOVDQU     Y7, 224(BX)
+	XCHGQ       R9, R10
+	ADDQ        $0x00000100, CX
+	ADDQ        $0x00000100, BX
+	SUBQ        $0x00000100, R8
+	JMP         loop16
 
 tail:
-	// Fewer than 16 blocks: two at a time with Y8, shifting the tweak registers down.
+	// Fewer than 16 blocks: two at a time, tweaks next in the current buffer.
 tail2:
 	CMPQ        R8, $0x00000020
 	JB          tail1
-	VPXOR       (CX), Y8, Y0
+	VMOVDQU     (CX), Y0
+	VPXOR       (R9), Y0, Y0
 	VPXOR       (AX), Y0, Y0
 	VAESENC     32(AX), Y0, Y0
 	VAESENC     64(AX), Y0, Y0
@@ -1240,15 +1411,9 @@ tail2:
 	VAESENC     384(AX), Y0, Y0
 	VAESENC     416(AX), Y0, Y0
 	VAESENCLAST 448(AX), Y0, Y0
-	VPXOR       Y8, Y0, Y0
+	VPXOR       (R9), Y0, Y0
 	VMOVDQU     Y0, (BX)
-	VMOVDQA     Y9, Y8
-	VMOVDQA     Y10, Y9
-	VMOVDQA     Y11, Y10
-	VMOVDQA     Y12, Y11
-	VMOVDQA     Y13, Y12
-	VMOVDQA     Y14, Y13
-	VMOVDQA     Y15, Y14
+	ADDQ        $0x00000020, R9
 	ADDQ        $0x00000020, CX
 	ADDQ        $0x00000020, BX
 	SUBQ        $0x00000020, R8
@@ -1258,8 +1423,9 @@ tail1:
 	TESTQ R8, R8
 	JZ    unitdone
 
-	// One block left: its tweak is the low lane of Y8; keys are the low 16 bytes of each entry.
-	VPXOR       (CX), X8, X0
+	// One block left: its tweak is the low half of the next pair; keys are the low 16 bytes of each entry.
+	VMOVDQU     (CX), X0
+	VPXOR       (R9), X0, X0
 	VPXOR       (AX), X0, X0
 	VAESENC     32(AX), X0, X0
 	VAESENC     64(AX), X0, X0
@@ -1275,7 +1441,7 @@ tail1:
 	VAESENC     384(AX), X0, X0
 	VAESENC     416(AX), X0, X0
 	VAESENCLAST 448(AX), X0, X0
-	VPXOR       X8, X0, X0
+	VPXOR       (R9), X0, X0
 	VMOVDQU     X0, (BX)
 	ADDQ        $0x00000010, CX
 	ADDQ        $0x00000010, BX
@@ -1290,297 +1456,364 @@ done:
 
 // func xtsDecVAES256(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: AVX, AVX2
-TEXT ·xtsDecVAES256(SB), NOSPLIT, $0-72
-	MOVQ  rk+0(FP), AX
-	MOVQ  dst+16(FP), BX
-	MOVQ  src+24(FP), CX
-	MOVQ  tk+8(FP), DX
-	MOVQ  tw+32(FP), R13
-	MOVQ  lo+40(FP), R11
-	MOVQ  hi+48(FP), R12
-	MOVQ  nunits+56(FP), SI
-	MOVQ  ulen+64(FP), DI
-	TESTQ SI, SI
-	JZ    done
+TEXT ·xtsDecVAES256(SB), NOSPLIT, $544-72
+	MOVQ           rk+0(FP), AX
+	MOVQ           dst+16(FP), BX
+	MOVQ           src+24(FP), CX
+	MOVQ           tk+8(FP), DX
+	MOVQ           tw+32(FP), R13
+	MOVQ           lo+40(FP), R11
+	MOVQ           hi+48(FP), R12
+	MOVQ           nunits+56(FP), SI
+	MOVQ           ulen+64(FP), DI
+	TESTQ          SI, SI
+	JZ             done
+	VBROADCASTI128 xtsPoly<>+0(SB), Y9
 
 unit:
-	MOVQ  DI, R8
+	MOVQ DI, R8
+
+	// R9 = current tweak buffer (32-byte aligned), R10 = next.
+	LEAQ  (SP), R9
+	ADDQ  $0x1f, R9
+	ANDQ  $-32, R9
+	LEAQ  256(R9), R10
 	TESTQ DX, DX
 	JZ    explicit
 
-	// X8 = E_K2(unit number), VEX-encoded AES on XMM.
-	VMOVQ       R11, X8
-	VPINSRQ     $0x01, R12, X8, X8
-	VPXOR       (DX), X8, X8
-	VAESENC     16(DX), X8, X8
-	VAESENC     32(DX), X8, X8
-	VAESENC     48(DX), X8, X8
-	VAESENC     64(DX), X8, X8
-	VAESENC     80(DX), X8, X8
-	VAESENC     96(DX), X8, X8
-	VAESENC     112(DX), X8, X8
-	VAESENC     128(DX), X8, X8
-	VAESENC     144(DX), X8, X8
-	VAESENC     160(DX), X8, X8
-	VAESENC     176(DX), X8, X8
-	VAESENC     192(DX), X8, X8
-	VAESENC     208(DX), X8, X8
-	VAESENCLAST 224(DX), X8, X8
+	// X10 = E_K2(unit number), VEX-encoded AES on XMM.
+	VMOVQ       R11, X10
+	VPINSRQ     $0x01, R12, X10, X10
+	VPXOR       (DX), X10, X10
+	VAESENC     16(DX), X10, X10
+	VAESENC     32(DX), X10, X10
+	VAESENC     48(DX), X10, X10
+	VAESENC     64(DX), X10, X10
+	VAESENC     80(DX), X10, X10
+	VAESENC     96(DX), X10, X10
+	VAESENC     112(DX), X10, X10
+	VAESENC     128(DX), X10, X10
+	VAESENC     144(DX), X10, X10
+	VAESENC     160(DX), X10, X10
+	VAESENC     176(DX), X10, X10
+	VAESENC     192(DX), X10, X10
+	VAESENC     208(DX), X10, X10
+	VAESENCLAST 224(DX), X10, X10
 	ADDQ        $0x01, R11
 	ADCQ        $0x00, R12
 	JMP         tweak
 
 explicit:
-	VMOVDQU (R13), X8
+	VMOVDQU (R13), X10
 	ADDQ    $0x00000010, R13
 
 tweak:
-	VBROADCASTI128 xtsPoly<>+0(SB), Y0
-
-	// Y8 = [T, T*x]; Y9..Y15 = Y8*x^2 .. Y8*x^14, independently.
-	VPSRLQ      $0x3f, X8, X2
-	VPSLLQ      $0x01, X8, X1
-	VPSLLDQ     $0x08, X2, X3
-	VPCLMULQDQ  $0x01, X0, X2, X2
-	VPXOR       X3, X1, X1
-	VPXOR       X2, X1, X1
-	VINSERTI128 $0x01, X1, Y8, Y8
-	VPSRLQ      $0x3e, Y8, Y3
-	VPSLLQ      $0x02, Y8, Y9
-	VPSLLDQ     $0x08, Y3, Y4
-	VPCLMULQDQ  $0x01, Y0, Y3, Y3
-	VPXOR       Y4, Y9, Y9
-	VPXOR       Y3, Y9, Y9
-	VPSRLQ      $0x3c, Y8, Y1
-	VPSLLQ      $0x04, Y8, Y10
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, Y0, Y1, Y1
-	VPXOR       Y2, Y10, Y10
-	VPXOR       Y1, Y10, Y10
-	VPSRLQ      $0x3a, Y8, Y3
-	VPSLLQ      $0x06, Y8, Y11
-	VPSLLDQ     $0x08, Y3, Y4
-	VPCLMULQDQ  $0x01, Y0, Y3, Y3
-	VPXOR       Y4, Y11, Y11
-	VPXOR       Y3, Y11, Y11
-	VPSRLQ      $0x38, Y8, Y1
-	VPSLLQ      $0x08, Y8, Y12
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, Y0, Y1, Y1
-	VPXOR       Y2, Y12, Y12
-	VPXOR       Y1, Y12, Y12
-	VPSRLQ      $0x36, Y8, Y3
-	VPSLLQ      $0x0a, Y8, Y13
-	VPSLLDQ     $0x08, Y3, Y4
-	VPCLMULQDQ  $0x01, Y0, Y3, Y3
-	VPXOR       Y4, Y13, Y13
-	VPXOR       Y3, Y13, Y13
-	VPSRLQ      $0x34, Y8, Y1
-	VPSLLQ      $0x0c, Y8, Y14
-	VPSLLDQ     $0x08, Y1, Y2
-	VPCLMULQDQ  $0x01, Y0, Y1, Y1
-	VPXOR       Y2, Y14, Y14
-	VPXOR       Y1, Y14, Y14
-	VPSRLQ      $0x32, Y8, Y3
-	VPSLLQ      $0x0e, Y8, Y15
-	VPSLLDQ     $0x08, Y3, Y4
-	VPCLMULQDQ  $0x01, Y0, Y3, Y3
-	VPXOR       Y4, Y15, Y15
-	VPXOR       Y3, Y15, Y15
+	// Y10 = [T, T*x]; the tweak pairs of blocks 0..15 are Y10*x^0, x^2 .. x^14, computed independently.
+	VPSRLQ      $0x3f, X10, X12
+	VPSLLQ      $0x01, X10, X11
+	VPSLLDQ     $0x08, X12, X13
+	VPCLMULQDQ  $0x01, X9, X12, X12
+	VPXOR       X13, X11, X11
+	VPXOR       X12, X11, X11
+	VINSERTI128 $0x01, X11, Y10, Y10
+	VMOVDQU     Y10, (R9)
+	VPSRLQ      $0x3e, Y10, Y14
+	VPSLLQ      $0x02, Y10, Y13
+	VPSLLDQ     $0x08, Y14, Y15
+	VPCLMULQDQ  $0x01, Y9, Y14, Y14
+	VPXOR       Y15, Y13, Y13
+	VPXOR       Y14, Y13, Y13
+	VMOVDQU     Y13, 32(R9)
+	VPSRLQ      $0x3c, Y10, Y12
+	VPSLLQ      $0x04, Y10, Y11
+	VPSLLDQ     $0x08, Y12, Y15
+	VPCLMULQDQ  $0x01, Y9, Y12, Y12
+	VPXOR       Y15, Y11, Y11
+	VPXOR       Y12, Y11, Y11
+	VMOVDQU     Y11, 64(R9)
+	VPSRLQ      $0x3a, Y10, Y14
+	VPSLLQ      $0x06, Y10, Y13
+	VPSLLDQ     $0x08, Y14, Y15
+	VPCLMULQDQ  $0x01, Y9, Y14, Y14
+	VPXOR       Y15, Y13, Y13
+	VPXOR       Y14, Y13, Y13
+	VMOVDQU     Y13, 96(R9)
+	VPSRLQ      $0x38, Y10, Y12
+	VPSLLQ      $0x08, Y10, Y11
+	VPSLLDQ     $0x08, Y12, Y15
+	VPCLMULQDQ  $0x01, Y9, Y12, Y12
+	VPXOR       Y15, Y11, Y11
+	VPXOR       Y12, Y11, Y11
+	VMOVDQU     Y11, 128(R9)
+	VPSRLQ      $0x36, Y10, Y14
+	VPSLLQ      $0x0a, Y10, Y13
+	VPSLLDQ     $0x08, Y14, Y15
+	VPCLMULQDQ  $0x01, Y9, Y14, Y14
+	VPXOR       Y15, Y13, Y13
+	VPXOR       Y14, Y13, Y13
+	VMOVDQU     Y13, 160(R9)
+	VPSRLQ      $0x34, Y10, Y12
+	VPSLLQ      $0x0c, Y10, Y11
+	VPSLLDQ     $0x08, Y12, Y15
+	VPCLMULQDQ  $0x01, Y9, Y12, Y12
+	VPXOR       Y15, Y11, Y11
+	VPXOR       Y12, Y11, Y11
+	VMOVDQU     Y11, 192(R9)
+	VPSRLQ      $0x32, Y10, Y14
+	VPSLLQ      $0x0e, Y10, Y13
+	VPSLLDQ     $0x08, Y14, Y15
+	VPCLMULQDQ  $0x01, Y9, Y14, Y14
+	VPXOR       Y15, Y13, Y13
+	VPXOR       Y14, Y13, Y13
+	VMOVDQU     Y13, 224(R9)
 
 loop16:
-	CMPQ        R8, $0x00000100
-	JB          tail
-	VPXOR       (CX), Y8, Y0
-	VPXOR       32(CX), Y9, Y1
-	VPXOR       64(CX), Y10, Y2
-	VPXOR       96(CX), Y11, Y3
-	VPXOR       128(CX), Y12, Y4
-	VPXOR       160(CX), Y13, Y5
-	VPXOR       192(CX), Y14, Y6
-	VPXOR       224(CX), Y15, Y7
-	VPXOR       (AX), Y0, Y0
-	VPXOR       (AX), Y1, Y1
-	VPXOR       (AX), Y2, Y2
-	VPXOR       (AX), Y3, Y3
-	VPXOR       (AX), Y4, Y4
-	VPXOR       (AX), Y5, Y5
-	VPXOR       (AX), Y6, Y6
-	VPXOR       (AX), Y7, Y7
-	VAESDEC     32(AX), Y0, Y0
-	VAESDEC     32(AX), Y1, Y1
-	VAESDEC     32(AX), Y2, Y2
-	VAESDEC     32(AX), Y3, Y3
-	VAESDEC     32(AX), Y4, Y4
-	VAESDEC     32(AX), Y5, Y5
-	VAESDEC     32(AX), Y6, Y6
-	VAESDEC     32(AX), Y7, Y7
-	VAESDEC     64(AX), Y0, Y0
-	VAESDEC     64(AX), Y1, Y1
-	VAESDEC     64(AX), Y2, Y2
-	VAESDEC     64(AX), Y3, Y3
-	VAESDEC     64(AX), Y4, Y4
-	VAESDEC     64(AX), Y5, Y5
-	VAESDEC     64(AX), Y6, Y6
-	VAESDEC     64(AX), Y7, Y7
-	VAESDEC     96(AX), Y0, Y0
-	VAESDEC     96(AX), Y1, Y1
-	VAESDEC     96(AX), Y2, Y2
-	VAESDEC     96(AX), Y3, Y3
-	VAESDEC     96(AX), Y4, Y4
-	VAESDEC     96(AX), Y5, Y5
-	VAESDEC     96(AX), Y6, Y6
-	VAESDEC     96(AX), Y7, Y7
-	VAESDEC     128(AX), Y0, Y0
-	VAESDEC     128(AX), Y1, Y1
-	VAESDEC     128(AX), Y2, Y2
-	VAESDEC     128(AX), Y3, Y3
-	VAESDEC     128(AX), Y4, Y4
-	VAESDEC     128(AX), Y5, Y5
-	VAESDEC     128(AX), Y6, Y6
-	VAESDEC     128(AX), Y7, Y7
-	VAESDEC     160(AX), Y0, Y0
-	VAESDEC     160(AX), Y1, Y1
-	VAESDEC     160(AX), Y2, Y2
-	VAESDEC     160(AX), Y3, Y3
-	VAESDEC     160(AX), Y4, Y4
-	VAESDEC     160(AX), Y5, Y5
-	VAESDEC     160(AX), Y6, Y6
-	VAESDEC     160(AX), Y7, Y7
-	VAESDEC     192(AX), Y0, Y0
-	VAESDEC     192(AX), Y1, Y1
-	VAESDEC     192(AX), Y2, Y2
-	VAESDEC     192(AX), Y3, Y3
-	VAESDEC     192(AX), Y4, Y4
-	VAESDEC     192(AX), Y5, Y5
-	VAESDEC     192(AX), Y6, Y6
-	VAESDEC     192(AX), Y7, Y7
-	VAESDEC     224(AX), Y0, Y0
-	VAESDEC     224(AX), Y1, Y1
-	VAESDEC     224(AX), Y2, Y2
-	VAESDEC     224(AX), Y3, Y3
-	VAESDEC     224(AX), Y4, Y4
-	VAESDEC     224(AX), Y5, Y5
-	VAESDEC     224(AX), Y6, Y6
-	VAESDEC     224(AX), Y7, Y7
-	VAESDEC     256(AX), Y0, Y0
-	VAESDEC     256(AX), Y1, Y1
-	VAESDEC     256(AX), Y2, Y2
-	VAESDEC     256(AX), Y3, Y3
-	VAESDEC     256(AX), Y4, Y4
-	VAESDEC     256(AX), Y5, Y5
-	VAESDEC     256(AX), Y6, Y6
-	VAESDEC     256(AX), Y7, Y7
-	VAESDEC     288(AX), Y0, Y0
-	VAESDEC     288(AX), Y1, Y1
-	VAESDEC     288(AX), Y2, Y2
-	VAESDEC     288(AX), Y3, Y3
-	VAESDEC     288(AX), Y4, Y4
-	VAESDEC     288(AX), Y5, Y5
-	VAESDEC     288(AX), Y6, Y6
-	VAESDEC     288(AX), Y7, Y7
-	VAESDEC     320(AX), Y0, Y0
-	VAESDEC     320(AX), Y1, Y1
-	VAESDEC     320(AX), Y2, Y2
-	VAESDEC     320(AX), Y3, Y3
-	VAESDEC     320(AX), Y4, Y4
-	VAESDEC     320(AX), Y5, Y5
-	VAESDEC     320(AX), Y6, Y6
-	VAESDEC     320(AX), Y7, Y7
-	VAESDEC     352(AX), Y0, Y0
-	VAESDEC     352(AX), Y1, Y1
-	VAESDEC     352(AX), Y2, Y2
-	VAESDEC     352(AX), Y3, Y3
-	VAESDEC     352(AX), Y4, Y4
-	VAESDEC     352(AX), Y5, Y5
-	VAESDEC     352(AX), Y6, Y6
-	VAESDEC     352(AX), Y7, Y7
-	VAESDEC     384(AX), Y0, Y0
-	VAESDEC     384(AX), Y1, Y1
-	VAESDEC     384(AX), Y2, Y2
-	VAESDEC     384(AX), Y3, Y3
-	VAESDEC     384(AX), Y4, Y4
-	VAESDEC     384(AX), Y5, Y5
-	VAESDEC     384(AX), Y6, Y6
-	VAESDEC     384(AX), Y7, Y7
-	VAESDEC     416(AX), Y0, Y0
-	VAESDEC     416(AX), Y1, Y1
-	VAESDEC     416(AX), Y2, Y2
-	VAESDEC     416(AX), Y3, Y3
-	VAESDEC     416(AX), Y4, Y4
-	VAESDEC     416(AX), Y5, Y5
-	VAESDEC     416(AX), Y6, Y6
-	VAESDEC     416(AX), Y7, Y7
-	VAESDECLAST 448(AX), Y0, Y0
-	VAESDECLAST 448(AX), Y1, Y1
-	VAESDECLAST 448(AX), Y2, Y2
-	VAESDECLAST 448(AX), Y3, Y3
-	VAESDECLAST 448(AX), Y4, Y4
-	VAESDECLAST 448(AX), Y5, Y5
-	VAESDECLAST 448(AX), Y6, Y6
-	VAESDECLAST 448(AX), Y7, Y7
-	VPXOR       Y8, Y0, Y0
-	VMOVDQU     Y0, (BX)
-	VPXOR       Y9, Y1, Y1
-	VMOVDQU     Y1, 32(BX)
-	VPXOR       Y10, Y2, Y2
-	VMOVDQU     Y2, 64(BX)
-	VPXOR       Y11, Y3, Y3
-	VMOVDQU     Y3, 96(BX)
-	VPXOR       Y12, Y4, Y4
-	VMOVDQU     Y4, 128(BX)
-	VPXOR       Y13, Y5, Y5
-	VMOVDQU     Y5, 160(BX)
-	VPXOR       Y14, Y6, Y6
-	VMOVDQU     Y6, 192(BX)
-	VPXOR       Y15, Y7, Y7
-	VMOVDQU     Y7, 224(BX)
+	CMPQ    R8, $0x00000100
+	JB      tail
+	VMOVDQU (AX), Y8
+	VMOVDQU (CX), Y0
+	VPXOR   (R9), Y0, Y0
+	VPXOR   Y8, Y0, Y0
+	VMOVDQU 32(CX), Y1
+	VPXOR   32(R9), Y1, Y1
+	VPXOR   Y8, Y1, Y1
+	VMOVDQU 64(CX), Y2
+	VPXOR   64(R9), Y2, Y2
+	VPXOR   Y8, Y2, Y2
+	VMOVDQU 96(CX), Y3
+	VPXOR   96(R9), Y3, Y3
+	VPXOR   Y8, Y3, Y3
+	VMOVDQU 128(CX), Y4
+	VPXOR   128(R9), Y4, Y4
+	VPXOR   Y8, Y4, Y4
+	VMOVDQU 160(CX), Y5
+	VPXOR   160(R9), Y5, Y5
+	VPXOR   Y8, Y5, Y5
+	VMOVDQU 192(CX), Y6
+	VPXOR   192(R9), Y6, Y6
+	VPXOR   Y8, Y6, Y6
+	VMOVDQU 224(CX), Y7
+	VPXOR   224(R9), Y7, Y7
+	VPXOR   Y8, Y7, Y7
+	VMOVDQU 32(AX), Y8
+	VAESDEC Y8, Y0, Y0
+	VAESDEC Y8, Y1, Y1
+	VAESDEC Y8, Y2, Y2
+	VAESDEC Y8, Y3, Y3
+	VAESDEC Y8, Y4, Y4
+	VAESDEC Y8, Y5, Y5
+	VAESDEC Y8, Y6, Y6
+	VAESDEC Y8, Y7, Y7
 
-	// Advance every tweak pair by x^16.
-	VBROADCASTI128 xtsPoly<>+0(SB), Y0
-	VPSRLDQ        $0x0e, Y8, Y1
-	VPSLLDQ        $0x02, Y8, Y8
-	VPCLMULQDQ     $0x00, Y0, Y1, Y1
-	VPXOR          Y1, Y8, Y8
-	VPSRLDQ        $0x0e, Y9, Y2
-	VPSLLDQ        $0x02, Y9, Y9
-	VPCLMULQDQ     $0x00, Y0, Y2, Y2
-	VPXOR          Y2, Y9, Y9
-	VPSRLDQ        $0x0e, Y10, Y3
-	VPSLLDQ        $0x02, Y10, Y10
-	VPCLMULQDQ     $0x00, Y0, Y3, Y3
-	VPXOR          Y3, Y10, Y10
-	VPSRLDQ        $0x0e, Y11, Y4
-	VPSLLDQ        $0x02, Y11, Y11
-	VPCLMULQDQ     $0x00, Y0, Y4, Y4
-	VPXOR          Y4, Y11, Y11
-	VPSRLDQ        $0x0e, Y12, Y5
-	VPSLLDQ        $0x02, Y12, Y12
-	VPCLMULQDQ     $0x00, Y0, Y5, Y5
-	VPXOR          Y5, Y12, Y12
-	VPSRLDQ        $0x0e, Y13, Y6
-	VPSLLDQ        $0x02, Y13, Y13
-	VPCLMULQDQ     $0x00, Y0, Y6, Y6
-	VPXOR          Y6, Y13, Y13
-	VPSRLDQ        $0x0e, Y14, Y7
-	VPSLLDQ        $0x02, Y14, Y14
-	VPCLMULQDQ     $0x00, Y0, Y7, Y7
-	VPXOR          Y7, Y14, Y14
-	VPSRLDQ        $0x0e, Y15, Y1
-	VPSLLDQ        $0x02, Y15, Y15
-	VPCLMULQDQ     $0x00, Y0, Y1, Y1
-	VPXOR          Y1, Y15, Y15
-	ADDQ           $0x00000100, CX
-	ADDQ           $0x00000100, BX
-	SUBQ           $0x00000100, R8
-	JMP            loop16
+	// Tweak pair 0 of the next iteration: times x^16.
+	VMOVDQU    (R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, (R10)
+	VMOVDQU    64(AX), Y8
+	VAESDEC    Y8, Y0, Y0
+	VAESDEC    Y8, Y1, Y1
+	VAESDEC    Y8, Y2, Y2
+	VAESDEC    Y8, Y3, Y3
+	VAESDEC    Y8, Y4, Y4
+	VAESDEC    Y8, Y5, Y5
+	VAESDEC    Y8, Y6, Y6
+	VAESDEC    Y8, Y7, Y7
+
+	// Tweak pair 1 of the next iteration: times x^16.
+	VMOVDQU    32(R9), Y12
+	VPSRLDQ    $0x0e, Y12, Y13
+	VPSLLDQ    $0x02, Y12, Y12
+	VPCLMULQDQ $0x00, Y9, Y13, Y13
+	VPXOR      Y13, Y12, Y12
+	VMOVDQU    Y12, 32(R10)
+	VMOVDQU    96(AX), Y8
+	VAESDEC    Y8, Y0, Y0
+	VAESDEC    Y8, Y1, Y1
+	VAESDEC    Y8, Y2, Y2
+	VAESDEC    Y8, Y3, Y3
+	VAESDEC    Y8, Y4, Y4
+	VAESDEC    Y8, Y5, Y5
+	VAESDEC    Y8, Y6, Y6
+	VAESDEC    Y8, Y7, Y7
+
+	// Tweak pair 2 of the next iteration: times x^16.
+	VMOVDQU    64(R9), Y14
+	VPSRLDQ    $0x0e, Y14, Y15
+	VPSLLDQ    $0x02, Y14, Y14
+	VPCLMULQDQ $0x00, Y9, Y15, Y15
+	VPXOR      Y15, Y14, Y14
+	VMOVDQU    Y14, 64(R10)
+	VMOVDQU    128(AX), Y8
+	VAESDEC    Y8, Y0, Y0
+	VAESDEC    Y8, Y1, Y1
+	VAESDEC    Y8, Y2, Y2
+	VAESDEC    Y8, Y3, Y3
+	VAESDEC    Y8, Y4, Y4
+	VAESDEC    Y8, Y5, Y5
+	VAESDEC    Y8, Y6, Y6
+	VAESDEC    Y8, Y7, Y7
+
+	// Tweak pair 3 of the next iteration: times x^16.
+	VMOVDQU    96(R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, 96(R10)
+	VMOVDQU    160(AX), Y8
+	VAESDEC    Y8, Y0, Y0
+	VAESDEC    Y8, Y1, Y1
+	VAESDEC    Y8, Y2, Y2
+	VAESDEC    Y8, Y3, Y3
+	VAESDEC    Y8, Y4, Y4
+	VAESDEC    Y8, Y5, Y5
+	VAESDEC    Y8, Y6, Y6
+	VAESDEC    Y8, Y7, Y7
+
+	// Tweak pair 4 of the next iteration: times x^16.
+	VMOVDQU    128(R9), Y12
+	VPSRLDQ    $0x0e, Y12, Y13
+	VPSLLDQ    $0x02, Y12, Y12
+	VPCLMULQDQ $0x00, Y9, Y13, Y13
+	VPXOR      Y13, Y12, Y12
+	VMOVDQU    Y12, 128(R10)
+	VMOVDQU    192(AX), Y8
+	VAESDEC    Y8, Y0, Y0
+	VAESDEC    Y8, Y1, Y1
+	VAESDEC    Y8, Y2, Y2
+	VAESDEC    Y8, Y3, Y3
+	VAESDEC    Y8, Y4, Y4
+	VAESDEC    Y8, Y5, Y5
+	VAESDEC    Y8, Y6, Y6
+	VAESDEC    Y8, Y7, Y7
+
+	// Tweak pair 5 of the next iteration: times x^16.
+	VMOVDQU    160(R9), Y14
+	VPSRLDQ    $0x0e, Y14, Y15
+	VPSLLDQ    $0x02, Y14, Y14
+	VPCLMULQDQ $0x00, Y9, Y15, Y15
+	VPXOR      Y15, Y14, Y14
+	VMOVDQU    Y14, 160(R10)
+	VMOVDQU    224(AX), Y8
+	VAESDEC    Y8, Y0, Y0
+	VAESDEC    Y8, Y1, Y1
+	VAESDEC    Y8, Y2, Y2
+	VAESDEC    Y8, Y3, Y3
+	VAESDEC    Y8, Y4, Y4
+	VAESDEC    Y8, Y5, Y5
+	VAESDEC    Y8, Y6, Y6
+	VAESDEC    Y8, Y7, Y7
+
+	// Tweak pair 6 of the next iteration: times x^16.
+	VMOVDQU    192(R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, 192(R10)
+	VMOVDQU    256(AX), Y8
+	VAESDEC    Y8, Y0, Y0
+	VAESDEC    Y8, Y1, Y1
+	VAESDEC    Y8, Y2, Y2
+	VAESDEC    Y8, Y3, Y3
+	VAESDEC    Y8, Y4, Y4
+	VAESDEC    Y8, Y5, Y5
+	VAESDEC    Y8, Y6, Y6
+	VAESDEC    Y8, Y7, Y7
+
+	// Tweak pair 7 of the next iteration: times x^16.
+	VMOVDQU     224(R9), Y12
+	VPSRLDQ     $0x0e, Y12, Y13
+	VPSLLDQ     $0x02, Y12, Y12
+	VPCLMULQDQ  $0x00, Y9, Y13, Y13
+	VPXOR       Y13, Y12, Y12
+	VMOVDQU     Y12, 224(R10)
+	VMOVDQU     288(AX), Y8
+	VAESDEC     Y8, Y0, Y0
+	VAESDEC     Y8, Y1, Y1
+	VAESDEC     Y8, Y2, Y2
+	VAESDEC     Y8, Y3, Y3
+	VAESDEC     Y8, Y4, Y4
+	VAESDEC     Y8, Y5, Y5
+	VAESDEC     Y8, Y6, Y6
+	VAESDEC     Y8, Y7, Y7
+	VMOVDQU     320(AX), Y8
+	VAESDEC     Y8, Y0, Y0
+	VAESDEC     Y8, Y1, Y1
+	VAESDEC     Y8, Y2, Y2
+	VAESDEC     Y8, Y3, Y3
+	VAESDEC     Y8, Y4, Y4
+	VAESDEC     Y8, Y5, Y5
+	VAESDEC     Y8, Y6, Y6
+	VAESDEC     Y8, Y7, Y7
+	VMOVDQU     352(AX), Y8
+	VAESDEC     Y8, Y0, Y0
+	VAESDEC     Y8, Y1, Y1
+	VAESDEC     Y8, Y2, Y2
+	VAESDEC     Y8, Y3, Y3
+	VAESDEC     Y8, Y4, Y4
+	VAESDEC     Y8, Y5, Y5
+	VAESDEC     Y8, Y6, Y6
+	VAESDEC     Y8, Y7, Y7
+	VMOVDQU     384(AX), Y8
+	VAESDEC     Y8, Y0, Y0
+	VAESDEC     Y8, Y1, Y1
+	VAESDEC     Y8, Y2, Y2
+	VAESDEC     Y8, Y3, Y3
+	VAESDEC     Y8, Y4, Y4
+	VAESDEC     Y8, Y5, Y5
+	VAESDEC     Y8, Y6, Y6
+	VAESDEC     Y8, Y7, Y7
+	VMOVDQU     416(AX), Y8
+	VAESDEC     Y8, Y0, Y0
+	VAESDEC     Y8, Y1, Y1
+	VAESDEC     Y8, Y2, Y2
+	VAESDEC     Y8, Y3, Y3
+	VAESDEC     Y8, Y4, Y4
+	VAESDEC     Y8, Y5, Y5
+	VAESDEC     Y8, Y6, Y6
+	VAESDEC     Y8, Y7, Y7
+	VMOVDQU     448(AX), Y8
+	VAESDECLAST Y8, Y0, Y0
+	VAESDECLAST Y8, Y1, Y1
+	VAESDECLAST Y8, Y2, Y2
+	VAESDECLAST Y8, Y3, Y3
+	VAESDECLAST Y8, Y4, Y4
+	VAESDECLAST Y8, Y5, Y5
+	VAESDECLAST Y8, Y6, Y6
+	VAESDECLAST Y8, Y7, Y7
+	VPXOR       (R9), Y0, Y0
+	VMOVDQU     Y0, (BX)
+	VPXOR       32(R9), Y1, Y1
+	VMOVDQU     Y1, 32(BX)
+	VPXOR       64(R9), Y2, Y2
+	VMOVDQU     Y2, 64(BX)
+	VPXOR       96(R9), Y3, Y3
+	VMOVDQU     Y3, 96(BX)
+	VPXOR       128(R9), Y4, Y4
+	VMOVDQU     Y4, 128(BX)
+	VPXOR       160(R9), Y5, Y5
+	VMOVDQU     Y5, 160(BX)
+	VPXOR       192(R9), Y6, Y6
+	VMOVDQU     Y6, 192(BX)
+	VPXOR       224(R9), Y7, Y7
+	VMOVDQU     Y7, 224(BX)
+	XCHGQ       R9, R10
+	ADDQ        $0x00000100, CX
+	ADDQ        $0x00000100, BX
+	SUBQ        $0x00000100, R8
+	JMP         loop16
 
 tail:
-	// Fewer than 16 blocks: two at a time with Y8, shifting the tweak registers down.
+	// Fewer than 16 blocks: two at a time, tweaks next in the current buffer.
 tail2:
 	CMPQ        R8, $0x00000020
 	JB          tail1
-	VPXOR       (CX), Y8, Y0
+	VMOVDQU     (CX), Y0
+	VPXOR       (R9), Y0, Y0
 	VPXOR       (AX), Y0, Y0
 	VAESDEC     32(AX), Y0, Y0
 	VAESDEC     64(AX), Y0, Y0
@@ -1596,15 +1829,9 @@ tail2:
 	VAESDEC     384(AX), Y0, Y0
 	VAESDEC     416(AX), Y0, Y0
 	VAESDECLAST 448(AX), Y0, Y0
-	VPXOR       Y8, Y0, Y0
+	VPXOR       (R9), Y0, Y0
 	VMOVDQU     Y0, (BX)
-	VMOVDQA     Y9, Y8
-	VMOVDQA     Y10, Y9
-	VMOVDQA     Y11, Y10
-	VMOVDQA     Y12, Y11
-	VMOVDQA     Y13, Y12
-	VMOVDQA     Y14, Y13
-	VMOVDQA     Y15, Y14
+	ADDQ        $0x00000020, R9
 	ADDQ        $0x00000020, CX
 	ADDQ        $0x00000020, BX
 	SUBQ        $0x00000020, R8
@@ -1614,8 +1841,9 @@ tail1:
 	TESTQ R8, R8
 	JZ    unitdone
 
-	// One block left: its tweak is the low lane of Y8; keys are the low 16 bytes of each entry.
-	VPXOR       (CX), X8, X0
+	// One block left: its tweak is the low half of the next pair; keys are the low 16 bytes of each entry.
+	VMOVDQU     (CX), X0
+	VPXOR       (R9), X0, X0
 	VPXOR       (AX), X0, X0
 	VAESDEC     32(AX), X0, X0
 	VAESDEC     64(AX), X0, X0
@@ -1631,7 +1859,7 @@ tail1:
 	VAESDEC     384(AX), X0, X0
 	VAESDEC     416(AX), X0, X0
 	VAESDECLAST 448(AX), X0, X0
-	VPXOR       X8, X0, X0
+	VPXOR       (R9), X0, X0
 	VMOVDQU     X0, (BX)
 	ADDQ        $0x00000010, CX
 	ADDQ        $0x00000010, BX

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -662,4 +663,34 @@ func TestConcurrent(t *testing.T) {
 		c2.Close()
 		wg2.Wait()
 	}
+}
+
+// TestCleanupWithoutClose drops Ciphers without Close; the cleanup must
+// release their key regions without crashing.
+func TestCleanupWithoutClose(t *testing.T) {
+	key := randKey(rand.New(rand.NewPCG(21, 22)))
+	for i := 0; i < 50; i++ {
+		for _, impl := range Available() {
+			c, err := New(key, 4096, impl)
+			if err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 4096)
+			if err := c.Encrypt(buf, buf, 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	runtime.GC()
+	runtime.GC()
+	// And Close followed by collection must not free twice.
+	func() {
+		c, err := New(key, 4096, Available()[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}()
+	runtime.GC()
+	runtime.GC()
 }

@@ -5,8 +5,10 @@
 package api
 
 import (
+	"encoding/json"
 	"time"
 
+	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/kms"
 )
 
@@ -98,4 +100,37 @@ type VMLockState struct {
 type DatastoreState struct {
 	Name string `json:"name"`
 	Path string `json:"path"`
+}
+
+// VMRequest is the body of the VM operations (POST /v1/vm/encrypt,
+// /decrypt, /rekey, /policy).
+type VMRequest struct {
+	Dir      string `json:"dir"`
+	Provider string `json:"provider,omitempty"`
+	KeyID    string `json:"key_id,omitempty"`
+	Deep     bool   `json:"deep,omitempty"`
+	Policy   string `json:"policy,omitempty"`
+}
+
+// StreamLine is one line of a streamed (application/x-ndjson) answer:
+// progress lines, then exactly one line with Result or Error.
+type StreamLine struct {
+	Progress json.RawMessage `json:"progress,omitempty"`
+	Result   json.RawMessage `json:"result,omitempty"`
+	Error    string          `json:"error,omitempty"`
+	Code     int             `json:"code,omitempty"`
+}
+
+// VMStatusReply is GET /v1/vm/status?dir=...
+type VMStatusReply struct {
+	engine.VMStatus
+	Locked     bool   `json:"locked"`
+	LockReason string `json:"lock_reason,omitempty"`
+}
+
+// Policy is a storage policy (GET /v1/policies).
+type Policy struct {
+	Name        string `json:"name"`
+	Encrypts    bool   `json:"encrypts"`
+	Description string `json:"description"`
 }

@@ -49,6 +49,59 @@ type StatusError struct {
 
 func (e *StatusError) Error() string { return e.Msg }
 
+// Stream sends req and reads a streamed answer, passing each progress
+// line to onProgress, and decodes the final result into resp. Answers that
+// are not streamed (errors before the operation started) are handled like
+// Do.
+func (c *Client) Stream(ctx context.Context, method, path string, req, resp any, onProgress func(json.RawMessage)) error {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	hr, err := http.NewRequestWithContext(ctx, method, "http://vmcryptd"+Prefix+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	hr.Header.Set("Content-Type", "application/json")
+	r, err := c.hc.Do(hr)
+	if err != nil {
+		return c.transportError(err)
+	}
+	defer r.Body.Close()
+	if r.Header.Get("Content-Type") != "application/x-ndjson" {
+		return c.finish(r, resp)
+	}
+	dec := json.NewDecoder(r.Body)
+	for {
+		var line StreamLine
+		if err := dec.Decode(&line); err != nil {
+			return fmt.Errorf("daemon at %s: stream ended without a result: %w", c.socket, err)
+		}
+		switch {
+		case line.Error != "":
+			if line.Code == http.StatusForbidden {
+				return &DeniedError{Msg: line.Error}
+			}
+			return &StatusError{Code: line.Code, Msg: line.Error}
+		case line.Result != nil:
+			if resp != nil {
+				return json.Unmarshal(line.Result, resp)
+			}
+			return nil
+		case line.Progress != nil && onProgress != nil:
+			onProgress(line.Progress)
+		}
+	}
+}
+
+func (c *Client) transportError(err error) error {
+	var ne *net.OpError
+	if errors.As(err, &ne) && (errors.Is(err, os.ErrNotExist) || strings.Contains(err.Error(), "connection refused")) {
+		return fmt.Errorf("daemon not running at %s (start it with 'vmcryptd serve' or 'vmcryptd lab up', or set $%s)", c.socket, EnvSocket)
+	}
+	return fmt.Errorf("daemon at %s: %w", c.socket, err)
+}
+
 // Do sends req (JSON, may be nil) to method path and decodes the answer
 // into resp (may be nil).
 func (c *Client) Do(ctx context.Context, method, path string, req, resp any) error {
@@ -69,13 +122,13 @@ func (c *Client) Do(ctx context.Context, method, path string, req, resp any) err
 	}
 	r, err := c.hc.Do(hr)
 	if err != nil {
-		var ne *net.OpError
-		if errors.As(err, &ne) && (errors.Is(err, os.ErrNotExist) || strings.Contains(err.Error(), "connection refused")) {
-			return fmt.Errorf("daemon not running at %s (start it with 'vmcryptd serve' or 'vmcryptd lab up', or set $%s)", c.socket, EnvSocket)
-		}
-		return fmt.Errorf("daemon at %s: %w", c.socket, err)
+		return c.transportError(err)
 	}
 	defer r.Body.Close()
+	return c.finish(r, resp)
+}
+
+func (c *Client) finish(r *http.Response, resp any) error {
 	raw, err := io.ReadAll(io.LimitReader(r.Body, 64<<20))
 	if err != nil {
 		return fmt.Errorf("daemon at %s: %w", c.socket, err)

@@ -53,6 +53,7 @@ type Daemon struct {
 	providers map[string]*kms.Provider
 	source    map[string]string // provider name -> "config" | "api"
 	keyErrs   map[engine.KeyRef]string
+	vmLocks   vmLocks
 }
 
 // HardenProcess makes the process undumpable (no core dumps, no ptrace
@@ -386,8 +387,35 @@ func (d *Daemon) status(id identity) api.Status {
 		}
 		s.VMs = append(s.VMs, vs)
 	}
+	registered := map[string]bool{}
+	for i := range s.VMs {
+		registered[s.VMs[i].Dir] = true
+		if op, err := engine.InterruptedOp(s.VMs[i].Dir); err == nil && op != "" {
+			s.VMs[i].State = "conversion interrupted (" + op + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"
+		}
+	}
 	for _, ds := range d.cfg.Datastores {
 		s.Datastores = append(s.Datastores, api.DatastoreState{Name: ds.Name, Path: ds.Path})
+		// A conversion killed before the VM was registered is found by its
+		// journal in the datastore.
+		ents, _ := os.ReadDir(ds.Path)
+		for _, e := range ents {
+			dir := filepath.Join(ds.Path, e.Name())
+			if !e.IsDir() || registered[dir] {
+				continue
+			}
+			if op, err := engine.InterruptedOp(dir); err == nil && op != "" {
+				s.VMs = append(s.VMs, api.VMLockState{Dir: dir, Keys: []string{},
+					State: "conversion interrupted (" + op + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"})
+			}
+		}
 	}
 	return s
+}
+
+func verbFor(op string) string {
+	if op == "rekey-deep" {
+		return "rekey --deep"
+	}
+	return op
 }

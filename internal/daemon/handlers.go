@@ -22,6 +22,30 @@ type reqCtx struct {
 	r  *http.Request
 	id identity
 	op string
+
+	streaming bool
+	enc       *json.Encoder
+}
+
+// stream switches the answer to application/x-ndjson and returns the
+// function that sends one progress line. Errors found before calling it
+// still get their proper HTTP status.
+func (rc *reqCtx) stream() func(progress any) {
+	rc.streaming = true
+	rc.w.Header().Set("Content-Type", "application/x-ndjson")
+	rc.w.WriteHeader(http.StatusOK)
+	rc.enc = json.NewEncoder(rc.w)
+	fl, _ := rc.w.(http.Flusher)
+	return func(progress any) {
+		raw, err := json.Marshal(progress)
+		if err != nil {
+			return
+		}
+		rc.enc.Encode(api.StreamLine{Progress: raw})
+		if fl != nil {
+			fl.Flush()
+		}
+	}
 }
 
 // handler is an API operation body; it returns the response (JSON) or an
@@ -56,6 +80,12 @@ func (d *Daemon) routes() http.Handler {
 	mux.Handle("DELETE "+p+"/kms/{name}", d.op("kms.remove", PrivManageKeyServers, true, d.hKMSRemove))
 	mux.Handle("GET "+p+"/kms/{name}/status", d.op("kms.status", PrivRead, false, d.hKMSStatus))
 	mux.Handle("POST "+p+"/keys", d.op("key.create", PrivManageKeys, true, d.hKeyCreate))
+	mux.Handle("POST "+p+"/vm/encrypt", d.op("vm.encrypt", PrivEncrypt, true, d.hVMEncrypt))
+	mux.Handle("POST "+p+"/vm/decrypt", d.op("vm.decrypt", PrivDecrypt, true, d.hVMDecrypt))
+	mux.Handle("POST "+p+"/vm/rekey", d.op("vm.rekey", PrivRecrypt, true, d.hVMRekey))
+	mux.Handle("POST "+p+"/vm/policy", d.op("vm.policy", PrivManageEncryptionPolicy, true, d.hVMPolicy))
+	mux.Handle("GET "+p+"/vm/status", d.op("vm.status", PrivRead, false, d.hVMStatus))
+	mux.Handle("GET "+p+"/policies", d.op("policy.list", PrivRead, false, d.hPolicyList))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, api.Error{Error: fmt.Sprintf("no such API endpoint: %s %s", r.Method, r.URL.Path)})
 	})
@@ -102,7 +132,16 @@ func (d *Daemon) op(name string, priv Privilege, audited bool, h handler) http.H
 			if errors.As(err, &he) {
 				code = he.code
 			}
+			if rc.streaming {
+				rc.enc.Encode(api.StreamLine{Error: err.Error(), Code: code})
+				return
+			}
 			writeJSON(w, code, api.Error{Error: err.Error()})
+			return
+		}
+		if rc.streaming {
+			raw, _ := json.Marshal(resp)
+			rc.enc.Encode(api.StreamLine{Result: raw})
 			return
 		}
 		writeJSON(w, http.StatusOK, resp)

@@ -1,0 +1,117 @@
+package engine
+
+import (
+	"encoding/hex"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+)
+
+// VMStatus describes a VM's encryption as read from its files, without
+// any key: which files are containers, which KEK wraps each DEK, the DEK
+// fingerprints, logical sizes, and any interrupted conversion.
+type VMStatus struct {
+	Dir         string       `json:"dir"`
+	Name        string       `json:"name,omitempty"`
+	Encrypted   bool         `json:"encrypted"`
+	VMID        string       `json:"vm_id,omitempty"`
+	Policy      string       `json:"policy"`
+	KEKs        []string     `json:"keks"` // provider/key id of every KEK the VM needs
+	Interrupted string       `json:"interrupted,omitempty"`
+	Snapshots   int          `json:"snapshots"`
+	Files       []FileStatus `json:"files"`
+}
+
+// FileStatus is one data file.
+type FileStatus struct {
+	Name        string `json:"name"`
+	Kind        string `json:"kind"`
+	Disk        string `json:"disk,omitempty"`
+	Encrypted   bool   `json:"encrypted"`
+	KEK         string `json:"kek,omitempty"`
+	Fingerprint string `json:"dek_fingerprint,omitempty"`
+	Size        int64  `json:"size"`
+}
+
+// ReadVMStatus reports dir's encryption state.
+func ReadVMStatus(dir string) (*VMStatus, error) {
+	l, err := loadLayout(dir)
+	if err != nil {
+		return nil, err
+	}
+	st := &VMStatus{Dir: l.Dir, Encrypted: l.Encrypted, VMID: l.VMID, Policy: l.Policy, Snapshots: l.Snapshots, Files: []FileStatus{}, KEKs: []string{}}
+	st.Name, _ = l.VMX.Get("displayName")
+	if st.Policy == "" {
+		st.Policy = PolicyDefault
+	}
+	if op, err := InterruptedOp(dir); err == nil && op != "" {
+		st.Interrupted = op
+	}
+	keks := map[string]bool{}
+	kekOf := func(ks string) string {
+		entries, err := DecodeKeySafe(ks)
+		if err != nil || len(entries) == 0 {
+			return ""
+		}
+		for _, e := range entries {
+			keks[e.KEK.String()] = true
+		}
+		return entries[0].KEK.String()
+	}
+	vmKEK := ""
+	if l.Encrypted {
+		vmKEK = kekOf(l.KeySafe)
+	}
+	add := func(name, kind, diskName, kek string) {
+		fs := FileStatus{Name: name, Kind: kind, Disk: diskName}
+		f, err := os.Open(filepath.Join(l.Dir, name))
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		region := make([]byte, 2*slotSize)
+		n, _ := io.ReadFull(f, region)
+		if h, err := PeekHeader(region[:n]); err == nil {
+			fs.Encrypted, fs.Size, fs.KEK = true, h.Size, kek
+			fs.Fingerprint = hex.EncodeToString(h.Fingerprint[:])
+		} else if fi, err := f.Stat(); err == nil {
+			fs.Size = fi.Size()
+		}
+		st.Files = append(st.Files, fs)
+	}
+	for _, d := range l.Disks {
+		kek := ""
+		if d.KeySafe != "" {
+			kek = kekOf(d.KeySafe)
+		}
+		for _, e := range d.Extents {
+			add(e, KindExtent.String(), d.Name, kek)
+		}
+	}
+	for _, f := range l.Files {
+		add(f.Name, f.Kind.String(), "", vmKEK)
+	}
+	for _, c := range l.CoreDumps {
+		add(c, KindCoreDump.String(), "", "")
+	}
+	for k := range keks {
+		st.KEKs = append(st.KEKs, k)
+	}
+	sort.Strings(st.KEKs)
+	return st, nil
+}
+
+// KEKRefs parses "provider/key id" strings back into KeyRefs.
+func KEKRefs(s []string) []KeyRef {
+	var out []KeyRef
+	for _, x := range s {
+		for i := 0; i < len(x); i++ {
+			if x[i] == '/' {
+				out = append(out, KeyRef{Provider: x[:i], KeyID: x[i+1:]})
+				break
+			}
+		}
+	}
+	return out
+}

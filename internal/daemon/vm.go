@@ -1,0 +1,303 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/internal/api"
+)
+
+// vmLocks serialises operations on one VM directory.
+type vmLocks struct {
+	mu   sync.Mutex
+	busy map[string]string // dir -> operation in progress
+}
+
+func (l *vmLocks) acquire(dir, op string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.busy == nil {
+		l.busy = map[string]string{}
+	}
+	if cur, ok := l.busy[dir]; ok {
+		return conflict("%s: %s already in progress", dir, cur)
+	}
+	l.busy[dir] = op
+	return nil
+}
+
+func (l *vmLocks) release(dir string) {
+	l.mu.Lock()
+	delete(l.busy, dir)
+	l.mu.Unlock()
+}
+
+// vmDir validates a VM directory from a request: absolute, existing, and
+// inside a configured datastore (when any is configured), after resolving
+// symlinks, so the daemon never converts files outside its datastores.
+func (d *Daemon) vmDir(p string) (string, error) {
+	if p == "" || !filepath.IsAbs(p) {
+		return "", badRequest("VM directory must be an absolute path, got %q", p)
+	}
+	real, err := filepath.EvalSymlinks(p)
+	if err != nil {
+		return "", badRequest("VM directory %s: %v", p, err)
+	}
+	if st, err := os.Stat(real); err != nil || !st.IsDir() {
+		return "", badRequest("%s is not a directory", p)
+	}
+	if len(d.cfg.Datastores) == 0 {
+		return real, nil
+	}
+	for _, ds := range d.cfg.Datastores {
+		root, err := filepath.EvalSymlinks(ds.Path)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(root, real); err == nil && rel != "." && !strings.HasPrefix(rel, "..") {
+			return real, nil
+		}
+	}
+	return "", badRequest("%s is not inside a configured datastore", p)
+}
+
+func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
+	ops := &engine.VMOps{Keys: d.keyring, Log: d.log}
+	if emit != nil {
+		var last time.Time
+		ops.Progress = func(ev engine.ProgressEvent) {
+			// A line per 100 ms keeps the stream light on fast disks.
+			if now := time.Now(); now.Sub(last) >= 100*time.Millisecond || ev.Done == ev.Total {
+				last = now
+				emit(ev)
+			}
+		}
+	}
+	return ops
+}
+
+// vmResult is what VM operations answer; it names the VM and its keys for
+// the audit log.
+type vmResult struct {
+	engine.VMStatus
+}
+
+func (v vmResult) audit() (string, []string) { return v.Dir, v.KEKs }
+
+// registerVM records an encrypted VM (or forgets a decrypted one) in the
+// state so its KEKs are fetched again after a restart.
+func (d *Daemon) registerVM(st *engine.VMStatus) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var kept []vmRecord
+	for _, vm := range d.st.VMs {
+		if vm.Dir != st.Dir {
+			kept = append(kept, vm)
+		}
+	}
+	if st.Encrypted {
+		rec := vmRecord{Dir: st.Dir, Name: st.Name}
+		for _, r := range engine.KEKRefs(st.KEKs) {
+			rec.Keys = append(rec.Keys, keyRefJSON{Provider: r.Provider, KeyID: r.KeyID})
+		}
+		kept = append(kept, rec)
+	}
+	old := d.st.VMs
+	d.st.VMs = kept
+	if err := d.st.save(d.statePath()); err != nil {
+		d.st.VMs = old
+		return err
+	}
+	return nil
+}
+
+// kekFor picks the KEK of an encryption: a named existing key, or a new
+// key on the provider (vCenter likewise asks the KMS for a fresh key).
+func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (engine.KeyRef, error) {
+	d.mu.Lock()
+	provider := req.Provider
+	if provider == "" {
+		provider = d.defaultProvider()
+	}
+	d.mu.Unlock()
+	if provider == "" {
+		return engine.KeyRef{}, badRequest("no key provider configured")
+	}
+	if req.KeyID != "" {
+		ref := engine.KeyRef{Provider: provider, KeyID: req.KeyID}
+		if _, err := d.keyring.Get(ctx, ref); err != nil {
+			return engine.KeyRef{}, err
+		}
+		return ref, nil
+	}
+	kek, err := d.keyring.Create(ctx, provider, "vmcryptd-vm-"+name)
+	if err != nil {
+		return engine.KeyRef{}, err
+	}
+	return kek.Ref, nil
+}
+
+// vmOp is the common frame of the converting operations.
+func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error) (any, error) {
+	var req api.VMRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	dir, err := d.vmDir(req.Dir)
+	if err != nil {
+		return nil, err
+	}
+	if needHostMode {
+		if err := d.requireHostEncryption(); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+		return nil, err
+	}
+	defer d.vmLocks.release(dir)
+	// The conversion outlives a client that disconnects: it runs to the
+	// end (or to the daemon's shutdown), and re-running resumes it anyway.
+	ctx := context.WithoutCancel(rc.r.Context())
+	emit := rc.stream()
+	err = run(ctx, dir, req, d.vmOps(emit))
+	st, serr := engine.ReadVMStatus(dir)
+	if serr != nil {
+		if err == nil {
+			err = serr
+		}
+		return nil, err
+	}
+	if rerr := d.registerVM(st); rerr != nil && err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return vmResult{*st}, err
+	}
+	return vmResult{*st}, nil
+}
+
+func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
+	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+		var kek engine.KeyRef
+		if op, err := engine.InterruptedOp(dir); err != nil {
+			return err
+		} else if op == "" { // a resumed encryption already has its keys
+			var err error
+			if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
+				return err
+			}
+		}
+		return ops.Encrypt(ctx, dir, kek)
+	})
+}
+
+func (d *Daemon) hVMDecrypt(rc *reqCtx) (any, error) {
+	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+		return ops.Decrypt(ctx, dir)
+	})
+}
+
+func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
+	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+		if req.Deep {
+			var kek engine.KeyRef
+			if op, err := engine.InterruptedOp(dir); err != nil {
+				return err
+			} else if op == "" {
+				cur, err := engine.ReadVMStatus(dir)
+				if err != nil {
+					return err
+				}
+				// Deep rekey keeps the current KEK unless another is named.
+				refs := engine.KEKRefs(cur.KEKs)
+				if req.KeyID == "" && req.Provider == "" && len(refs) > 0 {
+					kek = refs[0]
+				} else if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
+					return err
+				}
+			}
+			return ops.RekeyDeep(ctx, dir, kek)
+		}
+		kek, err := d.kekFor(ctx, req, filepath.Base(dir))
+		if err != nil {
+			return err
+		}
+		return ops.RekeyShallow(ctx, dir, kek)
+	})
+}
+
+func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
+	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+		cur, err := engine.ReadVMStatus(dir)
+		if err != nil {
+			return err
+		}
+		switch req.Policy {
+		case engine.PolicyEncrypt:
+			if !d.auth.allowed(rc.id, PrivEncrypt) {
+				return &httpError{403, fmt.Sprintf("permission denied: this policy encrypts the VM, which needs privilege %s", PrivEncrypt)}
+			}
+			if err := d.requireHostEncryption(); err != nil {
+				return err
+			}
+			if cur.Encrypted && cur.Interrupted == "" {
+				return nil
+			}
+			var kek engine.KeyRef
+			if cur.Interrupted == "" {
+				if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
+					return err
+				}
+			}
+			return ops.Encrypt(ctx, dir, kek)
+		case engine.PolicyDefault:
+			if !d.auth.allowed(rc.id, PrivDecrypt) {
+				return &httpError{403, fmt.Sprintf("permission denied: this policy decrypts the VM, which needs privilege %s", PrivDecrypt)}
+			}
+			if !cur.Encrypted && cur.Interrupted == "" {
+				return nil
+			}
+			return ops.Decrypt(ctx, dir)
+		default:
+			return badRequest("unknown policy %q (known: %q, %q)", req.Policy, engine.PolicyEncrypt, engine.PolicyDefault)
+		}
+	})
+}
+
+func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
+	dir, err := d.vmDir(rc.r.URL.Query().Get("dir"))
+	if err != nil {
+		return nil, err
+	}
+	st, err := engine.ReadVMStatus(dir)
+	if err != nil {
+		return nil, badRequest("%v", err)
+	}
+	locked, reason := false, ""
+	for _, r := range engine.KEKRefs(st.KEKs) {
+		if !d.keyring.Cached(r) {
+			locked = true
+			d.mu.Lock()
+			reason = d.keyErrs[r]
+			d.mu.Unlock()
+			if reason == "" {
+				reason = "key " + r.String() + " not loaded"
+			}
+		}
+	}
+	return api.VMStatusReply{VMStatus: *st, Locked: locked, LockReason: reason}, nil
+}
+
+func (d *Daemon) hPolicyList(rc *reqCtx) (any, error) {
+	return []api.Policy{
+		{Name: engine.PolicyEncrypt, Encrypts: true, Description: "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)"},
+		{Name: engine.PolicyDefault, Encrypts: false, Description: "no encryption"},
+	}, nil
+}
