@@ -1,0 +1,186 @@
+// Package pki makes the small X.509 hierarchies that KMIP needs for mutual
+// TLS: a CA, a server certificate and client certificates, all ECDSA P-256.
+//
+// P-256 is chosen on purpose: PyKMIP's TLS 1.2 suite list only offers GCM
+// with ECDHE-ECDSA, and Go's client refuses the CBC suites by default, so an
+// ECDSA certificate is what lets Go, PyKMIP and OpenSSL all meet.
+package pki
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha1"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"time"
+
+	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+)
+
+// Default validities. Lab certificates are long-lived on purpose: an expired
+// lab CA would silently break every demo, and rotation is not the point of a
+// lab KMS.
+const (
+	CAValidity   = 10 * 365 * 24 * time.Hour
+	LeafValidity = 5 * 365 * 24 * time.Hour
+)
+
+// Pair is a certificate with its private key, in parsed and PEM form.
+type Pair struct {
+	Cert    *x509.Certificate
+	Key     *ecdsa.PrivateKey
+	CertPEM []byte
+	KeyPEM  []byte
+}
+
+// TLSCertificate returns the pair as a tls.Certificate.
+func (p *Pair) TLSCertificate() (tls.Certificate, error) {
+	return tls.X509KeyPair(p.CertPEM, p.KeyPEM)
+}
+
+// NewCA creates a self-signed CA.
+func NewCA(commonName string) (*Pair, error) {
+	tpl := &x509.Certificate{
+		Subject:               pkix.Name{CommonName: commonName, Organization: []string{"vmcryptd"}},
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		MaxPathLenZero:        true,
+	}
+	return issue(tpl, nil, CAValidity)
+}
+
+// IssueServer issues a TLS server certificate for the given host names and
+// IP addresses (strings that parse as IPs become IP SANs).
+func (ca *Pair) IssueServer(commonName string, hosts []string) (*Pair, error) {
+	tpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: commonName, Organization: []string{"vmcryptd"}},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tpl.IPAddresses = append(tpl.IPAddresses, ip)
+		} else {
+			tpl.DNSNames = append(tpl.DNSNames, h)
+		}
+	}
+	return issue(tpl, ca, LeafValidity)
+}
+
+// IssueClient issues a TLS client certificate. KMIP servers identify the
+// client by its subject CN (PyKMIP makes it the object owner) and PyKMIP
+// insists on the clientAuth extended key usage.
+func (ca *Pair) IssueClient(commonName string) (*Pair, error) {
+	tpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: commonName, Organization: []string{"vmcryptd"}},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	return issue(tpl, ca, LeafValidity)
+}
+
+func issue(tpl *x509.Certificate, parent *Pair, validity time.Duration) (*Pair, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("generate P-256 key: %w", err)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, fmt.Errorf("generate serial number: %w", err)
+	}
+	tpl.SerialNumber = serial
+	// Back-date a little so a peer whose clock lags a few minutes does not
+	// reject a certificate made a second ago.
+	now := time.Now()
+	tpl.NotBefore = now.Add(-1 * time.Hour)
+	tpl.NotAfter = now.Add(validity)
+	pub, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		return nil, fmt.Errorf("marshal public key: %w", err)
+	}
+	ski := sha1.Sum(pub) // #nosec: subject key id, not a security function
+	tpl.SubjectKeyId = ski[:]
+
+	signer, parentCert := key, tpl
+	if parent != nil {
+		signer, parentCert = parent.Key, parent.Cert
+		tpl.AuthorityKeyId = parent.Cert.SubjectKeyId
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tpl, parentCert, &key.PublicKey, signer)
+	if err != nil {
+		return nil, fmt.Errorf("create certificate %q: %w", tpl.Subject.CommonName, err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("parse new certificate: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("marshal private key: %w", err)
+	}
+	return &Pair{
+		Cert:    cert,
+		Key:     key,
+		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+	}, nil
+}
+
+// Write stores the certificate (0644) and the private key (0600) atomically.
+func (p *Pair) Write(certPath, keyPath string) error {
+	// Key first: a certificate on disk without its key is a worse half-state
+	// than a key without its certificate (Load then reports the cert missing).
+	if err := atomicfile.Write(keyPath, p.KeyPEM, 0o600); err != nil {
+		return err
+	}
+	return atomicfile.Write(certPath, p.CertPEM, 0o644)
+}
+
+// Load reads a certificate and its ECDSA private key from PEM files.
+func Load(certPath, keyPath string) (*Pair, error) {
+	certPEM, err := os.ReadFile(certPath)
+	if err != nil {
+		return nil, err
+	}
+	keyPEM, err := os.ReadFile(keyPath)
+	if err != nil {
+		return nil, err
+	}
+	tc, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("%s / %s: %w", certPath, keyPath, err)
+	}
+	key, ok := tc.PrivateKey.(*ecdsa.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("%s: private key is %T, want ECDSA", keyPath, tc.PrivateKey)
+	}
+	cert, err := x509.ParseCertificate(tc.Certificate[0])
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", certPath, err)
+	}
+	return &Pair{Cert: cert, Key: key, CertPEM: certPEM, KeyPEM: keyPEM}, nil
+}
+
+// CertPool reads a PEM bundle into a pool, failing if it holds no
+// certificate (an empty pool would make every handshake fail with a
+// confusing "unknown authority").
+func CertPool(path string) (*x509.CertPool, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, errors.New(path + ": no PEM certificate found")
+	}
+	return pool, nil
+}
