@@ -26,8 +26,8 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/kms"
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/kms"
 	"github.com/vmcryptd/vmcryptd/kms/internal/pki"
 )
 
