@@ -24,6 +24,9 @@ type VMOps struct {
 	Impl     xts.Impl
 	Log      *slog.Logger
 	Progress func(ProgressEvent) // may be nil
+	// HostKEK is the host encryption mode key; core dumps are encrypted
+	// under it. Nil when the mode is off.
+	HostKEK *KeyRef
 }
 
 // ProgressEvent reports conversion progress.
@@ -223,6 +226,9 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		if err := EncryptFile(ctx, t.path, t.dek, opts, prog(t.path)); err != nil {
 			return err
 		}
+	}
+	if err := o.coreDumps(ctx, l, true); err != nil {
+		return err
 	}
 	if err := o.writeDescriptors(l, j.Disks, true); err != nil {
 		return err
@@ -429,6 +435,9 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		if err := DecryptFile(ctx, t.path, t.dek, prog(t.path)); err != nil {
 			return err
 		}
+	}
+	if err := o.coreDumps(ctx, l, false); err != nil {
+		return err
 	}
 	if err := o.writeDescriptors(l, j.Disks, false); err != nil {
 		return err

@@ -93,7 +93,13 @@ func ReadVMStatus(dir string) (*VMStatus, error) {
 		add(f.Name, f.Kind.String(), "", vmKEK)
 	}
 	for _, c := range l.CoreDumps {
-		add(c, KindCoreDump.String(), "", "")
+		kek := ""
+		if ks, ok, _ := ReadEmbeddedKeySafeFile(filepath.Join(l.Dir, c)); ok {
+			if e, err := DecodeKeySafe(ks); err == nil {
+				kek = e[0].KEK.String() // the host key: not one the VM needs
+			}
+		}
+		add(c, KindCoreDump.String(), "", kek)
 	}
 	for k := range keks {
 		st.KEKs = append(st.KEKs, k)
@@ -114,4 +120,39 @@ func KEKRefs(s []string) []KeyRef {
 		}
 	}
 	return out
+}
+
+// ContainerInfo is what a container header says without any key, for
+// `vmcryptd inspect`.
+type ContainerInfo struct {
+	FormatVersion int      `json:"format_version"`
+	Kind          string   `json:"kind"`
+	LogicalSize   int64    `json:"logical_size"`
+	UnitSize      int      `json:"unit_size"`
+	KeyPurpose    string   `json:"key_purpose"`
+	KeyOwner      string   `json:"key_owner"`
+	Fingerprint   string   `json:"dek_fingerprint"`
+	FileID        string   `json:"file_id"`
+	Sequence      uint64   `json:"header_sequence"`
+	EmbeddedKEKs  []string `json:"embedded_keysafe_keks,omitempty"`
+}
+
+// DetectContainer recognises a container from its first bytes (no key:
+// the header is reported unauthenticated).
+func DetectContainer(head []byte) (any, bool) {
+	h, err := PeekHeader(head)
+	if err != nil {
+		return nil, false
+	}
+	ci := ContainerInfo{FormatVersion: ContainerVersion, Kind: h.Kind.String(), LogicalSize: h.Size, UnitSize: h.UnitSize,
+		KeyPurpose: string(h.Binding.Purpose), KeyOwner: h.Binding.OwnerID,
+		Fingerprint: hex.EncodeToString(h.Fingerprint[:]), FileID: hex.EncodeToString(h.FileID[:]), Sequence: h.Seq}
+	if ks, ok := ReadEmbeddedKeySafe(head); ok {
+		if entries, err := DecodeKeySafe(ks); err == nil {
+			for _, e := range entries {
+				ci.EmbeddedKEKs = append(ci.EmbeddedKEKs, e.KEK.String())
+			}
+		}
+	}
+	return ci, true
 }

@@ -26,6 +26,8 @@ type cli struct {
 	Lab     labCmd     `cmd:"" help:"Start or stop a self-contained lab: embedded KMS plus daemon."`
 	VM      vmCmd      `cmd:"" name:"vm" help:"Encrypt, decrypt, rekey VMs; show their encryption state."`
 	Policy  policyCmd  `cmd:"" help:"Storage policies (VM Encryption Policy, Datastore Default)."`
+	Disk    diskCmd    `cmd:"" help:"Add or attach virtual disks."`
+	Inspect inspectCmd `cmd:"" help:"Describe a VM file or directory (formats, sizes, keys, encrypted containers) without any key or daemon."`
 	Bench   benchCmd   `cmd:"" help:"Measure sector-cipher throughput of every implementation against OpenSSL."`
 	Version versionCmd `cmd:"" help:"Print the version."`
 }

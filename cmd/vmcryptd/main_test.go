@@ -266,6 +266,10 @@ func TestRolesAndAudit(t *testing.T) {
 		os.WriteFile(filepath.Join(base, filepath.Base(f)), raw, 0o644)
 	}
 	pub := labkms.PathsFor(base)
+	vmDir := filepath.Join(base, "vm")
+	os.MkdirAll(vmDir, 0o755)
+	os.WriteFile(filepath.Join(vmDir, "vm.vmx"), []byte("displayName = \"vm\"\nnvram = \"vm.nvram\"\n"), 0o644)
+	os.WriteFile(filepath.Join(vmDir, "vm.nvram"), []byte("MRVN"), 0o644)
 	nocrypto := &syscall.Credential{Uid: 65534, Gid: 65534}
 	norole := &syscall.Credential{Uid: 65533, Gid: 65534}
 	sockArg := []string{"--socket", sock}
@@ -282,6 +286,12 @@ func TestRolesAndAudit(t *testing.T) {
 		{"key create refused", nocrypto, []string{"key", "create"}, false, "Cryptographer.ManageKeys"},
 		{"kms add refused", nocrypto, []string{"kms", "add", "x", "--server", "127.0.0.1:1", "--ca", pub.CACert, "--cert", pub.ClientCert, "--key", pub.ClientKey}, false, "Cryptographer.ManageKeyServers"},
 		{"kms remove refused", nocrypto, []string{"kms", "remove", "lab"}, false, "Cryptographer.ManageKeyServers"},
+		{"vm status allowed", nocrypto, []string{"vm", "status", vmDir}, true, ""},
+		{"vm encrypt refused", nocrypto, []string{"vm", "encrypt", vmDir}, false, "Cryptographer.Encrypt"},
+		{"vm decrypt refused", nocrypto, []string{"vm", "decrypt", vmDir}, false, "Cryptographer.Decrypt"},
+		{"vm rekey refused", nocrypto, []string{"vm", "rekey", vmDir}, false, "Cryptographer.Recrypt"},
+		{"policy set refused", nocrypto, []string{"policy", "set", vmDir, "VM Encryption Policy"}, false, "Cryptographer.ManageEncryptionPolicy"},
+		{"encrypted vm create refused", nocrypto, []string{"vm", "create", filepath.Join(base, "new"), "--name", "new", "--encrypt"}, false, "Cryptographer.EncryptNew"},
 		{"no role refused", norole, []string{"status"}, false, "System.Read"},
 	}
 	for _, tt := range tests {
@@ -330,8 +340,8 @@ func TestRolesAndAudit(t *testing.T) {
 			ok++
 		}
 	}
-	if denied != 5 || ok != 1 {
-		t.Fatalf("audit log: %d denials (want 5), %d key.create ok (want 1):\n%s", denied, ok, audit)
+	if denied != 10 || ok != 1 {
+		t.Fatalf("audit log: %d denials (want 10), %d key.create ok (want 1):\n%s", denied, ok, audit)
 	}
 }
 

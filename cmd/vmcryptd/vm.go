@@ -18,6 +18,7 @@ import (
 )
 
 type vmCmd struct {
+	Create  vmCreateCmd  `cmd:"" help:"Create a new VM directory (vmx, nvram, disks), optionally encrypted from the first byte."`
 	Encrypt vmEncryptCmd `cmd:"" help:"Encrypt a plain VM in place (new KEK on the provider, fresh VM and disk DEKs). Re-run to resume after a crash."`
 	Decrypt vmDecryptCmd `cmd:"" help:"Decrypt an encrypted VM back to plain, byte for byte. Re-run to resume after a crash."`
 	Rekey   vmRekeyCmd   `cmd:"" help:"Shallow rekey (new KEK, keySafes rewritten) or --deep (new DEKs, all data re-encrypted)."`

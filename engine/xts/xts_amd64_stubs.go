@@ -18,7 +18,8 @@ func xtsEncAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, 
 //go:noescape
 func xtsDecAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 
-// ecbEncAESNI encrypts nblocks 16-byte blocks (used for the tweaks of a batch of units).
+// ecbEncAESNI encrypts nblocks 16-byte blocks with an encryption schedule (16-byte aligned).
+// Used for the tweak of a ciphertext-stealing tail, and by tests.
 //
 //go:noescape
 func ecbEncAESNI(rk *byte, dst *byte, src *byte, nblocks int)

@@ -134,3 +134,33 @@ type Policy struct {
 	Encrypts    bool   `json:"encrypts"`
 	Description string `json:"description"`
 }
+
+// DiskRequest is POST /v1/disk/add and /v1/disk/attach.
+type DiskRequest struct {
+	Dir       string `json:"dir"`
+	Size      int64  `json:"size,omitempty"`
+	Subformat string `json:"subformat,omitempty"`
+	Path      string `json:"path,omitempty"`
+}
+
+// DiskReply names the disk added or attached.
+type DiskReply struct {
+	Name      string `json:"name"`
+	Encrypted bool   `json:"encrypted"`
+}
+
+// DiskSpec is one disk of a new VM.
+type DiskSpec struct {
+	Size      int64  `json:"size"`
+	Subformat string `json:"subformat,omitempty"`
+}
+
+// CreateRequest is POST /v1/vm/create.
+type CreateRequest struct {
+	Dir      string     `json:"dir"`
+	Name     string     `json:"name"`
+	Memory   int64      `json:"memory"`
+	Disks    []DiskSpec `json:"disks"`
+	Encrypt  bool       `json:"encrypt"`
+	Provider string     `json:"provider,omitempty"`
+}

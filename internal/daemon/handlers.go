@@ -86,6 +86,11 @@ func (d *Daemon) routes() http.Handler {
 	mux.Handle("POST "+p+"/vm/policy", d.op("vm.policy", PrivManageEncryptionPolicy, true, d.hVMPolicy))
 	mux.Handle("GET "+p+"/vm/status", d.op("vm.status", PrivRead, false, d.hVMStatus))
 	mux.Handle("GET "+p+"/policies", d.op("policy.list", PrivRead, false, d.hPolicyList))
+	// Plain VM management is not cryptographic (a NoCryptoAdmin may do it);
+	// the handlers demand the crypto privilege when the VM is encrypted.
+	mux.Handle("POST "+p+"/vm/create", d.op("vm.create", PrivVMConfig, true, d.hVMCreate))
+	mux.Handle("POST "+p+"/disk/add", d.op("disk.add", PrivVMConfig, true, d.hDiskAdd))
+	mux.Handle("POST "+p+"/disk/attach", d.op("disk.attach", PrivVMConfig, true, d.hDiskAttach))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, api.Error{Error: fmt.Sprintf("no such API endpoint: %s %s", r.Method, r.URL.Path)})
 	})
@@ -123,6 +128,10 @@ func (d *Daemon) op(name string, priv Privilege, audited bool, h handler) http.H
 			}
 			if err != nil {
 				e.Result, e.Detail = "error", err.Error()
+				var he *httpError
+				if errors.As(err, &he) && he.code == http.StatusForbidden {
+					e.Result = "denied"
+				}
 			}
 			d.auditWrite(e)
 		}

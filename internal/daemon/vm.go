@@ -69,6 +69,11 @@ func (d *Daemon) vmDir(p string) (string, error) {
 
 func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
 	ops := &engine.VMOps{Keys: d.keyring, Log: d.log}
+	d.mu.Lock()
+	if h := d.st.HostKey; h != nil {
+		ops.HostKEK = &engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
+	}
+	d.mu.Unlock()
 	if emit != nil {
 		var last time.Time
 		ops.Progress = func(ev engine.ProgressEvent) {
@@ -300,4 +305,129 @@ func (d *Daemon) hPolicyList(rc *reqCtx) (any, error) {
 		{Name: engine.PolicyEncrypt, Encrypts: true, Description: "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)"},
 		{Name: engine.PolicyDefault, Encrypts: false, Description: "no encryption"},
 	}, nil
+}
+
+type diskResult struct {
+	api.DiskReply
+	dir string
+}
+
+func (r diskResult) audit() (string, []string) { return r.dir + "/" + r.Name, nil }
+
+func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
+	var req api.DiskRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	dir, err := d.vmDir(req.Dir)
+	if err != nil {
+		return nil, err
+	}
+	st, err := engine.ReadVMStatus(dir)
+	if err != nil {
+		return nil, badRequest("%v", err)
+	}
+	// A disk for an encrypted VM is a cryptographic operation.
+	if st.Encrypted {
+		if !d.auth.allowed(rc.id, PrivAddDisk) {
+			return nil, &httpError{403, fmt.Sprintf("permission denied: adding a disk to an encrypted VM needs privilege %s", PrivAddDisk)}
+		}
+		if err := d.requireHostEncryption(); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+		return nil, err
+	}
+	defer d.vmLocks.release(dir)
+	name, err := d.vmOps(nil).AddDisk(context.WithoutCancel(rc.r.Context()), dir, engine.DiskSpec{Size: req.Size, Subformat: req.Subformat})
+	if err != nil {
+		return nil, badRequest("%v", err)
+	}
+	return diskResult{api.DiskReply{Name: name, Encrypted: st.Encrypted}, dir}, nil
+}
+
+func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
+	var req api.DiskRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	dir, err := d.vmDir(req.Dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+		return nil, err
+	}
+	defer d.vmLocks.release(dir)
+	enc, err := d.vmOps(nil).AttachDisk(rc.r.Context(), dir, req.Path)
+	if err != nil {
+		return nil, conflict("%v", err)
+	}
+	return diskResult{api.DiskReply{Name: filepath.Base(req.Path), Encrypted: enc}, dir}, nil
+}
+
+func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
+	var req api.CreateRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	if req.Dir == "" || !filepath.IsAbs(req.Dir) {
+		return nil, badRequest("VM directory must be an absolute path")
+	}
+	parent, err := d.vmDir(filepath.Dir(req.Dir))
+	if err != nil && len(d.cfg.Datastores) > 0 {
+		// The parent may be a datastore root itself.
+		parent, err = d.datastoreRoot(filepath.Dir(req.Dir))
+	}
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(parent, filepath.Base(req.Dir))
+	spec := engine.CreateSpec{Name: req.Name, Memory: req.Memory, Encrypt: req.Encrypt}
+	for _, ds := range req.Disks {
+		spec.Disks = append(spec.Disks, engine.DiskSpec{Size: ds.Size, Subformat: ds.Subformat})
+	}
+	if req.Encrypt {
+		if !d.auth.allowed(rc.id, PrivEncryptNew) {
+			return nil, &httpError{403, fmt.Sprintf("permission denied: creating an encrypted VM needs privilege %s", PrivEncryptNew)}
+		}
+		if err := d.requireHostEncryption(); err != nil {
+			return nil, err
+		}
+		kek, err := d.kekFor(rc.r.Context(), api.VMRequest{Provider: req.Provider}, req.Name)
+		if err != nil {
+			return nil, err
+		}
+		spec.KEK = kek
+	}
+	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+		return nil, err
+	}
+	defer d.vmLocks.release(dir)
+	if err := d.vmOps(nil).Create(context.WithoutCancel(rc.r.Context()), dir, spec); err != nil {
+		return nil, badRequest("%v", err)
+	}
+	st, err := engine.ReadVMStatus(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.registerVM(st); err != nil {
+		return nil, err
+	}
+	return vmResult{*st}, nil
+}
+
+// datastoreRoot accepts p when it is exactly a configured datastore.
+func (d *Daemon) datastoreRoot(p string) (string, error) {
+	real, err := filepath.EvalSymlinks(p)
+	if err != nil {
+		return "", badRequest("%s: %v", p, err)
+	}
+	for _, ds := range d.cfg.Datastores {
+		if root, err := filepath.EvalSymlinks(ds.Path); err == nil && root == real {
+			return real, nil
+		}
+	}
+	return "", badRequest("%s is not inside a configured datastore", p)
 }

@@ -4,9 +4,9 @@
 // avo. Run it through `go generate` in engine/xts (see gen.go there); the
 // output is committed and a test checks it is reproduced byte for byte.
 //
-// Every kernel works on whole 16-byte blocks only. Ciphertext stealing, the
-// tweak counter and all input validation live in Go: they are rare or cheap,
-// and keeping them out of assembly keeps the assembly small and reviewable.
+// Every kernel works on whole 16-byte blocks only. Ciphertext stealing and
+// all input validation live in Go: they are rare or cheap, and keeping them
+// out of assembly keeps the assembly small and reviewable.
 //
 // Conventions shared by all kernels:
 //
@@ -334,7 +334,8 @@ func genXTSAESNI(d dir) {
 func genECBAESNI() {
 	TEXT("ecbEncAESNI", NOSPLIT, ecbSig)
 	Pragma("noescape")
-	Doc("ecbEncAESNI encrypts nblocks 16-byte blocks (used for the tweaks of a batch of units).")
+	Doc("ecbEncAESNI encrypts nblocks 16-byte blocks with an encryption schedule (16-byte aligned).",
+		"Used for the tweak of a ciphertext-stealing tail, and by tests.")
 	loadArgs(false)
 	Label("loop8")
 	CMPQ(RSI, U32(8))

@@ -1,0 +1,25 @@
+package main
+
+import (
+	"os"
+
+	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/internal/inspect"
+)
+
+// inspect runs locally, with no daemon and no key: it only reads.
+type inspectCmd struct {
+	Path string `arg:"" help:"A file or a VM directory." type:"path"`
+	JSON bool   `help:"Print JSON." name:"json"`
+}
+
+func (c *inspectCmd) Run(g *globals) error {
+	r, err := inspect.InspectWith(c.Path, inspect.Options{Detector: engine.DetectContainer})
+	if err != nil {
+		return err
+	}
+	if c.JSON {
+		return printJSON(r)
+	}
+	return r.WriteText(os.Stdout)
+}

@@ -1,0 +1,83 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// Core dumps of a VM are encrypted with the host key, as on ESXi: each
+// dump gets its own DEK (purpose "coredump", owner a fresh id) wrapped
+// under the host KEK and embedded in the container header, since a dump
+// has no text file to carry a keySafe.
+
+// encryptCoreDump converts one plain core dump.
+func (o *VMOps) encryptCoreDump(ctx context.Context, path string) error {
+	if o.HostKEK == nil {
+		return fmt.Errorf("%s: core dumps are encrypted with the host key, and host encryption mode is off", path)
+	}
+	if isC, err := keyStateOfAny(path); err != nil || isC {
+		return err // already a container (or unreadable)
+	}
+	id, err := newID()
+	if err != nil {
+		return err
+	}
+	dek, err := NewDEK()
+	if err != nil {
+		return err
+	}
+	defer dek.Destroy()
+	b := Binding{PurposeCoreDump, id}
+	ks, err := o.wrapInto(ctx, *o.HostKEK, dek, b)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return EncryptFile(ctx, path, dek, CreateOptions{Kind: KindCoreDump, Binding: b, Impl: o.Impl, EmbeddedKeySafe: ks}, nil)
+}
+
+// decryptCoreDump converts an encrypted core dump back (no-op if plain).
+func (o *VMOps) decryptCoreDump(ctx context.Context, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	region := make([]byte, HeaderSize)
+	n, _ := f.ReadAt(region, 0)
+	f.Close()
+	h, err := PeekHeader(region[:n])
+	if errors.Is(err, ErrNotContainer) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	ks, ok := ReadEmbeddedKeySafe(region[:n])
+	if !ok {
+		return fmt.Errorf("%s: encrypted core dump without a keySafe", path)
+	}
+	dek, _, err := o.unwrapFrom(ctx, ks, h.Binding)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	defer dek.Destroy()
+	return DecryptFile(ctx, path, dek, nil)
+}
+
+func (o *VMOps) coreDumps(ctx context.Context, l *vmLayout, encrypt bool) error {
+	for _, c := range l.CoreDumps {
+		p := filepath.Join(l.Dir, c)
+		var err error
+		if encrypt {
+			err = o.encryptCoreDump(ctx, p)
+		} else {
+			err = o.decryptCoreDump(ctx, p)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

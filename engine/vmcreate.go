@@ -1,0 +1,369 @@
+package engine
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/vmcryptd/vmcryptd/formats/nvram"
+	"github.com/vmcryptd/vmcryptd/formats/vmdk"
+	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+)
+
+// Subformats vmcryptd can create. monolithicFlat is written natively; the
+// others are made by qemu-img, which must then be installed.
+var Subformats = []string{"monolithicFlat", "monolithicSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"}
+
+// DiskSpec is one disk of a new VM.
+type DiskSpec struct {
+	Size      int64
+	Subformat string // "" means monolithicFlat
+}
+
+// CreateSpec describes a new VM.
+type CreateSpec struct {
+	Name    string
+	Memory  int64 // bytes
+	Disks   []DiskSpec
+	Encrypt bool
+	KEK     KeyRef // used when Encrypt
+}
+
+var safeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9 ._-]{0,79}$`)
+
+// Create makes a new VM directory: vmx, nvram and disks. It is built in a
+// staging directory beside dir and renamed into place when complete (and,
+// with Encrypt, already encrypted), so dir never exists half-made and
+// never holds plaintext. The staging copy only ever holds generated
+// content: an empty nvram variable store and all-hole disks.
+func (o *VMOps) Create(ctx context.Context, dir string, spec CreateSpec) error {
+	if !safeName.MatchString(spec.Name) {
+		return fmt.Errorf("VM name %q: use letters, digits, space, '.', '_' or '-' (max 80)", spec.Name)
+	}
+	if _, err := os.Lstat(dir); err == nil {
+		return fmt.Errorf("%s already exists", dir)
+	}
+	staging := dir + ".vmcryptd-creating"
+	os.RemoveAll(staging)
+	if err := os.Mkdir(staging, 0o755); err != nil {
+		return err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			os.RemoveAll(staging)
+		}
+	}()
+	nv, err := nvram.New(0, nil)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(staging, spec.Name+".nvram"), nv, 0o644); err != nil {
+		return err
+	}
+	var b strings.Builder
+	uuid, err := biosUUID()
+	if err != nil {
+		return err
+	}
+	mem := spec.Memory
+	if mem <= 0 {
+		mem = 1 << 30
+	}
+	fmt.Fprintf(&b, ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"19\"\n")
+	fmt.Fprintf(&b, "displayName = %q\nguestOS = \"other-64\"\nfirmware = \"efi\"\nmemSize = \"%d\"\nnumvcpus = \"1\"\n", spec.Name, mem>>20)
+	fmt.Fprintf(&b, "nvram = \"%s.nvram\"\nuuid.bios = \"%s\"\nscsi0.present = \"TRUE\"\nscsi0.virtualDev = \"pvscsi\"\n", spec.Name, uuid)
+	for i, d := range spec.Disks {
+		name := diskFileName(spec.Name, i)
+		if err := makeDisk(ctx, staging, name, d); err != nil {
+			return err
+		}
+		fmt.Fprintf(&b, "scsi0:%d.present = \"TRUE\"\nscsi0:%d.fileName = \"%s\"\nscsi0:%d.deviceType = \"scsi-hardDisk\"\n", i, i, name, i)
+	}
+	if err := os.WriteFile(filepath.Join(staging, spec.Name+".vmx"), []byte(b.String()), 0o644); err != nil {
+		return err
+	}
+	if spec.Encrypt {
+		if err := o.Encrypt(ctx, staging, spec.KEK); err != nil {
+			return err
+		}
+	}
+	if err := atomicfile.SyncDir(staging); err != nil {
+		return err
+	}
+	if err := os.Rename(staging, dir); err != nil {
+		return err
+	}
+	ok = true
+	return atomicfile.SyncDir(filepath.Dir(dir))
+}
+
+func diskFileName(vm string, i int) string {
+	if i == 0 {
+		return vm + ".vmdk"
+	}
+	return fmt.Sprintf("%s_%d.vmdk", vm, i)
+}
+
+// biosUUID returns a uuid.bios value in VMware's "56 4d ... -..." form.
+func biosUUID() (string, error) {
+	var u [16]byte
+	if _, err := rand.Read(u[:]); err != nil {
+		return "", err
+	}
+	var parts []string
+	for i, x := range u {
+		s := fmt.Sprintf("%02x", x)
+		if i == 8 {
+			s = "-" + s
+		}
+		parts = append(parts, s)
+	}
+	return strings.Replace(strings.Join(parts, " "), " -", "-", 1), nil
+}
+
+// makeDisk creates a disk of the given subformat in dir.
+func makeDisk(ctx context.Context, dir, name string, d DiskSpec) error {
+	if d.Size <= 0 || d.Size%512 != 0 {
+		return fmt.Errorf("disk %s: size must be a positive multiple of 512 bytes, got %d", name, d.Size)
+	}
+	sf := d.Subformat
+	if sf == "" {
+		sf = "monolithicFlat"
+	}
+	if sf == "monolithicFlat" {
+		return makeFlatDisk(dir, name, d.Size)
+	}
+	known := false
+	for _, s := range Subformats {
+		known = known || s == sf
+	}
+	if !known {
+		return fmt.Errorf("disk %s: unknown subformat %q (known: %s)", name, sf, strings.Join(Subformats, ", "))
+	}
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		return fmt.Errorf("disk %s: subformat %s is created with qemu-img, which is not installed (apt-get install qemu-utils)", name, sf)
+	}
+	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat="+sf, name, strconv.FormatInt(d.Size, 10))
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("disk %s: qemu-img create: %v: %s", name, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// makeFlatDisk writes a monolithicFlat descriptor and a sparse flat extent.
+func makeFlatDisk(dir, name string, size int64) error {
+	extent := strings.TrimSuffix(name, ".vmdk") + "-flat.vmdk"
+	var cid [4]byte
+	rand.Read(cid[:])
+	sectors := size / 512
+	cyl := min(sectors/(255*63), 65535)
+	desc := fmt.Sprintf(`# Disk DescriptorFile
+version=1
+CID=%08x
+parentCID=ffffffff
+createType="monolithicFlat"
+
+# Extent description
+RW %d FLAT "%s" 0
+
+# The Disk Data Base
+#DDB
+
+ddb.virtualHWVersion = "19"
+ddb.geometry.cylinders = "%d"
+ddb.geometry.heads = "255"
+ddb.geometry.sectors = "63"
+ddb.adapterType = "lsilogic"
+`, binary.BigEndian.Uint32(cid[:]), sectors, extent, cyl)
+	if _, err := vmdk.ParseDescriptor([]byte(desc)); err != nil {
+		return fmt.Errorf("disk %s: generated descriptor does not parse: %w", name, err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, extent), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, name), []byte(desc), 0o644)
+}
+
+// AddDisk creates a new disk in an existing VM and attaches it at the
+// next free scsi0 slot. On an encrypted VM the disk gets its own DEK,
+// wrapped under the VM's KEK, before the vmx names it.
+func (o *VMOps) AddDisk(ctx context.Context, dir string, d DiskSpec) (string, error) {
+	if op, err := InterruptedOp(dir); err != nil || op != "" {
+		if err == nil {
+			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
+		}
+		return "", err
+	}
+	l, err := loadLayout(dir)
+	if err != nil {
+		return "", err
+	}
+	base := strings.TrimSuffix(filepath.Base(l.VMXPath), filepath.Ext(l.VMXPath))
+	name := ""
+	for i := 0; ; i++ {
+		n := diskFileName(base, i)
+		if _, err := os.Lstat(filepath.Join(dir, n)); errors.Is(err, os.ErrNotExist) {
+			if _, err := os.Lstat(filepath.Join(dir, strings.TrimSuffix(n, ".vmdk")+"-flat.vmdk")); errors.Is(err, os.ErrNotExist) {
+				name = n
+				break
+			}
+		}
+	}
+	if err := makeDisk(ctx, dir, name, d); err != nil {
+		return "", err
+	}
+	if l.Encrypted {
+		if err := o.encryptNewDisk(ctx, l, name); err != nil {
+			removeDiskFiles(dir, name)
+			return "", err
+		}
+	}
+	if err := attachToVMX(l, name); err != nil {
+		return "", err
+	}
+	return name, nil
+}
+
+func removeDiskFiles(dir, name string) {
+	if d, _, err := loadDisk(dir, name); err == nil {
+		for _, e := range d.Extents {
+			os.Remove(filepath.Join(dir, e))
+		}
+	}
+	os.Remove(filepath.Join(dir, name))
+}
+
+// encryptNewDisk gives a freshly made disk its DEK under the VM's KEK.
+func (o *VMOps) encryptNewDisk(ctx context.Context, l *vmLayout, name string) error {
+	entries, err := DecodeKeySafe(l.KeySafe)
+	if err != nil {
+		return err
+	}
+	kekRef := entries[0].KEK
+	d, _, err := loadDisk(l.Dir, name)
+	if err != nil {
+		return err
+	}
+	id, err := newID()
+	if err != nil {
+		return err
+	}
+	dek, err := NewDEK()
+	if err != nil {
+		return err
+	}
+	defer dek.Destroy()
+	b := Binding{PurposeDisk, id}
+	ks, err := o.wrapInto(ctx, kekRef, dek, b)
+	if err != nil {
+		return err
+	}
+	for _, e := range d.Extents {
+		opts := CreateOptions{Kind: KindExtent, Binding: b, Impl: o.Impl}
+		if d.Embedded {
+			opts.EmbeddedKeySafe = ks
+		}
+		if err := EncryptFile(ctx, filepath.Join(l.Dir, e), dek, opts, nil); err != nil {
+			return err
+		}
+	}
+	l.Disks = append(l.Disks, d)
+	return o.writeDescriptors(l, []journalDisk{{Name: name, DiskID: id, KeySafe: ks}}, true)
+}
+
+// ErrEncryptedDiskOnPlainVM is vSphere's rule, with its wording.
+var ErrEncryptedDiskOnPlainVM = errors.New("encrypted disks cannot be added to an unencrypted VM")
+
+// AttachDisk adds an existing disk (inside the VM directory) to the vmx.
+// An encrypted disk is refused on a plain VM; a plain disk on an
+// encrypted VM stays plain and is reported as such.
+func (o *VMOps) AttachDisk(ctx context.Context, dir, path string) (encrypted bool, err error) {
+	l, err := loadLayout(dir)
+	if err != nil {
+		return false, err
+	}
+	p, err := vmdk.ResolveExtentPath(l.Dir, path)
+	if err != nil || filepath.Dir(p) != l.Dir {
+		return false, fmt.Errorf("%s: the disk must be a file inside the VM directory %s", path, l.Dir)
+	}
+	name := filepath.Base(p)
+	for _, d := range l.Disks {
+		if d.Name == name {
+			return false, fmt.Errorf("%s is already attached", name)
+		}
+	}
+	d, _, err := loadDisk(l.Dir, name)
+	if err != nil {
+		return false, err
+	}
+	encrypted = d.KeySafe != ""
+	if !encrypted {
+		// A container extent without a keySafe line would be unreadable.
+		for _, e := range d.Extents {
+			if st, err := keyStateOfAny(filepath.Join(l.Dir, e)); err == nil && st {
+				encrypted = true
+			}
+		}
+	}
+	if encrypted && !l.Encrypted {
+		return true, fmt.Errorf("%s: %w", name, ErrEncryptedDiskOnPlainVM)
+	}
+	return encrypted, attachToVMX(l, name)
+}
+
+// keyStateOfAny reports whether path is a vmcryptd container (any key).
+func keyStateOfAny(path string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	region := make([]byte, 2*slotSize)
+	n, _ := f.ReadAt(region, 0)
+	_, err = PeekHeader(region[:n])
+	return err == nil, nil
+}
+
+// attachToVMX names the disk at the first free scsi0:N slot.
+func attachToVMX(l *vmLayout, name string) error {
+	used := map[string]bool{}
+	for _, d := range l.VMX.Disks() {
+		used[d.Device] = true
+	}
+	slot := -1
+	for i := 0; i < 64; i++ {
+		if i != 7 && !used[fmt.Sprintf("scsi0:%d", i)] { // 7 is the controller
+			slot = i
+			break
+		}
+	}
+	if slot < 0 {
+		return errors.New("no free scsi0 slot")
+	}
+	dev := fmt.Sprintf("scsi0:%d", slot)
+	cfg := l.VMX
+	for _, kv := range [][2]string{{dev + ".present", "TRUE"}, {dev + ".fileName", name}, {dev + ".deviceType", "scsi-hardDisk"}} {
+		if err := cfg.Set(kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	return writeText(l.VMXPath, cfg.Bytes())
+}

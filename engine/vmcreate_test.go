@@ -1,0 +1,124 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestVMCreateAddAttach(t *testing.T) {
+	needTool(t, "qemu-img")
+	ops, kek := newTestOps(t)
+	host, err := ops.Keys.Create(context.Background(), "mem", "host")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops.HostKEK = &host.Ref
+	ctx := context.Background()
+	root := t.TempDir()
+
+	enc := filepath.Join(root, "encvm")
+	spec := CreateSpec{Name: "encvm", Memory: 2 << 30, Encrypt: true, KEK: kek,
+		Disks: []DiskSpec{{Size: 64 << 20}, {Size: 32 << 20, Subformat: "monolithicSparse"}}}
+	if err := ops.Create(ctx, enc, spec); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(enc + ".vmcryptd-creating"); !os.IsNotExist(err) {
+		t.Fatal("staging directory left behind")
+	}
+	st, err := ReadVMStatus(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Encrypted || len(st.Files) != 3 {
+		t.Fatalf("status: %+v", st)
+	}
+	for _, f := range st.Files {
+		if !f.Encrypted {
+			t.Errorf("%s not encrypted", f.Name)
+		}
+	}
+	vmxText, _ := os.ReadFile(filepath.Join(enc, "encvm.vmx"))
+	if !strings.Contains(string(vmxText), `memSize = "2048"`) {
+		t.Errorf("vmx: %s", vmxText)
+	}
+
+	// Add a disk to the encrypted VM: it is encrypted with its own key.
+	name, err := ops.AddDisk(ctx, enc, DiskSpec{Size: 16 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, _ = ReadVMStatus(enc)
+	fps := map[string]bool{}
+	for _, f := range st.Files {
+		if !f.Encrypted {
+			t.Errorf("%s not encrypted after disk add", f.Name)
+		}
+		fps[f.Fingerprint] = true
+	}
+	if len(fps) != 4 || name != "encvm_2.vmdk" { // VM key + three disk keys
+		t.Fatalf("added %s; fingerprints %v", name, fps)
+	}
+
+	// A plain VM with a plain disk; then attach rules.
+	plain := filepath.Join(root, "plainvm")
+	if err := ops.Create(ctx, plain, CreateSpec{Name: "plainvm", Disks: []DiskSpec{{Size: 8 << 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	// Copy an encrypted disk (descriptor + extent) into the plain VM.
+	for _, f := range []string{"encvm_2.vmdk", "encvm_2-flat.vmdk"} {
+		raw, _ := os.ReadFile(filepath.Join(enc, f))
+		os.WriteFile(filepath.Join(plain, f), raw, 0o644)
+	}
+	if _, err := ops.AttachDisk(ctx, plain, "encvm_2.vmdk"); !errors.Is(err, ErrEncryptedDiskOnPlainVM) {
+		t.Fatalf("attach encrypted disk to plain VM: %v", err)
+	}
+	// A plain disk joins an encrypted VM and stays plain.
+	cmd := exec.Command("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "extra.vmdk", "4M")
+	cmd.Dir = enc
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	encd, err := ops.AttachDisk(ctx, enc, "extra.vmdk")
+	if err != nil || encd {
+		t.Fatalf("attach plain disk to encrypted VM: %v %v", encd, err)
+	}
+	st, _ = ReadVMStatus(enc)
+	for _, f := range st.Files {
+		if f.Name == "extra-flat.vmdk" && f.Encrypted {
+			t.Fatal("plain disk became encrypted")
+		}
+	}
+
+	// A core dump found in the VM is encrypted with the host key and
+	// comes back on decrypt.
+	dump := bytes.Repeat([]byte("core dump "), 10000)
+	os.WriteFile(filepath.Join(plain, "vmware-vmx-1234.core"), dump, 0o600)
+	if err := ops.Encrypt(ctx, plain, kek); err != nil {
+		t.Fatal(err)
+	}
+	st, _ = ReadVMStatus(plain)
+	found := false
+	for _, f := range st.Files {
+		if f.Kind == "coredump" {
+			found = true
+			if !f.Encrypted || f.KEK != host.Ref.String() {
+				t.Fatalf("core dump: %+v", f)
+			}
+		}
+	}
+	if !found {
+		t.Fatal("core dump not listed")
+	}
+	if err := ops.Decrypt(ctx, plain); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(plain, "vmware-vmx-1234.core")); !bytes.Equal(got, dump) {
+		t.Fatal("core dump differs after decrypt")
+	}
+}
