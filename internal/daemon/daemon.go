@@ -54,6 +54,7 @@ type Daemon struct {
 	source    map[string]string // provider name -> "config" | "api"
 	keyErrs   map[engine.KeyRef]string
 	vmLocks   vmLocks
+	metrics   *metrics
 }
 
 // HardenProcess makes the process undumpable (no core dumps, no ptrace
@@ -104,6 +105,7 @@ func New(opts Options) (*Daemon, error) {
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
 		keyErrs: map[engine.KeyRef]string{},
 	}
+	d.metrics = newMetrics(d)
 	for _, kc := range cfg.KMS {
 		if err := d.addProviderLocked(kc, "config"); err != nil {
 			d.Close()
@@ -241,6 +243,15 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 		}
 	}()
 
+	if addr := d.cfg.MetricsListen; addr != "" {
+		bgWG.Add(1)
+		go func() {
+			defer bgWG.Done()
+			if err := d.metrics.serve(bg, addr); err != nil {
+				d.log.Error("metrics listener failed", "addr", addr, "err", err)
+			}
+		}()
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {

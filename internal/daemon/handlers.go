@@ -115,12 +115,22 @@ func (d *Daemon) op(name string, priv Privilege, audited bool, h handler) http.H
 				msg += fmt.Sprintf(", which role %s of user %s does not have", id.Role, id.User)
 			}
 			d.auditWrite(AuditEntry{UID: id.UID, User: id.User, Role: id.Role, Op: name, Target: r.URL.Path, Result: "denied", Detail: string(priv)})
+			d.metrics.requests.WithLabelValues(name, "denied").Inc()
 			writeJSON(w, http.StatusForbidden, api.Error{Error: msg, MissingPrivilege: string(priv)})
 			return
 		}
 		r.Body = http.MaxBytesReader(w, r.Body, api.MaxRequestBytes)
 		rc := &reqCtx{w: w, r: r, id: id, op: name}
 		resp, err := h(rc)
+		result := "ok"
+		if err != nil {
+			result = "error"
+			var he *httpError
+			if errors.As(err, &he) && he.code == http.StatusForbidden {
+				result = "denied"
+			}
+		}
+		d.metrics.requests.WithLabelValues(name, result).Inc()
 		if audited {
 			e := AuditEntry{UID: id.UID, User: id.User, Role: id.Role, Op: name, Target: r.URL.Path, Result: "ok"}
 			if a, ok := resp.(auditable); ok {

@@ -76,7 +76,12 @@ func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
 	d.mu.Unlock()
 	if emit != nil {
 		var last time.Time
+		var prev int64
 		ops.Progress = func(ev engine.ProgressEvent) {
+			if ev.Done > prev {
+				d.metrics.converted.WithLabelValues(ev.Op).Add(float64(ev.Done - prev))
+				prev = ev.Done
+			}
 			// A line per 100 ms keeps the stream light on fast disks.
 			if now := time.Now(); now.Sub(last) >= 100*time.Millisecond || ev.Done == ev.Total {
 				last = now

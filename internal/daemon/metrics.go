@@ -1,0 +1,65 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the daemon's Prometheus series. They carry operation names,
+// results and counts only: never key ids or paths (cardinality, and paths
+// can be sensitive).
+type metrics struct {
+	reg        *prometheus.Registry
+	requests   *prometheus.CounterVec
+	keysCached prometheus.GaugeFunc
+	keyErrors  prometheus.GaugeFunc
+	converted  *prometheus.CounterVec
+}
+
+func newMetrics(d *Daemon) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	m.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "vmcryptd_api_requests_total", Help: "API requests by operation and result (ok, denied, error).",
+	}, []string{"op", "result"})
+	m.keysCached = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "vmcryptd_keys_cached", Help: "KEKs held in locked memory.",
+	}, func() float64 { return float64(len(d.keyring.Refs())) })
+	m.keyErrors = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "vmcryptd_keys_unavailable", Help: "KEKs needed but not fetchable from their key server.",
+	}, func() float64 {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return float64(len(d.keyErrs))
+	})
+	m.converted = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "vmcryptd_converted_bytes_total", Help: "Bytes converted by VM operations.",
+	}, []string{"op"})
+	m.reg.MustRegister(m.requests, m.keysCached, m.keyErrors, m.converted,
+		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	return m
+}
+
+// serveMetrics serves /metrics on addr until ctx is done.
+func (m *metrics) serve(ctx context.Context, addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
