@@ -74,7 +74,7 @@ func pattern(n int) []byte {
 func TestFormatVectors(t *testing.T) {
 	vecs, lines := readVectors(t)
 	got := map[string]vector{}
-	for _, name := range []string{"wrap", "kdf", "xts", "container"} {
+	for _, name := range []string{"wrap", "kdf", "xts", "container", "vmxdata", "keysafe_area"} {
 		if vecs[name] == nil {
 			t.Fatalf("FORMAT.md has no %q vector", name)
 		}
@@ -178,6 +178,43 @@ func TestFormatVectors(t *testing.T) {
 	fileSum := sha256.Sum256(made)
 	got["container"]["plaintext_sha256"] = hex.EncodeToString(sum[:])
 	got["container"]["file_sha256"] = hex.EncodeToString(fileSum[:])
+
+	// encryption.data
+	vd := vecs["vmxdata"]
+	vdek, err := dekFromBytes(unhex(t, vd, "dek"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vdek.Destroy()
+	rest, moved := extractSensitive(unhex(t, vd, "vmx"))
+	var p []byte
+	for _, m := range moved {
+		p = append(p, byte(m.index), byte(m.index>>8), byte(m.index>>16), byte(m.index>>24))
+		p = append(p, byte(len(m.raw)), byte(len(m.raw)>>8), byte(len(m.raw)>>16), byte(len(m.raw)>>24))
+		p = append(p, m.raw...)
+	}
+	sealed, err := sealVMXDataNonce(vdek, vd["vm_id"], moved, unhex(t, vd, "nonce"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got["vmxdata"]["vmx_rest"] = hex.EncodeToString(rest)
+	got["vmxdata"]["plaintext"] = hex.EncodeToString(p)
+	got["vmxdata"]["data"] = sealed
+	backLines, err := openVMXData(vdek, vd["vm_id"], sealed)
+	if err != nil || !bytes.Equal(restoreSensitive(rest, backLines), unhex(t, vd, "vmx")) {
+		t.Errorf("encryption.data vector does not restore the vmx: %v", err)
+	}
+
+	// embedded keySafe copy
+	ka := vecs["keysafe_area"]
+	seq, _ := strconv.ParseUint(ka["seq"], 10, 64)
+	cp, err := marshalKSCopy(ka["keysafe"], seq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpSum := sha256.Sum256(cp)
+	got["keysafe_area"]["copy_head"] = hex.EncodeToString(cp[:32])
+	got["keysafe_area"]["copy_sha256"] = hex.EncodeToString(cpSum[:])
 
 	if *updateVectors {
 		writeVectors(t, lines, got)

@@ -112,6 +112,11 @@ func vmxDataAEAD(dek *DEK) (cipher.AEAD, error) {
 
 // sealVMXData encrypts moved lines into the base64 bundle.
 func sealVMXData(dek *DEK, vmID string, moved []movedLine) (string, error) {
+	return sealVMXDataNonce(dek, vmID, moved, nil)
+}
+
+// sealVMXDataNonce takes a fixed nonce for the FORMAT.md vectors only.
+func sealVMXDataNonce(dek *DEK, vmID string, moved []movedLine, fixedNonce []byte) (string, error) {
 	var p []byte
 	for _, m := range moved {
 		p = binary.LittleEndian.AppendUint32(p, uint32(m.index))
@@ -122,12 +127,14 @@ func sealVMXData(dek *DEK, vmID string, moved []movedLine) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("encryption.data: %w", err)
 	}
-	out := make([]byte, 1+aead.NonceSize())
-	out[0] = vmxDataVersion
-	if _, err := rand.Read(out[1:]); err != nil {
+	nonce := make([]byte, aead.NonceSize())
+	if fixedNonce != nil {
+		copy(nonce, fixedNonce)
+	} else if _, err := rand.Read(nonce); err != nil {
 		return "", fmt.Errorf("encryption.data: crypto/rand: %w", err)
 	}
-	out = aead.Seal(out, out[1:], p, []byte(vmxDataAD+vmID))
+	out := append([]byte{vmxDataVersion}, nonce...)
+	out = aead.Seal(out, nonce, p, []byte(vmxDataAD+vmID))
 	clear(p)
 	return base64.StdEncoding.EncodeToString(out), nil
 }

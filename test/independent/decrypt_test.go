@@ -254,3 +254,66 @@ func TestOpenSSLRecoveryKDF(t *testing.T) {
 		t.Fatal("openssl-derived XTS key differs")
 	}
 }
+
+// Section 4.2: open encryption.data and restore the vmx.
+func TestVMXData(t *testing.T) {
+	v := vectors(t)["vmxdata"]
+	prk, _ := hkdf.Extract(sha256.New, hx(t, v["dek"]), []byte("vmcryptd v1 container"))
+	key, _ := hkdf.Expand(sha256.New, prk, "vmx-data", 32)
+	block, _ := aes.NewCipher(key)
+	gcm, _ := cipher.NewGCM(block)
+	raw, err := base64.StdEncoding.DecodeString(v["data"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if raw[0] != 1 || !bytes.Equal(raw[1:13], hx(t, v["nonce"])) {
+		t.Fatal("bad version or nonce")
+	}
+	p, err := gcm.Open(nil, raw[1:13], raw[13:], []byte("vmcryptd v1 vmx-data"+v["vm_id"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(p, hx(t, v["plaintext"])) {
+		t.Fatal("plaintext records differ")
+	}
+	// Re-insert each line at its index into the remaining vmx.
+	var lines [][]byte
+	rest := hx(t, v["vmx_rest"])
+	for len(rest) > 0 {
+		i := bytes.IndexByte(rest, '\n')
+		if i < 0 {
+			lines, rest = append(lines, rest), nil
+			break
+		}
+		lines, rest = append(lines, rest[:i+1]), rest[i+1:]
+	}
+	for len(p) > 0 {
+		idx, n := int(binary.LittleEndian.Uint32(p)), int(binary.LittleEndian.Uint32(p[4:]))
+		line := p[8 : 8+n]
+		p = p[8+n:]
+		if idx > 0 && idx <= len(lines) && !bytes.HasSuffix(lines[idx-1], []byte("\n")) {
+			lines[idx-1] = append(append([]byte(nil), lines[idx-1]...), '\n')
+		}
+		lines = append(lines[:idx], append([][]byte{line}, lines[idx:]...)...)
+	}
+	if !bytes.Equal(bytes.Join(lines, nil), hx(t, v["vmx"])) {
+		t.Fatal("restored vmx differs")
+	}
+}
+
+// Section 3.4: build a keySafe copy from the table.
+func TestKeySafeAreaCopy(t *testing.T) {
+	v := vectors(t)["keysafe_area"]
+	seq, _ := strconv.ParseUint(v["seq"], 10, 64)
+	cp := make([]byte, 1536)
+	copy(cp, "VMCKSAFE")
+	binary.LittleEndian.PutUint64(cp[8:], seq)
+	binary.LittleEndian.PutUint16(cp[16:], uint16(len(v["keysafe"])))
+	copy(cp[18:], v["keysafe"])
+	h := sha256.Sum256(cp[:1504])
+	copy(cp[1504:], h[:])
+	sum := sha256.Sum256(cp)
+	if hex.EncodeToString(cp[:32]) != v["copy_head"] || hex.EncodeToString(sum[:]) != v["copy_sha256"] {
+		t.Fatal("keySafe copy differs from the vector")
+	}
+}
