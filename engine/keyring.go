@@ -122,6 +122,14 @@ func (r *Keyring) fetch(ctx context.Context, ks KeyServer, ref KeyRef) (*KEK, er
 	return NewKEK(ref, raw)
 }
 
+// Peek returns the KEK if it is in memory now, without fetching it.
+func (r *Keyring) Peek(ref KeyRef) (*KEK, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k, ok := r.keys[ref]
+	return k, ok
+}
+
 // Cached reports whether ref is in memory now.
 func (r *Keyring) Cached(ref KeyRef) bool {
 	r.mu.Lock()

@@ -117,3 +117,32 @@ func (c *vmCreateCmd) Run(g *globals) error {
 	fmt.Printf("created %s (%s, %d files)\n", res.Dir, state, len(res.Files))
 	return nil
 }
+
+type mountCmd struct {
+	Datastore  string `arg:"" help:"Datastore name (from the config) or path."`
+	Mountpoint string `arg:"" help:"Where to mount the decrypted view." type:"path"`
+	ReadOnly   bool   `help:"Read-only view."`
+	AllowOther bool   `help:"Let other users use the view (file modes still apply)."`
+}
+
+func (c *mountCmd) Run(g *globals) error {
+	var res api.MountInfo
+	if err := g.call("POST", "/mounts", api.MountRequest{Datastore: c.Datastore, Mountpoint: c.Mountpoint, ReadOnly: c.ReadOnly, AllowOther: c.AllowOther}, &res); err != nil {
+		return err
+	}
+	fmt.Printf("%s mounted on %s\n", res.Datastore, res.Mountpoint)
+	return nil
+}
+
+type unmountCmd struct {
+	Mountpoint string `arg:"" help:"The view's mountpoint." type:"path"`
+	Force      bool   `help:"Unmount even with files open (their users get errors)."`
+}
+
+func (c *unmountCmd) Run(g *globals) error {
+	if err := g.call("POST", "/unmount", api.UnmountRequest{Mountpoint: c.Mountpoint, Force: c.Force}, nil); err != nil {
+		return err
+	}
+	fmt.Printf("%s unmounted\n", c.Mountpoint)
+	return nil
+}

@@ -27,6 +27,8 @@ type cli struct {
 	VM      vmCmd      `cmd:"" name:"vm" help:"Encrypt, decrypt, rekey VMs; show their encryption state."`
 	Policy  policyCmd  `cmd:"" help:"Storage policies (VM Encryption Policy, Datastore Default)."`
 	Disk    diskCmd    `cmd:"" help:"Add or attach virtual disks."`
+	Mount   mountCmd   `cmd:"" help:"Mount a decrypted FUSE view of a datastore (needs Cryptographer.Access)."`
+	Unmount unmountCmd `cmd:"" help:"Unmount a view (refused while files are open, unless --force)."`
 	Inspect inspectCmd `cmd:"" help:"Describe a VM file or directory (formats, sizes, keys, encrypted containers) without any key or daemon."`
 	Bench   benchCmd   `cmd:"" help:"Measure sector-cipher throughput of every implementation against OpenSSL."`
 	Version versionCmd `cmd:"" help:"Print the version."`

@@ -60,6 +60,16 @@ func (s *statusCmd) Run(g *globals) error {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", vm.Dir, state, strings.Join(vm.Keys, ","), vm.Reason)
 		}
 	}
+	if len(st.Mounts) > 0 {
+		fmt.Fprintln(tw, "\nMOUNTPOINT\tDATASTORE\tMODE\tOPEN FILES")
+		for _, m := range st.Mounts {
+			mode := "rw"
+			if m.ReadOnly {
+				mode = "ro"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", m.Mountpoint, m.Datastore, mode, len(m.OpenFiles))
+		}
+	}
 	return tw.Flush()
 }
 

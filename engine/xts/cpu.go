@@ -21,12 +21,14 @@ var (
 // preference is the order Available reports usable implementations in:
 // fastest first, as measured with this package's benchmarks.
 //
-// On the Sapphire Rapids class Xeon this was developed on (2 vCPUs), vaes512
-// beats vaes256 by 1.3-1.5x (4 KiB units: ~10 vs ~7 GB/s per core) with no
-// sign of an AVX-512 frequency penalty, and vaes256 beats aesni by ~2x. The
-// ZMM kernel also keeps all round keys in registers, where the YMM kernel
-// (16 vector registers only) must use memory operands. If a CPU turns out to
-// throttle hard under 512-bit AES, callers can still pick vaes256 by name.
+// On the Sapphire Rapids class Xeon this was developed on (2 vCPUs, shared
+// and busy, so only rough figures), per core at 4 KiB units vaes512 reached
+// ~9-10 GB/s, vaes256 ~8, aesni ~4.5 and generic ~0.4; at 512-byte units,
+// where the serial tweak encryption and per-call overhead weigh more,
+// vaes512 and vaes256 were within noise of each other (~4.5-5.5 GB/s). We
+// saw no sign of an AVX-512 frequency penalty, and the ZMM kernel keeps all
+// round keys in registers, so vaes512 goes first. A CPU that throttles under
+// 512-bit AES can still be given vaes256 by name.
 var preference = []Impl{ImplVAES512, ImplVAES256, ImplAESNI, ImplGeneric}
 
 func usable(i Impl) bool {

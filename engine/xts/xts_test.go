@@ -263,7 +263,7 @@ func TestImplsAgree(t *testing.T) {
 				// Up to a few units plus a random tail (>= 16 if non-empty).
 				units := r.IntN(4)
 				if unit <= 512 {
-					units = r.IntN(80) // crosses batchUnits
+					units = r.IntN(80) // many units per kernel call
 				}
 				tail := 0
 				if r.IntN(2) == 0 {

@@ -36,6 +36,7 @@ type Status struct {
 	CachedKeys     int              `json:"cached_keys"`
 	KeysLocked     bool             `json:"keys_mlocked"`
 	VMs            []VMLockState    `json:"vms"`
+	Mounts         []MountInfo      `json:"mounts"`
 	Datastores     []DatastoreState `json:"datastores"`
 }
 
@@ -163,4 +164,26 @@ type CreateRequest struct {
 	Disks    []DiskSpec `json:"disks"`
 	Encrypt  bool       `json:"encrypt"`
 	Provider string     `json:"provider,omitempty"`
+}
+
+// MountRequest is POST /v1/mounts.
+type MountRequest struct {
+	Datastore  string `json:"datastore"` // name or path
+	Mountpoint string `json:"mountpoint"`
+	ReadOnly   bool   `json:"read_only,omitempty"`
+	AllowOther bool   `json:"allow_other,omitempty"`
+}
+
+// UnmountRequest is POST /v1/unmount.
+type UnmountRequest struct {
+	Mountpoint string `json:"mountpoint"`
+	Force      bool   `json:"force,omitempty"`
+}
+
+// MountInfo describes one decrypted view.
+type MountInfo struct {
+	Datastore  string   `json:"datastore"`
+	Mountpoint string   `json:"mountpoint"`
+	ReadOnly   bool     `json:"read_only"`
+	OpenFiles  []string `json:"open_files,omitempty"`
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/BurntSushi/toml"
@@ -41,6 +42,7 @@ type Config struct {
 	KMS             []kms.Config  `toml:"kms"`
 	Datastores      []Datastore   `toml:"datastores"`
 	Roles           []RoleBinding `toml:"roles"`
+	Mounts          []Mount       `toml:"mounts"`
 	// KeyRetryInterval is how often KEKs that could not be fetched are
 	// tried again, e.g. "10s" (default 10s).
 	KeyRetryInterval Duration `toml:"key_retry_interval"`
@@ -67,6 +69,14 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.Strin
 type Datastore struct {
 	Name string `toml:"name"`
 	Path string `toml:"path"`
+}
+
+// Mount is a decrypted view the daemon keeps mounted.
+type Mount struct {
+	Datastore  string `toml:"datastore"` // name or path
+	Mountpoint string `toml:"mountpoint"`
+	ReadOnly   bool   `toml:"read_only"`
+	AllowOther bool   `toml:"allow_other"`
 }
 
 // RoleBinding gives a role to a unix user or group.
@@ -133,6 +143,15 @@ func Load(path string) (*Config, error) {
 		abs(&c.Datastores[i].Path)
 		if c.Datastores[i].Name == "" || c.Datastores[i].Path == "" {
 			return nil, fmt.Errorf("config %s: datastore %d needs name and path", path, i)
+		}
+	}
+	for i := range c.Mounts {
+		abs(&c.Mounts[i].Mountpoint)
+		if filepath.IsAbs(c.Mounts[i].Datastore) || strings.ContainsRune(c.Mounts[i].Datastore, '/') {
+			abs(&c.Mounts[i].Datastore)
+		}
+		if c.Mounts[i].Datastore == "" || c.Mounts[i].Mountpoint == "" {
+			return nil, fmt.Errorf("config %s: mount %d needs datastore and mountpoint", path, i)
 		}
 	}
 	for i, r := range c.Roles {

@@ -55,6 +55,7 @@ type Daemon struct {
 	keyErrs   map[engine.KeyRef]string
 	vmLocks   vmLocks
 	metrics   *metrics
+	mounts    map[string]*activeMount // by mountpoint
 }
 
 // HardenProcess makes the process undumpable (no core dumps, no ptrace
@@ -103,7 +104,7 @@ func New(opts Options) (*Daemon, error) {
 		cfg: cfg, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval,
 		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
-		keyErrs: map[engine.KeyRef]string{},
+		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{},
 	}
 	d.metrics = newMetrics(d)
 	for _, kc := range cfg.KMS {
@@ -231,6 +232,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	go func() {
 		defer bgWG.Done()
 		d.loadKeys(bg)
+		d.restoreMounts(bg)
 		t := time.NewTicker(d.retry)
 		defer t.Stop()
 		for {
@@ -263,6 +265,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	defer cancel()
 	_ = srv.Shutdown(sctx)
 	bgWG.Wait()
+	d.unmountAll()
 	os.Remove(d.cfg.Socket)
 	d.Close()
 	d.log.Info("vmcryptd stopped; keys zeroed")
@@ -372,6 +375,9 @@ func (d *Daemon) status(id identity) api.Status {
 		Providers:  []api.ProviderInfo{},
 		Datastores: []api.DatastoreState{},
 	}
+	d.mu.Unlock()
+	s.Mounts = d.mountInfos()
+	d.mu.Lock()
 	if h := d.st.HostKey; h != nil {
 		ref := engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
 		s.HostEncryption = api.HostEncryption{Enabled: true, Provider: h.Provider, KeyID: h.KeyID,

@@ -23,6 +23,8 @@ type state struct {
 	DefaultProvider string `json:"default_provider,omitempty"`
 	// VMs registered with the daemon (encrypted ones), by directory.
 	VMs []vmRecord `json:"vms,omitempty"`
+	// Mounts made through the API, re-established after a restart.
+	Mounts []mountRecord `json:"mounts,omitempty"`
 }
 
 type keyRefJSON struct {

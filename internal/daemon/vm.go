@@ -172,6 +172,13 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
+	// Converting files under a running VM would pull them from under it.
+	if rc.op != "vm.rekey" || req.Deep {
+		if open := d.openFilesUnder(dir); len(open) > 0 {
+			return nil, conflict("%s is in use: open through a decrypted view: %s", dir, strings.Join(open, ", "))
+		}
+	}
+	defer d.forgetDEKs(dir)
 	// The conversion outlives a client that disconnects: it runs to the
 	// end (or to the daemon's shutdown), and re-running resumes it anyway.
 	ctx := context.WithoutCancel(rc.r.Context())

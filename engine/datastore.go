@@ -1,0 +1,279 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/vmcryptd/vmcryptd/engine/xts"
+)
+
+// Datastore resolves the files of a datastore directory for a decrypted
+// view: which are containers, which DEK opens each, and whether that key
+// can be had now. DEKs are unwrapped on first use and cached, in locked
+// memory, until Close.
+type Datastore struct {
+	Root string
+	Keys *Keyring
+	Impl xts.Impl
+	// KeyErr, if set, explains why a KEK is not in memory (the daemon's
+	// last fetch error). The view never fetches keys itself: a file
+	// lookup must not wait on a key server; the daemon's loader does.
+	KeyErr func(KeyRef) string
+
+	mu   sync.Mutex
+	deks map[dekKey]*DEK
+}
+
+// dekKey includes the fingerprint so a deep rekey (same owner, new DEK)
+// never serves a stale key.
+type dekKey struct {
+	dir     string
+	binding Binding
+	fp      [16]byte
+}
+
+// FileState is how a view must serve a file.
+type FileState int
+
+const (
+	FilePlain FileState = iota
+	FileEncrypted
+	FileLocked
+)
+
+// NewDatastore returns a resolver for root.
+func NewDatastore(root string, keys *Keyring, impl xts.Impl) *Datastore {
+	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}}
+}
+
+func (d *Datastore) abs(rel string) (string, error) {
+	p := filepath.Join(d.Root, filepath.FromSlash(rel))
+	if p != d.Root && !strings.HasPrefix(p, d.Root+string(filepath.Separator)) {
+		return "", fmt.Errorf("%s: outside the datastore", rel)
+	}
+	return p, nil
+}
+
+func readHead(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	head := make([]byte, HeaderSize)
+	n, err := io.ReadFull(f, head)
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return head[:n], nil
+}
+
+// Classify says whether rel is plain, an encrypted container whose key is
+// available, or one whose key is not (with the reason).
+func (d *Datastore) Classify(rel string) (FileState, string, error) {
+	path, err := d.abs(rel)
+	if err != nil {
+		return 0, "", err
+	}
+	head, err := readHead(path)
+	if err != nil {
+		return 0, "", err
+	}
+	if _, err := PeekHeader(head); err != nil {
+		return FilePlain, "", nil
+	}
+	if _, err := d.dekFor(path, head); err != nil {
+		return FileLocked, err.Error(), nil
+	}
+	return FileEncrypted, "", nil
+}
+
+// Open opens the container at rel with its DEK.
+func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
+	path, err := d.abs(rel)
+	if err != nil {
+		return nil, err
+	}
+	head, err := readHead(path)
+	if err != nil {
+		return nil, err
+	}
+	dek, err := d.dekFor(path, head)
+	if err != nil {
+		return nil, err
+	}
+	return OpenContainer(path, dek, readOnly, d.Impl)
+}
+
+// vmKindByName picks the container kind of a VM-key file by its name; ""
+// means the file is not one the VM key protects.
+func vmKindByName(name string) Kind {
+	switch strings.ToLower(filepath.Ext(name)) {
+	case ".nvram":
+		return KindNVRAM
+	case ".vswp":
+		return KindVSWP
+	case ".vmsn":
+		return KindVMSN
+	case ".vmss":
+		return KindVMSS
+	case ".vmem":
+		return KindVMEM
+	}
+	return 0
+}
+
+// Create makes a new file for the view: inside an encrypted VM's
+// directory, the VM-key kinds (nvram, swap, snapshot and suspend state,
+// memory) are created as containers under the VM DEK; everything else,
+// including new disks, is plain (an encrypted VM may use a plain disk; use
+// `vmcryptd disk add` for an encrypted one).
+func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, error) {
+	path, err := d.abs(rel)
+	if err != nil {
+		return nil, false, err
+	}
+	kind := vmKindByName(path)
+	if kind == 0 {
+		return nil, false, nil
+	}
+	l, err := loadLayout(filepath.Dir(path))
+	if err != nil || !l.Encrypted {
+		return nil, false, nil // not a VM directory, or a plain VM
+	}
+	b := Binding{PurposeVM, l.VMID}
+	dek, err := d.cachedDEK(l.Dir, b, l.KeySafe)
+	if err != nil {
+		return nil, false, err
+	}
+	c, err := CreateContainer(path, dek, CreateOptions{Kind: kind, Binding: b, Impl: d.Impl, Perm: perm})
+	if err != nil {
+		return nil, false, err
+	}
+	return c, true, nil
+}
+
+// WouldEncrypt reports whether Create(rel) would make a container.
+func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
+	path, err := d.abs(rel)
+	if err != nil {
+		return false, err
+	}
+	if vmKindByName(path) == 0 {
+		return false, nil
+	}
+	l, err := loadLayout(filepath.Dir(path))
+	return err == nil && l.Encrypted, nil
+}
+
+// dekFor finds the keySafe that holds the DEK of the container at path
+// (from its header's binding) and unwraps it.
+func (d *Datastore) dekFor(path string, head []byte) (*DEK, error) {
+	h, err := PeekHeader(head)
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Dir(path)
+	d.mu.Lock()
+	dek, ok := d.deks[dekKey{dir, h.Binding, h.Fingerprint}]
+	d.mu.Unlock()
+	if ok {
+		return dek, nil
+	}
+	var ks string
+	if eks, ok := ReadEmbeddedKeySafe(head); ok {
+		ks = eks
+	} else {
+		l, err := loadLayout(dir)
+		if err != nil {
+			return nil, fmt.Errorf("%s: no VM to take its key from: %w", path, err)
+		}
+		switch h.Binding.Purpose {
+		case PurposeVM:
+			if l.VMID == h.Binding.OwnerID {
+				ks = l.KeySafe
+			}
+		case PurposeDisk:
+			for _, dk := range l.Disks {
+				if dk.DiskID == h.Binding.OwnerID {
+					ks = dk.KeySafe
+				}
+			}
+		}
+		if ks == "" {
+			return nil, fmt.Errorf("%s: no keySafe in %s for %s %s", path, dir, h.Binding.Purpose, h.Binding.OwnerID)
+		}
+	}
+	dek, err = d.cachedDEK(dir, h.Binding, ks)
+	if err != nil {
+		return nil, err
+	}
+	if fp, err := DEKFingerprint(dek); err != nil || fp != h.Fingerprint {
+		return nil, fmt.Errorf("%s: %w (its keySafe holds another DEK)", path, ErrWrongKey)
+	}
+	return dek, nil
+}
+
+// cachedDEK unwraps the DEK of ks and caches it (by fingerprint).
+func (d *Datastore) cachedDEK(dir string, b Binding, ks string) (*DEK, error) {
+	entries, err := DecodeKeySafe(ks)
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for _, e := range entries {
+		kek, ok := d.Keys.Peek(e.KEK)
+		if !ok {
+			why := "not loaded"
+			if d.KeyErr != nil {
+				if s := d.KeyErr(e.KEK); s != "" {
+					why = s
+				}
+			}
+			errs = append(errs, fmt.Errorf("key %s not available: %s", e.KEK, why))
+			continue
+		}
+		dek, err := UnwrapDEK(kek, e.Locked, b)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fp, err := DEKFingerprint(dek)
+		if err != nil {
+			dek.Destroy()
+			return nil, err
+		}
+		k := dekKey{dir, b, fp}
+		d.mu.Lock()
+		if old, ok := d.deks[k]; ok { // already cached: keep one copy
+			d.mu.Unlock()
+			dek.Destroy()
+			return old, nil
+		}
+		d.deks[k] = dek
+		d.mu.Unlock()
+		return dek, nil
+	}
+	return nil, errors.Join(errs...)
+}
+
+// Forget drops the cached DEKs of one VM directory (after a rekey or a
+// decrypt changed them), or of all when dir is "".
+func (d *Datastore) Forget(dir string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for k, dek := range d.deks {
+		if dir == "" || k.dir == filepath.Clean(dir) {
+			dek.Destroy()
+			delete(d.deks, k)
+		}
+	}
+}
+
+// Close zeroes every cached DEK.
+func (d *Datastore) Close() { d.Forget("") }

@@ -1,0 +1,162 @@
+// Package fusefs serves a FUSE view of a datastore directory in which
+// encrypted containers (docs/FORMAT.md) appear decrypted at their logical
+// size, and everything else passes through as in a loopback file system.
+//
+// Which files are encrypted is the Backend's decision; fusefs only
+// translates FUSE operations. Encrypted files are always served by this
+// package's own file handles, which call engine.Container: they are never
+// handed to go-fuse's LoopbackFile or to kernel passthrough, either of
+// which would bypass decryption and expose ciphertext.
+package fusefs
+
+import (
+	"errors"
+	"io/fs"
+	"log/slog"
+	"syscall"
+	"time"
+
+	"github.com/vmcryptd/vmcryptd/engine"
+)
+
+// Class says how the view serves one file.
+type Class int
+
+const (
+	// ClassPlain files pass through untouched.
+	ClassPlain Class = iota
+	// ClassEncrypted files are containers decrypted on read and encrypted
+	// on write.
+	ClassEncrypted
+	// ClassLocked files are containers whose key is not available: listed
+	// at their header-reported size, but open fails with EACCES.
+	ClassLocked
+)
+
+func (c Class) String() string {
+	switch c {
+	case ClassPlain:
+		return "plain"
+	case ClassEncrypted:
+		return "encrypted"
+	case ClassLocked:
+		return "locked"
+	}
+	return "class(?)"
+}
+
+// Backend decides which files are encrypted and opens them. rel is the
+// slash path relative to the datastore root.
+type Backend interface {
+	// Classify tells how to serve an existing regular file. For
+	// ClassLocked, reason says why (e.g. "key lab/123 not available"); the
+	// view answers EACCES and logs reason.
+	Classify(rel string) (c Class, reason string, err error)
+	// Open opens an encrypted file (ClassEncrypted). readOnly opens it
+	// O_RDONLY.
+	Open(rel string, readOnly bool) (*engine.Container, error)
+	// Create makes a new file at rel. encrypted=false means the caller
+	// should create a plain file itself; otherwise the returned container
+	// is the new (empty) encrypted file. The backend decides (files
+	// created inside an encrypted VM's directory are encrypted).
+	Create(rel string, perm uint32) (c *engine.Container, encrypted bool, err error)
+}
+
+// Placer is optionally implemented by a Backend to say, without creating
+// anything, whether a new file at rel would be encrypted. With it the view
+// refuses (EXDEV) a rename or hard link that would move a plain file into
+// an encrypted directory or a container out of one: tools such as mv then
+// fall back to copy + delete, which goes through Create and so encrypts
+// (or decrypts) the data instead of leaving plaintext among encrypted
+// files. Without it, renames are never refused.
+type Placer interface {
+	WouldEncrypt(rel string) (bool, error)
+}
+
+// Options tune a mount. The zero value gives the measured defaults (see
+// the package README in bench/fio for the numbers behind them).
+type Options struct {
+	// ReadOnly mounts read-only and opens containers O_RDONLY.
+	ReadOnly bool
+	// AllowOther lets users other than the mounting one (root) use the
+	// view. The mount always uses default_permissions, so the kernel
+	// enforces the backing files' modes for them.
+	AllowOther bool
+	// Logger receives one line per refused open (locked, damaged) and per
+	// I/O error. nil means slog.Default().
+	Logger *slog.Logger
+
+	// MaxWrite is the largest READ/WRITE request; 0 means 1 MiB (the
+	// kernel maximum).
+	MaxWrite int
+	// NoWritebackCache turns the kernel writeback cache off. With it on
+	// (the default), buffered writes are collected in the page cache and
+	// sent as large requests, and O_APPEND and the file size are kept by
+	// the kernel. Off, every write(2) is one synchronous request; kernel
+	// passthrough for plain files needs it off (the kernel refuses both).
+	NoWritebackCache bool
+	// Passthrough asks the kernel to serve plain files' reads and writes
+	// directly from the backing file (needs NoWritebackCache). Encrypted
+	// files never use it.
+	Passthrough bool
+	// MaxBackground is how many asynchronous requests (readahead,
+	// writeback) the kernel keeps in flight; 0 means DefaultMaxBackground.
+	MaxBackground int
+	// MaxReadAhead caps kernel readahead in bytes; 0 means the kernel's
+	// maximum for the mount (MaxWrite).
+	MaxReadAhead int
+	// AttrTimeout and EntryTimeout are how long the kernel caches
+	// attributes and names; 0 means 1s, negative means no caching.
+	AttrTimeout, EntryTimeout time.Duration
+	// ReadAheadKB sets the mount's kernel readahead window
+	// (/sys/class/bdi/<dev>/read_ahead_kb); the kernel starts FUSE mounts
+	// at 128 KiB whatever MaxReadAhead says. 0 means DefaultReadAheadKB,
+	// negative leaves the kernel's value.
+	ReadAheadKB int
+	// MaxDirtyRatio sets the share (percent) of the system's dirty-page
+	// limit that this mount may use (/sys/class/bdi/<dev>/max_ratio); the
+	// kernel gives FUSE mounts 1%. 0 means DefaultMaxDirtyRatio, negative
+	// leaves the kernel's value.
+	MaxDirtyRatio int
+	// XAttr passes extended attributes through. Off (the default), the
+	// view answers ENOSYS once and the kernel stops asking, which saves a
+	// round trip (security.capability) on every write(2).
+	XAttr bool
+	// MaxInflightBytes bounds the request buffers go-fuse holds at once
+	// (memory); 0 means DefaultMaxInflightBytes.
+	MaxInflightBytes int
+	// Debug logs every FUSE request (very verbose).
+	Debug bool
+}
+
+// Defaults chosen by measurement (bench/fio).
+const (
+	DefaultMaxWrite         = 1 << 20
+	DefaultMaxBackground    = 32
+	DefaultMaxInflightBytes = 48 << 20
+	DefaultReadAheadKB      = 1024
+	DefaultMaxDirtyRatio    = 1
+	defaultTimeout          = time.Second
+)
+
+// errnoOf maps an error from the engine or the OS to the errno the caller
+// of the view sees. Unknown errors become EIO: the view never invents a
+// more hopeful answer than "the data could not be had".
+func errnoOf(err error) syscall.Errno {
+	if err == nil {
+		return 0
+	}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno
+	}
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return syscall.ENOENT
+	case errors.Is(err, fs.ErrPermission):
+		return syscall.EACCES
+	case errors.Is(err, fs.ErrExist):
+		return syscall.EEXIST
+	}
+	return syscall.EIO
+}

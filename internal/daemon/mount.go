@@ -1,0 +1,294 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/fusefs"
+	"github.com/vmcryptd/vmcryptd/internal/api"
+)
+
+// viewBackend adapts engine.Datastore to fusefs.Backend: the engine knows
+// keys and containers, fusefs knows FUSE, and only the daemon knows both.
+type viewBackend struct{ ds *engine.Datastore }
+
+func (b viewBackend) Classify(rel string) (fusefs.Class, string, error) {
+	st, reason, err := b.ds.Classify(rel)
+	switch st {
+	case engine.FileEncrypted:
+		return fusefs.ClassEncrypted, "", err
+	case engine.FileLocked:
+		return fusefs.ClassLocked, reason, err
+	}
+	return fusefs.ClassPlain, "", err
+}
+
+func (b viewBackend) Open(rel string, readOnly bool) (*engine.Container, error) {
+	return b.ds.Open(rel, readOnly)
+}
+
+func (b viewBackend) Create(rel string, perm uint32) (*engine.Container, bool, error) {
+	return b.ds.Create(rel, os.FileMode(perm&0o7777))
+}
+
+func (b viewBackend) WouldEncrypt(rel string) (bool, error) { return b.ds.WouldEncrypt(rel) }
+
+type activeMount struct {
+	rec  mountRecord
+	view *fusefs.View
+	ds   *engine.Datastore
+}
+
+type mountRecord struct {
+	Datastore  string `json:"datastore"` // absolute path
+	Mountpoint string `json:"mountpoint"`
+	ReadOnly   bool   `json:"read_only,omitempty"`
+	AllowOther bool   `json:"allow_other,omitempty"`
+}
+
+// datastorePath resolves a datastore given by name or path.
+func (d *Daemon) datastorePath(s string) (string, error) {
+	for _, ds := range d.cfg.Datastores {
+		if ds.Name == s {
+			return filepath.Clean(ds.Path), nil
+		}
+	}
+	if !filepath.IsAbs(s) {
+		return "", badRequest("no datastore named %q", s)
+	}
+	if len(d.cfg.Datastores) == 0 {
+		return filepath.Clean(s), nil
+	}
+	return d.datastoreRoot(s)
+}
+
+// registerDatastoreVMs records every encrypted VM directly under root so
+// the key loader fetches their KEKs.
+func (d *Daemon) registerDatastoreVMs(root string) {
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		st, err := engine.ReadVMStatus(filepath.Join(root, e.Name()))
+		if err == nil && st.Encrypted {
+			if err := d.registerVM(st); err != nil {
+				d.log.Warn("register VM", "dir", st.Dir, "err", err)
+			}
+		}
+	}
+}
+
+func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
+	d.mu.Lock()
+	if _, busy := d.mounts[rec.Mountpoint]; busy {
+		d.mu.Unlock()
+		return conflict("%s is already a vmcryptd mount", rec.Mountpoint)
+	}
+	d.mu.Unlock()
+	if err := os.MkdirAll(rec.Mountpoint, 0o755); err != nil {
+		return badRequest("mountpoint %s: %v", rec.Mountpoint, err)
+	}
+	d.registerDatastoreVMs(rec.Datastore)
+	d.loadKeys(ctx)
+	impl, err := engine.ChooseImpl()
+	if err != nil {
+		return err
+	}
+	ds := engine.NewDatastore(rec.Datastore, d.keyring, impl)
+	ds.KeyErr = func(r engine.KeyRef) string {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.keyErrs[r]
+	}
+	view, err := fusefs.Mount(rec.Datastore, rec.Mountpoint, viewBackend{ds}, fusefs.Options{
+		ReadOnly: rec.ReadOnly, AllowOther: rec.AllowOther, Logger: d.log,
+	})
+	if err != nil {
+		ds.Close()
+		return fmt.Errorf("mount %s on %s: %w", rec.Datastore, rec.Mountpoint, err)
+	}
+	d.mu.Lock()
+	d.mounts[rec.Mountpoint] = &activeMount{rec: rec, view: view, ds: ds}
+	d.mu.Unlock()
+	d.log.Info("view mounted", "datastore", rec.Datastore, "mountpoint", rec.Mountpoint)
+	return nil
+}
+
+func (d *Daemon) unmount(mp string, force bool) error {
+	d.mu.Lock()
+	m, ok := d.mounts[mp]
+	d.mu.Unlock()
+	if !ok {
+		return notFound("%s is not a vmcryptd mount", mp)
+	}
+	if err := m.view.Unmount(force); err != nil {
+		if errors.Is(err, fusefs.ErrBusy) {
+			return conflict("%v (use --force)", err)
+		}
+		return err
+	}
+	m.ds.Close()
+	d.mu.Lock()
+	delete(d.mounts, mp)
+	d.mu.Unlock()
+	return nil
+}
+
+// forgetDEKs drops cached DEKs of dir from every view after an operation
+// changed its keys.
+func (d *Daemon) forgetDEKs(dir string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, m := range d.mounts {
+		m.ds.Forget(dir)
+	}
+}
+
+// openFilesUnder lists files of dir that are open through a view.
+func (d *Daemon) openFilesUnder(dir string) []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []string
+	for _, m := range d.mounts {
+		rel, err := filepath.Rel(m.rec.Datastore, dir)
+		if err != nil || strings.HasPrefix(rel, "..") {
+			continue
+		}
+		for _, p := range m.view.OpenFiles() {
+			if p == rel || strings.HasPrefix(p, rel+"/") {
+				out = append(out, filepath.Join(m.rec.Mountpoint, p))
+			}
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (d *Daemon) saveMounts() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var recs []mountRecord
+	for _, m := range d.mounts {
+		if !d.configMount(m.rec.Mountpoint) {
+			recs = append(recs, m.rec)
+		}
+	}
+	sort.Slice(recs, func(i, j int) bool { return recs[i].Mountpoint < recs[j].Mountpoint })
+	old := d.st.Mounts
+	d.st.Mounts = recs
+	if err := d.st.save(d.statePath()); err != nil {
+		d.st.Mounts = old
+		return err
+	}
+	return nil
+}
+
+func (d *Daemon) configMount(mp string) bool {
+	for _, m := range d.cfg.Mounts {
+		if filepath.Clean(m.Mountpoint) == mp {
+			return true
+		}
+	}
+	return false
+}
+
+// restoreMounts re-establishes configured and remembered mounts after a
+// start (stale FUSE mounts of a killed daemon are lazily unmounted first,
+// by fusefs.Mount).
+func (d *Daemon) restoreMounts(ctx context.Context) {
+	var recs []mountRecord
+	for _, m := range d.cfg.Mounts {
+		root, err := d.datastorePath(m.Datastore)
+		if err != nil {
+			d.log.Error("configured mount", "datastore", m.Datastore, "err", err)
+			continue
+		}
+		recs = append(recs, mountRecord{Datastore: root, Mountpoint: filepath.Clean(m.Mountpoint), ReadOnly: m.ReadOnly, AllowOther: m.AllowOther})
+	}
+	d.mu.Lock()
+	recs = append(recs, d.st.Mounts...)
+	d.mu.Unlock()
+	for _, r := range recs {
+		if err := d.mount(ctx, r); err != nil {
+			d.log.Error("remount failed", "mountpoint", r.Mountpoint, "err", err)
+		}
+	}
+}
+
+func (d *Daemon) unmountAll() {
+	d.mu.Lock()
+	mps := make([]string, 0, len(d.mounts))
+	for mp := range d.mounts {
+		mps = append(mps, mp)
+	}
+	d.mu.Unlock()
+	for _, mp := range mps {
+		if err := d.unmount(mp, true); err != nil {
+			d.log.Error("unmount at shutdown", "mountpoint", mp, "err", err)
+		}
+	}
+}
+
+type mountResult struct {
+	api.MountInfo
+}
+
+func (m mountResult) audit() (string, []string) { return m.Mountpoint, nil }
+
+func (d *Daemon) hMount(rc *reqCtx) (any, error) {
+	var req api.MountRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	root, err := d.datastorePath(req.Datastore)
+	if err != nil {
+		return nil, err
+	}
+	if !filepath.IsAbs(req.Mountpoint) {
+		return nil, badRequest("mountpoint must be an absolute path")
+	}
+	rec := mountRecord{Datastore: root, Mountpoint: filepath.Clean(req.Mountpoint), ReadOnly: req.ReadOnly, AllowOther: req.AllowOther}
+	if err := d.mount(rc.r.Context(), rec); err != nil {
+		return nil, err
+	}
+	if err := d.saveMounts(); err != nil {
+		return nil, err
+	}
+	return mountResult{api.MountInfo{Datastore: root, Mountpoint: rec.Mountpoint, ReadOnly: rec.ReadOnly}}, nil
+}
+
+func (d *Daemon) hUnmount(rc *reqCtx) (any, error) {
+	var req api.UnmountRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	mp := filepath.Clean(req.Mountpoint)
+	if err := d.unmount(mp, req.Force); err != nil {
+		return nil, err
+	}
+	if err := d.saveMounts(); err != nil {
+		return nil, err
+	}
+	return mountResult{api.MountInfo{Mountpoint: mp}}, nil
+}
+
+func (d *Daemon) mountInfos() []api.MountInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := []api.MountInfo{}
+	for _, m := range d.mounts {
+		out = append(out, api.MountInfo{Datastore: m.rec.Datastore, Mountpoint: m.rec.Mountpoint, ReadOnly: m.rec.ReadOnly, OpenFiles: m.view.OpenFiles()})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Mountpoint < out[j].Mountpoint })
+	return out
+}
