@@ -3,10 +3,15 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hkdf"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"io/fs"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -389,6 +394,21 @@ func TestNoKeyMaterialInFiles(t *testing.T) {
 		secrets = append(secrets, k, []byte(hex.EncodeToString(k)), []byte(strings.ToUpper(hex.EncodeToString(k))),
 			[]byte(base64.StdEncoding.EncodeToString(k)), []byte(base64.RawURLEncoding.EncodeToString(k)))
 	}
+	// An encrypted VM: its plain DEKs (unwrapped here from the keySafes
+	// with the KEK, per docs/FORMAT.md) must not appear anywhere either.
+	vm := filepath.Join(dir, "datastore", "secretvm")
+	mustRun(t, "--socket", sock, "vm", "create", vm, "--name", "secretvm", "--disk", "8M", "--encrypt")
+	vmxText, _ := os.ReadFile(filepath.Join(vm, "secretvm.vmx"))
+	descText, _ := os.ReadFile(filepath.Join(vm, "secretvm.vmdk"))
+	vmID := kvValue(string(vmxText), "vmcryptd.vmId")
+	diskID := kvValue(string(descText), "ddb.vmcryptd.diskId")
+	for _, c := range []struct{ ks, purpose, owner string }{
+		{kvValue(string(vmxText), "encryption.keySafe"), "vm", vmID},
+		{kvValue(string(descText), "encryptionKeys"), "disk", diskID},
+	} {
+		dek := unwrapForTest(t, prov, c.ks, c.purpose, c.owner)
+		secrets = append(secrets, dek, dek[:32], dek[32:], []byte(hex.EncodeToString(dek)), []byte(base64.StdEncoding.EncodeToString(dek)))
+	}
 	// Restart so the daemon's shutdown path also runs before we look.
 	mustRun(t, "lab", "down", "--dir", dir)
 	mustRun(t, "lab", "up", "--dir", dir)
@@ -412,4 +432,54 @@ func TestNoKeyMaterialInFiles(t *testing.T) {
 	if files < 8 {
 		t.Fatalf("only %d files scanned", files)
 	}
+}
+
+// kvValue returns the value of `key = "value"` (vmx) or `key="value"`
+// (descriptor) in text.
+func kvValue(text, key string) string {
+	for _, l := range strings.Split(text, "\n") {
+		k, v, ok := strings.Cut(l, "=")
+		if ok && strings.TrimSpace(k) == key {
+			return strings.Trim(strings.TrimSpace(v), `"`)
+		}
+	}
+	return ""
+}
+
+// unwrapForTest unwraps a keySafe's DEK following docs/FORMAT.md 2.1,
+// independently of the engine, fetching the KEK from the lab KMS.
+func unwrapForTest(t *testing.T, prov *kms.Provider, ks, purpose, owner string) []byte {
+	t.Helper()
+	inner := strings.TrimSuffix(strings.TrimPrefix(ks, "vmware:key/list/(pair/("), "))")
+	parts := strings.Split(inner, ",")
+	loc := strings.Split(parts[0], "/")
+	unesc := func(s string) string {
+		u, err := url.PathUnescape(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return u
+	}
+	provider, keyID := unesc(loc[2]), unesc(loc[3])
+	locked, err := base64.StdEncoding.DecodeString(unesc(parts[2]))
+	if err != nil || len(locked) != 113 {
+		t.Fatalf("keySafe %q: %v", ks, err)
+	}
+	kek, err := prov.GetKey(context.Background(), keyID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wk, _ := hkdf.Key(sha256.New, kek, locked[1:33], "vmcryptd v1 dek-wrap", 32)
+	block, _ := aes.NewCipher(wk)
+	gcm, _ := cipher.NewGCM(block)
+	ad := []byte("vmcryptd v1 wrapped-dek")
+	for _, f := range []string{purpose, owner, provider, keyID} {
+		ad = append(ad, byte(len(f)>>8), byte(len(f)))
+		ad = append(ad, f...)
+	}
+	dek, err := gcm.Open(nil, make([]byte, 12), locked[33:], ad)
+	if err != nil {
+		t.Fatalf("unwrap %s DEK: %v", purpose, err)
+	}
+	return dek
 }
