@@ -14,6 +14,12 @@ import (
 	"github.com/vmcryptd/vmcryptd/engine/xts"
 )
 
+// MaxLogicalSize is the largest logical size a container can record.
+const MaxLogicalSize = 1 << 62
+
+// ErrTooLarge is returned for writes or truncates past MaxLogicalSize.
+var ErrTooLarge = errors.New("file too large for a container (2^62 bytes)")
+
 // Container is an open encrypted file: a 4 KiB header then XTS-AES-256
 // data units (docs/FORMAT.md). It offers ReadAt/WriteAt on the plaintext,
 // is safe for concurrent use, and lets I/O on different units run in
@@ -64,9 +70,8 @@ type CreateOptions struct {
 	fileID *[16]byte // fixed file id, for the FORMAT.md vectors only
 }
 
-// CreateContainer creates (or replaces) path as an empty container. The
-// file is created with O_EXCL semantics off: callers that must not clobber
-// use a temporary name and rename.
+// CreateContainer creates path, which must not exist, as an empty
+// container.
 func CreateContainer(path string, dek *DEK, opts CreateOptions) (*Container, error) {
 	unit := opts.UnitSize
 	if unit == 0 {
@@ -93,8 +98,16 @@ func CreateContainer(path string, dek *DEK, opts CreateOptions) (*Container, err
 		keys.destroy()
 		return nil, fmt.Errorf("create %s: crypto/rand: %w", path, err)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, perm)
+	// O_EXCL|O_NOFOLLOW: never write through a symlink or over a file
+	// someone planted at the name; callers remove their own leftovers.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
+		keys.destroy()
+		return nil, fmt.Errorf("create %s: %w", path, err)
+	}
+	if err := f.Chmod(perm); err != nil { // by fd, and not reduced by umask
+		f.Close()
+		os.Remove(path)
 		keys.destroy()
 		return nil, fmt.Errorf("create %s: %w", path, err)
 	}
@@ -227,10 +240,13 @@ func (c *Container) File() *os.File { return c.f }
 // with the next sequence number, so a torn write leaves the older slot
 // intact. Caller holds hdrMu.
 func (c *Container) writeSlotLocked() error {
+	if c.closed {
+		return errors.New("container closed")
+	}
 	next := c.hdr
 	next.Seq++
 	next.slot = 1 - c.hdr.slot
-	b, err := marshalSlot(&next, next.slot, c.keys.macKey)
+	b, err := marshalSlot(&next, next.slot, c.keys.macKey.Bytes())
 	if err != nil {
 		return err
 	}
@@ -455,6 +471,9 @@ func (c *Container) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	if off > MaxLogicalSize-int64(len(p)) {
+		return 0, fmt.Errorf("write %s: %w", c.path, ErrTooLarge)
+	}
 	c.resize.RLock()
 	defer c.resize.RUnlock()
 	end := off + int64(len(p))
@@ -493,14 +512,13 @@ func (c *Container) WriteAt(p []byte, off int64) (int, error) {
 	if end > oldSize {
 		c.hdrMu.Lock()
 		if end > c.hdr.Size {
+			// The new size reaches the header at Sync or Close, after the
+			// data: a header written now could reach the disk before the
+			// file's own size does, and a power loss would then leave a
+			// header pointing past the end of the file. Like any file
+			// system, size growth without fsync may be lost in a crash.
 			c.hdr.Size = end
-			// Written eagerly (not fsynced) so a daemon crash keeps the
-			// size; two slots make a torn write harmless.
-			if err := c.writeSlotLocked(); err != nil {
-				c.hdrDirty = true
-				c.hdrMu.Unlock()
-				return 0, fmt.Errorf("write %s: %w", c.path, err)
-			}
+			c.hdrDirty = true
 		}
 		c.hdrMu.Unlock()
 	}
@@ -523,6 +541,9 @@ func (c *Container) fillUnit(dst []byte, u, units int64) error {
 func (c *Container) Truncate(size int64) error {
 	if size < 0 {
 		return fmt.Errorf("truncate %s: negative size", c.path)
+	}
+	if size > MaxLogicalSize {
+		return fmt.Errorf("truncate %s: %w", c.path, ErrTooLarge)
 	}
 	c.resize.Lock()
 	defer c.resize.Unlock()
@@ -551,11 +572,37 @@ func (c *Container) Truncate(size int64) error {
 			}
 		}
 	}
-	if err := c.f.Truncate(c.hdr.PayloadOff + units*c.unit); err != nil {
+	// A header must never claim more than the file holds: when shrinking,
+	// the smaller size is made durable before the file is cut; when
+	// growing, the file grows first and the size follows at Sync/Close.
+	if size < old {
+		if err := c.syncDataLocked(); err != nil {
+			return fmt.Errorf("truncate %s: %w", c.path, err)
+		}
+		c.hdr.Size = size
+		if err := c.writeSlotLocked(); err != nil {
+			return fmt.Errorf("truncate %s: %w", c.path, err)
+		}
+		if err := c.syncDataLocked(); err != nil {
+			return fmt.Errorf("truncate %s: %w", c.path, err)
+		}
+		if err := c.f.Truncate(c.payloadOff + units*c.unit); err != nil {
+			return fmt.Errorf("truncate %s: %w", c.path, err)
+		}
+		return nil
+	}
+	if err := c.f.Truncate(c.payloadOff + units*c.unit); err != nil {
 		return fmt.Errorf("truncate %s: %w", c.path, err)
 	}
 	c.hdr.Size = size
-	return c.writeSlotLocked()
+	c.hdrDirty = true
+	return nil
+}
+
+// syncDataLocked makes data durable before a header change that depends
+// on it.
+func (c *Container) syncDataLocked() error {
+	return unix.Fdatasync(int(c.f.Fd()))
 }
 
 // PunchHole makes [off, off+length) read as zeros: whole units become
@@ -602,11 +649,13 @@ func (c *Container) PunchHole(off, length int64) error {
 // header, so a crash can lose a size update but never point the size at
 // data that was not written.
 func (c *Container) Sync() error {
+	// hdrMu first: a size recorded after the data sync could cover data
+	// that sync did not include.
+	c.hdrMu.Lock()
+	defer c.hdrMu.Unlock()
 	if err := unix.Fdatasync(int(c.f.Fd())); err != nil {
 		return fmt.Errorf("sync %s: %w", c.path, err)
 	}
-	c.hdrMu.Lock()
-	defer c.hdrMu.Unlock()
 	if c.hdrDirty {
 		if err := c.writeSlotLocked(); err != nil {
 			return fmt.Errorf("sync %s: %w", c.path, err)
@@ -625,11 +674,14 @@ func (c *Container) Close() error {
 		c.hdrMu.Unlock()
 		return nil
 	}
-	c.closed = true
 	var err error
 	if c.hdrDirty {
-		err = c.writeSlotLocked()
+		// Data before the size that covers it (see WriteAt).
+		if err = c.syncDataLocked(); err == nil {
+			err = c.writeSlotLocked()
+		}
 	}
+	c.closed = true
 	c.hdrMu.Unlock()
 	c.xts.Close()
 	c.keys.destroy()

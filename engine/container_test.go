@@ -200,7 +200,9 @@ func TestContainerTornSlot(t *testing.T) {
 	dek := mustDEK(t)
 	c, path := newTestContainer(t, dek, 4096)
 	c.WriteAt([]byte("hello"), 0)
-	c.WriteAt([]byte("world"), 5) // size 10 in the newest slot
+	c.Sync()
+	c.WriteAt([]byte("world"), 5)
+	c.Sync() // size 10 in the newest slot, 5 in the other
 	h := c.Header()
 	c.Close()
 	raw, _ := os.ReadFile(path)

@@ -114,7 +114,10 @@ func readAhead(ctx context.Context, src io.ReaderAt, ranges [][2]int64, align in
 
 // EncryptFile converts the plain file at path into a container.
 func EncryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions, progress ProgressFunc) error {
-	src, err := os.Open(path)
+	if _, err := checkSource(path); err != nil {
+		return fmt.Errorf("encrypt: %w", err)
+	}
+	src, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return fmt.Errorf("encrypt %s: %w", path, err)
 	}
@@ -179,6 +182,7 @@ func EncryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions,
 
 // finishConversion makes tmp durable and renames it over path.
 func finishConversion(dst *Container, tmp, path string, st os.FileInfo) error {
+	chownLike(dst.File(), st)
 	if err := dst.Sync(); err != nil {
 		return fmt.Errorf("convert %s: %w", path, err)
 	}
@@ -188,11 +192,31 @@ func finishConversion(dst *Container, tmp, path string, st os.FileInfo) error {
 	return replace(tmp, path, st)
 }
 
-func replace(tmp, path string, st os.FileInfo) error {
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-		os.Lchown(tmp, int(sys.Uid), int(sys.Gid))
+// checkSource refuses anything but a regular file with one link: a
+// symlink would convert its target (outside the VM, maybe) and a second
+// hard link would keep a plaintext copy under its other name.
+func checkSource(path string) (os.FileInfo, error) {
+	st, err := os.Lstat(path)
+	if err != nil {
+		return nil, err
 	}
-	os.Chmod(tmp, st.Mode().Perm())
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file (%s)", path, st.Mode().Type())
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Nlink > 1 {
+		return nil, fmt.Errorf("%s has %d hard links; converting it would leave the other names behind", path, sys.Nlink)
+	}
+	return st, nil
+}
+
+// chownLike gives f the owner of st, by descriptor (never by path).
+func chownLike(f *os.File, st os.FileInfo) {
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		f.Chown(int(sys.Uid), int(sys.Gid))
+	}
+}
+
+func replace(tmp, path string, st os.FileInfo) error {
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("convert %s: %w", path, err)
 	}
@@ -202,6 +226,9 @@ func replace(tmp, path string, st os.FileInfo) error {
 // DecryptFile converts the container at path back to a plain file. Units
 // that are holes in the container stay holes.
 func DecryptFile(ctx context.Context, path string, dek *DEK, progress ProgressFunc) error {
+	if _, err := checkSource(path); err != nil {
+		return fmt.Errorf("decrypt: %w", err)
+	}
 	src, err := OpenContainer(path, dek, true, "")
 	if err != nil {
 		return fmt.Errorf("decrypt: %w", err)
@@ -213,10 +240,12 @@ func DecryptFile(ctx context.Context, path string, dek *DEK, progress ProgressFu
 	}
 	tmp := path + TmpSuffix
 	os.Remove(tmp)
-	dst, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, st.Mode().Perm())
+	dst, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fmt.Errorf("decrypt %s: %w", path, err)
 	}
+	dst.Chmod(st.Mode().Perm())
+	chownLike(dst, st)
 	ok := false
 	defer func() {
 		if !ok {
@@ -248,6 +277,9 @@ func DecryptFile(ctx context.Context, path string, dek *DEK, progress ProgressFu
 
 // RekeyFile re-encrypts the container at path under newDEK (a deep rekey).
 func RekeyFile(ctx context.Context, path string, oldDEK, newDEK *DEK, opts CreateOptions, progress ProgressFunc) error {
+	if _, err := checkSource(path); err != nil {
+		return fmt.Errorf("rekey: %w", err)
+	}
 	src, err := OpenContainer(path, oldDEK, true, "")
 	if err != nil {
 		return fmt.Errorf("rekey: %w", err)
@@ -263,6 +295,9 @@ func RekeyFile(ctx context.Context, path string, oldDEK, newDEK *DEK, opts Creat
 	}
 	if opts.UnitSize == 0 {
 		opts.UnitSize = h.UnitSize
+	}
+	if opts.Perm == 0 {
+		opts.Perm = st.Mode().Perm()
 	}
 	tmp := path + TmpSuffix
 	os.Remove(tmp)
@@ -326,6 +361,7 @@ func copyPlain(ctx context.Context, src *Container, write func(p []byte, off int
 		}
 		n := min(int64(len(c.buf)), size-c.off)
 		if n <= 0 {
+			free <- c.buf[:cap(c.buf)]
 			continue
 		}
 		if err := write(c.buf[:n], c.off); err != nil {

@@ -9,6 +9,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+
+	"github.com/vmcryptd/vmcryptd/internal/secmem"
 )
 
 // Container header constants; docs/FORMAT.md ("Encrypted container") is
@@ -89,17 +91,21 @@ var (
 // key serve many files without two files ever sharing XTS keystream
 // positions (the XTS key is per file id).
 type containerKeys struct {
-	prk         []byte
-	macKey      []byte
+	prk         *secmem.Buffer // as powerful as the DEK: locked memory
+	macKey      *secmem.Buffer
 	fingerprint [16]byte
 }
 
 const kdfSalt = "vmcryptd v1 container"
 
 func deriveContainerKeys(dek *DEK) (*containerKeys, error) {
-	prk, err := hkdf.Extract(sha256.New, dek.bytes(), []byte(kdfSalt))
+	var prk []byte
+	err := dek.with(func(key []byte) (err error) {
+		prk, err = hkdf.Extract(sha256.New, key, []byte(kdfSalt))
+		return err
+	})
 	if err != nil {
-		return nil, fmt.Errorf("hkdf extract: %w", err)
+		return nil, fmt.Errorf("derive container keys: %w", err)
 	}
 	mac, err := hkdf.Expand(sha256.New, prk, "header-mac", 32)
 	if err != nil {
@@ -112,14 +118,23 @@ func deriveContainerKeys(dek *DEK) (*containerKeys, error) {
 		clear(mac)
 		return nil, fmt.Errorf("hkdf expand: %w", err)
 	}
-	k := &containerKeys{prk: prk, macKey: mac}
+	k := &containerKeys{}
 	copy(k.fingerprint[:], fp)
+	// FromBytes clears the heap copies.
+	if k.prk, err = secmem.FromBytes(prk); err != nil {
+		clear(mac)
+		return nil, err
+	}
+	if k.macKey, err = secmem.FromBytes(mac); err != nil {
+		k.prk.Free()
+		return nil, err
+	}
 	return k, nil
 }
 
 // fileXTSKey derives the 64-byte XTS key of one file. The caller clears it.
 func (k *containerKeys) fileXTSKey(fileID [16]byte) ([]byte, error) {
-	key, err := hkdf.Expand(sha256.New, k.prk, "xts"+string(fileID[:]), DEKSize)
+	key, err := hkdf.Expand(sha256.New, k.prk.Bytes(), "xts"+string(fileID[:]), DEKSize)
 	if err != nil {
 		return nil, fmt.Errorf("hkdf expand: %w", err)
 	}
@@ -132,8 +147,8 @@ func (k *containerKeys) fileXTSKey(fileID [16]byte) ([]byte, error) {
 
 func (k *containerKeys) destroy() {
 	if k != nil {
-		clear(k.prk)
-		clear(k.macKey)
+		k.prk.Free()
+		k.macKey.Free()
 	}
 }
 
@@ -297,7 +312,7 @@ func verifyHeader(region []byte, keys *containerKeys) (*Header, error) {
 			continue
 		}
 		fpMatch = true
-		if !slotMACOK(b, keys.macKey) {
+		if !slotMACOK(b, keys.macKey.Bytes()) {
 			continue
 		}
 		if best == nil || h.Seq > best.Seq {

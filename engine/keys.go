@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/vmcryptd/vmcryptd/internal/secmem"
 )
@@ -33,7 +34,24 @@ func (r KeyRef) String() string { return r.Provider + "/" + r.KeyID }
 // locked memory.
 type KEK struct {
 	Ref KeyRef
+	// mu is held shared while the key is used and exclusively by Destroy,
+	// so a key dropped by one goroutine (a rekey, host mode off) is never
+	// freed under another that is wrapping with it.
+	mu  sync.RWMutex
 	buf *secmem.Buffer
+}
+
+// with runs fn on the key bytes, or fails if the key was destroyed.
+func (k *KEK) with(fn func(key []byte) error) error {
+	if k == nil {
+		return errors.New("kek not loaded")
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if k.buf.Len() != KEKSize {
+		return fmt.Errorf("kek %s: destroyed", k.Ref)
+	}
+	return fn(k.buf.Bytes())
 }
 
 // NewKEK takes ownership of raw (it is cleared) and returns a KEK in
@@ -52,17 +70,25 @@ func NewKEK(ref KeyRef, raw []byte) (*KEK, error) {
 }
 
 // MemoryLocked reports whether the key's memory is mlock'ed.
-func (k *KEK) MemoryLocked() bool { return k.buf.Locked() }
+func (k *KEK) MemoryLocked() bool {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	return k.buf.Locked()
+}
 
-// Destroy zeroes and frees the key. Safe to call more than once.
+// Destroy zeroes and frees the key, waiting for current users. Safe to
+// call more than once.
 func (k *KEK) Destroy() {
 	if k != nil {
+		k.mu.Lock()
 		_ = k.buf.Free()
+		k.mu.Unlock()
 	}
 }
 
 // DEK is a data-encryption key (XTS-AES-256) held in locked memory.
 type DEK struct {
+	mu  sync.RWMutex // shared while used, exclusive in Destroy (see KEK)
 	buf *secmem.Buffer
 }
 
@@ -106,14 +132,31 @@ func equalHalves(k []byte) bool {
 	return subtle.ConstantTimeCompare(k[:len(k)/2], k[len(k)/2:]) == 1
 }
 
-// Destroy zeroes and frees the key. Safe to call more than once.
+// Destroy zeroes and frees the key, waiting for current users. Safe to
+// call more than once.
 func (d *DEK) Destroy() {
 	if d != nil {
+		d.mu.Lock()
 		_ = d.buf.Free()
+		d.mu.Unlock()
 	}
 }
 
-// bytes exposes the key to this package's derivations only.
+// with runs fn on the key bytes, or fails if the key was destroyed: a
+// destroyed key must never turn into an empty (public) key.
+func (d *DEK) with(fn func(key []byte) error) error {
+	if d == nil {
+		return errors.New("dek not loaded")
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.buf.Len() != DEKSize {
+		return errors.New("dek: destroyed")
+	}
+	return fn(d.buf.Bytes())
+}
+
+// bytes is for tests only: it does not hold the lock.
 func (d *DEK) bytes() []byte { return d.buf.Bytes() }
 
 // Purpose says what a DEK protects; it is bound into the wrapping so a
@@ -171,8 +214,11 @@ func wrapDEKWithSalt(kek *KEK, dek *DEK, b Binding, salt []byte) ([]byte, error)
 	copy(out[1:], salt)
 	// The key is used once (a fresh salt per wrap), so a fixed nonce is
 	// safe and leaves nothing to get wrong.
-	out = aead.Seal(out, make([]byte, aead.NonceSize()), dek.bytes(), wrapAD(kek.Ref, b))
-	return out, nil
+	err = dek.with(func(key []byte) error {
+		out = aead.Seal(out, make([]byte, aead.NonceSize()), key, wrapAD(kek.Ref, b))
+		return nil
+	})
+	return out, err
 }
 
 // UnwrapDEK reverses WrapDEK. A wrong KEK, a different binding or any
@@ -199,12 +245,13 @@ func UnwrapDEK(kek *KEK, locked []byte, b Binding) (*DEK, error) {
 }
 
 func wrapAEAD(kek *KEK, salt []byte) (cipher.AEAD, error) {
-	if kek == nil || kek.buf.Len() != KEKSize {
-		return nil, errors.New("wrap dek: kek not loaded")
-	}
-	wk, err := hkdf.Key(sha256.New, kek.buf.Bytes(), salt, wrapInfo, 32)
+	var wk []byte
+	err := kek.with(func(key []byte) (err error) {
+		wk, err = hkdf.Key(sha256.New, key, salt, wrapInfo, 32)
+		return err
+	})
 	if err != nil {
-		return nil, fmt.Errorf("wrap dek: hkdf: %w", err)
+		return nil, fmt.Errorf("wrap dek: %w", err)
 	}
 	defer clear(wk)
 	block, err := aes.NewCipher(wk)

@@ -99,11 +99,13 @@ func WriteEmbeddedKeySafe(path, ks string) error {
 	if _, err := PeekHeader(region); err != nil {
 		return fmt.Errorf("write keySafe of %s: %w", path, err)
 	}
-	target, seq := 0, uint64(1)
+	// Overwrite the copy that is not the newest valid one.
+	target, seq, found := 0, uint64(1), false
+	var newest uint64
 	for i := 0; i < 2; i++ {
 		off := ksAreaOff + i*ksCopySize
-		if _, s, ok := parseKSCopy(region[off : off+ksCopySize]); ok && s >= seq {
-			seq, target = s+1, 1-i
+		if _, s, ok := parseKSCopy(region[off : off+ksCopySize]); ok && (!found || s > newest) {
+			found, newest, target, seq = true, s, 1-i, s+1
 		}
 	}
 	b, err := marshalKSCopy(ks, seq)

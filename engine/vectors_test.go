@@ -124,8 +124,8 @@ func TestFormatVectors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got["kdf"]["prk"] = hex.EncodeToString(keys.prk)
-	got["kdf"]["mac_key"] = hex.EncodeToString(keys.macKey)
+	got["kdf"]["prk"] = hex.EncodeToString(keys.prk.Bytes())
+	got["kdf"]["mac_key"] = hex.EncodeToString(keys.macKey.Bytes())
 	got["kdf"]["fingerprint"] = hex.EncodeToString(keys.fingerprint[:])
 	got["kdf"]["xts_key"] = hex.EncodeToString(xk)
 

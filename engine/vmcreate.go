@@ -296,6 +296,12 @@ var ErrEncryptedDiskOnPlainVM = errors.New("encrypted disks cannot be added to a
 // An encrypted disk is refused on a plain VM; a plain disk on an
 // encrypted VM stays plain and is reported as such.
 func (o *VMOps) AttachDisk(ctx context.Context, dir, path string) (encrypted bool, err error) {
+	if op, err := InterruptedOp(dir); err != nil || op != "" {
+		if err == nil {
+			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
+		}
+		return false, err
+	}
 	l, err := loadLayout(dir)
 	if err != nil {
 		return false, err

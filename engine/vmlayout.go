@@ -163,7 +163,15 @@ func loadLayout(dir string) (*vmLayout, error) {
 // loadDisk reads one disk: a text descriptor, a plain sparse extent with
 // an embedded descriptor, or such an extent already encrypted.
 func loadDisk(dir, name string) (*disk, string, error) {
+	if strings.ContainsRune(name, '/') {
+		return nil, "", fmt.Errorf("disk %q: files in subdirectories are not supported", name)
+	}
 	path := filepath.Join(dir, name)
+	if st, err := os.Lstat(path); err != nil {
+		return nil, "", fmt.Errorf("disk %s: %w", path, err)
+	} else if !st.Mode().IsRegular() {
+		return nil, "", fmt.Errorf("disk %s: not a regular file (%s)", path, st.Mode().Type())
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, "", fmt.Errorf("disk %s: %w", path, err)
@@ -192,9 +200,20 @@ func loadDisk(dir, name string) (*disk, string, error) {
 		d.Close()
 		return &disk{Name: name, Embedded: true, Extents: []string{name}}, parent, nil
 	}
-	raw, err := os.ReadFile(path)
+	// A text descriptor is a few hundred bytes; never read a huge (or
+	// endless) file named by a hostile vmx into memory.
+	raw, err := io.ReadAll(io.LimitReader(f, maxDescriptor+1))
+	if err == nil {
+		_, err = f.Seek(0, io.SeekStart)
+		if err == nil {
+			raw, err = io.ReadAll(io.LimitReader(f, maxDescriptor+1))
+		}
+	}
 	if err != nil {
 		return nil, "", err
+	}
+	if len(raw) > maxDescriptor {
+		return nil, "", fmt.Errorf("disk %s: not a VMDK descriptor (larger than %d bytes)", path, maxDescriptor)
 	}
 	desc, err := vmdk.ParseDescriptor(raw)
 	if err != nil {
@@ -211,11 +230,16 @@ func loadDisk(dir, name string) (*disk, string, error) {
 		if err != nil {
 			return nil, "", fmt.Errorf("disk %s: extent %q: %w", path, e.Filename, err)
 		}
+		if filepath.Dir(p) != filepath.Clean(dir) {
+			return nil, "", fmt.Errorf("disk %s: extent %q: files in subdirectories are not supported", path, e.Filename)
+		}
 		d.Extents = append(d.Extents, filepath.Base(p))
 	}
 	parent, _ := desc.ParentFileNameHint()
 	return d, parent, nil
 }
+
+const maxDescriptor = 1 << 20
 
 // newID returns a random RFC 4122 version-4 UUID string.
 func newID() (string, error) {

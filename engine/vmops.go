@@ -212,6 +212,9 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		return err
 	}
 	for _, t := range ts {
+		if t.dek == nil {
+			return fmt.Errorf("%s: not in the interrupted encryption's journal (added after the interruption?); detach it or finish without it", t.path)
+		}
 		state, err := keyStateOf(t.path, t.dek)
 		if err != nil {
 			return err
@@ -242,7 +245,16 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 // newJournal generates the keys of a fresh encryption (or deep rekey) and
 // records them, wrapped, before any file changes.
 func (o *VMOps) newJournal(ctx context.Context, l *vmLayout, kekRef KeyRef, op string) (*journal, error) {
+	// A first encryption never trusts ids found in plain text files:
+	// anyone who can edit them could make this VM's keys impersonate
+	// another VM's. Decrypt and rekey keep the ids the keySafes are bound to.
 	j := &journal{Op: op, VMID: l.VMID}
+	if op == "encrypt" {
+		j.VMID = ""
+		for _, d := range l.Disks {
+			d.DiskID = ""
+		}
+	}
 	if j.VMID == "" {
 		id, err := newID()
 		if err != nil {
@@ -402,15 +414,17 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 				j.Disks = append(j.Disks, journalDisk{Name: d.Name, DiskID: d.DiskID, KeySafe: d.KeySafe})
 			}
 		}
-		if err := j.save(dir); err != nil {
-			return err
-		}
 	}
+	// Keys first: a decrypt that cannot get its keys changes nothing, not
+	// even the journal.
 	ks, err := o.unwrapKeys(ctx, j.VMID, j.KeySafe, j.Disks, false)
 	if err != nil {
 		return fmt.Errorf("%s: %w", dir, err)
 	}
 	defer ks.destroy()
+	if err := j.save(dir); err != nil {
+		return err
+	}
 	var ts []task
 	for _, t := range tasks(l, ks, j.VMID, j.Disks) {
 		if t.dek != nil { // plain disks of an encrypted VM stay as they are
@@ -557,6 +571,18 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		if l.Snapshots > 0 {
 			return fmt.Errorf("%s: deep rekey is not allowed while the VM has snapshots (%d); a shallow rekey is", dir, l.Snapshots)
 		}
+		// The current keys must be at hand before anything is written.
+		var cur []journalDisk
+		for _, d := range l.Disks {
+			if d.KeySafe != "" {
+				cur = append(cur, journalDisk{Name: d.Name, DiskID: d.DiskID, KeySafe: d.KeySafe})
+			}
+		}
+		probe, err := o.unwrapKeys(ctx, l.VMID, l.KeySafe, cur, false)
+		if err != nil {
+			return fmt.Errorf("%s: current keys: %w", dir, err)
+		}
+		probe.destroy()
 		if j, err = o.newJournal(ctx, l, kekRef, "rekey-deep"); err != nil {
 			return err
 		}

@@ -93,7 +93,11 @@ const (
 )
 
 func vmxDataAEAD(dek *DEK) (cipher.AEAD, error) {
-	prk, err := hkdf.Extract(sha256.New, dek.bytes(), []byte(kdfSalt))
+	var prk []byte
+	err := dek.with(func(key []byte) (err error) {
+		prk, err = hkdf.Extract(sha256.New, key, []byte(kdfSalt))
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -35,6 +35,11 @@ func TestMain(m *testing.M) {
 		main()
 		os.Exit(0)
 	}
+	// Race-enabled children otherwise sleep 1 s at exit; every CLI call
+	// and daemon in these tests is such a child.
+	if os.Getenv("GORACE") == "" {
+		os.Setenv("GORACE", "atexit_sleep_ms=0")
+	}
 	os.Exit(m.Run())
 }
 

@@ -42,7 +42,8 @@ const (
 
 // Layout of the key region (one page, see secmem_*.go): the 16-byte round
 // key schedules for the SSE and ZMM kernels, and the same schedules with
-// every round key broadcast to 32 bytes for the YMM kernel's memory operands.
+// every round key broadcast to 32 bytes, so the YMM kernel loads a round key
+// with one plain 32-byte load.
 const (
 	offEK1   = 0    // K1 encryption keys, 15 x 16
 	offDK1   = 256  // K1 decryption keys (equivalent inverse cipher), 15 x 16

@@ -8,6 +8,16 @@ DATA xtsPoly<>+0(SB)/8, $0x0000000000000087
 DATA xtsPoly<>+8(SB)/8, $0x0000000000000000
 GLOBL xtsPoly<>(SB), RODATA|NOPTR, $16
 
+DATA xtsPoly4<>+0(SB)/8, $0x0000000000000087
+DATA xtsPoly4<>+8(SB)/8, $0x0000000000000000
+DATA xtsPoly4<>+16(SB)/8, $0x0000000000000087
+DATA xtsPoly4<>+24(SB)/8, $0x0000000000000000
+DATA xtsPoly4<>+32(SB)/8, $0x0000000000000087
+DATA xtsPoly4<>+40(SB)/8, $0x0000000000000000
+DATA xtsPoly4<>+48(SB)/8, $0x0000000000000087
+DATA xtsPoly4<>+56(SB)/8, $0x0000000000000000
+GLOBL xtsPoly4<>(SB), RODATA|NOPTR, $64
+
 DATA xtsLaneShl<>+0(SB)/8, $0x0000000000000000
 DATA xtsLaneShl<>+8(SB)/8, $0x0000000000000000
 DATA xtsLaneShl<>+16(SB)/8, $0x0000000000000001
@@ -31,18 +41,40 @@ GLOBL xtsLaneShr<>(SB), RODATA|NOPTR, $64
 // func xtsEncAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: PCLMULQDQ, SSE2
 TEXT ·xtsEncAESNI(SB), NOSPLIT, $272-72
-	MOVQ  rk+0(FP), AX
-	MOVQ  dst+16(FP), BX
-	MOVQ  src+24(FP), CX
-	MOVQ  tk+8(FP), DX
-	MOVQ  tw+32(FP), R13
-	MOVQ  lo+40(FP), R11
-	MOVQ  hi+48(FP), R12
-	MOVQ  nunits+56(FP), SI
-	MOVQ  ulen+64(FP), DI
-	TESTQ SI, SI
-	JZ    done
-	MOVOU xtsPoly<>+0(SB), X9
+	MOVQ       rk+0(FP), AX
+	MOVQ       dst+16(FP), BX
+	MOVQ       src+24(FP), CX
+	MOVQ       tk+8(FP), DX
+	MOVQ       tw+32(FP), R13
+	MOVQ       lo+40(FP), R11
+	MOVQ       hi+48(FP), R12
+	MOVQ       nunits+56(FP), SI
+	MOVQ       ulen+64(FP), DI
+	TESTQ      SI, SI
+	JZ         done
+	MOVOU      xtsPoly<>+0(SB), X9
+	TESTQ      DX, DX
+	JZ         unit
+	MOVQ       R11, X15
+	MOVQ       R12, X14
+	PUNPCKLQDQ X14, X15
+	PXOR       (DX), X15
+	AESENC     16(DX), X15
+	AESENC     32(DX), X15
+	AESENC     48(DX), X15
+	AESENC     64(DX), X15
+	AESENC     80(DX), X15
+	AESENC     96(DX), X15
+	AESENC     112(DX), X15
+	AESENC     128(DX), X15
+	AESENC     144(DX), X15
+	AESENC     160(DX), X15
+	AESENC     176(DX), X15
+	AESENC     192(DX), X15
+	AESENC     208(DX), X15
+	AESENCLAST 224(DX), X15
+	ADDQ       $0x01, R11
+	ADCQ       $0x00, R12
 
 unit:
 	MOVQ DI, R8
@@ -54,26 +86,29 @@ unit:
 	LEAQ  128(R9), R10
 	TESTQ DX, DX
 	JZ    explicit
+	MOVO  X15, X10
 
-	// X10 = E_K2(unit number).
-	MOVQ       R11, X10
-	MOVQ       R12, X11
-	PUNPCKLQDQ X11, X10
-	PXOR       (DX), X10
-	AESENC     16(DX), X10
-	AESENC     32(DX), X10
-	AESENC     48(DX), X10
-	AESENC     64(DX), X10
-	AESENC     80(DX), X10
-	AESENC     96(DX), X10
-	AESENC     112(DX), X10
-	AESENC     128(DX), X10
-	AESENC     144(DX), X10
-	AESENC     160(DX), X10
-	AESENC     176(DX), X10
-	AESENC     192(DX), X10
-	AESENC     208(DX), X10
-	AESENCLAST 224(DX), X10
+	// Start the next unit's tweak unless this is the last unit.
+	CMPQ       SI, $0x01
+	JE         tweak
+	MOVQ       R11, X15
+	MOVQ       R12, X14
+	PUNPCKLQDQ X14, X15
+	PXOR       (DX), X15
+	AESENC     16(DX), X15
+	AESENC     32(DX), X15
+	AESENC     48(DX), X15
+	AESENC     64(DX), X15
+	AESENC     80(DX), X15
+	AESENC     96(DX), X15
+	AESENC     112(DX), X15
+	AESENC     128(DX), X15
+	AESENC     144(DX), X15
+	AESENC     160(DX), X15
+	AESENC     176(DX), X15
+	AESENC     192(DX), X15
+	AESENC     208(DX), X15
+	AESENCLAST 224(DX), X15
 	ADDQ       $0x01, R11
 	ADCQ       $0x00, R12
 	JMP        tweak
@@ -83,78 +118,79 @@ explicit:
 	ADDQ  $0x00000010, R13
 
 tweak:
-	// Tweaks of blocks 0..7: T*x^0..T*x^7, computed independently (no serial chain).
+	// Tweaks of blocks 0..7: T*x^0..T*x^7, computed independently (no serial chain)
+	// into the still unused data registers.
 	MOVOU     X10, (R9)
-	MOVO      X10, X14
-	PSRLQ     $0x3f, X14
-	MOVO      X10, X13
-	PSLLQ     $0x01, X13
-	MOVO      X14, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X14
-	PXOR      X15, X13
-	PXOR      X14, X13
-	MOVOU     X13, 16(R9)
-	MOVO      X10, X12
-	PSRLQ     $0x3e, X12
 	MOVO      X10, X11
-	PSLLQ     $0x02, X11
-	MOVO      X12, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X12
-	PXOR      X15, X11
-	PXOR      X12, X11
-	MOVOU     X11, 32(R9)
-	MOVO      X10, X14
-	PSRLQ     $0x3d, X14
-	MOVO      X10, X13
-	PSLLQ     $0x03, X13
-	MOVO      X14, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X14
-	PXOR      X15, X13
-	PXOR      X14, X13
-	MOVOU     X13, 48(R9)
-	MOVO      X10, X12
-	PSRLQ     $0x3c, X12
+	PSRLQ     $0x3f, X11
+	MOVO      X10, X1
+	PSLLQ     $0x01, X1
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X1
+	PXOR      X11, X1
+	MOVOU     X1, 16(R9)
 	MOVO      X10, X11
-	PSLLQ     $0x04, X11
-	MOVO      X12, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X12
-	PXOR      X15, X11
-	PXOR      X12, X11
-	MOVOU     X11, 64(R9)
-	MOVO      X10, X14
-	PSRLQ     $0x3b, X14
-	MOVO      X10, X13
-	PSLLQ     $0x05, X13
-	MOVO      X14, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X14
-	PXOR      X15, X13
-	PXOR      X14, X13
-	MOVOU     X13, 80(R9)
-	MOVO      X10, X12
-	PSRLQ     $0x3a, X12
+	PSRLQ     $0x3e, X11
+	MOVO      X10, X2
+	PSLLQ     $0x02, X2
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X2
+	PXOR      X11, X2
+	MOVOU     X2, 32(R9)
 	MOVO      X10, X11
-	PSLLQ     $0x06, X11
-	MOVO      X12, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X12
-	PXOR      X15, X11
-	PXOR      X12, X11
-	MOVOU     X11, 96(R9)
-	MOVO      X10, X14
-	PSRLQ     $0x39, X14
-	MOVO      X10, X13
-	PSLLQ     $0x07, X13
-	MOVO      X14, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X14
-	PXOR      X15, X13
-	PXOR      X14, X13
-	MOVOU     X13, 112(R9)
+	PSRLQ     $0x3d, X11
+	MOVO      X10, X3
+	PSLLQ     $0x03, X3
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X3
+	PXOR      X11, X3
+	MOVOU     X3, 48(R9)
+	MOVO      X10, X11
+	PSRLQ     $0x3c, X11
+	MOVO      X10, X4
+	PSLLQ     $0x04, X4
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X4
+	PXOR      X11, X4
+	MOVOU     X4, 64(R9)
+	MOVO      X10, X11
+	PSRLQ     $0x3b, X11
+	MOVO      X10, X5
+	PSLLQ     $0x05, X5
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X5
+	PXOR      X11, X5
+	MOVOU     X5, 80(R9)
+	MOVO      X10, X11
+	PSRLQ     $0x3a, X11
+	MOVO      X10, X6
+	PSLLQ     $0x06, X6
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X6
+	PXOR      X11, X6
+	MOVOU     X6, 96(R9)
+	MOVO      X10, X11
+	PSRLQ     $0x39, X11
+	MOVO      X10, X7
+	PSLLQ     $0x07, X7
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X7
+	PXOR      X11, X7
+	MOVOU     X7, 112(R9)
 
 loop8:
 	CMPQ   R8, $0x00000080
@@ -231,13 +267,13 @@ loop8:
 	AESENC    X8, X7
 
 	// Tweak 2 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
-	MOVOU     32(R9), X14
-	MOVO      X14, X15
-	PSRLDQ    $0x0f, X15
-	PSLLDQ    $0x01, X14
-	PCLMULQDQ $0x00, X9, X15
-	PXOR      X15, X14
-	MOVOU     X14, 32(R10)
+	MOVOU     32(R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
+	PSLLDQ    $0x01, X10
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, 32(R10)
 	MOVOU     64(AX), X8
 	AESENC    X8, X0
 	AESENC    X8, X1
@@ -249,13 +285,13 @@ loop8:
 	AESENC    X8, X7
 
 	// Tweak 3 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
-	MOVOU     48(R9), X10
-	MOVO      X10, X11
-	PSRLDQ    $0x0f, X11
-	PSLLDQ    $0x01, X10
-	PCLMULQDQ $0x00, X9, X11
-	PXOR      X11, X10
-	MOVOU     X10, 48(R10)
+	MOVOU     48(R9), X12
+	MOVO      X12, X13
+	PSRLDQ    $0x0f, X13
+	PSLLDQ    $0x01, X12
+	PCLMULQDQ $0x00, X9, X13
+	PXOR      X13, X12
+	MOVOU     X12, 48(R10)
 	MOVOU     80(AX), X8
 	AESENC    X8, X0
 	AESENC    X8, X1
@@ -267,13 +303,13 @@ loop8:
 	AESENC    X8, X7
 
 	// Tweak 4 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
-	MOVOU     64(R9), X12
-	MOVO      X12, X13
-	PSRLDQ    $0x0f, X13
-	PSLLDQ    $0x01, X12
-	PCLMULQDQ $0x00, X9, X13
-	PXOR      X13, X12
-	MOVOU     X12, 64(R10)
+	MOVOU     64(R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
+	PSLLDQ    $0x01, X10
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, 64(R10)
 	MOVOU     96(AX), X8
 	AESENC    X8, X0
 	AESENC    X8, X1
@@ -285,13 +321,13 @@ loop8:
 	AESENC    X8, X7
 
 	// Tweak 5 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
-	MOVOU     80(R9), X14
-	MOVO      X14, X15
-	PSRLDQ    $0x0f, X15
-	PSLLDQ    $0x01, X14
-	PCLMULQDQ $0x00, X9, X15
-	PXOR      X15, X14
-	MOVOU     X14, 80(R10)
+	MOVOU     80(R9), X12
+	MOVO      X12, X13
+	PSRLDQ    $0x0f, X13
+	PSLLDQ    $0x01, X12
+	PCLMULQDQ $0x00, X9, X13
+	PXOR      X13, X12
+	MOVOU     X12, 80(R10)
 	MOVOU     112(AX), X8
 	AESENC    X8, X0
 	AESENC    X8, X1
@@ -445,18 +481,40 @@ done:
 // func xtsDecAESNI(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
 // Requires: PCLMULQDQ, SSE2
 TEXT ·xtsDecAESNI(SB), NOSPLIT, $272-72
-	MOVQ  rk+0(FP), AX
-	MOVQ  dst+16(FP), BX
-	MOVQ  src+24(FP), CX
-	MOVQ  tk+8(FP), DX
-	MOVQ  tw+32(FP), R13
-	MOVQ  lo+40(FP), R11
-	MOVQ  hi+48(FP), R12
-	MOVQ  nunits+56(FP), SI
-	MOVQ  ulen+64(FP), DI
-	TESTQ SI, SI
-	JZ    done
-	MOVOU xtsPoly<>+0(SB), X9
+	MOVQ       rk+0(FP), AX
+	MOVQ       dst+16(FP), BX
+	MOVQ       src+24(FP), CX
+	MOVQ       tk+8(FP), DX
+	MOVQ       tw+32(FP), R13
+	MOVQ       lo+40(FP), R11
+	MOVQ       hi+48(FP), R12
+	MOVQ       nunits+56(FP), SI
+	MOVQ       ulen+64(FP), DI
+	TESTQ      SI, SI
+	JZ         done
+	MOVOU      xtsPoly<>+0(SB), X9
+	TESTQ      DX, DX
+	JZ         unit
+	MOVQ       R11, X15
+	MOVQ       R12, X14
+	PUNPCKLQDQ X14, X15
+	PXOR       (DX), X15
+	AESENC     16(DX), X15
+	AESENC     32(DX), X15
+	AESENC     48(DX), X15
+	AESENC     64(DX), X15
+	AESENC     80(DX), X15
+	AESENC     96(DX), X15
+	AESENC     112(DX), X15
+	AESENC     128(DX), X15
+	AESENC     144(DX), X15
+	AESENC     160(DX), X15
+	AESENC     176(DX), X15
+	AESENC     192(DX), X15
+	AESENC     208(DX), X15
+	AESENCLAST 224(DX), X15
+	ADDQ       $0x01, R11
+	ADCQ       $0x00, R12
 
 unit:
 	MOVQ DI, R8
@@ -468,26 +526,29 @@ unit:
 	LEAQ  128(R9), R10
 	TESTQ DX, DX
 	JZ    explicit
+	MOVO  X15, X10
 
-	// X10 = E_K2(unit number).
-	MOVQ       R11, X10
-	MOVQ       R12, X11
-	PUNPCKLQDQ X11, X10
-	PXOR       (DX), X10
-	AESENC     16(DX), X10
-	AESENC     32(DX), X10
-	AESENC     48(DX), X10
-	AESENC     64(DX), X10
-	AESENC     80(DX), X10
-	AESENC     96(DX), X10
-	AESENC     112(DX), X10
-	AESENC     128(DX), X10
-	AESENC     144(DX), X10
-	AESENC     160(DX), X10
-	AESENC     176(DX), X10
-	AESENC     192(DX), X10
-	AESENC     208(DX), X10
-	AESENCLAST 224(DX), X10
+	// Start the next unit's tweak unless this is the last unit.
+	CMPQ       SI, $0x01
+	JE         tweak
+	MOVQ       R11, X15
+	MOVQ       R12, X14
+	PUNPCKLQDQ X14, X15
+	PXOR       (DX), X15
+	AESENC     16(DX), X15
+	AESENC     32(DX), X15
+	AESENC     48(DX), X15
+	AESENC     64(DX), X15
+	AESENC     80(DX), X15
+	AESENC     96(DX), X15
+	AESENC     112(DX), X15
+	AESENC     128(DX), X15
+	AESENC     144(DX), X15
+	AESENC     160(DX), X15
+	AESENC     176(DX), X15
+	AESENC     192(DX), X15
+	AESENC     208(DX), X15
+	AESENCLAST 224(DX), X15
 	ADDQ       $0x01, R11
 	ADCQ       $0x00, R12
 	JMP        tweak
@@ -497,78 +558,79 @@ explicit:
 	ADDQ  $0x00000010, R13
 
 tweak:
-	// Tweaks of blocks 0..7: T*x^0..T*x^7, computed independently (no serial chain).
+	// Tweaks of blocks 0..7: T*x^0..T*x^7, computed independently (no serial chain)
+	// into the still unused data registers.
 	MOVOU     X10, (R9)
-	MOVO      X10, X14
-	PSRLQ     $0x3f, X14
-	MOVO      X10, X13
-	PSLLQ     $0x01, X13
-	MOVO      X14, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X14
-	PXOR      X15, X13
-	PXOR      X14, X13
-	MOVOU     X13, 16(R9)
-	MOVO      X10, X12
-	PSRLQ     $0x3e, X12
 	MOVO      X10, X11
-	PSLLQ     $0x02, X11
-	MOVO      X12, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X12
-	PXOR      X15, X11
-	PXOR      X12, X11
-	MOVOU     X11, 32(R9)
-	MOVO      X10, X14
-	PSRLQ     $0x3d, X14
-	MOVO      X10, X13
-	PSLLQ     $0x03, X13
-	MOVO      X14, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X14
-	PXOR      X15, X13
-	PXOR      X14, X13
-	MOVOU     X13, 48(R9)
-	MOVO      X10, X12
-	PSRLQ     $0x3c, X12
+	PSRLQ     $0x3f, X11
+	MOVO      X10, X1
+	PSLLQ     $0x01, X1
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X1
+	PXOR      X11, X1
+	MOVOU     X1, 16(R9)
 	MOVO      X10, X11
-	PSLLQ     $0x04, X11
-	MOVO      X12, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X12
-	PXOR      X15, X11
-	PXOR      X12, X11
-	MOVOU     X11, 64(R9)
-	MOVO      X10, X14
-	PSRLQ     $0x3b, X14
-	MOVO      X10, X13
-	PSLLQ     $0x05, X13
-	MOVO      X14, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X14
-	PXOR      X15, X13
-	PXOR      X14, X13
-	MOVOU     X13, 80(R9)
-	MOVO      X10, X12
-	PSRLQ     $0x3a, X12
+	PSRLQ     $0x3e, X11
+	MOVO      X10, X2
+	PSLLQ     $0x02, X2
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X2
+	PXOR      X11, X2
+	MOVOU     X2, 32(R9)
 	MOVO      X10, X11
-	PSLLQ     $0x06, X11
-	MOVO      X12, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X12
-	PXOR      X15, X11
-	PXOR      X12, X11
-	MOVOU     X11, 96(R9)
-	MOVO      X10, X14
-	PSRLQ     $0x39, X14
-	MOVO      X10, X13
-	PSLLQ     $0x07, X13
-	MOVO      X14, X15
-	PSLLDQ    $0x08, X15
-	PCLMULQDQ $0x01, X9, X14
-	PXOR      X15, X13
-	PXOR      X14, X13
-	MOVOU     X13, 112(R9)
+	PSRLQ     $0x3d, X11
+	MOVO      X10, X3
+	PSLLQ     $0x03, X3
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X3
+	PXOR      X11, X3
+	MOVOU     X3, 48(R9)
+	MOVO      X10, X11
+	PSRLQ     $0x3c, X11
+	MOVO      X10, X4
+	PSLLQ     $0x04, X4
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X4
+	PXOR      X11, X4
+	MOVOU     X4, 64(R9)
+	MOVO      X10, X11
+	PSRLQ     $0x3b, X11
+	MOVO      X10, X5
+	PSLLQ     $0x05, X5
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X5
+	PXOR      X11, X5
+	MOVOU     X5, 80(R9)
+	MOVO      X10, X11
+	PSRLQ     $0x3a, X11
+	MOVO      X10, X6
+	PSLLQ     $0x06, X6
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X6
+	PXOR      X11, X6
+	MOVOU     X6, 96(R9)
+	MOVO      X10, X11
+	PSRLQ     $0x39, X11
+	MOVO      X10, X7
+	PSLLQ     $0x07, X7
+	MOVO      X11, X12
+	PSLLDQ    $0x08, X12
+	PCLMULQDQ $0x01, X9, X11
+	PXOR      X12, X7
+	PXOR      X11, X7
+	MOVOU     X7, 112(R9)
 
 loop8:
 	CMPQ   R8, $0x00000080
@@ -645,13 +707,13 @@ loop8:
 	AESDEC    X8, X7
 
 	// Tweak 2 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
-	MOVOU     32(R9), X14
-	MOVO      X14, X15
-	PSRLDQ    $0x0f, X15
-	PSLLDQ    $0x01, X14
-	PCLMULQDQ $0x00, X9, X15
-	PXOR      X15, X14
-	MOVOU     X14, 32(R10)
+	MOVOU     32(R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
+	PSLLDQ    $0x01, X10
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, 32(R10)
 	MOVOU     64(AX), X8
 	AESDEC    X8, X0
 	AESDEC    X8, X1
@@ -663,13 +725,13 @@ loop8:
 	AESDEC    X8, X7
 
 	// Tweak 3 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
-	MOVOU     48(R9), X10
-	MOVO      X10, X11
-	PSRLDQ    $0x0f, X11
-	PSLLDQ    $0x01, X10
-	PCLMULQDQ $0x00, X9, X11
-	PXOR      X11, X10
-	MOVOU     X10, 48(R10)
+	MOVOU     48(R9), X12
+	MOVO      X12, X13
+	PSRLDQ    $0x0f, X13
+	PSLLDQ    $0x01, X12
+	PCLMULQDQ $0x00, X9, X13
+	PXOR      X13, X12
+	MOVOU     X12, 48(R10)
 	MOVOU     80(AX), X8
 	AESDEC    X8, X0
 	AESDEC    X8, X1
@@ -681,13 +743,13 @@ loop8:
 	AESDEC    X8, X7
 
 	// Tweak 4 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
-	MOVOU     64(R9), X12
-	MOVO      X12, X13
-	PSRLDQ    $0x0f, X13
-	PSLLDQ    $0x01, X12
-	PCLMULQDQ $0x00, X9, X13
-	PXOR      X13, X12
-	MOVOU     X12, 64(R10)
+	MOVOU     64(R9), X10
+	MOVO      X10, X11
+	PSRLDQ    $0x0f, X11
+	PSLLDQ    $0x01, X10
+	PCLMULQDQ $0x00, X9, X11
+	PXOR      X11, X10
+	MOVOU     X10, 64(R10)
 	MOVOU     96(AX), X8
 	AESDEC    X8, X0
 	AESDEC    X8, X1
@@ -699,13 +761,13 @@ loop8:
 	AESDEC    X8, X7
 
 	// Tweak 5 of the next iteration: x^8 is a byte shift plus a fold of the top byte.
-	MOVOU     80(R9), X14
-	MOVO      X14, X15
-	PSRLDQ    $0x0f, X15
-	PSLLDQ    $0x01, X14
-	PCLMULQDQ $0x00, X9, X15
-	PXOR      X15, X14
-	MOVOU     X14, 80(R10)
+	MOVOU     80(R9), X12
+	MOVO      X12, X13
+	PSRLDQ    $0x0f, X13
+	PSLLDQ    $0x01, X12
+	PCLMULQDQ $0x00, X9, X13
+	PXOR      X13, X12
+	MOVOU     X12, 80(R10)
 	MOVOU     112(AX), X8
 	AESDEC    X8, X0
 	AESDEC    X8, X1
@@ -1051,36 +1113,60 @@ TEXT ·xtsEncVAES256(SB), NOSPLIT, $544-72
 	TESTQ          SI, SI
 	JZ             done
 	VBROADCASTI128 xtsPoly<>+0(SB), Y9
+	TESTQ          DX, DX
+	JZ             unit
+	VMOVQ          R11, X15
+	VPINSRQ        $0x01, R12, X15, X15
+	VPXOR          (DX), X15, X15
+	VAESENC        16(DX), X15, X15
+	VAESENC        32(DX), X15, X15
+	VAESENC        48(DX), X15, X15
+	VAESENC        64(DX), X15, X15
+	VAESENC        80(DX), X15, X15
+	VAESENC        96(DX), X15, X15
+	VAESENC        112(DX), X15, X15
+	VAESENC        128(DX), X15, X15
+	VAESENC        144(DX), X15, X15
+	VAESENC        160(DX), X15, X15
+	VAESENC        176(DX), X15, X15
+	VAESENC        192(DX), X15, X15
+	VAESENC        208(DX), X15, X15
+	VAESENCLAST    224(DX), X15, X15
+	ADDQ           $0x01, R11
+	ADCQ           $0x00, R12
 
 unit:
 	MOVQ DI, R8
 
 	// R9 = current tweak buffer (32-byte aligned), R10 = next.
-	LEAQ  (SP), R9
-	ADDQ  $0x1f, R9
-	ANDQ  $-32, R9
-	LEAQ  256(R9), R10
-	TESTQ DX, DX
-	JZ    explicit
+	LEAQ    (SP), R9
+	ADDQ    $0x1f, R9
+	ANDQ    $-32, R9
+	LEAQ    256(R9), R10
+	TESTQ   DX, DX
+	JZ      explicit
+	VMOVDQA X15, X10
 
-	// X10 = E_K2(unit number), VEX-encoded AES on XMM.
-	VMOVQ       R11, X10
-	VPINSRQ     $0x01, R12, X10, X10
-	VPXOR       (DX), X10, X10
-	VAESENC     16(DX), X10, X10
-	VAESENC     32(DX), X10, X10
-	VAESENC     48(DX), X10, X10
-	VAESENC     64(DX), X10, X10
-	VAESENC     80(DX), X10, X10
-	VAESENC     96(DX), X10, X10
-	VAESENC     112(DX), X10, X10
-	VAESENC     128(DX), X10, X10
-	VAESENC     144(DX), X10, X10
-	VAESENC     160(DX), X10, X10
-	VAESENC     176(DX), X10, X10
-	VAESENC     192(DX), X10, X10
-	VAESENC     208(DX), X10, X10
-	VAESENCLAST 224(DX), X10, X10
+	// Start the next unit's tweak unless this is the last unit.
+	CMPQ        SI, $0x01
+	JE          tweak
+	VMOVQ       R11, X15
+	VPINSRQ     $0x01, R12, X15, X15
+	VPXOR       (DX), X15, X15
+	VAESENC     16(DX), X15, X15
+	VAESENC     32(DX), X15, X15
+	VAESENC     48(DX), X15, X15
+	VAESENC     64(DX), X15, X15
+	VAESENC     80(DX), X15, X15
+	VAESENC     96(DX), X15, X15
+	VAESENC     112(DX), X15, X15
+	VAESENC     128(DX), X15, X15
+	VAESENC     144(DX), X15, X15
+	VAESENC     160(DX), X15, X15
+	VAESENC     176(DX), X15, X15
+	VAESENC     192(DX), X15, X15
+	VAESENC     208(DX), X15, X15
+	VAESENCLAST 224(DX), X15, X15
 	ADDQ        $0x01, R11
 	ADCQ        $0x00, R12
 	JMP         tweak
@@ -1090,7 +1176,8 @@ explicit:
 	ADDQ    $0x00000010, R13
 
 tweak:
-	// Y10 = [T, T*x]; the tweak pairs of blocks 0..15 are Y10*x^0, x^2 .. x^14, computed independently.
+	// Y10 = [T, T*x]; the tweak pairs of blocks 0..15 are Y10*x^0, x^2 .. x^14,
+	// computed independently into the still unused data registers.
 	VPSRLQ      $0x3f, X10, X12
 	VPSLLQ      $0x01, X10, X11
 	VPSLLDQ     $0x08, X12, X13
@@ -1099,55 +1186,55 @@ tweak:
 	VPXOR       X12, X11, X11
 	VINSERTI128 $0x01, X11, Y10, Y10
 	VMOVDQU     Y10, (R9)
-	VPSRLQ      $0x3e, Y10, Y14
-	VPSLLQ      $0x02, Y10, Y13
-	VPSLLDQ     $0x08, Y14, Y15
-	VPCLMULQDQ  $0x01, Y9, Y14, Y14
-	VPXOR       Y15, Y13, Y13
-	VPXOR       Y14, Y13, Y13
-	VMOVDQU     Y13, 32(R9)
-	VPSRLQ      $0x3c, Y10, Y12
-	VPSLLQ      $0x04, Y10, Y11
-	VPSLLDQ     $0x08, Y12, Y15
-	VPCLMULQDQ  $0x01, Y9, Y12, Y12
-	VPXOR       Y15, Y11, Y11
-	VPXOR       Y12, Y11, Y11
-	VMOVDQU     Y11, 64(R9)
-	VPSRLQ      $0x3a, Y10, Y14
-	VPSLLQ      $0x06, Y10, Y13
-	VPSLLDQ     $0x08, Y14, Y15
-	VPCLMULQDQ  $0x01, Y9, Y14, Y14
-	VPXOR       Y15, Y13, Y13
-	VPXOR       Y14, Y13, Y13
-	VMOVDQU     Y13, 96(R9)
-	VPSRLQ      $0x38, Y10, Y12
-	VPSLLQ      $0x08, Y10, Y11
-	VPSLLDQ     $0x08, Y12, Y15
-	VPCLMULQDQ  $0x01, Y9, Y12, Y12
-	VPXOR       Y15, Y11, Y11
-	VPXOR       Y12, Y11, Y11
-	VMOVDQU     Y11, 128(R9)
-	VPSRLQ      $0x36, Y10, Y14
-	VPSLLQ      $0x0a, Y10, Y13
-	VPSLLDQ     $0x08, Y14, Y15
-	VPCLMULQDQ  $0x01, Y9, Y14, Y14
-	VPXOR       Y15, Y13, Y13
-	VPXOR       Y14, Y13, Y13
-	VMOVDQU     Y13, 160(R9)
-	VPSRLQ      $0x34, Y10, Y12
-	VPSLLQ      $0x0c, Y10, Y11
-	VPSLLDQ     $0x08, Y12, Y15
-	VPCLMULQDQ  $0x01, Y9, Y12, Y12
-	VPXOR       Y15, Y11, Y11
-	VPXOR       Y12, Y11, Y11
-	VMOVDQU     Y11, 192(R9)
-	VPSRLQ      $0x32, Y10, Y14
-	VPSLLQ      $0x0e, Y10, Y13
-	VPSLLDQ     $0x08, Y14, Y15
-	VPCLMULQDQ  $0x01, Y9, Y14, Y14
-	VPXOR       Y15, Y13, Y13
-	VPXOR       Y14, Y13, Y13
-	VMOVDQU     Y13, 224(R9)
+	VPSRLQ      $0x3e, Y10, Y11
+	VPSLLQ      $0x02, Y10, Y1
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y1, Y1
+	VPXOR       Y11, Y1, Y1
+	VMOVDQU     Y1, 32(R9)
+	VPSRLQ      $0x3c, Y10, Y11
+	VPSLLQ      $0x04, Y10, Y2
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y2, Y2
+	VPXOR       Y11, Y2, Y2
+	VMOVDQU     Y2, 64(R9)
+	VPSRLQ      $0x3a, Y10, Y11
+	VPSLLQ      $0x06, Y10, Y3
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y3, Y3
+	VPXOR       Y11, Y3, Y3
+	VMOVDQU     Y3, 96(R9)
+	VPSRLQ      $0x38, Y10, Y11
+	VPSLLQ      $0x08, Y10, Y4
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y4, Y4
+	VPXOR       Y11, Y4, Y4
+	VMOVDQU     Y4, 128(R9)
+	VPSRLQ      $0x36, Y10, Y11
+	VPSLLQ      $0x0a, Y10, Y5
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y5, Y5
+	VPXOR       Y11, Y5, Y5
+	VMOVDQU     Y5, 160(R9)
+	VPSRLQ      $0x34, Y10, Y11
+	VPSLLQ      $0x0c, Y10, Y6
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y6, Y6
+	VPXOR       Y11, Y6, Y6
+	VMOVDQU     Y6, 192(R9)
+	VPSRLQ      $0x32, Y10, Y11
+	VPSLLQ      $0x0e, Y10, Y7
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y7, Y7
+	VPXOR       Y11, Y7, Y7
+	VMOVDQU     Y7, 224(R9)
 
 loop16:
 	CMPQ    R8, $0x00000100
@@ -1222,12 +1309,12 @@ loop16:
 	VAESENC    Y8, Y7, Y7
 
 	// Tweak pair 2 of the next iteration: times x^16.
-	VMOVDQU    64(R9), Y14
-	VPSRLDQ    $0x0e, Y14, Y15
-	VPSLLDQ    $0x02, Y14, Y14
-	VPCLMULQDQ $0x00, Y9, Y15, Y15
-	VPXOR      Y15, Y14, Y14
-	VMOVDQU    Y14, 64(R10)
+	VMOVDQU    64(R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, 64(R10)
 	VMOVDQU    128(AX), Y8
 	VAESENC    Y8, Y0, Y0
 	VAESENC    Y8, Y1, Y1
@@ -1239,12 +1326,12 @@ loop16:
 	VAESENC    Y8, Y7, Y7
 
 	// Tweak pair 3 of the next iteration: times x^16.
-	VMOVDQU    96(R9), Y10
-	VPSRLDQ    $0x0e, Y10, Y11
-	VPSLLDQ    $0x02, Y10, Y10
-	VPCLMULQDQ $0x00, Y9, Y11, Y11
-	VPXOR      Y11, Y10, Y10
-	VMOVDQU    Y10, 96(R10)
+	VMOVDQU    96(R9), Y12
+	VPSRLDQ    $0x0e, Y12, Y13
+	VPSLLDQ    $0x02, Y12, Y12
+	VPCLMULQDQ $0x00, Y9, Y13, Y13
+	VPXOR      Y13, Y12, Y12
+	VMOVDQU    Y12, 96(R10)
 	VMOVDQU    160(AX), Y8
 	VAESENC    Y8, Y0, Y0
 	VAESENC    Y8, Y1, Y1
@@ -1256,12 +1343,12 @@ loop16:
 	VAESENC    Y8, Y7, Y7
 
 	// Tweak pair 4 of the next iteration: times x^16.
-	VMOVDQU    128(R9), Y12
-	VPSRLDQ    $0x0e, Y12, Y13
-	VPSLLDQ    $0x02, Y12, Y12
-	VPCLMULQDQ $0x00, Y9, Y13, Y13
-	VPXOR      Y13, Y12, Y12
-	VMOVDQU    Y12, 128(R10)
+	VMOVDQU    128(R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, 128(R10)
 	VMOVDQU    192(AX), Y8
 	VAESENC    Y8, Y0, Y0
 	VAESENC    Y8, Y1, Y1
@@ -1273,12 +1360,12 @@ loop16:
 	VAESENC    Y8, Y7, Y7
 
 	// Tweak pair 5 of the next iteration: times x^16.
-	VMOVDQU    160(R9), Y14
-	VPSRLDQ    $0x0e, Y14, Y15
-	VPSLLDQ    $0x02, Y14, Y14
-	VPCLMULQDQ $0x00, Y9, Y15, Y15
-	VPXOR      Y15, Y14, Y14
-	VMOVDQU    Y14, 160(R10)
+	VMOVDQU    160(R9), Y12
+	VPSRLDQ    $0x0e, Y12, Y13
+	VPSLLDQ    $0x02, Y12, Y12
+	VPCLMULQDQ $0x00, Y9, Y13, Y13
+	VPXOR      Y13, Y12, Y12
+	VMOVDQU    Y12, 160(R10)
 	VMOVDQU    224(AX), Y8
 	VAESENC    Y8, Y0, Y0
 	VAESENC    Y8, Y1, Y1
@@ -1469,36 +1556,60 @@ TEXT ·xtsDecVAES256(SB), NOSPLIT, $544-72
 	TESTQ          SI, SI
 	JZ             done
 	VBROADCASTI128 xtsPoly<>+0(SB), Y9
+	TESTQ          DX, DX
+	JZ             unit
+	VMOVQ          R11, X15
+	VPINSRQ        $0x01, R12, X15, X15
+	VPXOR          (DX), X15, X15
+	VAESENC        16(DX), X15, X15
+	VAESENC        32(DX), X15, X15
+	VAESENC        48(DX), X15, X15
+	VAESENC        64(DX), X15, X15
+	VAESENC        80(DX), X15, X15
+	VAESENC        96(DX), X15, X15
+	VAESENC        112(DX), X15, X15
+	VAESENC        128(DX), X15, X15
+	VAESENC        144(DX), X15, X15
+	VAESENC        160(DX), X15, X15
+	VAESENC        176(DX), X15, X15
+	VAESENC        192(DX), X15, X15
+	VAESENC        208(DX), X15, X15
+	VAESENCLAST    224(DX), X15, X15
+	ADDQ           $0x01, R11
+	ADCQ           $0x00, R12
 
 unit:
 	MOVQ DI, R8
 
 	// R9 = current tweak buffer (32-byte aligned), R10 = next.
-	LEAQ  (SP), R9
-	ADDQ  $0x1f, R9
-	ANDQ  $-32, R9
-	LEAQ  256(R9), R10
-	TESTQ DX, DX
-	JZ    explicit
+	LEAQ    (SP), R9
+	ADDQ    $0x1f, R9
+	ANDQ    $-32, R9
+	LEAQ    256(R9), R10
+	TESTQ   DX, DX
+	JZ      explicit
+	VMOVDQA X15, X10
 
-	// X10 = E_K2(unit number), VEX-encoded AES on XMM.
-	VMOVQ       R11, X10
-	VPINSRQ     $0x01, R12, X10, X10
-	VPXOR       (DX), X10, X10
-	VAESENC     16(DX), X10, X10
-	VAESENC     32(DX), X10, X10
-	VAESENC     48(DX), X10, X10
-	VAESENC     64(DX), X10, X10
-	VAESENC     80(DX), X10, X10
-	VAESENC     96(DX), X10, X10
-	VAESENC     112(DX), X10, X10
-	VAESENC     128(DX), X10, X10
-	VAESENC     144(DX), X10, X10
-	VAESENC     160(DX), X10, X10
-	VAESENC     176(DX), X10, X10
-	VAESENC     192(DX), X10, X10
-	VAESENC     208(DX), X10, X10
-	VAESENCLAST 224(DX), X10, X10
+	// Start the next unit's tweak unless this is the last unit.
+	CMPQ        SI, $0x01
+	JE          tweak
+	VMOVQ       R11, X15
+	VPINSRQ     $0x01, R12, X15, X15
+	VPXOR       (DX), X15, X15
+	VAESENC     16(DX), X15, X15
+	VAESENC     32(DX), X15, X15
+	VAESENC     48(DX), X15, X15
+	VAESENC     64(DX), X15, X15
+	VAESENC     80(DX), X15, X15
+	VAESENC     96(DX), X15, X15
+	VAESENC     112(DX), X15, X15
+	VAESENC     128(DX), X15, X15
+	VAESENC     144(DX), X15, X15
+	VAESENC     160(DX), X15, X15
+	VAESENC     176(DX), X15, X15
+	VAESENC     192(DX), X15, X15
+	VAESENC     208(DX), X15, X15
+	VAESENCLAST 224(DX), X15, X15
 	ADDQ        $0x01, R11
 	ADCQ        $0x00, R12
 	JMP         tweak
@@ -1508,7 +1619,8 @@ explicit:
 	ADDQ    $0x00000010, R13
 
 tweak:
-	// Y10 = [T, T*x]; the tweak pairs of blocks 0..15 are Y10*x^0, x^2 .. x^14, computed independently.
+	// Y10 = [T, T*x]; the tweak pairs of blocks 0..15 are Y10*x^0, x^2 .. x^14,
+	// computed independently into the still unused data registers.
 	VPSRLQ      $0x3f, X10, X12
 	VPSLLQ      $0x01, X10, X11
 	VPSLLDQ     $0x08, X12, X13
@@ -1517,55 +1629,55 @@ tweak:
 	VPXOR       X12, X11, X11
 	VINSERTI128 $0x01, X11, Y10, Y10
 	VMOVDQU     Y10, (R9)
-	VPSRLQ      $0x3e, Y10, Y14
-	VPSLLQ      $0x02, Y10, Y13
-	VPSLLDQ     $0x08, Y14, Y15
-	VPCLMULQDQ  $0x01, Y9, Y14, Y14
-	VPXOR       Y15, Y13, Y13
-	VPXOR       Y14, Y13, Y13
-	VMOVDQU     Y13, 32(R9)
-	VPSRLQ      $0x3c, Y10, Y12
-	VPSLLQ      $0x04, Y10, Y11
-	VPSLLDQ     $0x08, Y12, Y15
-	VPCLMULQDQ  $0x01, Y9, Y12, Y12
-	VPXOR       Y15, Y11, Y11
-	VPXOR       Y12, Y11, Y11
-	VMOVDQU     Y11, 64(R9)
-	VPSRLQ      $0x3a, Y10, Y14
-	VPSLLQ      $0x06, Y10, Y13
-	VPSLLDQ     $0x08, Y14, Y15
-	VPCLMULQDQ  $0x01, Y9, Y14, Y14
-	VPXOR       Y15, Y13, Y13
-	VPXOR       Y14, Y13, Y13
-	VMOVDQU     Y13, 96(R9)
-	VPSRLQ      $0x38, Y10, Y12
-	VPSLLQ      $0x08, Y10, Y11
-	VPSLLDQ     $0x08, Y12, Y15
-	VPCLMULQDQ  $0x01, Y9, Y12, Y12
-	VPXOR       Y15, Y11, Y11
-	VPXOR       Y12, Y11, Y11
-	VMOVDQU     Y11, 128(R9)
-	VPSRLQ      $0x36, Y10, Y14
-	VPSLLQ      $0x0a, Y10, Y13
-	VPSLLDQ     $0x08, Y14, Y15
-	VPCLMULQDQ  $0x01, Y9, Y14, Y14
-	VPXOR       Y15, Y13, Y13
-	VPXOR       Y14, Y13, Y13
-	VMOVDQU     Y13, 160(R9)
-	VPSRLQ      $0x34, Y10, Y12
-	VPSLLQ      $0x0c, Y10, Y11
-	VPSLLDQ     $0x08, Y12, Y15
-	VPCLMULQDQ  $0x01, Y9, Y12, Y12
-	VPXOR       Y15, Y11, Y11
-	VPXOR       Y12, Y11, Y11
-	VMOVDQU     Y11, 192(R9)
-	VPSRLQ      $0x32, Y10, Y14
-	VPSLLQ      $0x0e, Y10, Y13
-	VPSLLDQ     $0x08, Y14, Y15
-	VPCLMULQDQ  $0x01, Y9, Y14, Y14
-	VPXOR       Y15, Y13, Y13
-	VPXOR       Y14, Y13, Y13
-	VMOVDQU     Y13, 224(R9)
+	VPSRLQ      $0x3e, Y10, Y11
+	VPSLLQ      $0x02, Y10, Y1
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y1, Y1
+	VPXOR       Y11, Y1, Y1
+	VMOVDQU     Y1, 32(R9)
+	VPSRLQ      $0x3c, Y10, Y11
+	VPSLLQ      $0x04, Y10, Y2
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y2, Y2
+	VPXOR       Y11, Y2, Y2
+	VMOVDQU     Y2, 64(R9)
+	VPSRLQ      $0x3a, Y10, Y11
+	VPSLLQ      $0x06, Y10, Y3
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y3, Y3
+	VPXOR       Y11, Y3, Y3
+	VMOVDQU     Y3, 96(R9)
+	VPSRLQ      $0x38, Y10, Y11
+	VPSLLQ      $0x08, Y10, Y4
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y4, Y4
+	VPXOR       Y11, Y4, Y4
+	VMOVDQU     Y4, 128(R9)
+	VPSRLQ      $0x36, Y10, Y11
+	VPSLLQ      $0x0a, Y10, Y5
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y5, Y5
+	VPXOR       Y11, Y5, Y5
+	VMOVDQU     Y5, 160(R9)
+	VPSRLQ      $0x34, Y10, Y11
+	VPSLLQ      $0x0c, Y10, Y6
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y6, Y6
+	VPXOR       Y11, Y6, Y6
+	VMOVDQU     Y6, 192(R9)
+	VPSRLQ      $0x32, Y10, Y11
+	VPSLLQ      $0x0e, Y10, Y7
+	VPSLLDQ     $0x08, Y11, Y12
+	VPCLMULQDQ  $0x01, Y9, Y11, Y11
+	VPXOR       Y12, Y7, Y7
+	VPXOR       Y11, Y7, Y7
+	VMOVDQU     Y7, 224(R9)
 
 loop16:
 	CMPQ    R8, $0x00000100
@@ -1640,12 +1752,12 @@ loop16:
 	VAESDEC    Y8, Y7, Y7
 
 	// Tweak pair 2 of the next iteration: times x^16.
-	VMOVDQU    64(R9), Y14
-	VPSRLDQ    $0x0e, Y14, Y15
-	VPSLLDQ    $0x02, Y14, Y14
-	VPCLMULQDQ $0x00, Y9, Y15, Y15
-	VPXOR      Y15, Y14, Y14
-	VMOVDQU    Y14, 64(R10)
+	VMOVDQU    64(R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, 64(R10)
 	VMOVDQU    128(AX), Y8
 	VAESDEC    Y8, Y0, Y0
 	VAESDEC    Y8, Y1, Y1
@@ -1657,12 +1769,12 @@ loop16:
 	VAESDEC    Y8, Y7, Y7
 
 	// Tweak pair 3 of the next iteration: times x^16.
-	VMOVDQU    96(R9), Y10
-	VPSRLDQ    $0x0e, Y10, Y11
-	VPSLLDQ    $0x02, Y10, Y10
-	VPCLMULQDQ $0x00, Y9, Y11, Y11
-	VPXOR      Y11, Y10, Y10
-	VMOVDQU    Y10, 96(R10)
+	VMOVDQU    96(R9), Y12
+	VPSRLDQ    $0x0e, Y12, Y13
+	VPSLLDQ    $0x02, Y12, Y12
+	VPCLMULQDQ $0x00, Y9, Y13, Y13
+	VPXOR      Y13, Y12, Y12
+	VMOVDQU    Y12, 96(R10)
 	VMOVDQU    160(AX), Y8
 	VAESDEC    Y8, Y0, Y0
 	VAESDEC    Y8, Y1, Y1
@@ -1674,12 +1786,12 @@ loop16:
 	VAESDEC    Y8, Y7, Y7
 
 	// Tweak pair 4 of the next iteration: times x^16.
-	VMOVDQU    128(R9), Y12
-	VPSRLDQ    $0x0e, Y12, Y13
-	VPSLLDQ    $0x02, Y12, Y12
-	VPCLMULQDQ $0x00, Y9, Y13, Y13
-	VPXOR      Y13, Y12, Y12
-	VMOVDQU    Y12, 128(R10)
+	VMOVDQU    128(R9), Y10
+	VPSRLDQ    $0x0e, Y10, Y11
+	VPSLLDQ    $0x02, Y10, Y10
+	VPCLMULQDQ $0x00, Y9, Y11, Y11
+	VPXOR      Y11, Y10, Y10
+	VMOVDQU    Y10, 128(R10)
 	VMOVDQU    192(AX), Y8
 	VAESDEC    Y8, Y0, Y0
 	VAESDEC    Y8, Y1, Y1
@@ -1691,12 +1803,12 @@ loop16:
 	VAESDEC    Y8, Y7, Y7
 
 	// Tweak pair 5 of the next iteration: times x^16.
-	VMOVDQU    160(R9), Y14
-	VPSRLDQ    $0x0e, Y14, Y15
-	VPSLLDQ    $0x02, Y14, Y14
-	VPCLMULQDQ $0x00, Y9, Y15, Y15
-	VPXOR      Y15, Y14, Y14
-	VMOVDQU    Y14, 160(R10)
+	VMOVDQU    160(R9), Y12
+	VPSRLDQ    $0x0e, Y12, Y13
+	VPSLLDQ    $0x02, Y12, Y12
+	VPCLMULQDQ $0x00, Y9, Y13, Y13
+	VPXOR      Y13, Y12, Y12
+	VMOVDQU    Y12, 160(R10)
 	VMOVDQU    224(AX), Y8
 	VAESDEC    Y8, Y0, Y0
 	VAESDEC    Y8, Y1, Y1
@@ -2007,7 +2119,7 @@ done:
 	RET
 
 // func xtsEncVAES512(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
-// Requires: AVX, AVX512BW, AVX512F
+// Requires: AVX, AVX512BW, AVX512F, AVX512VL
 TEXT ·xtsEncVAES512(SB), NOSPLIT, $0-72
 	MOVQ            rk+0(FP), AX
 	MOVQ            dst+16(FP), BX
@@ -2035,83 +2147,109 @@ TEXT ·xtsEncVAES512(SB), NOSPLIT, $0-72
 	VBROADCASTI32X4 192(AX), Z12
 	VBROADCASTI32X4 208(AX), Z13
 	VBROADCASTI32X4 224(AX), Z14
-	VBROADCASTI32X4 xtsPoly<>+0(SB), Z31
+	TESTQ           DX, DX
+	JZ              unit
+
+	// K2 = 0b01 for merging the low qword of the counter; X31 = first tweak.
+	MOVL         $0x00000001, R9
+	KMOVW        R9, K2
+	VPBROADCASTQ R12, X31
+	VPBROADCASTQ R11, K2, X31
+	VPXORQ       (DX), X31, X31
+	VAESENC      16(DX), X31, X31
+	VAESENC      32(DX), X31, X31
+	VAESENC      48(DX), X31, X31
+	VAESENC      64(DX), X31, X31
+	VAESENC      80(DX), X31, X31
+	VAESENC      96(DX), X31, X31
+	VAESENC      112(DX), X31, X31
+	VAESENC      128(DX), X31, X31
+	VAESENC      144(DX), X31, X31
+	VAESENC      160(DX), X31, X31
+	VAESENC      176(DX), X31, X31
+	VAESENC      192(DX), X31, X31
+	VAESENC      208(DX), X31, X31
+	VAESENCLAST  224(DX), X31, X31
+	ADDQ         $0x01, R11
+	ADCQ         $0x00, R12
 
 unit:
-	MOVQ  DI, R8
-	TESTQ DX, DX
-	JZ    explicit
+	MOVQ       DI, R8
+	TESTQ      DX, DX
+	JZ         explicit
+	VSHUFI64X2 $0x00, Z31, Z31, Z23
 
-	// X15 = E_K2(unit number); Z0-Z14 hold K1, so K2 comes from memory.
-	VMOVQ       R11, X15
-	VPINSRQ     $0x01, R12, X15, X15
-	VPXOR       (DX), X15, X15
-	VAESENC     16(DX), X15, X15
-	VAESENC     32(DX), X15, X15
-	VAESENC     48(DX), X15, X15
-	VAESENC     64(DX), X15, X15
-	VAESENC     80(DX), X15, X15
-	VAESENC     96(DX), X15, X15
-	VAESENC     112(DX), X15, X15
-	VAESENC     128(DX), X15, X15
-	VAESENC     144(DX), X15, X15
-	VAESENC     160(DX), X15, X15
-	VAESENC     176(DX), X15, X15
-	VAESENC     192(DX), X15, X15
-	VAESENC     208(DX), X15, X15
-	VAESENCLAST 224(DX), X15, X15
-	ADDQ        $0x01, R11
-	ADCQ        $0x00, R12
-	JMP         tweak
+	// Start the next unit's tweak, unless this is the last unit (it would only compete for the AES unit).
+	CMPQ         SI, $0x01
+	JE           tweak
+	VPBROADCASTQ R12, X31
+	VPBROADCASTQ R11, K2, X31
+	VPXORQ       (DX), X31, X31
+	VAESENC      16(DX), X31, X31
+	VAESENC      32(DX), X31, X31
+	VAESENC      48(DX), X31, X31
+	VAESENC      64(DX), X31, X31
+	VAESENC      80(DX), X31, X31
+	VAESENC      96(DX), X31, X31
+	VAESENC      112(DX), X31, X31
+	VAESENC      128(DX), X31, X31
+	VAESENC      144(DX), X31, X31
+	VAESENC      160(DX), X31, X31
+	VAESENC      176(DX), X31, X31
+	VAESENC      192(DX), X31, X31
+	VAESENC      208(DX), X31, X31
+	VAESENCLAST  224(DX), X31, X31
+	ADDQ         $0x01, R11
+	ADCQ         $0x00, R12
+	JMP          tweak
 
 explicit:
-	VMOVDQU (R13), X15
-	ADDQ    $0x00000010, R13
+	VBROADCASTI32X4 (R13), Z23
+	ADDQ            $0x00000010, R13
 
 tweak:
 	// Z23 = [T, T*x, T*x^2, T*x^3] via per-qword variable shifts.
-	VSHUFI64X2 $0x00, Z15, Z15, Z23
 	VPSRLVQ    xtsLaneShr<>+0(SB), Z23, Z15
 	VPSLLVQ    xtsLaneShl<>+0(SB), Z23, Z23
 	VPSLLDQ    $0x08, Z15, Z16
-	VPCLMULQDQ $0x01, Z31, Z15, Z15
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z15, Z15
 	VPTERNLOGQ $0x96, Z16, Z15, Z23
 
 	// Z24..Z30 = Z23*x^4 .. Z23*x^28, independently.
 	VPSRLQ     $0x3c, Z23, Z17
 	VPSLLQ     $0x04, Z23, Z24
 	VPSLLDQ    $0x08, Z17, Z18
-	VPCLMULQDQ $0x01, Z31, Z17, Z17
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z17, Z17
 	VPTERNLOGQ $0x96, Z18, Z17, Z24
 	VPSRLQ     $0x38, Z23, Z19
 	VPSLLQ     $0x08, Z23, Z25
 	VPSLLDQ    $0x08, Z19, Z20
-	VPCLMULQDQ $0x01, Z31, Z19, Z19
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z19, Z19
 	VPTERNLOGQ $0x96, Z20, Z19, Z25
 	VPSRLQ     $0x34, Z23, Z21
 	VPSLLQ     $0x0c, Z23, Z26
 	VPSLLDQ    $0x08, Z21, Z22
-	VPCLMULQDQ $0x01, Z31, Z21, Z21
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z21, Z21
 	VPTERNLOGQ $0x96, Z22, Z21, Z26
 	VPSRLQ     $0x30, Z23, Z15
 	VPSLLQ     $0x10, Z23, Z27
 	VPSLLDQ    $0x08, Z15, Z16
-	VPCLMULQDQ $0x01, Z31, Z15, Z15
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z15, Z15
 	VPTERNLOGQ $0x96, Z16, Z15, Z27
 	VPSRLQ     $0x2c, Z23, Z17
 	VPSLLQ     $0x14, Z23, Z28
 	VPSLLDQ    $0x08, Z17, Z18
-	VPCLMULQDQ $0x01, Z31, Z17, Z17
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z17, Z17
 	VPTERNLOGQ $0x96, Z18, Z17, Z28
 	VPSRLQ     $0x28, Z23, Z19
 	VPSLLQ     $0x18, Z23, Z29
 	VPSLLDQ    $0x08, Z19, Z20
-	VPCLMULQDQ $0x01, Z31, Z19, Z19
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z19, Z19
 	VPTERNLOGQ $0x96, Z20, Z19, Z29
 	VPSRLQ     $0x24, Z23, Z21
 	VPSLLQ     $0x1c, Z23, Z30
 	VPSLLDQ    $0x08, Z21, Z22
-	VPCLMULQDQ $0x01, Z31, Z21, Z21
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z21, Z21
 	VPTERNLOGQ $0x96, Z22, Z21, Z30
 
 loop32:
@@ -2265,35 +2403,35 @@ loop32:
 	// Advance every tweak vector by x^32.
 	VPSRLDQ    $0x0c, Z23, Z15
 	VPSLLDQ    $0x04, Z23, Z23
-	VPCLMULQDQ $0x00, Z31, Z15, Z15
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z15, Z15
 	VPXORQ     Z15, Z23, Z23
 	VPSRLDQ    $0x0c, Z24, Z16
 	VPSLLDQ    $0x04, Z24, Z24
-	VPCLMULQDQ $0x00, Z31, Z16, Z16
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z16, Z16
 	VPXORQ     Z16, Z24, Z24
 	VPSRLDQ    $0x0c, Z25, Z17
 	VPSLLDQ    $0x04, Z25, Z25
-	VPCLMULQDQ $0x00, Z31, Z17, Z17
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z17, Z17
 	VPXORQ     Z17, Z25, Z25
 	VPSRLDQ    $0x0c, Z26, Z18
 	VPSLLDQ    $0x04, Z26, Z26
-	VPCLMULQDQ $0x00, Z31, Z18, Z18
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z18, Z18
 	VPXORQ     Z18, Z26, Z26
 	VPSRLDQ    $0x0c, Z27, Z19
 	VPSLLDQ    $0x04, Z27, Z27
-	VPCLMULQDQ $0x00, Z31, Z19, Z19
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z19, Z19
 	VPXORQ     Z19, Z27, Z27
 	VPSRLDQ    $0x0c, Z28, Z20
 	VPSLLDQ    $0x04, Z28, Z28
-	VPCLMULQDQ $0x00, Z31, Z20, Z20
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z20, Z20
 	VPXORQ     Z20, Z28, Z28
 	VPSRLDQ    $0x0c, Z29, Z21
 	VPSLLDQ    $0x04, Z29, Z29
-	VPCLMULQDQ $0x00, Z31, Z21, Z21
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z21, Z21
 	VPXORQ     Z21, Z29, Z29
 	VPSRLDQ    $0x0c, Z30, Z22
 	VPSLLDQ    $0x04, Z30, Z30
-	VPCLMULQDQ $0x00, Z31, Z22, Z22
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z22, Z22
 	VPXORQ     Z22, Z30, Z30
 	ADDQ       $0x00000200, CX
 	ADDQ       $0x00000200, BX
@@ -2376,7 +2514,7 @@ done:
 	RET
 
 // func xtsDecVAES512(rk *byte, tk *byte, dst *byte, src *byte, tw *byte, lo uint64, hi uint64, nunits int, ulen int)
-// Requires: AVX, AVX512BW, AVX512F
+// Requires: AVX, AVX512BW, AVX512F, AVX512VL
 TEXT ·xtsDecVAES512(SB), NOSPLIT, $0-72
 	MOVQ            rk+0(FP), AX
 	MOVQ            dst+16(FP), BX
@@ -2404,83 +2542,109 @@ TEXT ·xtsDecVAES512(SB), NOSPLIT, $0-72
 	VBROADCASTI32X4 192(AX), Z12
 	VBROADCASTI32X4 208(AX), Z13
 	VBROADCASTI32X4 224(AX), Z14
-	VBROADCASTI32X4 xtsPoly<>+0(SB), Z31
+	TESTQ           DX, DX
+	JZ              unit
+
+	// K2 = 0b01 for merging the low qword of the counter; X31 = first tweak.
+	MOVL         $0x00000001, R9
+	KMOVW        R9, K2
+	VPBROADCASTQ R12, X31
+	VPBROADCASTQ R11, K2, X31
+	VPXORQ       (DX), X31, X31
+	VAESENC      16(DX), X31, X31
+	VAESENC      32(DX), X31, X31
+	VAESENC      48(DX), X31, X31
+	VAESENC      64(DX), X31, X31
+	VAESENC      80(DX), X31, X31
+	VAESENC      96(DX), X31, X31
+	VAESENC      112(DX), X31, X31
+	VAESENC      128(DX), X31, X31
+	VAESENC      144(DX), X31, X31
+	VAESENC      160(DX), X31, X31
+	VAESENC      176(DX), X31, X31
+	VAESENC      192(DX), X31, X31
+	VAESENC      208(DX), X31, X31
+	VAESENCLAST  224(DX), X31, X31
+	ADDQ         $0x01, R11
+	ADCQ         $0x00, R12
 
 unit:
-	MOVQ  DI, R8
-	TESTQ DX, DX
-	JZ    explicit
+	MOVQ       DI, R8
+	TESTQ      DX, DX
+	JZ         explicit
+	VSHUFI64X2 $0x00, Z31, Z31, Z23
 
-	// X15 = E_K2(unit number); Z0-Z14 hold K1, so K2 comes from memory.
-	VMOVQ       R11, X15
-	VPINSRQ     $0x01, R12, X15, X15
-	VPXOR       (DX), X15, X15
-	VAESENC     16(DX), X15, X15
-	VAESENC     32(DX), X15, X15
-	VAESENC     48(DX), X15, X15
-	VAESENC     64(DX), X15, X15
-	VAESENC     80(DX), X15, X15
-	VAESENC     96(DX), X15, X15
-	VAESENC     112(DX), X15, X15
-	VAESENC     128(DX), X15, X15
-	VAESENC     144(DX), X15, X15
-	VAESENC     160(DX), X15, X15
-	VAESENC     176(DX), X15, X15
-	VAESENC     192(DX), X15, X15
-	VAESENC     208(DX), X15, X15
-	VAESENCLAST 224(DX), X15, X15
-	ADDQ        $0x01, R11
-	ADCQ        $0x00, R12
-	JMP         tweak
+	// Start the next unit's tweak, unless this is the last unit (it would only compete for the AES unit).
+	CMPQ         SI, $0x01
+	JE           tweak
+	VPBROADCASTQ R12, X31
+	VPBROADCASTQ R11, K2, X31
+	VPXORQ       (DX), X31, X31
+	VAESENC      16(DX), X31, X31
+	VAESENC      32(DX), X31, X31
+	VAESENC      48(DX), X31, X31
+	VAESENC      64(DX), X31, X31
+	VAESENC      80(DX), X31, X31
+	VAESENC      96(DX), X31, X31
+	VAESENC      112(DX), X31, X31
+	VAESENC      128(DX), X31, X31
+	VAESENC      144(DX), X31, X31
+	VAESENC      160(DX), X31, X31
+	VAESENC      176(DX), X31, X31
+	VAESENC      192(DX), X31, X31
+	VAESENC      208(DX), X31, X31
+	VAESENCLAST  224(DX), X31, X31
+	ADDQ         $0x01, R11
+	ADCQ         $0x00, R12
+	JMP          tweak
 
 explicit:
-	VMOVDQU (R13), X15
-	ADDQ    $0x00000010, R13
+	VBROADCASTI32X4 (R13), Z23
+	ADDQ            $0x00000010, R13
 
 tweak:
 	// Z23 = [T, T*x, T*x^2, T*x^3] via per-qword variable shifts.
-	VSHUFI64X2 $0x00, Z15, Z15, Z23
 	VPSRLVQ    xtsLaneShr<>+0(SB), Z23, Z15
 	VPSLLVQ    xtsLaneShl<>+0(SB), Z23, Z23
 	VPSLLDQ    $0x08, Z15, Z16
-	VPCLMULQDQ $0x01, Z31, Z15, Z15
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z15, Z15
 	VPTERNLOGQ $0x96, Z16, Z15, Z23
 
 	// Z24..Z30 = Z23*x^4 .. Z23*x^28, independently.
 	VPSRLQ     $0x3c, Z23, Z17
 	VPSLLQ     $0x04, Z23, Z24
 	VPSLLDQ    $0x08, Z17, Z18
-	VPCLMULQDQ $0x01, Z31, Z17, Z17
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z17, Z17
 	VPTERNLOGQ $0x96, Z18, Z17, Z24
 	VPSRLQ     $0x38, Z23, Z19
 	VPSLLQ     $0x08, Z23, Z25
 	VPSLLDQ    $0x08, Z19, Z20
-	VPCLMULQDQ $0x01, Z31, Z19, Z19
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z19, Z19
 	VPTERNLOGQ $0x96, Z20, Z19, Z25
 	VPSRLQ     $0x34, Z23, Z21
 	VPSLLQ     $0x0c, Z23, Z26
 	VPSLLDQ    $0x08, Z21, Z22
-	VPCLMULQDQ $0x01, Z31, Z21, Z21
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z21, Z21
 	VPTERNLOGQ $0x96, Z22, Z21, Z26
 	VPSRLQ     $0x30, Z23, Z15
 	VPSLLQ     $0x10, Z23, Z27
 	VPSLLDQ    $0x08, Z15, Z16
-	VPCLMULQDQ $0x01, Z31, Z15, Z15
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z15, Z15
 	VPTERNLOGQ $0x96, Z16, Z15, Z27
 	VPSRLQ     $0x2c, Z23, Z17
 	VPSLLQ     $0x14, Z23, Z28
 	VPSLLDQ    $0x08, Z17, Z18
-	VPCLMULQDQ $0x01, Z31, Z17, Z17
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z17, Z17
 	VPTERNLOGQ $0x96, Z18, Z17, Z28
 	VPSRLQ     $0x28, Z23, Z19
 	VPSLLQ     $0x18, Z23, Z29
 	VPSLLDQ    $0x08, Z19, Z20
-	VPCLMULQDQ $0x01, Z31, Z19, Z19
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z19, Z19
 	VPTERNLOGQ $0x96, Z20, Z19, Z29
 	VPSRLQ     $0x24, Z23, Z21
 	VPSLLQ     $0x1c, Z23, Z30
 	VPSLLDQ    $0x08, Z21, Z22
-	VPCLMULQDQ $0x01, Z31, Z21, Z21
+	VPCLMULQDQ $0x01, xtsPoly4<>+0(SB), Z21, Z21
 	VPTERNLOGQ $0x96, Z22, Z21, Z30
 
 loop32:
@@ -2634,35 +2798,35 @@ loop32:
 	// Advance every tweak vector by x^32.
 	VPSRLDQ    $0x0c, Z23, Z15
 	VPSLLDQ    $0x04, Z23, Z23
-	VPCLMULQDQ $0x00, Z31, Z15, Z15
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z15, Z15
 	VPXORQ     Z15, Z23, Z23
 	VPSRLDQ    $0x0c, Z24, Z16
 	VPSLLDQ    $0x04, Z24, Z24
-	VPCLMULQDQ $0x00, Z31, Z16, Z16
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z16, Z16
 	VPXORQ     Z16, Z24, Z24
 	VPSRLDQ    $0x0c, Z25, Z17
 	VPSLLDQ    $0x04, Z25, Z25
-	VPCLMULQDQ $0x00, Z31, Z17, Z17
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z17, Z17
 	VPXORQ     Z17, Z25, Z25
 	VPSRLDQ    $0x0c, Z26, Z18
 	VPSLLDQ    $0x04, Z26, Z26
-	VPCLMULQDQ $0x00, Z31, Z18, Z18
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z18, Z18
 	VPXORQ     Z18, Z26, Z26
 	VPSRLDQ    $0x0c, Z27, Z19
 	VPSLLDQ    $0x04, Z27, Z27
-	VPCLMULQDQ $0x00, Z31, Z19, Z19
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z19, Z19
 	VPXORQ     Z19, Z27, Z27
 	VPSRLDQ    $0x0c, Z28, Z20
 	VPSLLDQ    $0x04, Z28, Z28
-	VPCLMULQDQ $0x00, Z31, Z20, Z20
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z20, Z20
 	VPXORQ     Z20, Z28, Z28
 	VPSRLDQ    $0x0c, Z29, Z21
 	VPSLLDQ    $0x04, Z29, Z29
-	VPCLMULQDQ $0x00, Z31, Z21, Z21
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z21, Z21
 	VPXORQ     Z21, Z29, Z29
 	VPSRLDQ    $0x0c, Z30, Z22
 	VPSLLDQ    $0x04, Z30, Z30
-	VPCLMULQDQ $0x00, Z31, Z22, Z22
+	VPCLMULQDQ $0x00, xtsPoly4<>+0(SB), Z22, Z22
 	VPXORQ     Z22, Z30, Z30
 	ADDQ       $0x00000200, CX
 	ADDQ       $0x00000200, BX
