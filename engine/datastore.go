@@ -24,6 +24,12 @@ type Datastore struct {
 	// last fetch error). The view never fetches keys itself: a file
 	// lookup must not wait on a key server; the daemon's loader does.
 	KeyErr func(KeyRef) string
+	// Busy, if set, reports VM directories in the middle of an operation
+	// that replaces their files (encrypt, decrypt, deep rekey): opening or
+	// creating files there is refused, so nothing is written to a file
+	// about to be replaced or created in plain text beside its encrypted
+	// siblings.
+	Busy func(dir string) bool
 
 	mu   sync.Mutex
 	deks map[dekKey]*DEK
@@ -93,10 +99,23 @@ func (d *Datastore) Classify(rel string) (FileState, string, error) {
 	return FileEncrypted, "", nil
 }
 
+// ErrBusy is returned for files of a VM under conversion.
+var ErrBusy = errors.New("VM directory is being converted; try again when the operation ends")
+
+func (d *Datastore) busy(path string) error {
+	if d.Busy != nil && d.Busy(filepath.Dir(path)) {
+		return fmt.Errorf("%s: %w", path, ErrBusy)
+	}
+	return nil
+}
+
 // Open opens the container at rel with its DEK.
 func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	path, err := d.abs(rel)
 	if err != nil {
+		return nil, err
+	}
+	if err := d.busy(path); err != nil {
 		return nil, err
 	}
 	head, err := readHead(path)
@@ -136,6 +155,9 @@ func vmKindByName(name string) Kind {
 func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, error) {
 	path, err := d.abs(rel)
 	if err != nil {
+		return nil, false, err
+	}
+	if err := d.busy(path); err != nil {
 		return nil, false, err
 	}
 	kind := vmKindByName(path)

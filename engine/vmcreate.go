@@ -51,9 +51,12 @@ func (o *VMOps) Create(ctx context.Context, dir string, spec CreateSpec) error {
 	if _, err := os.Lstat(dir); err == nil {
 		return fmt.Errorf("%s already exists", dir)
 	}
-	staging := dir + ".vmcryptd-creating"
-	os.RemoveAll(staging)
-	if err := os.Mkdir(staging, 0o755); err != nil {
+	staging, err := os.MkdirTemp(filepath.Dir(dir), "."+filepath.Base(dir)+".vmcryptd-creating-")
+	if err != nil {
+		return err
+	}
+	if err := os.Chmod(staging, 0o755); err != nil {
+		os.RemoveAll(staging)
 		return err
 	}
 	ok := false

@@ -28,7 +28,7 @@ func TestVMCreateAddAttach(t *testing.T) {
 	if err := ops.Create(ctx, enc, spec); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(enc + ".vmcryptd-creating"); !os.IsNotExist(err) {
+	if m, _ := filepath.Glob(filepath.Join(root, ".encvm.vmcryptd-creating-*")); len(m) > 0 {
 		t.Fatal("staging directory left behind")
 	}
 	st, err := ReadVMStatus(enc)

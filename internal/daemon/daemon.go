@@ -56,6 +56,7 @@ type Daemon struct {
 	vmLocks   vmLocks
 	metrics   *metrics
 	mounts    map[string]*activeMount // by mountpoint
+	ops       sync.WaitGroup          // conversions in progress
 }
 
 // HardenProcess makes the process undumpable (no core dumps, no ptrace
@@ -265,6 +266,9 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	defer cancel()
 	_ = srv.Shutdown(sctx)
 	bgWG.Wait()
+	// Conversions outlive their clients but not the daemon's keys: wait
+	// for them (they are resumable anyway) before zeroing.
+	d.ops.Wait()
 	d.unmountAll()
 	os.Remove(d.cfg.Socket)
 	d.Close()

@@ -56,14 +56,23 @@ type mountRecord struct {
 func (d *Daemon) datastorePath(s string) (string, error) {
 	for _, ds := range d.cfg.Datastores {
 		if ds.Name == s {
-			return filepath.Clean(ds.Path), nil
+			real, err := filepath.EvalSymlinks(ds.Path)
+			if err != nil {
+				return "", badRequest("datastore %s: %v", ds.Path, err)
+			}
+			return real, nil
 		}
 	}
 	if !filepath.IsAbs(s) {
 		return "", badRequest("no datastore named %q", s)
 	}
 	if len(d.cfg.Datastores) == 0 {
-		return filepath.Clean(s), nil
+		// Resolved, so paths compare equal to the resolved VM dirs.
+		real, err := filepath.EvalSymlinks(s)
+		if err != nil {
+			return "", badRequest("datastore %s: %v", s, err)
+		}
+		return real, nil
 	}
 	return d.datastoreRoot(s)
 }
@@ -98,6 +107,14 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 	if err := os.MkdirAll(rec.Mountpoint, 0o755); err != nil {
 		return badRequest("mountpoint %s: %v", rec.Mountpoint, err)
 	}
+	// Never mount over something: the mountpoint must be an empty
+	// directory (a stale view of ours is cleaned up by fusefs.Mount).
+	if err := fusefs.CleanupStale(rec.Mountpoint); err != nil {
+		return err
+	}
+	if ents, err := os.ReadDir(rec.Mountpoint); err != nil || len(ents) > 0 {
+		return badRequest("mountpoint %s must be an empty directory", rec.Mountpoint)
+	}
 	d.registerDatastoreVMs(rec.Datastore)
 	d.loadKeys(ctx)
 	impl, err := engine.ChooseImpl()
@@ -105,6 +122,7 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		return err
 	}
 	ds := engine.NewDatastore(rec.Datastore, d.keyring, impl)
+	ds.Busy = d.vmLocks.isBusy
 	ds.KeyErr = func(r engine.KeyRef) string {
 		d.mu.Lock()
 		defer d.mu.Unlock()

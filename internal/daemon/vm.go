@@ -32,6 +32,13 @@ func (l *vmLocks) acquire(dir, op string) error {
 	return nil
 }
 
+func (l *vmLocks) isBusy(dir string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, ok := l.busy[dir]
+	return ok
+}
+
 func (l *vmLocks) release(dir string) {
 	l.mu.Lock()
 	delete(l.busy, dir)
@@ -172,6 +179,8 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
+	d.ops.Add(1)
+	defer d.ops.Done()
 	// Converting files under a running VM would pull them from under it.
 	if rc.op != "vm.rekey" || req.Deep {
 		if open := d.openFilesUnder(dir); len(open) > 0 {
@@ -352,6 +361,10 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
+	// Re-check under the lock: the VM may have been encrypted meanwhile.
+	if st2, err := engine.ReadVMStatus(dir); err != nil || st2.Encrypted != st.Encrypted {
+		return nil, conflict("%s changed while the request waited; try again", dir)
+	}
 	name, err := d.vmOps(nil).AddDisk(context.WithoutCancel(rc.r.Context()), dir, engine.DiskSpec{Size: req.Size, Subformat: req.Subformat})
 	if err != nil {
 		return nil, badRequest("%v", err)
