@@ -41,6 +41,10 @@ type Container struct {
 	// stripes serialise read-modify-write of the units in one group.
 	stripes [stripeCount]sync.RWMutex
 
+	// serial keeps en/decryption of one request on the calling goroutine;
+	// set by conversions, which already run one worker per core.
+	serial bool
+
 	hdrMu    sync.Mutex // guards hdr, size changes and header writes
 	hdr      Header
 	hdrDirty bool // size changed since the last header write
@@ -415,7 +419,7 @@ func (c *Container) parallel(buf []byte, u0 int64, encrypt bool) error {
 		fn = c.xts.Encrypt
 	}
 	workers := runtime.GOMAXPROCS(0)
-	if len(buf) < parallelMin || workers < 2 {
+	if c.serial || len(buf) < parallelMin || workers < 2 {
 		if err := fn(buf, buf, uint64(u0)); err != nil {
 			return fmt.Errorf("%s: %w", c.path, err)
 		}

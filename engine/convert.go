@@ -7,6 +7,9 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
+	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -58,58 +61,93 @@ func dataRanges(f *os.File, size int64) ([][2]int64, error) {
 	return out, nil
 }
 
-// chunk is one read of the pipeline.
-type chunk struct {
-	off int64
-	buf []byte
-	err error
+// chunks splits data ranges into unit-aligned pieces of at most
+// convChunk bytes. Pieces of neighbouring ranges may share a unit; such a
+// unit is then written twice with the same content, which is harmless.
+func chunks(ranges [][2]int64, align int64) [][2]int64 {
+	var out [][2]int64
+	for _, r := range ranges {
+		for off := r[0] / align * align; off < r[1]; off += convChunk {
+			n := min(int64(convChunk), r[1]-off)
+			out = append(out, [2]int64{off, (n + align - 1) / align * align})
+		}
+	}
+	return out
 }
 
-// pipeBufs is how many chunk buffers circulate between the reader and the
-// writer: one being read, one being encrypted and written, one spare.
-const pipeBufs = 3
-
-// readAhead reads ranges of src in chunks on its own goroutine, so reading
-// the next chunk overlaps encrypting and writing this one. Buffers are
-// recycled through free (the consumer sends each chunk's buffer back when
-// done): fresh 4 MiB allocations per chunk cost page faults and zeroing
-// comparable to the copy itself.
-func readAhead(ctx context.Context, src io.ReaderAt, ranges [][2]int64, align int64, free chan []byte) <-chan chunk {
-	ch := make(chan chunk, 2)
-	go func() {
-		defer close(ch)
-		for _, r := range ranges {
-			// Align to data units so every write is whole units.
-			start := r[0] / align * align
-			for off := start; off < r[1]; off += convChunk {
-				n := min(int64(convChunk), r[1]-off)
-				n = (n + align - 1) / align * align
-				var buf []byte
-				select {
-				case buf = <-free:
-				case <-ctx.Done():
+// runChunks processes pieces on one worker per core, each with its own
+// buffer doing read, en/decrypt and write of a whole piece. Spreading
+// whole pieces (rather than splitting each one) lets the kernel's copies
+// in and out of the page cache run on every core too: they, not AES, are
+// what a conversion spends its time on. read fills buf (zero-padding past
+// EOF); process handles buf for the piece at off; progress gets the
+// logical bytes done.
+func runChunks(ctx context.Context, pieces [][2]int64, logical int64, read func(buf []byte, off int64) error,
+	process func(buf []byte, off int64) error, progress ProgressFunc) error {
+	workers := min(runtime.GOMAXPROCS(0), max(len(pieces), 1))
+	var (
+		next   atomic.Int64
+		mu     sync.Mutex
+		first  error
+		wg     sync.WaitGroup
+		failed atomic.Bool
+	)
+	fail := func(err error) {
+		mu.Lock()
+		if first == nil {
+			first = err
+		}
+		mu.Unlock()
+		failed.Store(true)
+	}
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, convChunk+int(HeaderSize))
+			for !failed.Load() {
+				i := next.Add(1) - 1
+				if i >= int64(len(pieces)) {
 					return
 				}
-				buf = buf[:n]
-				k, err := src.ReadAt(buf, off)
-				if err == io.EOF {
-					err = nil // the last unit runs past EOF: zero padding
-				}
-				if err == nil && k < len(buf) {
-					clear(buf[k:])
-				}
-				select {
-				case ch <- chunk{off: off, buf: buf, err: err}:
-				case <-ctx.Done():
+				if err := ctx.Err(); err != nil {
+					fail(err)
 					return
 				}
-				if err != nil {
+				off, n := pieces[i][0], pieces[i][1]
+				b := buf[:n]
+				if err := read(b, off); err != nil {
+					fail(err)
 					return
+				}
+				if err := process(b, off); err != nil {
+					fail(err)
+					return
+				}
+				if progress != nil {
+					done := min(n, max(logical-off, 0))
+					mu.Lock()
+					progress(done)
+					mu.Unlock()
 				}
 			}
-		}
-	}()
-	return ch
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return first
+	}
+	return ctx.Err()
+}
+
+// readPadded reads len(buf) bytes at off, zero-filling past the end.
+func readPadded(r io.ReaderAt, buf []byte, off int64) error {
+	k, err := r.ReadAt(buf, off)
+	if err == io.EOF || (err == nil && k < len(buf)) {
+		clear(buf[k:])
+		return nil
+	}
+	return err
 }
 
 // EncryptFile converts the plain file at path into a container.
@@ -150,24 +188,14 @@ func EncryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions,
 	if err != nil {
 		return fmt.Errorf("encrypt %s: %w", path, err)
 	}
-	cctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	free := newFreeList(int(align(convChunk, int64(dst.Header().UnitSize))))
-	for c := range readAhead(cctx, src, ranges, int64(dst.Header().UnitSize), free) {
-		if c.err != nil {
-			return fmt.Errorf("encrypt %s: read: %w", path, c.err)
-		}
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("encrypt %s: %w", path, err)
-		}
-		n := min(int64(len(c.buf)), size-c.off)
-		if _, err := dst.writeUnits(c.buf, c.off); err != nil {
-			return fmt.Errorf("encrypt %s: %w", path, err)
-		}
-		free <- c.buf[:cap(c.buf)]
-		if progress != nil {
-			progress(n)
-		}
+	unit := int64(dst.Header().UnitSize)
+	dst.serial = true // runChunks already uses every core
+	err = runChunks(ctx, chunks(ranges, unit), size,
+		func(buf []byte, off int64) error { return readPadded(src, buf, off) },
+		func(buf []byte, off int64) error { _, err := dst.writeUnits(buf, off); return err },
+		progress)
+	if err != nil {
+		return fmt.Errorf("encrypt %s: %w", path, err)
 	}
 	// The reader also stops on cancellation; make sure that is an error.
 	if err := ctx.Err(); err != nil {
@@ -349,38 +377,15 @@ func copyPlain(ctx context.Context, src *Container, write func(p []byte, off int
 		}
 		ranges = append(ranges, [2]int64{s / unit * unit, e})
 	}
-	cctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	free := newFreeList(int(align(convChunk, unit)))
-	for c := range readAhead(cctx, src, ranges, unit, free) {
-		if c.err != nil {
-			return c.err
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		n := min(int64(len(c.buf)), size-c.off)
-		if n <= 0 {
-			free <- c.buf[:cap(c.buf)]
-			continue
-		}
-		if err := write(c.buf[:n], c.off); err != nil {
-			return err
-		}
-		free <- c.buf[:cap(c.buf)]
-		if progress != nil {
-			progress(n)
-		}
-	}
-	return ctx.Err()
-}
-
-func align(n, to int64) int64 { return (n + to - 1) / to * to }
-
-func newFreeList(size int) chan []byte {
-	free := make(chan []byte, pipeBufs)
-	for i := 0; i < pipeBufs; i++ {
-		free <- make([]byte, size)
-	}
-	return free
+	src.serial = true
+	return runChunks(ctx, chunks(ranges, unit), size,
+		func(buf []byte, off int64) error { return readPadded(src, buf, off) },
+		func(buf []byte, off int64) error {
+			n := min(int64(len(buf)), size-off)
+			if n <= 0 {
+				return nil
+			}
+			return write(buf[:n], off)
+		},
+		progress)
 }
