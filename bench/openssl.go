@@ -29,7 +29,10 @@ func MeasureOpenSSL(ctx context.Context, units, threads []int, d time.Duration) 
 	for _, unit := range units {
 		for _, op := range opNames {
 			for _, th := range threads {
-				args := []string{"speed", "-mr", "-seconds", strconv.Itoa(secs), "-bytes", strconv.Itoa(unit)}
+				// -elapsed: wall-clock time, as our own figures use; without
+				// it openssl divides by user CPU time, which flatters it on a
+				// busy machine.
+				args := []string{"speed", "-elapsed", "-mr", "-seconds", strconv.Itoa(secs), "-bytes", strconv.Itoa(unit)}
 				if th > 1 {
 					args = append(args, "-multi", strconv.Itoa(th))
 				}

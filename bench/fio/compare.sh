@@ -210,8 +210,12 @@ for rep in $(seq "$REPEATS"); do
 			order=$FS_LIST
 			if [ $((rep % 2)) -eq 0 ]; then order=$(echo "$FS_LIST" | tr ' ' '\n' | tac | tr '\n' ' '); fi
 			for fs in $order; do
-				echo "repeat $rep: $fs $job direct=$direct" >&2
 				run_job "$fs" "$job" "$direct" "$rep"
+				rss=""
+				if [ "$fs" = ours ]; then
+					rss=" (daemon RSS $(($(awk '/VmRSS/ {print $2}' "/proc/$OURS_PID/status") / 1024)) MiB, peak $(($(awk '/VmHWM/ {print $2}' "/proc/$OURS_PID/status") / 1024)) MiB)"
+				fi
+				echo "repeat $rep: $fs $job direct=$direct done$rss" >&2
 			done
 		done
 	done

@@ -67,6 +67,7 @@ func run() error {
 	flag.IntVar(&opts.MaxDirtyRatio, "max-ratio", 0, "bdi max_ratio percent (0: default, <0: kernel's)")
 	flag.BoolVar(&opts.XAttr, "xattr", false, "pass extended attributes through")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile here until exit")
+	memProfile := flag.String("memprofile", "", "write an allocation profile here at exit")
 	flag.Parse()
 	if *store == "" || *mnt == "" {
 		return errors.New("-store and -mnt are required")
@@ -119,5 +120,15 @@ func run() error {
 		}
 	}
 	v.Wait()
+	if *memProfile != "" {
+		f, err := os.Create(*memProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+			return err
+		}
+	}
 	return nil
 }
