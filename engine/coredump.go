@@ -21,20 +21,11 @@ func (o *VMOps) encryptCoreDump(ctx context.Context, path string) error {
 	if isC, err := keyStateOfAny(path); err != nil || isC {
 		return err // already a container (or unreadable)
 	}
-	id, err := newID()
-	if err != nil {
-		return err
-	}
-	dek, err := NewDEK()
-	if err != nil {
-		return err
-	}
-	defer dek.Destroy()
-	b := Binding{PurposeCoreDump, id}
-	ks, err := o.wrapInto(ctx, *o.HostKEK, dek, b)
+	dek, b, ks, err := o.newBoundKey(ctx, *o.HostKEK, PurposeCoreDump)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
+	defer dek.Destroy()
 	return EncryptFile(ctx, path, dek, CreateOptions{Kind: KindCoreDump, Binding: b, Impl: o.Impl, EmbeddedKeySafe: ks}, nil)
 }
 

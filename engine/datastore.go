@@ -30,6 +30,8 @@ type Datastore struct {
 	// about to be replaced or created in plain text beside its encrypted
 	// siblings.
 	Busy func(dir string) bool
+	// CoreDumpPatterns are extra file-name patterns of core dumps.
+	CoreDumpPatterns []string
 
 	mu   sync.Mutex
 	deks map[dekKey]*DEK
@@ -164,7 +166,7 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	if kind == 0 {
 		return nil, false, nil
 	}
-	l, err := loadLayout(filepath.Dir(path))
+	l, err := loadLayout(filepath.Dir(path), d.CoreDumpPatterns)
 	if err != nil || !l.Encrypted {
 		return nil, false, nil // not a VM directory, or a plain VM
 	}
@@ -189,7 +191,7 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 	if vmKindByName(path) == 0 {
 		return false, nil
 	}
-	l, err := loadLayout(filepath.Dir(path))
+	l, err := loadLayout(filepath.Dir(path), d.CoreDumpPatterns)
 	return err == nil && l.Encrypted, nil
 }
 
@@ -211,7 +213,7 @@ func (d *Datastore) dekFor(path string, head []byte) (*DEK, error) {
 	if eks, ok := ReadEmbeddedKeySafe(head); ok {
 		ks = eks
 	} else {
-		l, err := loadLayout(dir)
+		l, err := loadLayout(dir, d.CoreDumpPatterns)
 		if err != nil {
 			return nil, fmt.Errorf("%s: no VM to take its key from: %w", path, err)
 		}

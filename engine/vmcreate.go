@@ -215,7 +215,7 @@ func (o *VMOps) AddDisk(ctx context.Context, dir string, d DiskSpec) (string, er
 		}
 		return "", err
 	}
-	l, err := loadLayout(dir)
+	l, err := loadLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return "", err
 	}
@@ -265,20 +265,11 @@ func (o *VMOps) encryptNewDisk(ctx context.Context, l *vmLayout, name string) er
 	if err != nil {
 		return err
 	}
-	id, err := newID()
-	if err != nil {
-		return err
-	}
-	dek, err := NewDEK()
+	dek, b, ks, err := o.newBoundKey(ctx, kekRef, PurposeDisk)
 	if err != nil {
 		return err
 	}
 	defer dek.Destroy()
-	b := Binding{PurposeDisk, id}
-	ks, err := o.wrapInto(ctx, kekRef, dek, b)
-	if err != nil {
-		return err
-	}
 	for _, e := range d.Extents {
 		opts := CreateOptions{Kind: KindExtent, Binding: b, Impl: o.Impl}
 		if d.Embedded {
@@ -289,7 +280,7 @@ func (o *VMOps) encryptNewDisk(ctx context.Context, l *vmLayout, name string) er
 		}
 	}
 	l.Disks = append(l.Disks, d)
-	return o.writeDescriptors(l, []journalDisk{{Name: name, DiskID: id, KeySafe: ks}}, true)
+	return o.writeDescriptors(l, []journalDisk{{Name: name, DiskID: b.OwnerID, KeySafe: ks}}, true)
 }
 
 // ErrEncryptedDiskOnPlainVM is vSphere's rule, with its wording.
@@ -305,7 +296,7 @@ func (o *VMOps) AttachDisk(ctx context.Context, dir, path string) (encrypted boo
 		}
 		return false, err
 	}
-	l, err := loadLayout(dir)
+	l, err := loadLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return false, err
 	}

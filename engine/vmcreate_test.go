@@ -31,7 +31,7 @@ func TestVMCreateAddAttach(t *testing.T) {
 	if m, _ := filepath.Glob(filepath.Join(root, ".encvm.vmcryptd-creating-*")); len(m) > 0 {
 		t.Fatal("staging directory left behind")
 	}
-	st, err := ReadVMStatus(enc)
+	st, err := ReadVMStatus(enc, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +53,7 @@ func TestVMCreateAddAttach(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, _ = ReadVMStatus(enc)
+	st, _ = ReadVMStatus(enc, nil)
 	fps := map[string]bool{}
 	for _, f := range st.Files {
 		if !f.Encrypted {
@@ -88,7 +88,7 @@ func TestVMCreateAddAttach(t *testing.T) {
 	if err != nil || encd {
 		t.Fatalf("attach plain disk to encrypted VM: %v %v", encd, err)
 	}
-	st, _ = ReadVMStatus(enc)
+	st, _ = ReadVMStatus(enc, nil)
 	for _, f := range st.Files {
 		if f.Name == "extra-flat.vmdk" && f.Encrypted {
 			t.Fatal("plain disk became encrypted")
@@ -99,26 +99,30 @@ func TestVMCreateAddAttach(t *testing.T) {
 	// comes back on decrypt.
 	dump := bytes.Repeat([]byte("core dump "), 10000)
 	os.WriteFile(filepath.Join(plain, "vmware-vmx-1234.core"), dump, 0o600)
+	os.WriteFile(filepath.Join(plain, "crash-1.dmp"), dump, 0o600) // a configured pattern
+	ops.CoreDumpPatterns = []string{"*.dmp"}
 	if err := ops.Encrypt(ctx, plain, kek); err != nil {
 		t.Fatal(err)
 	}
-	st, _ = ReadVMStatus(plain)
-	found := false
+	st, _ = ReadVMStatus(plain, ops.CoreDumpPatterns)
+	found := 0
 	for _, f := range st.Files {
 		if f.Kind == "coredump" {
-			found = true
+			found++
 			if !f.Encrypted || f.KEK != host.Ref.String() {
 				t.Fatalf("core dump: %+v", f)
 			}
 		}
 	}
-	if !found {
-		t.Fatal("core dump not listed")
+	if found != 2 {
+		t.Fatalf("%d core dumps listed, want 2", found)
 	}
 	if err := ops.Decrypt(ctx, plain); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := os.ReadFile(filepath.Join(plain, "vmware-vmx-1234.core")); !bytes.Equal(got, dump) {
-		t.Fatal("core dump differs after decrypt")
+	for _, n := range []string{"vmware-vmx-1234.core", "crash-1.dmp"} {
+		if got, _ := os.ReadFile(filepath.Join(plain, n)); !bytes.Equal(got, dump) {
+			t.Fatalf("core dump %s differs after decrypt", n)
+		}
 	}
 }

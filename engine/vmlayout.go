@@ -66,11 +66,22 @@ var kindFromDir = map[vmdir.Kind]Kind{
 	vmdir.KindVMSS: KindVMSS, vmdir.KindVMEM: KindVMEM,
 }
 
+func matchAny(patterns []string, name string) bool {
+	for _, p := range patterns {
+		if ok, _ := filepath.Match(p, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
 // loadLayout reads a VM directory: the vmx, every disk the vmx or the
 // snapshot descriptor names (following parent links), and the VM's data
 // files. It works on plain and on encrypted VMs: an encrypted extent that
 // holds its own descriptor is recognised by its container header.
-func loadLayout(dir string) (*vmLayout, error) {
+// corePatterns adds core-dump file-name patterns to the built-in *.zdump,
+// vmware-vmx-*.core and core*.
+func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	dir = filepath.Clean(dir)
 	vmxPath, err := vmdir.FindVMX(dir)
 	if err != nil {
@@ -153,7 +164,7 @@ func loadLayout(dir string) (*vmLayout, error) {
 		}
 		if k, ok := kindFromDir[f.Kind]; ok {
 			l.Files = append(l.Files, dataFile{f.Name, k})
-		} else if f.Kind == vmdir.KindCoreDump {
+		} else if f.Kind == vmdir.KindCoreDump || (!f.Referenced && matchAny(corePatterns, f.Name)) {
 			l.CoreDumps = append(l.CoreDumps, f.Name)
 		}
 	}

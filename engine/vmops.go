@@ -27,6 +27,8 @@ type VMOps struct {
 	// HostKEK is the host encryption mode key; core dumps are encrypted
 	// under it. Nil when the mode is off.
 	HostKEK *KeyRef
+	// CoreDumpPatterns are extra file-name patterns of core dumps.
+	CoreDumpPatterns []string
 }
 
 // ProgressEvent reports conversion progress.
@@ -179,17 +181,7 @@ func (o *VMOps) progressor(op string, ts []task) (func(file string) ProgressFunc
 // DEK, one DEK per disk, every data file converted, then the descriptors
 // and the vmx rewritten. Re-running it after a crash finishes the job.
 func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
-	if err := cleanStaleTemps(dir); err != nil {
-		return err
-	}
-	j, err := loadJournal(dir)
-	if err != nil {
-		return err
-	}
-	if j != nil && j.Op != "encrypt" {
-		return fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
-	}
-	l, err := loadLayout(dir)
+	j, l, err := begin(dir, "encrypt", o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
@@ -240,6 +232,47 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		return err
 	}
 	return removeJournal(dir)
+}
+
+// begin is the common start of the converting operations: clean up what
+// a killed run left, load the journal (refusing if another operation is
+// unfinished) and read the VM's layout.
+func begin(dir, op string, corePatterns []string) (*journal, *vmLayout, error) {
+	if err := cleanStaleTemps(dir); err != nil {
+		return nil, nil, err
+	}
+	j, err := loadJournal(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	if j != nil && j.Op != op {
+		return nil, nil, fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
+	}
+	l, err := loadLayout(dir, corePatterns)
+	if err != nil {
+		return nil, nil, err
+	}
+	return j, l, nil
+}
+
+// newBoundKey generates a DEK for a fresh owner id and wraps it under
+// kekRef: what a new disk or core dump needs. The caller destroys the DEK.
+func (o *VMOps) newBoundKey(ctx context.Context, kekRef KeyRef, p Purpose) (*DEK, Binding, string, error) {
+	id, err := newID()
+	if err != nil {
+		return nil, Binding{}, "", err
+	}
+	dek, err := NewDEK()
+	if err != nil {
+		return nil, Binding{}, "", err
+	}
+	b := Binding{p, id}
+	ks, err := o.wrapInto(ctx, kekRef, dek, b)
+	if err != nil {
+		dek.Destroy()
+		return nil, Binding{}, "", err
+	}
+	return dek, b, ks, nil
 }
 
 // newJournal generates the keys of a fresh encryption (or deep rekey) and
@@ -390,17 +423,7 @@ func (o *VMOps) writeEncryptedVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 // Decrypt turns an encrypted VM back into a plain one, byte for byte as it
 // was before encryption (the vmx minus the encryption lines).
 func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
-	if err := cleanStaleTemps(dir); err != nil {
-		return err
-	}
-	j, err := loadJournal(dir)
-	if err != nil {
-		return err
-	}
-	if j != nil && j.Op != "decrypt" {
-		return fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
-	}
-	l, err := loadLayout(dir)
+	j, l, err := begin(dir, "decrypt", o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
@@ -492,7 +515,7 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 		}
 		return err
 	}
-	l, err := loadLayout(dir)
+	l, err := loadLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
@@ -550,17 +573,7 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 // RekeyDeep replaces every DEK and re-encrypts all data under kekRef. It
 // is refused while the VM has snapshots.
 func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error {
-	if err := cleanStaleTemps(dir); err != nil {
-		return err
-	}
-	j, err := loadJournal(dir)
-	if err != nil {
-		return err
-	}
-	if j != nil && j.Op != "rekey-deep" {
-		return fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
-	}
-	l, err := loadLayout(dir)
+	j, l, err := begin(dir, "rekey-deep", o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}

@@ -221,7 +221,7 @@ func TestVMRekey(t *testing.T) {
 		t.Fatal(err)
 	}
 	shallow := snapshotDir(t, dir)
-	l, err := loadLayout(dir)
+	l, err := loadLayout(dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

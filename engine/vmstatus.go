@@ -34,9 +34,10 @@ type FileStatus struct {
 	Size        int64  `json:"size"`
 }
 
-// ReadVMStatus reports dir's encryption state.
-func ReadVMStatus(dir string) (*VMStatus, error) {
-	l, err := loadLayout(dir)
+// ReadVMStatus reports dir's encryption state. corePatterns are extra
+// core-dump file-name patterns (see VMOps.CoreDumpPatterns).
+func ReadVMStatus(dir string, corePatterns []string) (*VMStatus, error) {
+	l, err := loadLayout(dir, corePatterns)
 	if err != nil {
 		return nil, err
 	}

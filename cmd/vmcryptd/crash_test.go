@@ -48,21 +48,7 @@ func randMillis(max int64) time.Duration {
 // restartDaemon starts the lab's daemon again after a kill -9.
 func restartDaemon(t *testing.T, dir string) {
 	t.Helper()
-	sock := filepath.Join(dir, "vmcryptd.sock")
-	self, _ := os.Executable()
-	os.Setenv(asMainEnv, "1")
-	err := spawn(self, filepath.Join(dir, "daemon.log"), filepath.Join(dir, "daemon.pid"), "--socket", sock, "serve", "--config", filepath.Join(dir, "vmcryptd.toml"))
-	os.Unsetenv(asMainEnv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := waitDaemon(&globals{socket: sock}, 15*time.Second); err != nil {
-		log, _ := os.ReadFile(filepath.Join(dir, "daemon.log"))
-		if len(log) > 2000 {
-			log = log[len(log)-2000:]
-		}
-		t.Fatalf("daemon did not restart: %v\n%s", err, log)
-	}
+	startDaemon(t, filepath.Join(dir, "daemon.log"), filepath.Join(dir, "daemon.pid"), filepath.Join(dir, "vmcryptd.sock"), filepath.Join(dir, "vmcryptd.toml"))
 }
 
 // TestCrashResume kills the daemon with SIGKILL at random points of

@@ -173,23 +173,31 @@ func readPID(pidPath string) int {
 	return pid
 }
 
-// alive reports whether the pid file names a running vmcryptd (checking
-// the command line so a recycled pid is not mistaken for ours).
+// alive reports whether the pid file names a vmcryptd that has not fully
+// exited. A process being torn down has an empty command line (its memory
+// goes first) but may still hold its socket, so it counts as alive until
+// it is a zombie; a command line naming another program means the pid was
+// recycled.
 func alive(pidPath string) bool {
 	pid := readPID(pidPath)
 	if pid <= 0 {
 		return false
 	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name.
+	if i := strings.LastIndexByte(string(stat), ')'); i >= 0 && i+2 < len(stat) {
+		if st := stat[i+2]; st == 'Z' || st == 'X' {
+			return false
+		}
+	}
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	if err != nil {
 		return false
 	}
-	if strings.Contains(string(cmdline), "vmcryptd") {
-		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		// A zombie has exited; it only waits for its parent to reap it.
-		return err == nil && !strings.Contains(string(stat), ") Z ")
-	}
-	return false
+	return len(cmdline) == 0 || strings.Contains(string(cmdline), "vmcryptd")
 }
 
 // stopPID sends SIGTERM, waits up to 15 s, then SIGKILL.

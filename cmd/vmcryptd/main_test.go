@@ -100,6 +100,30 @@ func exeFor(t *testing.T, cred *syscall.Credential) string {
 	return dst
 }
 
+// startDaemon starts a daemon from the test binary, detached as `lab up`
+// does, and waits until it answers on sock; on failure it shows the tail
+// of the daemon's log.
+func startDaemon(t testing.TB, logPath, pidPath, sock, cfgPath string) {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Setenv(asMainEnv, "1") // spawn passes this process's environment on
+	err = spawn(self, logPath, pidPath, "--socket", sock, "serve", "--config", cfgPath)
+	os.Unsetenv(asMainEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := waitDaemon(&globals{socket: sock}, 15*time.Second); err != nil {
+		log, _ := os.ReadFile(logPath)
+		if len(log) > 2000 {
+			log = log[len(log)-2000:]
+		}
+		t.Fatalf("daemon did not start: %v\n%s", err, log)
+	}
+}
+
 func mustRun(t *testing.T, args ...string) string {
 	t.Helper()
 	r := vmcryptd(t, nil, nil, args...)
@@ -188,16 +212,7 @@ func TestKMSOutageAndRecovery(t *testing.T) {
 	if err := stopPID(filepath.Join(dir, "daemon.pid")); err != nil {
 		t.Fatal(err)
 	}
-	self, _ := os.Executable()
-	os.Setenv(asMainEnv, "1")
-	err := spawn(self, filepath.Join(dir, "daemon.log"), filepath.Join(dir, "daemon.pid"), "--socket", sock, "serve", "--config", filepath.Join(dir, "vmcryptd.toml"))
-	os.Unsetenv(asMainEnv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := waitDaemon(&globals{socket: sock}, 15*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	startDaemon(t, filepath.Join(dir, "daemon.log"), filepath.Join(dir, "daemon.pid"), sock, filepath.Join(dir, "vmcryptd.toml"))
 	var he api.HostEncryption
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -257,17 +272,8 @@ func TestRolesAndAudit(t *testing.T) {
 	}, "\n") + "\n"
 	cfgPath := filepath.Join(base, "vmcryptd.toml")
 	os.WriteFile(cfgPath, []byte(cfg), 0o600)
-	self, _ := os.Executable()
-	os.Setenv(asMainEnv, "1")
-	err = spawn(self, filepath.Join(base, "daemon.log"), filepath.Join(base, "daemon.pid"), "serve", "--config", cfgPath)
-	os.Unsetenv(asMainEnv)
-	if err != nil {
-		t.Fatal(err)
-	}
 	t.Cleanup(func() { stopPID(filepath.Join(base, "daemon.pid")) })
-	if err := waitDaemon(&globals{socket: sock}, 15*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	startDaemon(t, filepath.Join(base, "daemon.log"), filepath.Join(base, "daemon.pid"), sock, cfgPath)
 
 	// Copies of the lab client files the refused 'kms add' names (the CLI
 	// checks they exist before it asks the daemon).

@@ -308,27 +308,7 @@ func tailString(b []byte, n int) string {
 
 func (d *pkDaemon) start() {
 	d.t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		d.t.Fatal(err)
-	}
-	// spawn passes on this process's environment.
-	gorace, hadGorace := os.LookupEnv("GORACE")
-	os.Setenv(asMainEnv, "1")
-	os.Setenv("GORACE", strings.TrimPrefix(noExitSleep(), "GORACE="))
-	err = spawn(self, d.log, d.pid, "--socket", d.sock, "serve", "--config", d.cfg)
-	os.Unsetenv(asMainEnv)
-	if hadGorace {
-		os.Setenv("GORACE", gorace)
-	} else {
-		os.Unsetenv("GORACE")
-	}
-	if err != nil {
-		d.t.Fatal(err)
-	}
-	if err := waitDaemon(&globals{socket: d.sock}, 15*time.Second); err != nil {
-		d.t.Fatalf("daemon did not start: %v", err)
-	}
+	startDaemon(d.t, d.log, d.pid, d.sock, d.cfg)
 }
 
 // restart stops the daemon with SIGTERM and starts it again.

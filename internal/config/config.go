@@ -43,6 +43,10 @@ type Config struct {
 	Datastores      []Datastore   `toml:"datastores"`
 	Roles           []RoleBinding `toml:"roles"`
 	Mounts          []Mount       `toml:"mounts"`
+	// CoreDumpPatterns adds file-name patterns (path.Match syntax) of core
+	// dumps in VM directories, which are encrypted with the host key; the
+	// built-in ones are *.zdump, vmware-vmx-*.core and core*.
+	CoreDumpPatterns []string `toml:"core_dump_patterns"`
 	// KeyRetryInterval is how often KEKs that could not be fetched are
 	// tried again, e.g. "10s" (default 10s).
 	KeyRetryInterval Duration `toml:"key_retry_interval"`
@@ -143,6 +147,11 @@ func Load(path string) (*Config, error) {
 		abs(&c.Datastores[i].Path)
 		if c.Datastores[i].Name == "" || c.Datastores[i].Path == "" {
 			return nil, fmt.Errorf("config %s: datastore %d needs name and path", path, i)
+		}
+	}
+	for _, p := range c.CoreDumpPatterns {
+		if _, err := filepath.Match(p, ""); err != nil {
+			return nil, fmt.Errorf("config %s: core_dump_patterns: %q: %w", path, p, err)
 		}
 	}
 	for i := range c.Mounts {

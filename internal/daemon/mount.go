@@ -88,7 +88,7 @@ func (d *Daemon) registerDatastoreVMs(root string) {
 		if !e.IsDir() {
 			continue
 		}
-		st, err := engine.ReadVMStatus(filepath.Join(root, e.Name()))
+		st, err := engine.ReadVMStatus(filepath.Join(root, e.Name()), d.cfg.CoreDumpPatterns)
 		if err == nil && st.Encrypted {
 			if err := d.registerVM(st); err != nil {
 				d.log.Warn("register VM", "dir", st.Dir, "err", err)
@@ -123,6 +123,7 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 	}
 	ds := engine.NewDatastore(rec.Datastore, d.keyring, impl)
 	ds.Busy = d.vmLocks.isBusy
+	ds.CoreDumpPatterns = d.cfg.CoreDumpPatterns
 	ds.KeyErr = func(r engine.KeyRef) string {
 		d.mu.Lock()
 		defer d.mu.Unlock()

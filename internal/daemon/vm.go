@@ -75,7 +75,7 @@ func (d *Daemon) vmDir(p string) (string, error) {
 }
 
 func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
-	ops := &engine.VMOps{Keys: d.keyring, Log: d.log}
+	ops := &engine.VMOps{Keys: d.keyring, Log: d.log, CoreDumpPatterns: d.cfg.CoreDumpPatterns}
 	d.mu.Lock()
 	if h := d.st.HostKey; h != nil {
 		ops.HostKEK = &engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
@@ -193,7 +193,7 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 	ctx := context.WithoutCancel(rc.r.Context())
 	emit := rc.stream()
 	err = run(ctx, dir, req, d.vmOps(emit))
-	st, serr := engine.ReadVMStatus(dir)
+	st, serr := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 	if serr != nil {
 		if err == nil {
 			err = serr
@@ -237,7 +237,7 @@ func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
 			if op, err := engine.InterruptedOp(dir); err != nil {
 				return err
 			} else if op == "" {
-				cur, err := engine.ReadVMStatus(dir)
+				cur, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 				if err != nil {
 					return err
 				}
@@ -261,7 +261,7 @@ func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
 
 func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
 	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
-		cur, err := engine.ReadVMStatus(dir)
+		cur, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 		if err != nil {
 			return err
 		}
@@ -302,7 +302,7 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir)
+	st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -344,7 +344,7 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir)
+	st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -362,7 +362,7 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 	}
 	defer d.vmLocks.release(dir)
 	// Re-check under the lock: the VM may have been encrypted meanwhile.
-	if st2, err := engine.ReadVMStatus(dir); err != nil || st2.Encrypted != st.Encrypted {
+	if st2, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns); err != nil || st2.Encrypted != st.Encrypted {
 		return nil, conflict("%s changed while the request waited; try again", dir)
 	}
 	name, err := d.vmOps(nil).AddDisk(context.WithoutCancel(rc.r.Context()), dir, engine.DiskSpec{Size: req.Size, Subformat: req.Subformat})
@@ -433,7 +433,7 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 	if err := d.vmOps(nil).Create(context.WithoutCancel(rc.r.Context()), dir, spec); err != nil {
 		return nil, badRequest("%v", err)
 	}
-	st, err := engine.ReadVMStatus(dir)
+	st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 	if err != nil {
 		return nil, err
 	}
