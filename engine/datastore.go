@@ -95,6 +95,12 @@ func (d *Datastore) Classify(rel string) (FileState, string, error) {
 	if _, err := PeekHeader(head); err != nil {
 		return FilePlain, "", nil
 	}
+	// The magic alone proves nothing (a guest can write it at the start of
+	// its own disk): a file is served as a container only where its VM's
+	// text files say it is one, or it carries its own keySafe.
+	if _, ok := ReadEmbeddedKeySafe(head); !ok && d.plainByLayout(path) {
+		return FilePlain, "", nil
+	}
 	if _, err := d.dekFor(path, head); err != nil {
 		return FileLocked, err.Error(), nil
 	}
@@ -109,6 +115,24 @@ func (d *Datastore) busy(path string) error {
 		return fmt.Errorf("%s: %w", path, ErrBusy)
 	}
 	return nil
+}
+
+// plainByLayout reports whether the VM directory holding path says the
+// file is plain: a plain VM, or an extent of a disk without a keySafe.
+func (d *Datastore) plainByLayout(path string) bool {
+	l, err := loadLayout(filepath.Dir(path), d.CoreDumpPatterns)
+	if err != nil {
+		return false // not a VM directory: trust the header
+	}
+	name := filepath.Base(path)
+	for _, dk := range l.Disks {
+		for _, e := range dk.Extents {
+			if e == name {
+				return dk.KeySafe == ""
+			}
+		}
+	}
+	return !l.Encrypted
 }
 
 // Open opens the container at rel with its DEK.

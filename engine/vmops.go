@@ -215,7 +215,10 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		case stateUnderKey:
 			continue // converted before a crash
 		case stateOtherKey:
-			return fmt.Errorf("%s: already encrypted with a different key; refusing to touch it", t.path)
+			// Not under our key, so not converted yet: a plain file whose
+			// bytes happen to start like a container (a guest can write
+			// anything at the start of its disk). Encrypting it as data
+			// loses nothing, even if it were someone's container.
 		}
 		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
 		if err := EncryptFile(ctx, t.path, t.dek, opts, prog(t.path)); err != nil {
@@ -427,6 +430,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
+	resumed := j != nil
 	if j == nil {
 		if !l.Encrypted {
 			return fmt.Errorf("%s: VM is not encrypted", dir)
@@ -467,7 +471,13 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		case statePlain:
 			continue // decrypted before a crash
 		case stateOtherKey:
-			return fmt.Errorf("%s: encrypted with a key that is not this VM's or disk's", t.path)
+			// On a resumed decrypt this file may already be plain data
+			// that starts like a container; on a first run every file
+			// must open under the VM's keys.
+			if !resumed {
+				return fmt.Errorf("%s: encrypted with a key that is not this VM's or disk's", t.path)
+			}
+			continue
 		}
 		if err := DecryptFile(ctx, t.path, t.dek, prog(t.path)); err != nil {
 			return err
