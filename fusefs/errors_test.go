@@ -1,8 +1,12 @@
 package fusefs
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"strings"
@@ -234,21 +238,48 @@ func TestCleanupStale(t *testing.T) {
 	os.MkdirAll(mnt, 0o755)
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperMountProcess$")
 	cmd.Env = append(os.Environ(), "FUSEFS_HELPER_MOUNT="+store+"|"+mnt)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	exited := make(chan struct{})
 	t.Cleanup(func() {
 		cmd.Process.Kill()
-		cmd.Wait()
+		<-exited
 		CleanupStale(mnt)
 	})
-	for deadline := time.Now().Add(10 * time.Second); !isMounted(t, mnt); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("helper did not mount")
+	// Wait for the helper to say Mount returned: killed any earlier (while
+	// go-fuse still probes its own mount), a process that is both server
+	// and client of a mount can hang in exit.
+	ready := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if sc.Text() == "HELPER-MOUNTED" {
+				ready <- true
+			}
 		}
+		close(ready)
+		cmd.Wait()
+		close(exited)
+	}()
+	select {
+	case ok := <-ready:
+		if !ok {
+			t.Fatal("helper exited without mounting")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("helper did not mount")
 	}
 	cmd.Process.Kill()
-	cmd.Wait()
+	select {
+	case <-exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("killed helper did not exit")
+	}
 	var sfs syscall.Statfs_t
 	if err := syscall.Statfs(mnt, &sfs); !errors.Is(err, syscall.ENOTCONN) {
 		t.Fatalf("statfs of a dead mount: %v, want ENOTCONN", err)
@@ -261,7 +292,7 @@ func TestCleanupStale(t *testing.T) {
 	}
 	// Mount checks for (and clears) a stale mount itself, too.
 	b := newTestBackend(t, store)
-	v, err := Mount(store, mnt, b, Options{})
+	v, err := Mount(store, mnt, b, Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -285,8 +316,9 @@ func TestHelperMountProcess(t *testing.T) {
 	}
 	store, mnt, _ := strings.Cut(spec, "|")
 	b := newTestBackend(t, store)
-	if _, err := Mount(store, mnt, b, Options{}); err != nil {
+	if _, err := Mount(store, mnt, b, Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}); err != nil {
 		t.Fatal(err)
 	}
+	fmt.Println("HELPER-MOUNTED")
 	select {} // until killed
 }

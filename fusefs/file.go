@@ -19,10 +19,11 @@ import (
 // never exposes the backing descriptor to the kernel, so the kernel can
 // only ever see plaintext produced by the Container.
 type encHandle struct {
-	n  *node
-	es *encState
-	c  *engine.Container
-	id uint64 // in the mount's open-handle registry
+	n     *node
+	es    *encState
+	c     *engine.Container
+	id    uint64 // in the mount's open-handle registry
+	write bool   // counted in n.writers
 }
 
 var (
@@ -35,10 +36,19 @@ var (
 	_ fs.FileAllocater = (*encHandle)(nil)
 )
 
-func (n *node) newEncHandle(es *encState) *encHandle {
-	h := &encHandle{n: n, es: es, c: es.c}
+func (n *node) newEncHandle(es *encState, write bool) *encHandle {
+	h := &encHandle{n: n, es: es, c: es.c, write: write}
 	h.id = n.st.addHandle(n)
+	if write {
+		n.addWriter(1)
+	}
 	return h
+}
+
+func (n *node) addWriter(d int) {
+	n.mu.Lock()
+	n.writers += d
+	n.mu.Unlock()
 }
 
 // Read decrypts into the request's own buffer: for unit-aligned requests
@@ -93,9 +103,15 @@ func (h *encHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 	return 0
 }
 
+// Release closes the Container with the last handle (which writes a
+// changed size into the header), and only then leaves the registry, so
+// an empty registry means every container is closed.
 func (h *encHandle) Release(ctx context.Context) syscall.Errno {
-	h.n.st.dropHandle(h.id)
+	if h.write {
+		h.n.addWriter(-1)
+	}
 	h.n.release(h.es)
+	h.n.st.dropHandle(h.id)
 	return 0
 }
 
@@ -112,6 +128,7 @@ func (h *encHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint6
 	if whence != unix.SEEK_DATA && whence != unix.SEEK_HOLE {
 		return 0, syscall.EINVAL
 	}
+	h.n.settleForSeek(int64(off))
 	hdr := h.c.Header()
 	size := hdr.Size
 	o := int64(off)
@@ -202,21 +219,38 @@ func (h *encHandle) Allocate(ctx context.Context, off uint64, length uint64, mod
 // ioctls, which would otherwise run with the daemon's (root's) rights.
 type plainFile struct {
 	*fs.LoopbackFile
-	n  *node
-	f  *os.File
-	id uint64
+	n     *node
+	f     *os.File
+	id    uint64
+	write bool
 }
 
-func (n *node) newPlainFile(fd int) *plainFile {
+func (n *node) newPlainFile(fd int, write bool) *plainFile {
 	f := os.NewFile(uintptr(fd), n.rel())
-	pf := &plainFile{LoopbackFile: fs.NewLoopbackFileFromOS(f), n: n, f: f}
+	pf := &plainFile{LoopbackFile: fs.NewLoopbackFileFromOS(f), n: n, f: f, write: write}
 	pf.id = n.st.addHandle(n)
+	if write {
+		n.addWriter(1)
+	}
 	return pf
 }
 
 func (pf *plainFile) Release(ctx context.Context) syscall.Errno {
+	if pf.write {
+		pf.n.addWriter(-1)
+	}
+	errno := pf.LoopbackFile.Release(ctx)
 	pf.n.st.dropHandle(pf.id)
-	return pf.LoopbackFile.Release(ctx)
+	return errno
+}
+
+// Lseek is LoopbackFile's, after making the backing file current (see
+// settleForSeek).
+func (pf *plainFile) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	if whence == unix.SEEK_DATA || whence == unix.SEEK_HOLE {
+		pf.n.settleForSeek(int64(off))
+	}
+	return pf.LoopbackFile.Lseek(ctx, off, whence)
 }
 
 func (pf *plainFile) Ioctl(ctx context.Context, cmd uint32, arg uint64, input []byte, output []byte) (int32, syscall.Errno) {

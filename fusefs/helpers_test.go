@@ -22,6 +22,7 @@ type testBackend struct {
 
 	mu     sync.Mutex
 	locked map[string]string // rel -> reason
+	rwOpen int               // Open calls with readOnly=false
 }
 
 func newTestBackend(t testing.TB, root string) *testBackend {
@@ -64,6 +65,11 @@ func (b *testBackend) Classify(rel string) (Class, string, error) {
 }
 
 func (b *testBackend) Open(rel string, readOnly bool) (*engine.Container, error) {
+	if !readOnly {
+		b.mu.Lock()
+		b.rwOpen++
+		b.mu.Unlock()
+	}
 	return engine.OpenContainer(filepath.Join(b.root, rel), b.dek, readOnly, "")
 }
 

@@ -151,7 +151,9 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 		MaxReadAhead:            opts.MaxReadAhead,
 		MaxInflightRequestBytes: opts.MaxInflightBytes,
 		Debug:                   opts.Debug,
-		Logger:                  slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+		// go-fuse logs its own warnings here, and every request when
+		// Debug is set.
+		Logger: slog.NewLogLogger(logger.Handler(), fuseLogLevel(opts.Debug)),
 		// go-fuse tries splice for every READ reply and only then
 		// notices that decrypted data (a byte slice) cannot be spliced:
 		// a pipe round trip wasted per read (about 10% of the daemon's
@@ -203,7 +205,7 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 		ra = DefaultReadAheadKB
 	}
 	if ratio == 0 {
-		ratio = DefaultMaxDirtyRatio
+		ratio = -1
 	}
 	if err := tuneBDI(absMP, ra, ratio); err != nil {
 		// Slower, not wrong: keep serving.
@@ -298,6 +300,13 @@ func (m *View) finish() {
 		m.st.log.Info("unmounted")
 		close(m.done)
 	})
+}
+
+func fuseLogLevel(debug bool) slog.Level {
+	if debug {
+		return slog.LevelDebug
+	}
+	return slog.LevelWarn
 }
 
 // tuneBDI sets the FUSE mount's readahead window and dirty-page share in

@@ -31,6 +31,10 @@ type node struct {
 	// Container, which locks per unit range.
 	mu  sync.Mutex
 	enc *encState
+	// writers counts open writable handles. With the writeback cache,
+	// only while it is non-zero can the kernel hold dirty pages of the
+	// file (close writes them back before RELEASE).
+	writers int
 }
 
 // encState is the one Container shared by every open handle of an
@@ -458,7 +462,7 @@ func (n *node) closeContainer() {
 	n.enc = nil
 }
 
-// openFlags is what FUSE open flags become on the backing file. O_APPEND
+// backingFlags is what FUSE open flags become on the backing file. O_APPEND
 // is dropped because the kernel already turns it into explicit offsets
 // (from its view of the size); with the writeback cache the kernel may
 // read pages of a write-only file, so those are opened read-write.
@@ -498,7 +502,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 		n.st.log.Warn("refused open of locked file", "path", rel, "reason", reason)
 		return nil, 0, syscall.EACCES
 	}
-	write := flags&syscall.O_ACCMODE != syscall.O_RDONLY
+	write := isWrite(flags)
 	es, errno := n.acquire(rel, write)
 	if errno != 0 {
 		return nil, 0, errno
@@ -509,7 +513,32 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			return nil, 0, errno
 		}
 	}
-	return n.newEncHandle(es), fuseFlags(flags, true), 0
+	return n.newEncHandle(es, write), fuseFlags(flags, true), 0
+}
+
+func isWrite(flags uint32) bool { return flags&syscall.O_ACCMODE != syscall.O_RDONLY }
+
+// settleForSeek makes SEEK_DATA/SEEK_HOLE answers true with the writeback
+// cache: the kernel sends LSEEK without writing back dirty pages first,
+// so data still in the page cache would be reported as a hole (and lost
+// by sparse-aware copies such as qemu-img convert). If a writer is open,
+// ask the kernel to invalidate the file's cache from off on; it writes
+// dirty pages back (launder) before dropping them, through other server
+// goroutines, and returns when they are with us. The LSEEK caller holds
+// the inode lock, which neither invalidation nor writeback takes.
+func (n *node) settleForSeek(off int64) {
+	if !n.st.writeback {
+		return
+	}
+	n.mu.Lock()
+	w := n.writers
+	n.mu.Unlock()
+	if w == 0 {
+		return
+	}
+	if errno := n.NotifyContent(off, 0); errno != 0 && errno != syscall.ENOENT {
+		n.st.log.Warn("cannot flush cached pages before lseek", "path", n.rel(), "errno", errno)
+	}
 }
 
 func (n *node) openPlain(rel string, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
@@ -517,7 +546,7 @@ func (n *node) openPlain(rel string, flags uint32) (fs.FileHandle, uint32, sysca
 	if err != nil {
 		return nil, 0, errnoOf(err)
 	}
-	return n.newPlainFile(fd), fuseFlags(flags, false), 0
+	return n.newPlainFile(fd, isWrite(flags)), fuseFlags(flags, false), 0
 }
 
 // preserveOwner gives a new file to the caller, not to root.
@@ -574,7 +603,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		exactMode(abs, &st, mode)
 		ch := n.newChild(ctx, &st, gen)
 		out.Attr.FromStat(&st)
-		return ch, nodeOf(ch).newPlainFile(fd), fuseFlags(flags, false), 0
+		return ch, nodeOf(ch).newPlainFile(fd, isWrite(flags)), fuseFlags(flags, false), 0
 	}
 	preserveOwner(ctx, abs)
 	gen, err := fstatFd(int(c.File().Fd()), &st)
@@ -595,13 +624,13 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		cn.mu.Unlock()
 		c.Close()
 		out.Attr.FromStat(&st)
-		return ch, cn.newEncHandle(es), fuseFlags(flags, true), 0
+		return ch, cn.newEncHandle(es, isWrite(flags)), fuseFlags(flags, true), 0
 	}
 	es := &encState{c: c, refs: 1}
 	cn.enc = es
 	cn.mu.Unlock()
 	out.Attr.FromStat(&st)
-	return ch, cn.newEncHandle(es), fuseFlags(flags, true), 0
+	return ch, cn.newEncHandle(es, isWrite(flags)), fuseFlags(flags, true), 0
 }
 
 func (n *node) Mknod(ctx context.Context, name string, mode, rdev uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {

@@ -6,6 +6,8 @@ import (
 	"os"
 	"testing"
 
+	"github.com/hanwen/go-fuse/v2/fs"
+
 	"github.com/vmcryptd/vmcryptd/engine"
 )
 
@@ -14,7 +16,26 @@ import (
 // through the mount, while the backing file is a container holding none
 // of it.
 func TestEncryptedReadsPlaintextStoresCiphertext(t *testing.T) {
-	m := mountTest(t, Options{})
+	// The type that serves encrypted files must never offer the kernel
+	// the backing descriptor.
+	if _, ok := any(&encHandle{}).(fs.FilePassthroughFder); ok {
+		t.Fatal("encHandle implements FilePassthroughFder")
+	}
+	for _, cfg := range []struct {
+		name string
+		opts Options
+	}{
+		{"writeback", Options{}},
+		// Passthrough on for the mount: plain files use it, encrypted
+		// files must not.
+		{"passthrough", Options{NoWritebackCache: true, Passthrough: true}},
+	} {
+		t.Run(cfg.name, func(t *testing.T) { testPlaintextAtRest(t, cfg.opts) })
+	}
+}
+
+func testPlaintextAtRest(t *testing.T, opts Options) {
+	m := mountTest(t, opts)
 	// Recognisable plaintext: if any 64-byte run of it appears at rest,
 	// the view leaked.
 	plain := bytes.Repeat([]byte("SECRET-PLAINTEXT-0123456789abcdef"), 4000)
@@ -48,6 +69,7 @@ func TestEncryptedReadsPlaintextStoresCiphertext(t *testing.T) {
 	}
 	// Independent check: the engine opens the backing file and decrypts
 	// the same bytes.
+	waitReleased(t, m.v)
 	c, err := engine.OpenContainer(m.backing("enc/disk-flat.vmdk"), m.b.dek, true, "")
 	if err != nil {
 		t.Fatal(err)

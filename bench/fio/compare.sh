@@ -57,7 +57,12 @@ cleanup() {
 	fi
 	mountpoint -q "$WORK/tmp/gc-mnt" && fusermount -u "$WORK/tmp/gc-mnt"
 	mountpoint -q "$WORK/tmp/ours-mnt" && umount -l "$WORK/tmp/ours-mnt"
-	mountpoint -q "$WORK/tmp" && umount "$WORK/tmp"
+	# gocryptfs exits a moment after its unmount; the tmpfs is busy until.
+	for _ in $(seq 50); do
+		mountpoint -q "$WORK/tmp" || break
+		umount "$WORK/tmp" 2>/dev/null && break
+		sleep 0.1
+	done
 	if [ "$OUT" = "$WORK/results" ]; then rm -rf "$WORK"; else rm -rf "$WORK/tmp" "$BIN"; fi
 }
 trap cleanup EXIT

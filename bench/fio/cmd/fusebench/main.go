@@ -43,6 +43,15 @@ func (b *oneKey) Create(rel string, perm uint32) (*engine.Container, bool, error
 	return c, err == nil, err
 }
 
+// plainStore serves everything as plain files.
+type plainStore struct{}
+
+func (plainStore) Classify(string) (fusefs.Class, string, error) { return fusefs.ClassPlain, "", nil }
+func (plainStore) Open(string, bool) (*engine.Container, error) {
+	return nil, errors.New("plain store has no containers")
+}
+func (plainStore) Create(string, uint32) (*engine.Container, bool, error) { return nil, false, nil }
+
 func main() {
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "fusebench:", err)
@@ -66,6 +75,8 @@ func run() error {
 	flag.IntVar(&opts.ReadAheadKB, "readahead-kb", 0, "bdi read_ahead_kb (0: default, <0: kernel's)")
 	flag.IntVar(&opts.MaxDirtyRatio, "max-ratio", 0, "bdi max_ratio percent (0: default, <0: kernel's)")
 	flag.BoolVar(&opts.XAttr, "xattr", false, "pass extended attributes through")
+	flag.BoolVar(&opts.Passthrough, "passthrough", false, "kernel passthrough for plain files (needs -no-writeback)")
+	plain := flag.Bool("plain", false, "serve every file plain (no encryption): measures the FUSE path alone")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile here until exit")
 	memProfile := flag.String("memprofile", "", "write an allocation profile here at exit")
 	flag.Parse()
@@ -93,7 +104,11 @@ func run() error {
 		return err
 	}
 	defer dek.Destroy()
-	v, err := fusefs.Mount(*store, *mnt, &oneKey{root: *store, dek: dek}, opts)
+	var b fusefs.Backend = &oneKey{root: *store, dek: dek}
+	if *plain {
+		b = plainStore{}
+	}
+	v, err := fusefs.Mount(*store, *mnt, b, opts)
 	if err != nil {
 		return err
 	}
