@@ -273,39 +273,41 @@ func (c *Container) writeBothSlots() error {
 }
 
 // lockRange takes the stripes of units [u0, u1] in ascending stripe order
-// (so two ranges can never deadlock) and returns the unlock function.
+// (so two ranges can never deadlock) and returns the unlock function. The
+// groups of a range map to at most two ascending runs of stripe indexes
+// (the second when the range wraps past the last stripe), so no scan or
+// allocation is needed.
 func (c *Container) lockRange(u0, u1 int64, write bool) func() {
 	g0, g1 := u0/unitsPerStripe, u1/unitsPerStripe
-	var idx []int
+	var runs [2][2]int // [first, last] stripe indexes, inclusive
+	n := 1
 	if g1-g0+1 >= stripeCount {
-		idx = make([]int, stripeCount)
-		for i := range idx {
-			idx[i] = i
-		}
+		runs[0] = [2]int{0, stripeCount - 1}
 	} else {
-		var seen [stripeCount]bool
-		for g := g0; g <= g1; g++ {
-			seen[g%stripeCount] = true
+		s0, s1 := int(g0%stripeCount), int(g1%stripeCount)
+		if s0 <= s1 {
+			runs[0] = [2]int{s0, s1}
+		} else { // wrapped: the low run first keeps the global order
+			runs[0], runs[1], n = [2]int{0, s1}, [2]int{s0, stripeCount - 1}, 2
 		}
-		for i, s := range seen {
-			if s {
-				idx = append(idx, i)
+	}
+	for r := 0; r < n; r++ {
+		for i := runs[r][0]; i <= runs[r][1]; i++ {
+			if write {
+				c.stripes[i].Lock()
+			} else {
+				c.stripes[i].RLock()
 			}
 		}
 	}
-	for _, i := range idx {
-		if write {
-			c.stripes[i].Lock()
-		} else {
-			c.stripes[i].RLock()
-		}
-	}
 	return func() {
-		for _, i := range idx {
-			if write {
-				c.stripes[i].Unlock()
-			} else {
-				c.stripes[i].RUnlock()
+		for r := 0; r < n; r++ {
+			for i := runs[r][0]; i <= runs[r][1]; i++ {
+				if write {
+					c.stripes[i].Unlock()
+				} else {
+					c.stripes[i].RUnlock()
+				}
 			}
 		}
 	}

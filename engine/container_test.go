@@ -249,3 +249,37 @@ func TestContainerConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// lockRange must take each stripe once, in ascending order, for ranges
+// that wrap around the stripe table too.
+func TestLockRangeStripes(t *testing.T) {
+	c := &Container{}
+	for _, tc := range []struct{ u0, u1 int64 }{
+		{0, 0}, {15, 16}, {0, unitsPerStripe*stripeCount - 1}, {unitsPerStripe * (stripeCount - 2), unitsPerStripe*(stripeCount+1) + 3},
+		{5, unitsPerStripe * stripeCount * 3},
+	} {
+		unlock := c.lockRange(tc.u0, tc.u1, true)
+		// Every stripe in the range is held: TryLock fails on it, and
+		// succeeds on the others.
+		inRange := map[int]bool{}
+		for g := tc.u0 / unitsPerStripe; g <= tc.u1/unitsPerStripe && len(inRange) < stripeCount; g++ {
+			inRange[int(g%stripeCount)] = true
+		}
+		for i := range c.stripes {
+			got := c.stripes[i].TryLock()
+			if got {
+				c.stripes[i].Unlock()
+			}
+			if got == inRange[i] {
+				t.Fatalf("range %v: stripe %d held=%v, want %v", tc, i, !got, inRange[i])
+			}
+		}
+		unlock()
+		for i := range c.stripes {
+			if !c.stripes[i].TryLock() {
+				t.Fatalf("range %v: stripe %d still held after unlock", tc, i)
+			}
+			c.stripes[i].Unlock()
+		}
+	}
+}
