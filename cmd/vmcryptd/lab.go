@@ -110,6 +110,14 @@ func (c *labUpCmd) Run(g *globals) error {
 	if err := lg.call("POST", "/host/encryption", api.HostEncryptionRequest{Enable: true}, &he); err != nil {
 		return fmt.Errorf("lab up: enable host encryption mode: %w", err)
 	}
+	// A restarted daemon fetches its keys in the background; give it a
+	// moment so the lab is usable as soon as this command returns.
+	for deadline := time.Now().Add(10 * time.Second); !he.KeyLoaded && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+		if err := lg.call("GET", "/host/encryption", nil, &he); err != nil {
+			break
+		}
+	}
 	env := fmt.Sprintf(`# vmcryptd lab in %s (source this file)
 export VMCRYPTD_SOCKET=%q
 export VMCRYPTD_KMS_ADDR=%q

@@ -184,7 +184,12 @@ func TestLabRestartRefetchesKeys(t *testing.T) {
 	}
 	// Same keys after a restart: the daemon fetched the host KEK by id.
 	mustRun(t, "lab", "up", "--dir", dir)
+	// The daemon fetches keys in the background after it starts serving.
 	st2 := labStatus(t, dir)
+	for deadline := time.Now().Add(15 * time.Second); !st2.HostEncryption.KeyLoaded && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+		st2 = labStatus(t, dir)
+	}
 	if st2.HostEncryption.KeyID != he.KeyID || !st2.HostEncryption.KeyLoaded || st2.PID == st.PID {
 		t.Fatalf("after restart: %+v (pid %d, before %d)", st2.HostEncryption, st2.PID, st.PID)
 	}
@@ -522,9 +527,12 @@ func TestRekeyRestartDecrypt(t *testing.T) {
 	var st2 struct {
 		Locked bool `json:"locked"`
 	}
-	json.Unmarshal([]byte(mustRun(t, "--socket", sock, "vm", "status", vm, "--json")), &st2)
+	st2.Locked = true
+	for deadline := time.Now().Add(15 * time.Second); st2.Locked && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		json.Unmarshal([]byte(mustRun(t, "--socket", sock, "vm", "status", vm, "--json")), &st2)
+	}
 	if st2.Locked {
-		t.Fatal("VM locked after restart")
+		t.Fatal("VM still locked 15 s after restart")
 	}
 	mustRun(t, "--socket", sock, "vm", "decrypt", vm)
 	got := hashFiles(t, vm)
