@@ -13,6 +13,7 @@ import (
 
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/internal/daemon"
 	"github.com/vmcryptd/vmcryptd/kms/labkms"
 )
 
@@ -146,6 +147,10 @@ type kmsServeCmd struct {
 }
 
 func (c *kmsServeCmd) Run(g *globals) error {
+	// The lab KMS holds keys in memory too: no core dumps, no ptrace.
+	if err := daemon.HardenProcess(); err != nil {
+		return err
+	}
 	if err := labkms.Init(c.Dir); err != nil {
 		return err
 	}

@@ -188,7 +188,10 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 			defer func() { <-sem }()
 			fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			defer cancel()
-			_, err := d.keyring.Get(fctx, ref)
+			kek, err := d.keyring.Get(fctx, ref)
+			if err == nil && !kek.MemoryLocked() {
+				d.log.Warn("key memory is not mlock'ed (raise RLIMIT_MEMLOCK); it could reach swap", "key", ref.String())
+			}
 			d.mu.Lock()
 			if err != nil {
 				d.keyErrs[ref] = err.Error()
