@@ -225,6 +225,8 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	srv := &http.Server{
 		Handler:           d.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute, // idle keep-alive clients do not pile up
+		MaxHeaderBytes:    64 << 10,
 		ConnContext:       peerContext,
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
@@ -370,21 +372,53 @@ func peerContext(ctx context.Context, c net.Conn) context.Context {
 }
 
 func (d *Daemon) status(id identity) api.Status {
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	s := api.Status{
 		Version: d.version, PID: os.Getpid(), Started: d.started,
 		Caller:     api.Caller{UID: id.UID, User: id.User, Role: id.Role, Privileges: d.auth.privileges(id.Role)},
-		DefaultKMS: d.defaultProvider(),
 		CachedKeys: len(d.keyring.Refs()),
 		KeysLocked: d.keyring.AllMemoryLocked(),
 		VMs:        []api.VMLockState{},
 		Providers:  []api.ProviderInfo{},
 		Datastores: []api.DatastoreState{},
+		Mounts:     d.mountInfos(),
 	}
-	d.mu.Unlock()
-	s.Mounts = d.mountInfos()
+	d.statusMemory(&s)
+	// Journals are read without the daemon lock: file I/O must not stall
+	// the views' key lookups (they take the lock for KeyErr).
+	registered := map[string]bool{}
+	interrupted := func(dir string) string {
+		if op, err := engine.InterruptedOp(dir); err == nil && op != "" {
+			return "conversion interrupted (" + op + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"
+		}
+		return ""
+	}
+	for i := range s.VMs {
+		registered[s.VMs[i].Dir] = true
+		s.VMs[i].State = interrupted(s.VMs[i].Dir)
+	}
+	for _, ds := range d.cfg.Datastores {
+		s.Datastores = append(s.Datastores, api.DatastoreState{Name: ds.Name, Path: ds.Path})
+		// A conversion killed before the VM was registered is found by its
+		// journal in the datastore.
+		ents, _ := os.ReadDir(ds.Path)
+		for _, e := range ents {
+			dir := filepath.Join(ds.Path, e.Name())
+			if !e.IsDir() || registered[dir] {
+				continue
+			}
+			if st := interrupted(dir); st != "" {
+				s.VMs = append(s.VMs, api.VMLockState{Dir: dir, Keys: []string{}, State: st})
+			}
+		}
+	}
+	return s
+}
+
+// statusMemory fills the parts of s that come from the daemon's memory.
+func (d *Daemon) statusMemory(s *api.Status) {
 	d.mu.Lock()
+	defer d.mu.Unlock()
+	s.DefaultKMS = d.defaultProvider()
 	if h := d.st.HostKey; h != nil {
 		ref := engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
 		s.HostEncryption = api.HostEncryption{Enabled: true, Provider: h.Provider, KeyID: h.KeyID,
@@ -411,30 +445,6 @@ func (d *Daemon) status(id identity) api.Status {
 		}
 		s.VMs = append(s.VMs, vs)
 	}
-	registered := map[string]bool{}
-	for i := range s.VMs {
-		registered[s.VMs[i].Dir] = true
-		if op, err := engine.InterruptedOp(s.VMs[i].Dir); err == nil && op != "" {
-			s.VMs[i].State = "conversion interrupted (" + op + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"
-		}
-	}
-	for _, ds := range d.cfg.Datastores {
-		s.Datastores = append(s.Datastores, api.DatastoreState{Name: ds.Name, Path: ds.Path})
-		// A conversion killed before the VM was registered is found by its
-		// journal in the datastore.
-		ents, _ := os.ReadDir(ds.Path)
-		for _, e := range ents {
-			dir := filepath.Join(ds.Path, e.Name())
-			if !e.IsDir() || registered[dir] {
-				continue
-			}
-			if op, err := engine.InterruptedOp(dir); err == nil && op != "" {
-				s.VMs = append(s.VMs, api.VMLockState{Dir: dir, Keys: []string{},
-					State: "conversion interrupted (" + op + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"})
-			}
-		}
-	}
-	return s
 }
 
 func verbFor(op string) string {
