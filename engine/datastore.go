@@ -8,8 +8,10 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vmcryptd/vmcryptd/engine/xts"
+	"github.com/vmcryptd/vmcryptd/formats/vmdir"
 )
 
 // Datastore resolves the files of a datastore directory for a decrypted
@@ -33,8 +35,45 @@ type Datastore struct {
 	// CoreDumpPatterns are extra file-name patterns of core dumps.
 	CoreDumpPatterns []string
 
-	mu   sync.Mutex
-	deks map[dekKey]*DEK
+	mu      sync.Mutex
+	deks    map[dekKey]*DEK
+	layouts map[string]cachedLayout
+}
+
+// cachedLayout is a VM directory's layout as of the directory's and the
+// vmx's modification times. vmcryptd rewrites text files by rename, which
+// changes the directory's mtime, so a view does not re-read the vmx and
+// every descriptor on each lookup of an encrypted file.
+type cachedLayout struct {
+	dirMod, vmxMod time.Time
+	l              *vmLayout
+	err            error
+}
+
+// layout returns dir's layout, from the cache while dir and its vmx are
+// unchanged.
+func (d *Datastore) layout(dir string) (*vmLayout, error) {
+	dst, err := os.Stat(dir)
+	if err != nil {
+		return nil, err
+	}
+	var vmxMod time.Time
+	if p, err := vmdir.FindVMX(dir); err == nil {
+		if st, err := os.Stat(p); err == nil {
+			vmxMod = st.ModTime()
+		}
+	}
+	d.mu.Lock()
+	c, ok := d.layouts[dir]
+	d.mu.Unlock()
+	if ok && c.dirMod.Equal(dst.ModTime()) && c.vmxMod.Equal(vmxMod) {
+		return c.l, c.err
+	}
+	l, err := loadLayout(dir, d.CoreDumpPatterns)
+	d.mu.Lock()
+	d.layouts[dir] = cachedLayout{dirMod: dst.ModTime(), vmxMod: vmxMod, l: l, err: err}
+	d.mu.Unlock()
+	return l, err
 }
 
 // dekKey includes the fingerprint so a deep rekey (same owner, new DEK)
@@ -56,7 +95,7 @@ const (
 
 // NewDatastore returns a resolver for root.
 func NewDatastore(root string, keys *Keyring, impl xts.Impl) *Datastore {
-	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}}
+	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}}
 }
 
 func (d *Datastore) abs(rel string) (string, error) {
@@ -120,7 +159,7 @@ func (d *Datastore) busy(path string) error {
 // plainByLayout reports whether the VM directory holding path says the
 // file is plain: a plain VM, or an extent of a disk without a keySafe.
 func (d *Datastore) plainByLayout(path string) bool {
-	l, err := loadLayout(filepath.Dir(path), d.CoreDumpPatterns)
+	l, err := d.layout(filepath.Dir(path))
 	if err != nil {
 		return false // not a VM directory: trust the header
 	}
@@ -190,7 +229,7 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	if kind == 0 {
 		return nil, false, nil
 	}
-	l, err := loadLayout(filepath.Dir(path), d.CoreDumpPatterns)
+	l, err := d.layout(filepath.Dir(path))
 	if err != nil || !l.Encrypted {
 		return nil, false, nil // not a VM directory, or a plain VM
 	}
@@ -215,7 +254,7 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 	if vmKindByName(path) == 0 {
 		return false, nil
 	}
-	l, err := loadLayout(filepath.Dir(path), d.CoreDumpPatterns)
+	l, err := d.layout(filepath.Dir(path))
 	return err == nil && l.Encrypted, nil
 }
 
@@ -237,7 +276,7 @@ func (d *Datastore) dekFor(path string, head []byte) (*DEK, error) {
 	if eks, ok := ReadEmbeddedKeySafe(head); ok {
 		ks = eks
 	} else {
-		l, err := loadLayout(dir, d.CoreDumpPatterns)
+		l, err := d.layout(dir)
 		if err != nil {
 			return nil, fmt.Errorf("%s: no VM to take its key from: %w", path, err)
 		}
@@ -310,11 +349,16 @@ func (d *Datastore) cachedDEK(dir string, b Binding, ks string) (*DEK, error) {
 	return nil, errors.Join(errs...)
 }
 
-// Forget drops the cached DEKs of one VM directory (after a rekey or a
-// decrypt changed them), or of all when dir is "".
+// Forget drops the cached DEKs and layout of one VM directory (after a
+// rekey or a decrypt changed them), or of all when dir is "".
 func (d *Datastore) Forget(dir string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	for k := range d.layouts {
+		if dir == "" || k == filepath.Clean(dir) {
+			delete(d.layouts, k)
+		}
+	}
 	for k, dek := range d.deks {
 		if dir == "" || k.dir == filepath.Clean(dir) {
 			dek.Destroy()
