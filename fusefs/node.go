@@ -196,7 +196,11 @@ func nodeOf(in *fs.Inode) *node {
 }
 
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	rel, abs := n.childRel(name), n.childAbs(name)
+	return n.entry(ctx, n.childRel(name), n.childAbs(name), out)
+}
+
+// entry makes the inode of the existing child at rel/abs and fills out.
+func (n *node) entry(ctx context.Context, rel, abs string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	var st syscall.Stat_t
 	gen, err := lstatPath(abs, &st)
 	if err != nil {
@@ -761,17 +765,7 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 	if err := unix.Link(oldAbs, newAbs); err != nil {
 		return nil, errnoOf(err)
 	}
-	var st syscall.Stat_t
-	gen, err := lstatPath(newAbs, &st)
-	if err != nil {
-		return nil, errnoOf(err)
-	}
-	ch := n.newChild(ctx, &st, gen)
-	if errno := nodeOf(ch).fixSize(newRel, newAbs, &st); errno != 0 {
-		return nil, errno
-	}
-	out.Attr.FromStat(&st)
-	return ch, 0
+	return n.entry(ctx, newRel, newAbs, out)
 }
 
 func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
