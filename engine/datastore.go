@@ -38,6 +38,9 @@ type Datastore struct {
 	mu      sync.Mutex
 	deks    map[dekKey]*DEK
 	layouts map[string]cachedLayout
+	// pending holds the disks created through the view whose descriptor
+	// is not settled yet, by descriptor path (see viewdisk.go).
+	pending map[string]pendingDisk
 }
 
 // cachedLayout is a VM directory's layout as of the directory's and the
@@ -95,7 +98,7 @@ const (
 
 // NewDatastore returns a resolver for root.
 func NewDatastore(root string, keys *Keyring, impl xts.Impl) *Datastore {
-	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}}
+	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}}
 }
 
 func (d *Datastore) abs(rel string) (string, error) {
@@ -214,9 +217,10 @@ func vmKindByName(name string) Kind {
 
 // Create makes a new file for the view: inside an encrypted VM's
 // directory, the VM-key kinds (nvram, swap, snapshot and suspend state,
-// memory) are created as containers under the VM DEK; everything else,
-// including new disks, is plain (an encrypted VM may use a plain disk; use
-// `vmcryptd disk add` for an encrypted one).
+// memory) are created as containers under the VM DEK, and .vmdk files as
+// containers of a disk (a new one, or the encrypted disk whose extent the
+// name says it is; see viewdisk.go). Everything else is plain, and so is
+// every file outside encrypted VMs.
 func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, error) {
 	path, err := d.abs(rel)
 	if err != nil {
@@ -226,12 +230,15 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 		return nil, false, err
 	}
 	kind := vmKindByName(path)
-	if kind == 0 {
+	if kind == 0 && !isVMDKName(path) {
 		return nil, false, nil
 	}
 	l, err := d.layout(filepath.Dir(path))
 	if err != nil || !l.Encrypted {
 		return nil, false, nil // not a VM directory, or a plain VM
+	}
+	if kind == 0 {
+		return d.createDiskFile(l, path, perm)
 	}
 	b := Binding{PurposeVM, l.VMID}
 	dek, err := d.cachedDEK(l.Dir, b, l.KeySafe)
@@ -251,11 +258,22 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if vmKindByName(path) == 0 {
+	if vmKindByName(path) == 0 && !isVMDKName(path) {
 		return false, nil
 	}
 	l, err := d.layout(filepath.Dir(path))
-	return err == nil && l.Encrypted, nil
+	if err != nil || !l.Encrypted {
+		return false, nil
+	}
+	if isVMDKName(path) {
+		desc, _ := descriptorName(filepath.Base(path))
+		for _, dk := range l.Disks {
+			if dk.Name == desc && !dk.Embedded && dk.KeySafe == "" {
+				return false, nil // an extent of a plain disk
+			}
+		}
+	}
+	return true, nil
 }
 
 // dekFor finds the keySafe that holds the DEK of the container at path
@@ -357,6 +375,11 @@ func (d *Datastore) Forget(dir string) {
 	for k := range d.layouts {
 		if dir == "" || k == filepath.Clean(dir) {
 			delete(d.layouts, k)
+		}
+	}
+	for k := range d.pending {
+		if dir == "" || filepath.Dir(k) == filepath.Clean(dir) {
+			delete(d.pending, k)
 		}
 	}
 	for k, dek := range d.deks {

@@ -555,6 +555,19 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 			}
 			continue
 		}
+		// Extents made through a view carry a copy of the keySafe in
+		// their header (viewdisk.go), which a reader prefers: rewrap it
+		// first, so a crash leaves both copies openable.
+		for _, e := range d.Extents {
+			ep := filepath.Join(dir, e)
+			if _, ok, err := ReadEmbeddedKeySafeFile(ep); err != nil {
+				return fmt.Errorf("disk %s: %w", d.Name, err)
+			} else if ok {
+				if err := WriteEmbeddedKeySafe(ep, nks); err != nil {
+					return err
+				}
+			}
+		}
 		raw, err := os.ReadFile(path)
 		if err != nil {
 			return err

@@ -1,0 +1,365 @@
+package engine
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+
+	"github.com/vmcryptd/vmcryptd/formats/vmdk"
+	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+)
+
+// New disks made through a view.
+//
+// A tool such as `qemu-img create -f vmdk` makes a disk in one of two
+// shapes, and the view cannot tell which when the first file is created:
+//
+//   - one file holding its own descriptor (monolithicSparse,
+//     streamOptimized): it must be encrypted from its first byte, and its
+//     key lives in its header (FORMAT.md 3.4), like such a disk after
+//     `vmcryptd vm encrypt`;
+//   - a text descriptor plus extent files (-flat, -sNNN, -fNNN): the
+//     extents are encrypted, and the descriptor must end up as plain text
+//     with encryptionKeys and ddb.vmcryptd.diskId (FORMAT.md 4.3), which
+//     only exist once the tool has written it.
+//
+// So every .vmdk file created in an encrypted VM's directory starts as a
+// container of a fresh disk (its own disk id and DEK, wrapped under the
+// VM's KEK) that carries its keySafe in its header. Extent files named
+// after the same descriptor join that disk. When the view has written and
+// closed the descriptor file (Settle), a descriptor that turned out to be
+// text is replaced by its plain form with the key lines, once every extent
+// it names is a container of its disk. The extents keep their header
+// copy of the keySafe, so each file stays readable on its own even before
+// a vmx names the disk; RekeyShallow rewraps those copies too.
+
+// extentName matches the extent files qemu-img and ESXi name after their
+// descriptor: <base>-flat.vmdk, -sNNN, -fNNN (split disks), -delta and
+// -sesparse (snapshot deltas).
+var extentName = regexp.MustCompile(`(?i)^(.+)-(flat|s[0-9]{3}|f[0-9]{3}|delta|sesparse)(\.vmdk)$`)
+
+// descriptorName returns the descriptor file a .vmdk file belongs to: its
+// base name for an extent, itself otherwise.
+func descriptorName(name string) (desc string, isExtent bool) {
+	if m := extentName.FindStringSubmatch(name); m != nil {
+		return m[1] + m[3], true
+	}
+	return name, false
+}
+
+func isVMDKName(name string) bool { return strings.EqualFold(filepath.Ext(name), ".vmdk") }
+
+// pendingDisk is a disk created through the view whose descriptor has not
+// been settled yet. It holds the wrapped key only.
+type pendingDisk struct {
+	diskID  string
+	keySafe string
+}
+
+// descriptorMagic starts every text descriptor VMware and qemu write.
+var descriptorMagic = []byte("# Disk DescriptorFile")
+
+// createDiskFile makes path, a .vmdk file inside the encrypted VM of l, as
+// a container of its disk (an existing encrypted disk of the VM, the
+// pending disk of its descriptor, or a new one). ok=false means the file
+// belongs to a plain disk of the VM and is to be created plain.
+func (d *Datastore) createDiskFile(l *vmLayout, path string, perm os.FileMode) (*Container, bool, error) {
+	desc, _ := descriptorName(filepath.Base(path))
+	var b Binding
+	var ks string
+	for _, dk := range l.Disks {
+		if dk.Name != desc || dk.Embedded {
+			continue
+		}
+		if dk.KeySafe == "" {
+			return nil, false, nil // an extent of a plain disk stays plain
+		}
+		b, ks = Binding{PurposeDisk, dk.DiskID}, dk.KeySafe
+	}
+	if ks == "" {
+		p, err := d.pendingFor(l, filepath.Join(l.Dir, desc))
+		if err != nil {
+			return nil, false, err
+		}
+		b, ks = Binding{PurposeDisk, p.diskID}, p.keySafe
+	}
+	dek, err := d.cachedDEK(l.Dir, b, ks)
+	if err != nil {
+		return nil, false, err
+	}
+	c, err := CreateContainer(path, dek, CreateOptions{Kind: KindExtent, Binding: b, Impl: d.Impl, Perm: perm, EmbeddedKeySafe: ks})
+	if err != nil {
+		return nil, false, err
+	}
+	return c, true, nil
+}
+
+// pendingFor returns the pending disk of the descriptor at descPath,
+// making one (new disk id and DEK, wrapped under a KEK of the VM that is in
+// memory) if there is none.
+func (d *Datastore) pendingFor(l *vmLayout, descPath string) (pendingDisk, error) {
+	d.mu.Lock()
+	p, ok := d.pending[descPath]
+	d.mu.Unlock()
+	if ok {
+		return p, nil
+	}
+	entries, err := DecodeKeySafe(l.KeySafe)
+	if err != nil {
+		return pendingDisk{}, fmt.Errorf("%s: VM keySafe: %w", l.VMXPath, err)
+	}
+	var kekRef KeyRef
+	var kek *KEK
+	for _, e := range entries {
+		if k, ok := d.Keys.Peek(e.KEK); ok {
+			kekRef, kek = e.KEK, k
+			break
+		}
+	}
+	if kek == nil {
+		return pendingDisk{}, fmt.Errorf("new disk %s: no key of the VM is in memory", descPath)
+	}
+	id, err := newID()
+	if err != nil {
+		return pendingDisk{}, err
+	}
+	dek, err := NewDEK()
+	if err != nil {
+		return pendingDisk{}, err
+	}
+	defer dek.Destroy()
+	b := Binding{PurposeDisk, id}
+	locked, err := WrapDEK(kek, dek, b)
+	if err != nil {
+		return pendingDisk{}, err
+	}
+	ks, err := EncodeKeySafe([]KeySafeEntry{{KEK: kekRef, Locked: locked}})
+	if err != nil {
+		return pendingDisk{}, err
+	}
+	p = pendingDisk{diskID: id, keySafe: ks}
+	d.mu.Lock()
+	if old, ok := d.pending[descPath]; ok { // lost a race: use the first
+		p = old
+	} else {
+		d.pending[descPath] = p
+	}
+	d.mu.Unlock()
+	return p, nil
+}
+
+// Unsettled reports, without I/O, whether rel is a file of a disk made
+// through the view whose descriptor is not settled yet.
+func (d *Datastore) Unsettled(rel string) bool {
+	p, err := d.abs(rel)
+	if err != nil || !isVMDKName(p) {
+		return false
+	}
+	desc, _ := descriptorName(filepath.Base(p))
+	d.mu.Lock()
+	_, ok := d.pending[filepath.Join(filepath.Dir(p), desc)]
+	d.mu.Unlock()
+	return ok
+}
+
+// Settle finishes a disk made through the view after a file of it was
+// written and closed: rel is that file, and isOpen says whether another
+// file of the view is open. When the disk's descriptor file holds a text
+// descriptor, no one has it open, and every extent it names exists as a
+// container of its disk, the descriptor is atomically replaced by its
+// plain form with encryptionKeys and ddb.vmcryptd.diskId. It returns the
+// files it replaced (slash paths relative to the datastore), which a view
+// must stop serving from any cached state.
+//
+// A descriptor file that holds a sparse disk (its own descriptor inside)
+// stays a container: it is already a complete encrypted disk. One that
+// holds neither stays a container too; nothing is ever decrypted to disk
+// that the creator did not write as a descriptor.
+func (d *Datastore) Settle(rel string, isOpen func(rel string) bool) ([]string, error) {
+	p, err := d.abs(rel)
+	if err != nil {
+		return nil, err
+	}
+	if !isVMDKName(p) {
+		return nil, nil
+	}
+	dir := filepath.Dir(p)
+	desc, _ := descriptorName(filepath.Base(p))
+	descPath := filepath.Join(dir, desc)
+	d.mu.Lock()
+	pd, ok := d.pending[descPath]
+	d.mu.Unlock()
+	if !ok {
+		return nil, nil
+	}
+	descRel := path.Join(path.Dir(filepath.ToSlash(rel)), desc)
+	if descRel != rel && isOpen(descRel) {
+		return nil, nil // its own close settles it
+	}
+	res, err := d.settleDescriptor(descPath, pd)
+	if res != settleLater {
+		d.mu.Lock()
+		delete(d.pending, descPath)
+		delete(d.layouts, dir)
+		d.mu.Unlock()
+	}
+	if res != settleReplaced {
+		return nil, err
+	}
+	return []string{descRel}, err
+}
+
+// settleResult is what settleDescriptor did.
+type settleResult int
+
+const (
+	settleLater    settleResult = iota // not complete yet: try at the next close
+	settleKept                         // stays a container (sparse disk, not a disk, or refused)
+	settleReplaced                     // rewritten as a plain descriptor with the key lines
+)
+
+// errNotYet means the disk is not complete yet; Settle tries again at the
+// next close of one of its files.
+var errNotYet = errors.New("not yet")
+
+// settleDescriptor does Settle's work on one pending descriptor.
+func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk) (settleResult, error) {
+	b := Binding{PurposeDisk, pd.diskID}
+	head, err := readHead(descPath)
+	if errors.Is(err, os.ErrNotExist) {
+		return settleLater, nil // extents first, descriptor later
+	}
+	if err != nil {
+		return settleLater, err
+	}
+	h, err := PeekHeader(head)
+	if err != nil || h.Binding != b {
+		return settleKept, nil // replaced by something else behind our back
+	}
+	dek, err := d.cachedDEK(filepath.Dir(descPath), b, pd.keySafe)
+	if err != nil {
+		return settleLater, err
+	}
+	c, err := OpenContainer(descPath, dek, true, d.Impl)
+	if err != nil {
+		return settleLater, err
+	}
+	text, err := readDescriptorText(c)
+	c.Close()
+	switch {
+	case errors.Is(err, errNotYet):
+		return settleLater, nil
+	case err != nil:
+		return settleKept, nil // a sparse disk, or not a disk at all: stays encrypted
+	}
+	parsed, err := vmdk.ParseDescriptor(text)
+	if err != nil {
+		return settleKept, fmt.Errorf("%s: left encrypted: %w", descPath, err)
+	}
+	// A descriptor copied from another encrypted disk names that disk's
+	// key and id; its extents here are containers of this disk, so the
+	// lines are overwritten below.
+	if err := checkPendingExtents(filepath.Dir(descPath), parsed, b); err != nil {
+		if errors.Is(err, errNotYet) {
+			return settleLater, nil
+		}
+		return settleKept, fmt.Errorf("%s: left encrypted: %w", descPath, err)
+	}
+	if err := parsed.Set(DescKeySafe, pd.keySafe); err != nil {
+		return settleKept, fmt.Errorf("%s: %w", descPath, err)
+	}
+	if err := parsed.Set(DDBDiskID, pd.diskID); err != nil {
+		return settleKept, fmt.Errorf("%s: %w", descPath, err)
+	}
+	if err := replaceKeepingOwner(descPath, parsed.Bytes()); err != nil {
+		return settleLater, err
+	}
+	return settleReplaced, nil
+}
+
+// readDescriptorText returns the plaintext of a descriptor-candidate
+// container: errNotYet while it is empty, another error if it is not a
+// text descriptor (a sparse disk or anything else).
+func readDescriptorText(c *Container) ([]byte, error) {
+	size := c.Size()
+	if size == 0 {
+		return nil, errNotYet
+	}
+	if size > maxDescriptor {
+		return nil, errors.New("too large for a descriptor")
+	}
+	text := make([]byte, size)
+	if _, err := c.ReadAt(text, 0); err != nil && err != io.EOF {
+		return nil, err
+	}
+	if !bytes.HasPrefix(text, descriptorMagic) {
+		return nil, errors.New("not a text descriptor")
+	}
+	return text, nil
+}
+
+// checkPendingExtents requires every file extent of desc to be a regular
+// file in dir and a container bound to b. errNotYet: one does not exist.
+func checkPendingExtents(dir string, desc *vmdk.Descriptor, b Binding) error {
+	n := 0
+	for _, e := range desc.Extents() {
+		if e.Filename == "" {
+			continue
+		}
+		n++
+		p, err := vmdk.ResolveExtentPath(dir, e.Filename)
+		if err != nil {
+			return fmt.Errorf("extent %q: %w", e.Filename, err)
+		}
+		if filepath.Dir(p) != filepath.Clean(dir) {
+			return fmt.Errorf("extent %q: not in the VM's directory", e.Filename)
+		}
+		st, err := os.Lstat(p)
+		if errors.Is(err, os.ErrNotExist) {
+			return errNotYet
+		}
+		if err != nil {
+			return err
+		}
+		if !st.Mode().IsRegular() {
+			return fmt.Errorf("extent %q: not a regular file", e.Filename)
+		}
+		head, err := readHead(p)
+		if err != nil {
+			return err
+		}
+		h, err := PeekHeader(head)
+		if err != nil || h.Binding != b {
+			return fmt.Errorf("extent %q is not a container of disk %s", e.Filename, b.OwnerID)
+		}
+	}
+	if n == 0 {
+		return errors.New("it names no extent file")
+	}
+	return nil
+}
+
+// replaceKeepingOwner atomically replaces path with data, keeping its
+// permissions and owner.
+func replaceKeepingOwner(path string, data []byte) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Write(path, data, st.Mode().Perm()); err != nil {
+		return err
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		if err := os.Lchown(path, int(sys.Uid), int(sys.Gid)); err != nil {
+			return fmt.Errorf("chown %s: %w", path, err)
+		}
+	}
+	return nil
+}

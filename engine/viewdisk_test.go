@@ -1,0 +1,236 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vmcryptd/vmcryptd/formats/vmdk"
+)
+
+func TestDescriptorName(t *testing.T) {
+	for _, tc := range []struct {
+		in, desc string
+		extent   bool
+	}{
+		{"disk.vmdk", "disk.vmdk", false},
+		{"disk-flat.vmdk", "disk.vmdk", true},
+		{"disk-s001.vmdk", "disk.vmdk", true},
+		{"disk-f012.vmdk", "disk.vmdk", true},
+		{"my-disk-000001-delta.vmdk", "my-disk-000001.vmdk", true},
+		{"a-sesparse.VMDK", "a.VMDK", true},
+		{"disk-ctk.vmdk", "disk-ctk.vmdk", false},
+		{"disk-s1.vmdk", "disk-s1.vmdk", false},
+		{"-flat.vmdk", "-flat.vmdk", false},
+	} {
+		desc, ext := descriptorName(tc.in)
+		if desc != tc.desc || ext != tc.extent {
+			t.Errorf("descriptorName(%q) = %q, %v; want %q, %v", tc.in, desc, ext, tc.desc, tc.extent)
+		}
+	}
+}
+
+// createThrough makes a file as a view would: through Datastore.Create,
+// writing data and closing.
+func createThrough(t *testing.T, ds *Datastore, rel string, data []byte) {
+	t.Helper()
+	c, enc, err := ds.Create(rel, 0o640)
+	if err != nil || !enc {
+		t.Fatalf("create %s: encrypted=%v err=%v", rel, enc, err)
+	}
+	if len(data) > 0 {
+		if _, err := c.WriteAt(data, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func neverOpen(string) bool { return false }
+
+func descValue(t *testing.T, text []byte, key string) string {
+	t.Helper()
+	d, err := vmdk.ParseDescriptor(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, _ := d.Get(key)
+	return v
+}
+
+// A disk made through a view inside an encrypted VM, descriptor first
+// (qemu-img's order): the extents are containers of one new disk, and the
+// descriptor becomes plain text with the key lines once it is settled.
+func TestViewDiskSettle(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	dir := filepath.Join(root, "vm")
+	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+
+	if enc, err := ds.WouldEncrypt("vm/new.vmdk"); err != nil || !enc {
+		t.Fatalf("WouldEncrypt(new.vmdk) = %v, %v", enc, err)
+	}
+	// Opened and closed empty first, as qemu's file create does.
+	createThrough(t, ds, "vm/new.vmdk", nil)
+	if got, err := ds.Settle("vm/new.vmdk", neverOpen); err != nil || got != nil {
+		t.Fatalf("settle of empty descriptor: %v %v", got, err)
+	}
+	data := bytes.Repeat([]byte("guest data! "), 100000)
+	createThrough(t, ds, "vm/new-s001.vmdk", data)
+	createThrough(t, ds, "vm/new-s002.vmdk", data[:4096])
+	desc := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\n\n" +
+		"# Extent description\nRW 4194304 SPARSE \"new-s001.vmdk\"\nRW 4194304 SPARSE \"new-s002.vmdk\"\n\n" +
+		"# The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\n"
+	c, err := ds.Open("vm/new.vmdk", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt([]byte(desc), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// While open elsewhere, an extent's close does not settle it.
+	if got, err := ds.Settle("vm/new-s002.vmdk", func(r string) bool { return r == "vm/new.vmdk" }); err != nil || got != nil {
+		t.Fatalf("settle while descriptor open: %v %v", got, err)
+	}
+	c.Close()
+	got, err := ds.Settle("vm/new.vmdk", neverOpen)
+	if err != nil || len(got) != 1 || got[0] != "vm/new.vmdk" {
+		t.Fatalf("settle: %v %v", got, err)
+	}
+	text, err := os.ReadFile(filepath.Join(dir, "new.vmdk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks, id := descValue(t, text, DescKeySafe), descValue(t, text, DDBDiskID)
+	if !strings.HasPrefix(string(text), "# Disk DescriptorFile") || ks == "" || id == "" {
+		t.Fatalf("settled descriptor lacks its key lines:\n%s", text)
+	}
+	if st, _ := os.Stat(filepath.Join(dir, "new.vmdk")); st.Mode().Perm() != 0o640 {
+		t.Errorf("descriptor mode %v, want 0640", st.Mode().Perm())
+	}
+	for _, e := range []string{"new-s001.vmdk", "new-s002.vmdk"} {
+		raw, _ := os.ReadFile(filepath.Join(dir, e))
+		h, err := PeekHeader(raw)
+		if err != nil || h.Binding != (Binding{PurposeDisk, id}) {
+			t.Fatalf("%s: header %+v %v, want disk %s", e, h, err, id)
+		}
+		if bytes.Contains(raw, []byte("guest data!")) {
+			t.Fatalf("%s holds plaintext", e)
+		}
+		if eks, ok := ReadEmbeddedKeySafe(raw); !ok || eks != ks {
+			t.Fatalf("%s: embedded keySafe %q, want the descriptor's", e, eks)
+		}
+	}
+	// A second settle has nothing to do.
+	if got, err := ds.Settle("vm/new.vmdk", neverOpen); err != nil || got != nil {
+		t.Fatalf("second settle: %v %v", got, err)
+	}
+	// Read back through a fresh resolver (as after a daemon restart).
+	ds2 := NewDatastore(root, ops.Keys, "")
+	defer ds2.Close()
+	if st, reason, err := ds2.Classify("vm/new-s001.vmdk"); err != nil || st != FileEncrypted {
+		t.Fatalf("classify extent: %v %q %v", st, reason, err)
+	}
+	if st, _, _ := ds2.Classify("vm/new.vmdk"); st != FilePlain {
+		t.Fatalf("settled descriptor classified %v, want plain", st)
+	}
+	c, err = ds2.Open("vm/new-s001.vmdk", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back := make([]byte, len(data))
+	if _, err := c.ReadAt(back, 0); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if !bytes.Equal(back, data) {
+		t.Fatal("extent data differs")
+	}
+
+	// Attached to the VM, a shallow rekey rewraps the extents' copies too,
+	// so they open with only the new KEK; a decrypt then leaves plain files.
+	vmxPath := filepath.Join(dir, "vm.vmx")
+	vmxText, _ := os.ReadFile(vmxPath)
+	vmxText = append(vmxText, []byte("\nscsi0:1.present = \"TRUE\"\nscsi0:1.fileName = \"new.vmdk\"\n")...)
+	if err := os.WriteFile(vmxPath, vmxText, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	kek2, err := ops.Keys.Create(ctx, "mem", "kek2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ops.RekeyShallow(ctx, dir, kek2.Ref); err != nil {
+		t.Fatal(err)
+	}
+	text, _ = os.ReadFile(filepath.Join(dir, "new.vmdk"))
+	nks := descValue(t, text, DescKeySafe)
+	for _, e := range []string{"new-s001.vmdk", "new-s002.vmdk"} {
+		eks, ok, err := ReadEmbeddedKeySafeFile(filepath.Join(dir, e))
+		if err != nil || !ok || eks != nks || eks == ks {
+			t.Fatalf("%s: embedded keySafe not rewrapped (ok=%v err=%v)", e, ok, err)
+		}
+	}
+	if err := ops.Decrypt(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(filepath.Join(dir, "new-s001.vmdk"))
+	if !bytes.Equal(raw, data) {
+		t.Fatal("decrypted extent differs")
+	}
+}
+
+// A .vmdk that holds its own descriptor (sparse) stays a container, and
+// a file that is not a disk at all is never decrypted to disk.
+func TestViewDiskStaysEncrypted(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	dir := filepath.Join(root, "vm")
+	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	for name, content := range map[string][]byte{
+		"sparse.vmdk": append([]byte("KDMV\x01\x00\x00\x00"), bytes.Repeat([]byte{7}, 9000)...),
+		"junk.vmdk":   []byte("# not a descriptor\nRW 1 FLAT \"x\" 0\n"),
+		// A descriptor whose extent is a plain file must not be adopted.
+		"half.vmdk": []byte("# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"plain.raw\" 0\n"),
+	} {
+		createThrough(t, ds, "vm/"+name, content)
+	}
+	os.WriteFile(filepath.Join(dir, "plain.raw"), make([]byte, 1<<20), 0o644)
+	for _, name := range []string{"sparse.vmdk", "junk.vmdk", "half.vmdk"} {
+		got, err := ds.Settle("vm/"+name, neverOpen)
+		if got != nil || (name != "half.vmdk" && err != nil) || (name == "half.vmdk" && err == nil) {
+			t.Fatalf("settle %s: %v %v", name, got, err)
+		}
+		raw, _ := os.ReadFile(filepath.Join(dir, name))
+		if _, err := PeekHeader(raw); err != nil {
+			t.Fatalf("%s is no longer a container", name)
+		}
+		if st, reason, err := ds.Classify("vm/" + name); err != nil || st != FileEncrypted {
+			t.Fatalf("classify %s: %v %q %v", name, st, reason, err)
+		}
+	}
+	// Outside a VM directory, or a plain file kind, nothing is encrypted.
+	if enc, _ := ds.WouldEncrypt("elsewhere.vmdk"); enc {
+		t.Fatal("a .vmdk outside a VM would be encrypted")
+	}
+	if enc, _ := ds.WouldEncrypt("vm/notes.txt"); enc {
+		t.Fatal("a text file in an encrypted VM would be encrypted")
+	}
+}
