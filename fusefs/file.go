@@ -67,6 +67,10 @@ func (h *encHandle) Write(ctx context.Context, data []byte, off int64) (uint32, 
 	if h.es.readOnly {
 		return 0, syscall.EBADF
 	}
+	if h.es.retired.Load() {
+		h.n.st.log.Error("write to a file replaced on disk; reopen it", "path", h.n.rel())
+		return 0, syscall.EIO
+	}
 	k, err := h.c.WriteAt(data, off)
 	if err != nil {
 		h.n.st.log.Error("write failed", "path", h.n.rel(), "off", off, "len", len(data), "err", err)
@@ -88,9 +92,14 @@ func ioErrno(err error) syscall.Errno {
 	return syscall.EIO
 }
 
-// Flush has nothing to do: the header's size is written as soon as it
-// changes, and durability is fsync's business.
-func (h *encHandle) Flush(ctx context.Context) syscall.Errno { return 0 }
+// Flush settles a written file with its last close (see Settler); for
+// everything else it has nothing to do: durability is fsync's business.
+func (h *encHandle) Flush(ctx context.Context) syscall.Errno {
+	if h.write {
+		h.n.settle(h.es)
+	}
+	return 0
+}
 
 func (h *encHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 	if h.es.readOnly {

@@ -73,6 +73,21 @@ type Placer interface {
 	WouldEncrypt(rel string) (bool, error)
 }
 
+// Settler is optionally implemented by a Backend that gives files their
+// final form once written: a new VMDK descriptor made as a container
+// becomes plain text naming its disk key (engine.Datastore.Settle). The
+// view calls Settle when the last handle of an encrypted file that was
+// open for writing is flushed (close(2)), after syncing its container, so
+// the work is done before the writer's close returns. isOpen says whether
+// a file of the view is open. The returned files were replaced on disk;
+// the view stops serving them from its caches.
+type Settler interface {
+	// Unsettled reports, without I/O, whether rel may need settling;
+	// only then does the view sync and call Settle.
+	Unsettled(rel string) bool
+	Settle(rel string, isOpen func(rel string) bool) (replaced []string, err error)
+}
+
 // Options tune a mount. The zero value gives the measured defaults (see
 // the package README in bench/fio for the numbers behind them).
 type Options struct {

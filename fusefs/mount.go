@@ -35,7 +35,8 @@ type state struct {
 	root     string // absolute backing directory
 	dev      uint64 // its device, folded out of inode numbers
 	backend  Backend
-	placer   Placer // backend as Placer, or nil
+	placer   Placer  // backend as Placer, or nil
+	settler  Settler // backend as Settler, or nil
 	log      *slog.Logger
 	readOnly bool
 	// writeback mirrors Options: with the kernel writeback cache the
@@ -60,6 +61,22 @@ func (s *state) dropHandle(id uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.open, id)
+}
+
+// isOpen reports whether the file at rel has an open handle.
+func (s *state) isOpen(rel string) bool {
+	s.mu.Lock()
+	nodes := make([]*node, 0, len(s.open))
+	for _, n := range s.open {
+		nodes = append(nodes, n)
+	}
+	s.mu.Unlock()
+	for _, n := range nodes {
+		if n.rel() == rel {
+			return true
+		}
+	}
+	return false
 }
 
 // openPaths lists the files with open handles, sorted, each once.
@@ -125,6 +142,9 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 	}
 	if p, ok := b.(Placer); ok {
 		st.placer = p
+	}
+	if se, ok := b.(Settler); ok {
+		st.settler = se
 	}
 	rootNode := &node{st: st}
 

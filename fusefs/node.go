@@ -7,7 +7,9 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -45,6 +47,10 @@ type encState struct {
 	c        *engine.Container
 	readOnly bool
 	refs     int
+	// retired is set when the backend replaced the file on disk (Settle)
+	// while this state was still referenced: reads still see the old
+	// content, writes fail, since they would land in an unlinked file.
+	retired atomic.Bool
 }
 
 var (
@@ -449,6 +455,61 @@ func (n *node) release(es *encState) {
 	}
 	if err := es.c.Close(); err != nil {
 		n.st.log.Error("closing encrypted file failed", "path", n.rel(), "err", err)
+	}
+}
+
+// settle lets the backend give the file its final form (Settler) when es
+// is its last handle: the container is synced first, so the backend
+// reads what was written. Files it replaced are dropped from the view.
+func (n *node) settle(es *encState) {
+	s := n.st
+	if s.settler == nil || es.readOnly || es.retired.Load() {
+		return
+	}
+	n.mu.Lock()
+	last := es.refs == 1 && n.enc == es
+	n.mu.Unlock()
+	rel := n.rel()
+	if !last || !s.settler.Unsettled(rel) {
+		return
+	}
+	if err := es.c.Sync(); err != nil {
+		s.log.Error("fsync before settling failed", "path", rel, "err", err)
+		return
+	}
+	replaced, err := s.settler.Settle(rel, s.isOpen)
+	if err != nil {
+		s.log.Warn("new file kept as is", "path", rel, "err", err)
+	}
+	for _, r := range replaced {
+		s.log.Info("new disk descriptor written with its key", "path", r)
+		n.dropReplaced(r)
+	}
+}
+
+// dropReplaced forgets a file the backend replaced on disk: its node (if
+// the kernel knows it) no longer serves the old container, and the
+// kernel's name cache entry is dropped, so the next lookup finds the new
+// file (a new inode, with its own size).
+func (n *node) dropReplaced(rel string) {
+	parent := n.Root()
+	comps := strings.Split(rel, "/")
+	for _, c := range comps[:len(comps)-1] {
+		if parent = parent.GetChild(c); parent == nil {
+			return
+		}
+	}
+	name := comps[len(comps)-1]
+	if ch := nodeOf(parent.GetChild(name)); ch != nil {
+		ch.mu.Lock()
+		if es := ch.enc; es != nil {
+			es.retired.Store(true)
+			ch.enc = nil // the last handle's release closes it
+		}
+		ch.mu.Unlock()
+	}
+	if errno := parent.NotifyEntry(name); errno != 0 && errno != syscall.ENOENT {
+		n.st.log.Warn("could not invalidate name cache", "path", rel, "errno", errno)
 	}
 }
 

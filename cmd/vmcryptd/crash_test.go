@@ -153,13 +153,15 @@ func needBin(t *testing.T, name string) {
 	}
 }
 
-func runCmd(t *testing.T, dir, name string, args ...string) {
+func runCmd(t *testing.T, dir, name string, args ...string) string {
 	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Dir = dir
-	if out, err := cmd.CombinedOutput(); err != nil {
+	out, err := cmd.CombinedOutput()
+	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
+	return string(out)
 }
 
 func vmEncrypted(t *testing.T, sock, vm string) bool {

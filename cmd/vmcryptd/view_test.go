@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -72,5 +73,118 @@ func TestViewThroughDaemon(t *testing.T) {
 	want, _ := os.ReadFile(filepath.Join(orig, "d-monolithicSparse.vmdk"))
 	if !bytes.Equal(got, want) {
 		t.Fatal("sparse disk differs after encrypt, view, decrypt")
+	}
+}
+
+// TestViewNewDisks makes disks with qemu-img inside an encrypted VM
+// through the view, in every subformat: each lands encrypted at rest,
+// descriptors become plain text naming their key, and the disks stay
+// usable through the view, after a remount, and after a decrypt.
+func TestViewNewDisks(t *testing.T) {
+	needBin(t, "qemu-img")
+	needBin(t, "qemu-io")
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("/dev/fuse missing")
+		}
+		t.Skip("/dev/fuse missing")
+	}
+	dir := startLab(t)
+	sock := filepath.Join(dir, "vmcryptd.sock")
+	vm := filepath.Join(dir, "datastore", "newdisks")
+	mustRun(t, "--socket", sock, "vm", "create", vm, "--name", "newdisks", "--encrypt")
+	mp := filepath.Join(dir, "view")
+	mustRun(t, "--socket", sock, "mount", "lab", mp)
+	t.Cleanup(func() { vmcryptd(t, nil, nil, "--socket", sock, "unmount", "--force", mp) })
+	view := filepath.Join(mp, "newdisks")
+
+	type newDisk struct {
+		sf      string
+		extents []string // files at rest that must be containers
+		text    bool     // the .vmdk is a plain text descriptor at rest
+	}
+	disks := []newDisk{
+		{"monolithicSparse", []string{"n-monolithicSparse.vmdk"}, false},
+		{"monolithicFlat", []string{"n-monolithicFlat-flat.vmdk"}, true},
+		{"twoGbMaxExtentSparse", []string{"n-twoGbMaxExtentSparse-s001.vmdk"}, true},
+		{"twoGbMaxExtentFlat", []string{"n-twoGbMaxExtentFlat-f001.vmdk"}, true},
+		{"streamOptimized", []string{"n-streamOptimized.vmdk"}, false},
+	}
+	for _, d := range disks {
+		name := "n-" + d.sf + ".vmdk"
+		if d.sf == "streamOptimized" {
+			// streamOptimized is written once, by convert.
+			src := filepath.Join(t.TempDir(), "src.vmdk")
+			runCmd(t, view, "qemu-img", "create", "-q", "-f", "vmdk", src, "16M")
+			runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "write -P 0x5a 1M 1M", src)
+			runCmd(t, view, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, name)
+		} else {
+			runCmd(t, view, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat="+d.sf, name, "16M")
+			runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "write -P 0x5a 1M 1M", name)
+		}
+		// Right after the tool's close, the view serves the final file.
+		out := runCmd(t, view, "qemu-img", "info", name)
+		if !strings.Contains(out, "virtual size: 16 MiB") {
+			t.Fatalf("%s: qemu-img info through the view:\n%s", name, out)
+		}
+		runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "read -P 0x5a 1M 1M", "-c", "read -P 0 0 1M", name)
+		if d.sf != "streamOptimized" && !strings.HasSuffix(d.sf, "Flat") {
+			runCmd(t, view, "qemu-img", "check", "-q", name)
+		}
+		// At rest.
+		raw, err := os.ReadFile(filepath.Join(vm, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.text {
+			if !bytes.HasPrefix(raw, []byte("# Disk DescriptorFile")) || !bytes.Contains(raw, []byte(`encryptionKeys="vmware:key/list/`)) || !bytes.Contains(raw, []byte("ddb.vmcryptd.diskId")) {
+				t.Fatalf("%s at rest is not a descriptor with its key lines:\n%.600s", name, raw)
+			}
+		}
+		for _, e := range d.extents {
+			raw, err := os.ReadFile(filepath.Join(vm, e))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Contains(raw[:1024], []byte("VMCRYPTD")) {
+				t.Fatalf("%s at rest is not a container", e)
+			}
+			if bytes.Contains(raw, bytes.Repeat([]byte{0x5a}, 64)) || bytes.Contains(raw, []byte("KDMV")) || bytes.Contains(raw, []byte("createType")) {
+				t.Fatalf("%s at rest holds plaintext", e)
+			}
+		}
+	}
+	// Outside the VM directory a new disk stays plain.
+	runCmd(t, mp, "qemu-img", "create", "-q", "-f", "vmdk", "plain.vmdk", "1M")
+	if raw, _ := os.ReadFile(filepath.Join(dir, "datastore", "plain.vmdk")); !bytes.HasPrefix(raw, []byte("KDMV")) {
+		t.Fatal("a disk created outside any VM was not left plain")
+	}
+
+	// Attach them all (the vmx is plain text), remount, and read again.
+	vmxPath := filepath.Join(view, "newdisks.vmx")
+	vmxText, err := os.ReadFile(vmxPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range disks {
+		vmxText = fmt.Appendf(vmxText, "scsi1:%d.present = \"TRUE\"\nscsi1:%d.fileName = \"n-%s.vmdk\"\n", i, i, d.sf)
+	}
+	if err := os.WriteFile(vmxPath, vmxText, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "--socket", sock, "unmount", mp)
+	mustRun(t, "--socket", sock, "mount", "lab", mp)
+	for _, d := range disks {
+		runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "read -P 0x5a 1M 1M", "n-"+d.sf+".vmdk")
+	}
+	mustRun(t, "--socket", sock, "unmount", mp)
+	// A shallow rekey, then decrypt: every disk comes back plain and whole.
+	mustRun(t, "--socket", sock, "vm", "rekey", vm)
+	mustRun(t, "--socket", sock, "vm", "decrypt", vm)
+	for _, d := range disks {
+		runCmd(t, vm, "qemu-io", "-f", "vmdk", "-c", "read -P 0x5a 1M 1M", "-c", "read -P 0 2M 1M", "n-"+d.sf+".vmdk")
+		if raw, _ := os.ReadFile(filepath.Join(vm, "n-"+d.sf+".vmdk")); bytes.Contains(raw, []byte("encryptionKeys")) {
+			t.Fatalf("n-%s.vmdk still names a key after decrypt", d.sf)
+		}
 	}
 }

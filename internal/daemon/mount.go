@@ -39,6 +39,12 @@ func (b viewBackend) Create(rel string, perm uint32) (*engine.Container, bool, e
 
 func (b viewBackend) WouldEncrypt(rel string) (bool, error) { return b.ds.WouldEncrypt(rel) }
 
+func (b viewBackend) Unsettled(rel string) bool { return b.ds.Unsettled(rel) }
+
+func (b viewBackend) Settle(rel string, isOpen func(string) bool) ([]string, error) {
+	return b.ds.Settle(rel, isOpen)
+}
+
 type activeMount struct {
 	rec  mountRecord
 	view *fusefs.View
