@@ -266,6 +266,12 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 		return false, nil
 	}
 	if isVMDKName(path) {
+		// Replacing an existing file keeps its form (so `sed -i` on a
+		// plain descriptor works through the view).
+		if st, err := os.Lstat(path); err == nil && st.Mode().IsRegular() {
+			fs, _, err := d.Classify(rel)
+			return err == nil && fs != FilePlain, nil
+		}
 		desc, _ := descriptorName(filepath.Base(path))
 		for _, dk := range l.Disks {
 			if dk.Name == desc && !dk.Embedded && dk.KeySafe == "" {

@@ -263,19 +263,30 @@ func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk) (settleRes
 	if err != nil {
 		return settleKept, fmt.Errorf("%s: left encrypted: %w", descPath, err)
 	}
-	// A descriptor copied from another encrypted disk names that disk's
-	// key and id; its extents here are containers of this disk, so the
-	// lines are overwritten below.
-	if err := checkPendingExtents(filepath.Dir(descPath), parsed, b); err != nil {
-		if errors.Is(err, errNotYet) {
-			return settleLater, nil
-		}
-		return settleKept, fmt.Errorf("%s: left encrypted: %w", descPath, err)
+	dir := filepath.Dir(descPath)
+	ks, id := pd.keySafe, pd.diskID
+	err = d.checkExtents(dir, parsed, b, ks)
+	if errors.Is(err, errNotYet) {
+		return settleLater, nil
 	}
-	if err := parsed.Set(DescKeySafe, pd.keySafe); err != nil {
+	if err != nil {
+		// An editor that saves by writing a new file turns an existing
+		// encrypted disk's descriptor into a new .vmdk: it keeps its own
+		// key lines, if they open every extent it names.
+		ownID, _ := parsed.Get(DDBDiskID)
+		ownKS, _ := parsed.Get(DescKeySafe)
+		if ownID == "" || ownKS == "" || d.checkExtents(dir, parsed, Binding{PurposeDisk, ownID}, ownKS) != nil {
+			return settleKept, fmt.Errorf("%s: left encrypted: %w", descPath, err)
+		}
+		ks, id = ownKS, ownID
+	}
+	// A descriptor copied from another encrypted disk names that disk's
+	// key and id while its extents here belong to this one: the lines
+	// are always (re)set to the disk the extents belong to.
+	if err := parsed.Set(DescKeySafe, ks); err != nil {
 		return settleKept, fmt.Errorf("%s: %w", descPath, err)
 	}
-	if err := parsed.Set(DDBDiskID, pd.diskID); err != nil {
+	if err := parsed.Set(DDBDiskID, id); err != nil {
 		return settleKept, fmt.Errorf("%s: %w", descPath, err)
 	}
 	if err := replaceKeepingOwner(descPath, parsed.Bytes()); err != nil {
@@ -305,9 +316,12 @@ func readDescriptorText(c *Container) ([]byte, error) {
 	return text, nil
 }
 
-// checkPendingExtents requires every file extent of desc to be a regular
-// file in dir and a container bound to b. errNotYet: one does not exist.
-func checkPendingExtents(dir string, desc *vmdk.Descriptor, b Binding) error {
+// checkExtents requires every file extent of desc to be a regular file
+// in dir and a container bound to b whose DEK is the one ks holds (so the
+// descriptor about to be written names a key that opens its data).
+// errNotYet: an extent does not exist yet.
+func (d *Datastore) checkExtents(dir string, desc *vmdk.Descriptor, b Binding, ks string) error {
+	var fp *[16]byte
 	n := 0
 	for _, e := range desc.Extents() {
 		if e.Filename == "" {
@@ -338,6 +352,20 @@ func checkPendingExtents(dir string, desc *vmdk.Descriptor, b Binding) error {
 		h, err := PeekHeader(head)
 		if err != nil || h.Binding != b {
 			return fmt.Errorf("extent %q is not a container of disk %s", e.Filename, b.OwnerID)
+		}
+		if fp == nil {
+			dek, err := d.cachedDEK(dir, b, ks)
+			if err != nil {
+				return err
+			}
+			f, err := DEKFingerprint(dek)
+			if err != nil {
+				return err
+			}
+			fp = &f
+		}
+		if h.Fingerprint != *fp {
+			return fmt.Errorf("extent %q: %w", e.Filename, ErrWrongKey)
 		}
 	}
 	if n == 0 {

@@ -160,6 +160,33 @@ func TestViewDiskSettle(t *testing.T) {
 		t.Fatal("extent data differs")
 	}
 
+	// Replacing the plain descriptor (sed -i renames a plain temp over it)
+	// keeps it plain; an editor that writes a new file gets a container
+	// that settles back to plain text with its own key lines.
+	if enc, err := ds2.WouldEncrypt("vm/new.vmdk"); err != nil || enc {
+		t.Fatalf("WouldEncrypt(existing plain descriptor) = %v, %v", enc, err)
+	}
+	if err := os.Rename(filepath.Join(dir, "new.vmdk"), filepath.Join(dir, "new.vmdk~")); err != nil {
+		t.Fatal(err)
+	}
+	edited := append(bytes.Clone(text), "# edited\n"...)
+	createThrough(t, ds2, "vm/new.vmdk", edited)
+	if !ds2.Unsettled("vm/new.vmdk") {
+		t.Fatal("new descriptor not pending")
+	}
+	if got, err := ds2.Settle("vm/new.vmdk", neverOpen); err != nil || len(got) != 1 {
+		t.Fatalf("settle of edited descriptor: %v %v", got, err)
+	}
+	if back, _ := os.ReadFile(filepath.Join(dir, "new.vmdk")); !bytes.Equal(back, edited) {
+		t.Fatalf("edited descriptor changed by settle:\n%s", back)
+	}
+	// A copy that names keys which do not open the extents is refused.
+	forged := bytes.Replace(text, []byte(id), []byte("00000000-0000-4000-8000-000000000000"), 1)
+	createThrough(t, ds2, "vm/forged.vmdk", bytes.Replace(forged, []byte(`"new-s00`), []byte(`"new-s00`), -1))
+	if got, err := ds2.Settle("vm/forged.vmdk", neverOpen); err == nil || got != nil {
+		t.Fatalf("settle of forged descriptor: %v %v", got, err)
+	}
+
 	// Attached to the VM, a shallow rekey rewraps the extents' copies too,
 	// so they open with only the new KEK; a decrypt then leaves plain files.
 	vmxPath := filepath.Join(dir, "vm.vmx")
