@@ -194,8 +194,27 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
-	return OpenContainer(path, dek, readOnly, d.Impl)
+	c, err := OpenContainer(path, dek, readOnly, d.Impl)
+	if err != nil {
+		return nil, err
+	}
+	// The authenticated kind must fit the name: files of one VM share a
+	// key, so without this check a swap file renamed over the nvram (by
+	// anyone who can write the datastore) would be served as the nvram.
+	want := vmKindByName(path)
+	if want == 0 && isVMDKName(path) {
+		want = KindExtent
+	}
+	if got := c.Header().Kind; want != 0 && got != want {
+		c.Close()
+		return nil, fmt.Errorf("%s: %w: holds a %s container, its name says %s", path, ErrKindMismatch, got, want)
+	}
+	return c, nil
 }
+
+// ErrKindMismatch is returned for a container whose authenticated kind
+// does not fit its file name.
+var ErrKindMismatch = errors.New("container kind does not match the file name")
 
 // vmKindByName picks the container kind of a VM-key file by its name; ""
 // means the file is not one the VM key protects.

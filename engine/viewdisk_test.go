@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -259,5 +260,31 @@ func TestViewDiskStaysEncrypted(t *testing.T) {
 	}
 	if enc, _ := ds.WouldEncrypt("vm/notes.txt"); enc {
 		t.Fatal("a text file in an encrypted VM would be encrypted")
+	}
+}
+
+// A container renamed over a file of another kind of the same VM (same
+// key) is refused rather than served under the wrong name.
+func TestDatastoreKindMismatch(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	dir := filepath.Join(root, "vm")
+	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	createThrough(t, ds, "vm/vm.vswp", bytes.Repeat([]byte{1}, 8192))
+	c, err := ds.Open("vm/vm.nvram", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if err := os.Rename(filepath.Join(dir, "vm.vswp"), filepath.Join(dir, "vm.nvram")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ds.Open("vm/vm.nvram", true); !errors.Is(err, ErrKindMismatch) {
+		t.Fatalf("open of a swap file named nvram: %v, want ErrKindMismatch", err)
 	}
 }
