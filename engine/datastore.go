@@ -159,6 +159,15 @@ func (d *Datastore) busy(path string) error {
 	return nil
 }
 
+// MayOpen refuses (ErrBusy) opening a file of a VM being converted.
+func (d *Datastore) MayOpen(rel string) error {
+	path, err := d.abs(rel)
+	if err != nil {
+		return err
+	}
+	return d.busy(path)
+}
+
 // plainByLayout reports whether the VM directory holding path says the
 // file is plain: a plain VM, or an extent of a disk without a keySafe.
 func (d *Datastore) plainByLayout(path string) bool {

@@ -322,3 +322,25 @@ func TestHelperMountProcess(t *testing.T) {
 	fmt.Println("HELPER-MOUNTED")
 	select {} // until killed
 }
+
+// A plain file the backend's Gate refuses (a VM being converted) cannot
+// be opened: EBUSY, and nothing is written to it.
+func TestGateRefusesPlainOpen(t *testing.T) {
+	m := mountTest(t, Options{})
+	if err := os.WriteFile(m.backing("vm.vmx"), []byte("a = \"1\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m.b.mu.Lock()
+	m.b.busy["vm.vmx"] = true
+	m.b.mu.Unlock()
+	_, err := os.OpenFile(m.view("vm.vmx"), os.O_WRONLY, 0)
+	if !errors.Is(err, syscall.EBUSY) {
+		t.Fatalf("open of a busy plain file: %v, want EBUSY", err)
+	}
+	m.b.mu.Lock()
+	delete(m.b.busy, "vm.vmx")
+	m.b.mu.Unlock()
+	if err := os.WriteFile(m.view("vm.vmx"), []byte("a = \"2\"\n"), 0o644); err != nil {
+		t.Fatalf("open after the conversion: %v", err)
+	}
+}

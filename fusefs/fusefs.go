@@ -88,6 +88,14 @@ type Settler interface {
 	Settle(rel string, isOpen func(rel string) bool) (replaced []string, err error)
 }
 
+// Gate is optionally implemented by a Backend to refuse opening plain
+// files, e.g. those of a VM in the middle of a conversion, which is about
+// to replace them (encrypted files are refused by Open and Create, new
+// files by Create). An error wrapping engine.ErrBusy becomes EBUSY.
+type Gate interface {
+	MayOpen(rel string) error
+}
+
 // Options tune a mount. The zero value gives the measured defaults (see
 // the package README in bench/fio for the numbers behind them).
 type Options struct {
@@ -165,6 +173,8 @@ func errnoOf(err error) syscall.Errno {
 		return errno
 	}
 	switch {
+	case errors.Is(err, engine.ErrBusy):
+		return syscall.EBUSY
 	case errors.Is(err, fs.ErrNotExist):
 		return syscall.ENOENT
 	case errors.Is(err, fs.ErrPermission):

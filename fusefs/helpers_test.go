@@ -2,6 +2,7 @@ package fusefs
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -22,6 +23,7 @@ type testBackend struct {
 
 	mu     sync.Mutex
 	locked map[string]string // rel -> reason
+	busy   map[string]bool   // rel -> refused by MayOpen
 	rwOpen int               // Open calls with readOnly=false
 }
 
@@ -32,7 +34,7 @@ func newTestBackend(t testing.TB, root string) *testBackend {
 		t.Fatal(err)
 	}
 	t.Cleanup(dek.Destroy)
-	return &testBackend{root: root, dek: dek, locked: map[string]string{}}
+	return &testBackend{root: root, dek: dek, locked: map[string]string{}, busy: map[string]bool{}}
 }
 
 func inEncDir(rel string) bool {
@@ -49,6 +51,15 @@ func (b *testBackend) lock(rel, reason string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.locked[rel] = reason
+}
+
+func (b *testBackend) MayOpen(rel string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.busy[rel] {
+		return fmt.Errorf("%s: %w", rel, engine.ErrBusy)
+	}
+	return nil
 }
 
 func (b *testBackend) Classify(rel string) (Class, string, error) {

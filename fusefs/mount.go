@@ -37,6 +37,7 @@ type state struct {
 	backend  Backend
 	placer   Placer  // backend as Placer, or nil
 	settler  Settler // backend as Settler, or nil
+	gate     Gate    // backend as Gate, or nil
 	log      *slog.Logger
 	readOnly bool
 	// writeback mirrors Options: with the kernel writeback cache the
@@ -145,6 +146,9 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 	}
 	if se, ok := b.(Settler); ok {
 		st.settler = se
+	}
+	if g, ok := b.(Gate); ok {
+		st.gate = g
 	}
 	rootNode := &node{st: st}
 

@@ -433,7 +433,7 @@ func (n *node) acquire(rel string, write bool) (*encState, syscall.Errno) {
 			// caller, the reason in the log.
 			n.st.log.Error("cannot open encrypted file", "path", rel, "err", err)
 		}
-		if errno == syscall.EACCES || errno == syscall.ENOENT || errno == syscall.EROFS {
+		if errno == syscall.EACCES || errno == syscall.ENOENT || errno == syscall.EROFS || errno == syscall.EBUSY {
 			return nil, errno
 		}
 		return nil, syscall.EIO
@@ -607,6 +607,12 @@ func (n *node) settleForSeek(off int64) {
 }
 
 func (n *node) openPlain(rel string, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if g := n.st.gate; g != nil {
+		if err := g.MayOpen(rel); err != nil {
+			n.st.log.Warn("refused open", "path", rel, "err", err)
+			return nil, 0, errnoOf(err)
+		}
+	}
 	fd, err := unix.Open(filepath.Join(n.st.root, rel), n.st.backingFlags(flags), 0)
 	if err != nil {
 		return nil, 0, errnoOf(err)

@@ -39,6 +39,8 @@ func (b viewBackend) Create(rel string, perm uint32) (*engine.Container, bool, e
 
 func (b viewBackend) WouldEncrypt(rel string) (bool, error) { return b.ds.WouldEncrypt(rel) }
 
+func (b viewBackend) MayOpen(rel string) error { return b.ds.MayOpen(rel) }
+
 func (b viewBackend) Unsettled(rel string) bool { return b.ds.Unsettled(rel) }
 
 func (b viewBackend) Settle(rel string, isOpen func(string) bool) ([]string, error) {
