@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -209,6 +210,10 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 	wg.Wait()
 }
 
+// maxAPIConns caps concurrent API connections; a conversion streaming its
+// progress holds one for its whole run.
+const maxAPIConns = 64
+
 // Run listens on the configured socket and serves until ctx is done, then
 // shuts down: stops serving, zeroes every key, closes providers.
 func (d *Daemon) Run(ctx context.Context) (err error) {
@@ -222,6 +227,10 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	// Anyone in the socket's group can connect; past the cap, new clients
+	// wait in the listen backlog instead of costing the daemon a goroutine
+	// and buffers each.
+	ln = limitListener(ln, maxAPIConns)
 	srv := &http.Server{
 		Handler:           d.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -353,7 +362,7 @@ type peerKey struct{}
 // peerContext records the connecting process's uid (SO_PEERCRED) in the
 // request context; the kernel vouches for it, so it cannot be forged.
 func peerContext(ctx context.Context, c net.Conn) context.Context {
-	uc, ok := c.(*net.UnixConn)
+	uc, ok := c.(syscall.Conn) // *net.UnixConn, or one behind limitListener
 	if !ok {
 		return ctx
 	}

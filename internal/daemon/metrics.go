@@ -51,6 +51,8 @@ func (m *metrics) serve(ctx context.Context, addr string) error {
 	if err != nil {
 		return err
 	}
+	ln = limitListener(ln, 16) // scrapers are few
+
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
