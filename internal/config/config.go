@@ -53,6 +53,11 @@ type Config struct {
 	// MetricsListen serves Prometheus metrics over HTTP on this address
 	// (e.g. "127.0.0.1:9469"); empty disables it.
 	MetricsListen string `toml:"metrics_listen"`
+	// MountRoots are the directories under which callers other than root
+	// may mount views (the daemon, as root, creates the mountpoint). With
+	// none, only root may mount through the API; configured [[mounts]]
+	// are the administrator's and always allowed.
+	MountRoots []string `toml:"mount_roots"`
 }
 
 // Duration is a time.Duration written as a string ("10s") in TOML.
@@ -148,6 +153,9 @@ func Load(path string) (*Config, error) {
 		if c.Datastores[i].Name == "" || c.Datastores[i].Path == "" {
 			return nil, fmt.Errorf("config %s: datastore %d needs name and path", path, i)
 		}
+	}
+	for i := range c.MountRoots {
+		abs(&c.MountRoots[i])
 	}
 	for _, p := range c.CoreDumpPatterns {
 		if _, err := filepath.Match(p, ""); err != nil {

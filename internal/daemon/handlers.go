@@ -65,6 +65,9 @@ func badRequest(format string, a ...any) error {
 func conflict(format string, a ...any) error {
 	return &httpError{http.StatusConflict, fmt.Sprintf(format, a...)}
 }
+func forbidden(format string, a ...any) error {
+	return &httpError{http.StatusForbidden, fmt.Sprintf(format, a...)}
+}
 func notFound(format string, a ...any) error {
 	return &httpError{http.StatusNotFound, fmt.Sprintf(format, a...)}
 }

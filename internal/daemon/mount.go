@@ -285,6 +285,9 @@ func (d *Daemon) hMount(rc *reqCtx) (any, error) {
 		return nil, badRequest("mountpoint must be an absolute path")
 	}
 	rec := mountRecord{Datastore: root, Mountpoint: filepath.Clean(req.Mountpoint), ReadOnly: req.ReadOnly, AllowOther: req.AllowOther}
+	if err := d.mountAllowed(rc.id, rec.Mountpoint); err != nil {
+		return nil, err
+	}
 	if err := d.mount(rc.r.Context(), rec); err != nil {
 		return nil, err
 	}
@@ -292,6 +295,55 @@ func (d *Daemon) hMount(rc *reqCtx) (any, error) {
 		return nil, err
 	}
 	return mountResult{api.MountInfo{Datastore: root, Mountpoint: rec.Mountpoint, ReadOnly: rec.ReadOnly}}, nil
+}
+
+// mountAllowed keeps callers other than root to mountpoints under the
+// configured mount_roots: the daemon creates the directory and mounts
+// over it as root, which must not reach places such callers could not.
+// The deepest existing ancestor is resolved (symlinks) before comparing.
+func (d *Daemon) mountAllowed(id identity, mp string) error {
+	if id.UID == 0 {
+		return nil
+	}
+	if len(d.cfg.MountRoots) == 0 {
+		return forbidden("only root may mount views here: no mount_roots are configured")
+	}
+	resolved, err := resolveExisting(mp)
+	if err != nil {
+		return badRequest("mountpoint %s: %v", mp, err)
+	}
+	for _, r := range d.cfg.MountRoots {
+		rr, err := filepath.EvalSymlinks(r)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(rr, resolved); err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../") {
+			return nil
+		}
+	}
+	return forbidden("mountpoint %s is not under a configured mount root (%s)", mp, strings.Join(d.cfg.MountRoots, ", "))
+}
+
+// resolveExisting resolves symlinks in the longest existing prefix of p
+// and appends the rest.
+func resolveExisting(p string) (string, error) {
+	p = filepath.Clean(p)
+	rest := ""
+	for {
+		r, err := filepath.EvalSymlinks(p)
+		if err == nil {
+			return filepath.Join(r, rest), nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return "", err
+		}
+		parent := filepath.Dir(p)
+		if parent == p {
+			return "", err
+		}
+		rest = filepath.Join(filepath.Base(p), rest)
+		p = parent
+	}
 }
 
 func (d *Daemon) hUnmount(rc *reqCtx) (any, error) {
