@@ -149,6 +149,10 @@ func (d *Datastore) Classify(rel string) (FileState, string, error) {
 	return FileEncrypted, "", nil
 }
 
+// ErrKeyUnavailable means the KEK that wraps a file's DEK is not in
+// memory (not fetched yet, or its key server refused it).
+var ErrKeyUnavailable = errors.New("not available")
+
 // ErrBusy is returned for files of a VM under conversion.
 var ErrBusy = errors.New("VM directory is being converted; try again when the operation ends")
 
@@ -374,7 +378,7 @@ func (d *Datastore) cachedDEK(dir string, b Binding, ks string) (*DEK, error) {
 					why = s
 				}
 			}
-			errs = append(errs, fmt.Errorf("key %s not available: %s", e.KEK, why))
+			errs = append(errs, fmt.Errorf("key %s %w: %s", e.KEK, ErrKeyUnavailable, why))
 			continue
 		}
 		dek, err := UnwrapDEK(kek, e.Locked, b)

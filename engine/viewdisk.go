@@ -124,7 +124,7 @@ func (d *Datastore) pendingFor(l *vmLayout, descPath string) (pendingDisk, error
 		}
 	}
 	if kek == nil {
-		return pendingDisk{}, fmt.Errorf("new disk %s: no key of the VM is in memory", descPath)
+		return pendingDisk{}, fmt.Errorf("new disk %s: VM key %w", descPath, ErrKeyUnavailable)
 	}
 	id, err := newID()
 	if err != nil {

@@ -288,3 +288,27 @@ func TestDatastoreKindMismatch(t *testing.T) {
 		t.Fatalf("open of a swap file named nvram: %v, want ErrKindMismatch", err)
 	}
 }
+
+// Without the VM's KEK in memory, new files in it cannot be made: the
+// error says the key is unavailable (the view answers EACCES).
+func TestViewCreateLockedVM(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	dir := filepath.Join(root, "vm")
+	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	empty := NewKeyring()
+	defer empty.Close()
+	ds := NewDatastore(root, empty, "")
+	defer ds.Close()
+	for _, name := range []string{"new.vmdk", "vm2.vswp"} {
+		if _, _, err := ds.Create("vm/"+name, 0o600); !errors.Is(err, ErrKeyUnavailable) {
+			t.Errorf("create %s in a locked VM: %v, want ErrKeyUnavailable", name, err)
+		}
+		if _, err := os.Stat(filepath.Join(dir, name)); !os.IsNotExist(err) {
+			t.Errorf("%s was created anyway", name)
+		}
+	}
+}

@@ -175,6 +175,8 @@ func errnoOf(err error) syscall.Errno {
 	switch {
 	case errors.Is(err, engine.ErrBusy):
 		return syscall.EBUSY
+	case errors.Is(err, engine.ErrKeyUnavailable):
+		return syscall.EACCES
 	case errors.Is(err, fs.ErrNotExist):
 		return syscall.ENOENT
 	case errors.Is(err, fs.ErrPermission):
