@@ -312,3 +312,38 @@ func TestViewCreateLockedVM(t *testing.T) {
 		}
 	}
 }
+
+// Copying a disk in (descriptor first, then its extent, as cp does): the
+// descriptor waits for its extent, whose close settles it.
+func TestViewDiskSettleByExtent(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	dir := filepath.Join(root, "vm")
+	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	desc := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n" +
+		"# Extent description\nRW 2048 FLAT \"cp-flat.vmdk\" 0\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n"
+	createThrough(t, ds, "vm/cp.vmdk", []byte(desc))
+	if got, err := ds.Settle("vm/cp.vmdk", neverOpen); err != nil || got != nil {
+		t.Fatalf("settle without its extent: %v %v", got, err)
+	}
+	if !ds.Unsettled("vm/cp-flat.vmdk") {
+		t.Fatal("extent of a pending disk not reported unsettled")
+	}
+	createThrough(t, ds, "vm/cp-flat.vmdk", bytes.Repeat([]byte{9}, 1<<20))
+	got, err := ds.Settle("vm/cp-flat.vmdk", neverOpen)
+	if err != nil || len(got) != 1 || got[0] != "vm/cp.vmdk" {
+		t.Fatalf("settle by the extent: %v %v", got, err)
+	}
+	text, _ := os.ReadFile(filepath.Join(dir, "cp.vmdk"))
+	if descValue(t, text, DescKeySafe) == "" || descValue(t, text, "ddb.adapterType") != "lsilogic" {
+		t.Fatalf("settled descriptor:\n%s", text)
+	}
+	if ds.Unsettled("vm/cp-flat.vmdk") {
+		t.Fatal("still unsettled after settling")
+	}
+}
