@@ -54,6 +54,21 @@ func createThrough(t *testing.T, ds *Datastore, rel string, data []byte) {
 
 func neverOpen(string) bool { return false }
 
+// encryptedVM creates an encrypted VM "vm" (with disks) in a datastore
+// and returns a resolver for the datastore.
+func encryptedVM(t *testing.T, disks []DiskSpec) (*VMOps, string, *Datastore) {
+	t.Helper()
+	ops, kek := newTestOps(t)
+	root := t.TempDir()
+	dir := filepath.Join(root, "vm")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: disks, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	t.Cleanup(ds.Close)
+	return ops, dir, ds
+}
+
 func descValue(t *testing.T, text []byte, key string) string {
 	t.Helper()
 	d, err := vmdk.ParseDescriptor(text)
@@ -68,15 +83,9 @@ func descValue(t *testing.T, text []byte, key string) string {
 // (qemu-img's order): the extents are containers of one new disk, and the
 // descriptor becomes plain text with the key lines once it is settled.
 func TestViewDiskSettle(t *testing.T) {
-	ops, kek := newTestOps(t)
+	ops, dir, ds := encryptedVM(t, []DiskSpec{{Size: 1 << 20}})
 	ctx := context.Background()
-	root := t.TempDir()
-	dir := filepath.Join(root, "vm")
-	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
-	ds := NewDatastore(root, ops.Keys, "")
-	defer ds.Close()
+	root := filepath.Dir(dir)
 
 	if enc, err := ds.WouldEncrypt("vm/new.vmdk"); err != nil || !enc {
 		t.Fatalf("WouldEncrypt(new.vmdk) = %v, %v", enc, err)
@@ -223,15 +232,7 @@ func TestViewDiskSettle(t *testing.T) {
 // A .vmdk that holds its own descriptor (sparse) stays a container, and
 // a file that is not a disk at all is never decrypted to disk.
 func TestViewDiskStaysEncrypted(t *testing.T) {
-	ops, kek := newTestOps(t)
-	ctx := context.Background()
-	root := t.TempDir()
-	dir := filepath.Join(root, "vm")
-	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
-	ds := NewDatastore(root, ops.Keys, "")
-	defer ds.Close()
+	_, dir, ds := encryptedVM(t, nil)
 	for name, content := range map[string][]byte{
 		"sparse.vmdk": append([]byte("KDMV\x01\x00\x00\x00"), bytes.Repeat([]byte{7}, 9000)...),
 		"junk.vmdk":   []byte("# not a descriptor\nRW 1 FLAT \"x\" 0\n"),
@@ -266,15 +267,7 @@ func TestViewDiskStaysEncrypted(t *testing.T) {
 // A container renamed over a file of another kind of the same VM (same
 // key) is refused rather than served under the wrong name.
 func TestDatastoreKindMismatch(t *testing.T) {
-	ops, kek := newTestOps(t)
-	ctx := context.Background()
-	root := t.TempDir()
-	dir := filepath.Join(root, "vm")
-	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
-	ds := NewDatastore(root, ops.Keys, "")
-	defer ds.Close()
+	_, dir, ds := encryptedVM(t, nil)
 	createThrough(t, ds, "vm/vm.vswp", bytes.Repeat([]byte{1}, 8192))
 	c, err := ds.Open("vm/vm.nvram", true)
 	if err != nil {
@@ -316,15 +309,7 @@ func TestViewCreateLockedVM(t *testing.T) {
 // Copying a disk in (descriptor first, then its extent, as cp does): the
 // descriptor waits for its extent, whose close settles it.
 func TestViewDiskSettleByExtent(t *testing.T) {
-	ops, kek := newTestOps(t)
-	ctx := context.Background()
-	root := t.TempDir()
-	dir := filepath.Join(root, "vm")
-	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
-	ds := NewDatastore(root, ops.Keys, "")
-	defer ds.Close()
+	_, dir, ds := encryptedVM(t, nil)
 	desc := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n" +
 		"# Extent description\nRW 2048 FLAT \"cp-flat.vmdk\" 0\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n"
 	createThrough(t, ds, "vm/cp.vmdk", []byte(desc))

@@ -9,9 +9,9 @@ import (
 	"testing"
 )
 
-// TestViewThroughDaemon mounts the decrypted view of a lab datastore and
-// uses it with the real qemu tools.
-func TestViewThroughDaemon(t *testing.T) {
+// needView requires what a view test uses: the qemu tools and FUSE.
+func needView(t *testing.T) {
+	t.Helper()
 	needBin(t, "qemu-img")
 	needBin(t, "qemu-io")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
@@ -20,6 +20,12 @@ func TestViewThroughDaemon(t *testing.T) {
 		}
 		t.Skip("/dev/fuse missing")
 	}
+}
+
+// TestViewThroughDaemon mounts the decrypted view of a lab datastore and
+// uses it with the real qemu tools.
+func TestViewThroughDaemon(t *testing.T) {
+	needView(t)
 	dir := startLab(t)
 	sock := filepath.Join(dir, "vmcryptd.sock")
 	vm := filepath.Join(dir, "datastore", "viewvm")
@@ -81,14 +87,7 @@ func TestViewThroughDaemon(t *testing.T) {
 // descriptors become plain text naming their key, and the disks stay
 // usable through the view, after a remount, and after a decrypt.
 func TestViewNewDisks(t *testing.T) {
-	needBin(t, "qemu-img")
-	needBin(t, "qemu-io")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("/dev/fuse missing")
-		}
-		t.Skip("/dev/fuse missing")
-	}
+	needView(t)
 	dir := startLab(t)
 	sock := filepath.Join(dir, "vmcryptd.sock")
 	vm := filepath.Join(dir, "datastore", "newdisks")
