@@ -469,8 +469,24 @@ func isZero(b []byte) bool {
 
 // WriteAt writes plaintext, extending the logical size if needed. Only
 // the first and last unit of a request are read back (when partially
-// covered); the rest is encrypted straight from p.
+// covered); p itself is never modified (io.WriterAt), so the request is
+// copied into a scratch buffer and encrypted there.
 func (c *Container) WriteAt(p []byte, off int64) (int, error) {
+	return c.write(p, off, false)
+}
+
+// WriteAtInPlace is WriteAt for a caller that hands p over: it encrypts
+// the whole units p covers in place, in p, and writes them from there,
+// saving WriteAt's copy of the request. Partially covered first and last
+// units are still read back and encrypted in a scratch buffer. Whatever
+// it returns, p's contents are undefined afterwards (ciphertext, in
+// part or in whole); p is not retained. The FUSE view uses it for WRITE
+// requests, whose buffer is discarded after the reply.
+func (c *Container) WriteAtInPlace(p []byte, off int64) (int, error) {
+	return c.write(p, off, true)
+}
+
+func (c *Container) write(p []byte, off int64, inPlace bool) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("write %s: negative offset", c.path)
 	}
@@ -490,30 +506,17 @@ func (c *Container) WriteAt(p []byte, off int64) (int, error) {
 
 	oldSize := c.Size()
 	oldUnits := (oldSize + c.unit - 1) / c.unit
-	n := int((u1 - u0 + 1) * c.unit)
-	pooled, buf := getBuf(n)
-	defer putBuf(pooled)
-
-	head := off - u0*c.unit
-	tailEnd := end - u0*c.unit
-	// Read back the partial first and last units if they hold data.
-	if head != 0 || (tailEnd < c.unit && u0 == u1) {
-		if err := c.fillUnit(buf[:c.unit], u0, oldUnits); err != nil {
-			return 0, err
-		}
+	// [a, b) is the run of whole units inside the request.
+	a := (off + c.unit - 1) / c.unit * c.unit
+	b := end / c.unit * c.unit
+	var err error
+	if inPlace && a < b {
+		err = c.writeInPlace(p, off, a, b, oldUnits)
+	} else {
+		err = c.writeCopy(p, off, oldUnits)
 	}
-	if u1 != u0 && tailEnd%c.unit != 0 {
-		last := buf[int(u1-u0)*int(c.unit):]
-		if err := c.fillUnit(last, u1, oldUnits); err != nil {
-			return 0, err
-		}
-	}
-	copy(buf[head:], p)
-	if err := c.cryptRuns(buf, u0, true); err != nil {
+	if err != nil {
 		return 0, err
-	}
-	if _, err := c.f.WriteAt(buf, c.payloadOff+u0*c.unit); err != nil {
-		return 0, fmt.Errorf("write %s: %w", c.path, err)
 	}
 	if end > oldSize {
 		c.hdrMu.Lock()
@@ -529,6 +532,93 @@ func (c *Container) WriteAt(p []byte, off int64) (int, error) {
 		c.hdrMu.Unlock()
 	}
 	return len(p), nil
+}
+
+// writeCopy encrypts a copy of p (with the partial first and last units
+// read back) and writes it. Caller holds the range's stripes.
+func (c *Container) writeCopy(p []byte, off int64, oldUnits int64) error {
+	end := off + int64(len(p))
+	u0 := off / c.unit
+	u1 := (end - 1) / c.unit
+	n := int((u1 - u0 + 1) * c.unit)
+	pooled, buf := getBuf(n)
+	defer putBuf(pooled)
+
+	head := off - u0*c.unit
+	tailEnd := end - u0*c.unit
+	// Read back the partial first and last units if they hold data.
+	if head != 0 || (tailEnd < c.unit && u0 == u1) {
+		if err := c.fillUnit(buf[:c.unit], u0, oldUnits); err != nil {
+			return err
+		}
+	}
+	if u1 != u0 && tailEnd%c.unit != 0 {
+		last := buf[int(u1-u0)*int(c.unit):]
+		if err := c.fillUnit(last, u1, oldUnits); err != nil {
+			return err
+		}
+	}
+	copy(buf[head:], p)
+	if err := c.cryptRuns(buf, u0, true); err != nil {
+		return err
+	}
+	if _, err := c.f.WriteAt(buf, c.payloadOff+u0*c.unit); err != nil {
+		return fmt.Errorf("write %s: %w", c.path, err)
+	}
+	return nil
+}
+
+// writeInPlace encrypts the whole units [a, b) of the request (a < b,
+// both unit-aligned, within [off, off+len(p))) in p itself; a partial
+// unit before a or after b is read back, merged and encrypted in a
+// scratch unit. Caller holds the range's stripes.
+func (c *Container) writeInPlace(p []byte, off, a, b, oldUnits int64) error {
+	end := off + int64(len(p))
+	unit := int(c.unit)
+	var headBuf, tailBuf []byte
+	if a > off { // partial first unit: its tail comes from p
+		pooled, buf := getBuf(unit)
+		defer putBuf(pooled)
+		headBuf = buf
+		u := off / c.unit
+		if err := c.fillUnit(headBuf, u, oldUnits); err != nil {
+			return err
+		}
+		copy(headBuf[off-u*c.unit:], p[:a-off])
+	}
+	if end > b { // partial last unit: its head comes from p
+		pooled, buf := getBuf(unit)
+		defer putBuf(pooled)
+		tailBuf = buf
+		if err := c.fillUnit(tailBuf, b/c.unit, oldUnits); err != nil {
+			return err
+		}
+		copy(tailBuf, p[b-off:])
+	}
+	mid := p[a-off : b-off]
+	if err := c.cryptRuns(mid, a/c.unit, true); err != nil {
+		return err
+	}
+	if headBuf != nil {
+		if err := c.cryptRuns(headBuf, a/c.unit-1, true); err != nil {
+			return err
+		}
+		if _, err := c.f.WriteAt(headBuf, c.payloadOff+a-c.unit); err != nil {
+			return fmt.Errorf("write %s: %w", c.path, err)
+		}
+	}
+	if _, err := c.f.WriteAt(mid, c.payloadOff+a); err != nil {
+		return fmt.Errorf("write %s: %w", c.path, err)
+	}
+	if tailBuf != nil {
+		if err := c.cryptRuns(tailBuf, b/c.unit, true); err != nil {
+			return err
+		}
+		if _, err := c.f.WriteAt(tailBuf, c.payloadOff+b); err != nil {
+			return fmt.Errorf("write %s: %w", c.path, err)
+		}
+	}
+	return nil
 }
 
 // fillUnit puts unit u's plaintext into dst, or zeros if u lies beyond the
