@@ -273,26 +273,25 @@ func (c *Container) writeBothSlots() error {
 }
 
 // lockRange takes the stripes of units [u0, u1] in ascending stripe order
-// (so two ranges can never deadlock) and returns the unlock function. The
+// (so two ranges can never deadlock); release them with unlock. The
 // groups of a range map to at most two ascending runs of stripe indexes
 // (the second when the range wraps past the last stripe), so no scan or
 // allocation is needed.
-func (c *Container) lockRange(u0, u1 int64, write bool) func() {
+func (c *Container) lockRange(u0, u1 int64, write bool) rangeLock {
 	g0, g1 := u0/unitsPerStripe, u1/unitsPerStripe
-	var runs [2][2]int // [first, last] stripe indexes, inclusive
-	n := 1
+	l := rangeLock{c: c, n: 1, write: write}
 	if g1-g0+1 >= stripeCount {
-		runs[0] = [2]int{0, stripeCount - 1}
+		l.runs[0] = [2]int{0, stripeCount - 1}
 	} else {
 		s0, s1 := int(g0%stripeCount), int(g1%stripeCount)
 		if s0 <= s1 {
-			runs[0] = [2]int{s0, s1}
+			l.runs[0] = [2]int{s0, s1}
 		} else { // wrapped: the low run first keeps the global order
-			runs[0], runs[1], n = [2]int{0, s1}, [2]int{s0, stripeCount - 1}, 2
+			l.runs[0], l.runs[1], l.n = [2]int{0, s1}, [2]int{s0, stripeCount - 1}, 2
 		}
 	}
-	for r := 0; r < n; r++ {
-		for i := runs[r][0]; i <= runs[r][1]; i++ {
+	for r := 0; r < l.n; r++ {
+		for i := l.runs[r][0]; i <= l.runs[r][1]; i++ {
 			if write {
 				c.stripes[i].Lock()
 			} else {
@@ -300,14 +299,25 @@ func (c *Container) lockRange(u0, u1 int64, write bool) func() {
 			}
 		}
 	}
-	return func() {
-		for r := 0; r < n; r++ {
-			for i := runs[r][0]; i <= runs[r][1]; i++ {
-				if write {
-					c.stripes[i].Unlock()
-				} else {
-					c.stripes[i].RUnlock()
-				}
+	return l
+}
+
+// rangeLock is a range of stripes held by lockRange. It is a value, not
+// a closure, so that taking a range costs no allocation per request.
+type rangeLock struct {
+	c     *Container
+	runs  [2][2]int // [first, last] stripe indexes, inclusive
+	n     int
+	write bool
+}
+
+func (l *rangeLock) unlock() {
+	for r := 0; r < l.n; r++ {
+		for i := l.runs[r][0]; i <= l.runs[r][1]; i++ {
+			if l.write {
+				l.c.stripes[i].Unlock()
+			} else {
+				l.c.stripes[i].RUnlock()
 			}
 		}
 	}
@@ -351,8 +361,8 @@ func (c *Container) ReadAt(p []byte, off int64) (int, error) {
 	}
 	u0 := off / c.unit
 	u1 := (off + int64(want) - 1) / c.unit
-	unlock := c.lockRange(u0, u1, false)
-	defer unlock()
+	lk := c.lockRange(u0, u1, false)
+	defer lk.unlock()
 
 	n := int((u1 - u0 + 1) * c.unit)
 	var buf []byte
@@ -416,16 +426,24 @@ func (c *Container) cryptRuns(buf []byte, u0 int64, encrypt bool) error {
 }
 
 func (c *Container) parallel(buf []byte, u0 int64, encrypt bool) error {
-	fn := c.xts.Decrypt
-	if encrypt {
-		fn = c.xts.Encrypt
-	}
 	workers := runtime.GOMAXPROCS(0)
 	if c.serial || len(buf) < parallelMin || workers < 2 {
-		if err := fn(buf, buf, uint64(u0)); err != nil {
+		// Direct calls: a method value would cost an allocation on
+		// every (small) request.
+		var err error
+		if encrypt {
+			err = c.xts.Encrypt(buf, buf, uint64(u0))
+		} else {
+			err = c.xts.Decrypt(buf, buf, uint64(u0))
+		}
+		if err != nil {
 			return fmt.Errorf("%s: %w", c.path, err)
 		}
 		return nil
+	}
+	fn := c.xts.Decrypt
+	if encrypt {
+		fn = c.xts.Encrypt
 	}
 	unit := int(c.unit)
 	units := len(buf) / unit
@@ -501,8 +519,8 @@ func (c *Container) write(p []byte, off int64, inPlace bool) (int, error) {
 	end := off + int64(len(p))
 	u0 := off / c.unit
 	u1 := (end - 1) / c.unit
-	unlock := c.lockRange(u0, u1, true)
-	defer unlock()
+	lk := c.lockRange(u0, u1, true)
+	defer lk.unlock()
 
 	oldSize := c.Size()
 	oldUnits := (oldSize + c.unit - 1) / c.unit
@@ -716,10 +734,10 @@ func (c *Container) PunchHole(off, length int64) error {
 	last := end / c.unit                 // one past the last whole unit
 	if first < last {
 		c.resize.RLock()
-		unlock := c.lockRange(first, last-1, true)
+		lk := c.lockRange(first, last-1, true)
 		err := unix.Fallocate(int(c.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
 			c.payloadOff+first*c.unit, (last-first)*c.unit)
-		unlock()
+		lk.unlock()
 		c.resize.RUnlock()
 		if err != nil {
 			return fmt.Errorf("punch hole %s: %w", c.path, err)
@@ -807,8 +825,8 @@ func (c *Container) writeUnits(p []byte, off int64) (int, error) {
 	c.resize.RLock()
 	defer c.resize.RUnlock()
 	u0 := off / c.unit
-	unlock := c.lockRange(u0, u0+int64(len(p))/c.unit-1, true)
-	defer unlock()
+	lk := c.lockRange(u0, u0+int64(len(p))/c.unit-1, true)
+	defer lk.unlock()
 	if err := c.cryptRuns(p, u0, true); err != nil {
 		return 0, err
 	}

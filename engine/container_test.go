@@ -259,7 +259,7 @@ func TestLockRangeStripes(t *testing.T) {
 		{0, 0}, {15, 16}, {0, unitsPerStripe*stripeCount - 1}, {unitsPerStripe * (stripeCount - 2), unitsPerStripe*(stripeCount+1) + 3},
 		{5, unitsPerStripe * stripeCount * 3},
 	} {
-		unlock := c.lockRange(tc.u0, tc.u1, true)
+		lk := c.lockRange(tc.u0, tc.u1, true)
 		// Every stripe in the range is held: TryLock fails on it, and
 		// succeeds on the others.
 		inRange := map[int]bool{}
@@ -275,7 +275,7 @@ func TestLockRangeStripes(t *testing.T) {
 				t.Fatalf("range %v: stripe %d held=%v, want %v", tc, i, !got, inRange[i])
 			}
 		}
-		unlock()
+		lk.unlock()
 		for i := range c.stripes {
 			if !c.stripes[i].TryLock() {
 				t.Fatalf("range %v: stripe %d still held after unlock", tc, i)
