@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -44,6 +45,12 @@ type Container struct {
 	// serial keeps en/decryption of one request on the calling goroutine;
 	// set by conversions, which already run one worker per core.
 	serial bool
+	// writing counts writes in progress. While another write keeps a
+	// core busy (page-cache writeback sends several at once), splitting
+	// this one's encryption across cores only adds hand-offs: measured
+	// 1.08x-1.12x on buffered 1 MiB writes. Reads stay split: measured
+	// 0.94x serial, even with two readahead requests in flight.
+	writing atomic.Int32
 
 	hdrMu    sync.Mutex // guards hdr, size changes and header writes
 	hdr      Header
@@ -273,26 +280,25 @@ func (c *Container) writeBothSlots() error {
 }
 
 // lockRange takes the stripes of units [u0, u1] in ascending stripe order
-// (so two ranges can never deadlock) and returns the unlock function. The
+// (so two ranges can never deadlock); release them with unlock. The
 // groups of a range map to at most two ascending runs of stripe indexes
 // (the second when the range wraps past the last stripe), so no scan or
 // allocation is needed.
-func (c *Container) lockRange(u0, u1 int64, write bool) func() {
+func (c *Container) lockRange(u0, u1 int64, write bool) rangeLock {
 	g0, g1 := u0/unitsPerStripe, u1/unitsPerStripe
-	var runs [2][2]int // [first, last] stripe indexes, inclusive
-	n := 1
+	l := rangeLock{c: c, n: 1, write: write}
 	if g1-g0+1 >= stripeCount {
-		runs[0] = [2]int{0, stripeCount - 1}
+		l.runs[0] = [2]int{0, stripeCount - 1}
 	} else {
 		s0, s1 := int(g0%stripeCount), int(g1%stripeCount)
 		if s0 <= s1 {
-			runs[0] = [2]int{s0, s1}
+			l.runs[0] = [2]int{s0, s1}
 		} else { // wrapped: the low run first keeps the global order
-			runs[0], runs[1], n = [2]int{0, s1}, [2]int{s0, stripeCount - 1}, 2
+			l.runs[0], l.runs[1], l.n = [2]int{0, s1}, [2]int{s0, stripeCount - 1}, 2
 		}
 	}
-	for r := 0; r < n; r++ {
-		for i := runs[r][0]; i <= runs[r][1]; i++ {
+	for r := 0; r < l.n; r++ {
+		for i := l.runs[r][0]; i <= l.runs[r][1]; i++ {
 			if write {
 				c.stripes[i].Lock()
 			} else {
@@ -300,14 +306,25 @@ func (c *Container) lockRange(u0, u1 int64, write bool) func() {
 			}
 		}
 	}
-	return func() {
-		for r := 0; r < n; r++ {
-			for i := runs[r][0]; i <= runs[r][1]; i++ {
-				if write {
-					c.stripes[i].Unlock()
-				} else {
-					c.stripes[i].RUnlock()
-				}
+	return l
+}
+
+// rangeLock is a range of stripes held by lockRange. It is a value, not
+// a closure, so that taking a range costs no allocation per request.
+type rangeLock struct {
+	c     *Container
+	runs  [2][2]int // [first, last] stripe indexes, inclusive
+	n     int
+	write bool
+}
+
+func (l *rangeLock) unlock() {
+	for r := 0; r < l.n; r++ {
+		for i := l.runs[r][0]; i <= l.runs[r][1]; i++ {
+			if l.write {
+				l.c.stripes[i].Unlock()
+			} else {
+				l.c.stripes[i].RUnlock()
 			}
 		}
 	}
@@ -351,8 +368,8 @@ func (c *Container) ReadAt(p []byte, off int64) (int, error) {
 	}
 	u0 := off / c.unit
 	u1 := (off + int64(want) - 1) / c.unit
-	unlock := c.lockRange(u0, u1, false)
-	defer unlock()
+	lk := c.lockRange(u0, u1, false)
+	defer lk.unlock()
 
 	n := int((u1 - u0 + 1) * c.unit)
 	var buf []byte
@@ -416,16 +433,24 @@ func (c *Container) cryptRuns(buf []byte, u0 int64, encrypt bool) error {
 }
 
 func (c *Container) parallel(buf []byte, u0 int64, encrypt bool) error {
-	fn := c.xts.Decrypt
-	if encrypt {
-		fn = c.xts.Encrypt
-	}
 	workers := runtime.GOMAXPROCS(0)
-	if c.serial || len(buf) < parallelMin || workers < 2 {
-		if err := fn(buf, buf, uint64(u0)); err != nil {
+	if c.serial || len(buf) < parallelMin || workers < 2 || (encrypt && c.writing.Load() > 1) {
+		// Direct calls: a method value would cost an allocation on
+		// every (small) request.
+		var err error
+		if encrypt {
+			err = c.xts.Encrypt(buf, buf, uint64(u0))
+		} else {
+			err = c.xts.Decrypt(buf, buf, uint64(u0))
+		}
+		if err != nil {
 			return fmt.Errorf("%s: %w", c.path, err)
 		}
 		return nil
+	}
+	fn := c.xts.Decrypt
+	if encrypt {
+		fn = c.xts.Encrypt
 	}
 	unit := int(c.unit)
 	units := len(buf) / unit
@@ -469,8 +494,24 @@ func isZero(b []byte) bool {
 
 // WriteAt writes plaintext, extending the logical size if needed. Only
 // the first and last unit of a request are read back (when partially
-// covered); the rest is encrypted straight from p.
+// covered); p itself is never modified (io.WriterAt), so the request is
+// copied into a scratch buffer and encrypted there.
 func (c *Container) WriteAt(p []byte, off int64) (int, error) {
+	return c.write(p, off, false)
+}
+
+// WriteAtInPlace is WriteAt for a caller that hands p over: it encrypts
+// the whole units p covers in place, in p, and writes them from there,
+// saving WriteAt's copy of the request. Partially covered first and last
+// units are still read back and encrypted in a scratch buffer. Whatever
+// it returns, p's contents are undefined afterwards (ciphertext, in
+// part or in whole); p is not retained. The FUSE view uses it for WRITE
+// requests, whose buffer is discarded after the reply.
+func (c *Container) WriteAtInPlace(p []byte, off int64) (int, error) {
+	return c.write(p, off, true)
+}
+
+func (c *Container) write(p []byte, off int64, inPlace bool) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("write %s: negative offset", c.path)
 	}
@@ -480,40 +521,29 @@ func (c *Container) WriteAt(p []byte, off int64) (int, error) {
 	if off > MaxLogicalSize-int64(len(p)) {
 		return 0, fmt.Errorf("write %s: %w", c.path, ErrTooLarge)
 	}
+	c.writing.Add(1)
+	defer c.writing.Add(-1)
 	c.resize.RLock()
 	defer c.resize.RUnlock()
 	end := off + int64(len(p))
 	u0 := off / c.unit
 	u1 := (end - 1) / c.unit
-	unlock := c.lockRange(u0, u1, true)
-	defer unlock()
+	lk := c.lockRange(u0, u1, true)
+	defer lk.unlock()
 
 	oldSize := c.Size()
 	oldUnits := (oldSize + c.unit - 1) / c.unit
-	n := int((u1 - u0 + 1) * c.unit)
-	pooled, buf := getBuf(n)
-	defer putBuf(pooled)
-
-	head := off - u0*c.unit
-	tailEnd := end - u0*c.unit
-	// Read back the partial first and last units if they hold data.
-	if head != 0 || (tailEnd < c.unit && u0 == u1) {
-		if err := c.fillUnit(buf[:c.unit], u0, oldUnits); err != nil {
-			return 0, err
-		}
+	// [a, b) is the run of whole units inside the request.
+	a := (off + c.unit - 1) / c.unit * c.unit
+	b := end / c.unit * c.unit
+	var err error
+	if inPlace && a < b {
+		err = c.writeInPlace(p, off, a, b, oldUnits)
+	} else {
+		err = c.writeCopy(p, off, oldUnits)
 	}
-	if u1 != u0 && tailEnd%c.unit != 0 {
-		last := buf[int(u1-u0)*int(c.unit):]
-		if err := c.fillUnit(last, u1, oldUnits); err != nil {
-			return 0, err
-		}
-	}
-	copy(buf[head:], p)
-	if err := c.cryptRuns(buf, u0, true); err != nil {
+	if err != nil {
 		return 0, err
-	}
-	if _, err := c.f.WriteAt(buf, c.payloadOff+u0*c.unit); err != nil {
-		return 0, fmt.Errorf("write %s: %w", c.path, err)
 	}
 	if end > oldSize {
 		c.hdrMu.Lock()
@@ -529,6 +559,93 @@ func (c *Container) WriteAt(p []byte, off int64) (int, error) {
 		c.hdrMu.Unlock()
 	}
 	return len(p), nil
+}
+
+// writeCopy encrypts a copy of p (with the partial first and last units
+// read back) and writes it. Caller holds the range's stripes.
+func (c *Container) writeCopy(p []byte, off int64, oldUnits int64) error {
+	end := off + int64(len(p))
+	u0 := off / c.unit
+	u1 := (end - 1) / c.unit
+	n := int((u1 - u0 + 1) * c.unit)
+	pooled, buf := getBuf(n)
+	defer putBuf(pooled)
+
+	head := off - u0*c.unit
+	tailEnd := end - u0*c.unit
+	// Read back the partial first and last units if they hold data.
+	if head != 0 || (tailEnd < c.unit && u0 == u1) {
+		if err := c.fillUnit(buf[:c.unit], u0, oldUnits); err != nil {
+			return err
+		}
+	}
+	if u1 != u0 && tailEnd%c.unit != 0 {
+		last := buf[int(u1-u0)*int(c.unit):]
+		if err := c.fillUnit(last, u1, oldUnits); err != nil {
+			return err
+		}
+	}
+	copy(buf[head:], p)
+	if err := c.cryptRuns(buf, u0, true); err != nil {
+		return err
+	}
+	if _, err := c.f.WriteAt(buf, c.payloadOff+u0*c.unit); err != nil {
+		return fmt.Errorf("write %s: %w", c.path, err)
+	}
+	return nil
+}
+
+// writeInPlace encrypts the whole units [a, b) of the request (a < b,
+// both unit-aligned, within [off, off+len(p))) in p itself; a partial
+// unit before a or after b is read back, merged and encrypted in a
+// scratch unit. Caller holds the range's stripes.
+func (c *Container) writeInPlace(p []byte, off, a, b, oldUnits int64) error {
+	end := off + int64(len(p))
+	unit := int(c.unit)
+	var headBuf, tailBuf []byte
+	if a > off { // partial first unit: its tail comes from p
+		pooled, buf := getBuf(unit)
+		defer putBuf(pooled)
+		headBuf = buf
+		u := off / c.unit
+		if err := c.fillUnit(headBuf, u, oldUnits); err != nil {
+			return err
+		}
+		copy(headBuf[off-u*c.unit:], p[:a-off])
+	}
+	if end > b { // partial last unit: its head comes from p
+		pooled, buf := getBuf(unit)
+		defer putBuf(pooled)
+		tailBuf = buf
+		if err := c.fillUnit(tailBuf, b/c.unit, oldUnits); err != nil {
+			return err
+		}
+		copy(tailBuf, p[b-off:])
+	}
+	mid := p[a-off : b-off]
+	if err := c.cryptRuns(mid, a/c.unit, true); err != nil {
+		return err
+	}
+	if headBuf != nil {
+		if err := c.cryptRuns(headBuf, a/c.unit-1, true); err != nil {
+			return err
+		}
+		if _, err := c.f.WriteAt(headBuf, c.payloadOff+a-c.unit); err != nil {
+			return fmt.Errorf("write %s: %w", c.path, err)
+		}
+	}
+	if _, err := c.f.WriteAt(mid, c.payloadOff+a); err != nil {
+		return fmt.Errorf("write %s: %w", c.path, err)
+	}
+	if tailBuf != nil {
+		if err := c.cryptRuns(tailBuf, b/c.unit, true); err != nil {
+			return err
+		}
+		if _, err := c.f.WriteAt(tailBuf, c.payloadOff+b); err != nil {
+			return fmt.Errorf("write %s: %w", c.path, err)
+		}
+	}
+	return nil
 }
 
 // fillUnit puts unit u's plaintext into dst, or zeros if u lies beyond the
@@ -626,10 +743,10 @@ func (c *Container) PunchHole(off, length int64) error {
 	last := end / c.unit                 // one past the last whole unit
 	if first < last {
 		c.resize.RLock()
-		unlock := c.lockRange(first, last-1, true)
+		lk := c.lockRange(first, last-1, true)
 		err := unix.Fallocate(int(c.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
 			c.payloadOff+first*c.unit, (last-first)*c.unit)
-		unlock()
+		lk.unlock()
 		c.resize.RUnlock()
 		if err != nil {
 			return fmt.Errorf("punch hole %s: %w", c.path, err)
@@ -717,8 +834,8 @@ func (c *Container) writeUnits(p []byte, off int64) (int, error) {
 	c.resize.RLock()
 	defer c.resize.RUnlock()
 	u0 := off / c.unit
-	unlock := c.lockRange(u0, u0+int64(len(p))/c.unit-1, true)
-	defer unlock()
+	lk := c.lockRange(u0, u0+int64(len(p))/c.unit-1, true)
+	defer lk.unlock()
 	if err := c.cryptRuns(p, u0, true); err != nil {
 		return 0, err
 	}

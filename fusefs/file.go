@@ -63,6 +63,8 @@ func (h *encHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.Read
 	return fuse.ReadResultData(dest[:k]), 0
 }
 
+// Write encrypts in place in data, which is go-fuse's request buffer:
+// nothing reads it after we return (the reply carries only a count).
 func (h *encHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
 	if h.es.readOnly {
 		return 0, syscall.EBADF
@@ -71,7 +73,7 @@ func (h *encHandle) Write(ctx context.Context, data []byte, off int64) (uint32, 
 		h.n.st.log.Error("write to a file replaced on disk; reopen it", "path", h.n.rel())
 		return 0, syscall.EIO
 	}
-	k, err := h.c.WriteAt(data, off)
+	k, err := h.c.WriteAtInPlace(data, off)
 	if err != nil {
 		h.n.st.log.Error("write failed", "path", h.n.rel(), "off", off, "len", len(data), "err", err)
 		return uint32(k), ioErrno(err)

@@ -157,7 +157,7 @@ const (
 	DefaultMaxWrite         = 1 << 20
 	DefaultMaxBackground    = 16
 	DefaultMaxInflightBytes = 32 << 20
-	DefaultReadAheadKB      = 1024
+	DefaultReadAheadKB      = 2048
 	defaultTimeout          = time.Second
 )
 
