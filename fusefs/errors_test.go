@@ -344,3 +344,44 @@ func TestGateRefusesPlainOpen(t *testing.T) {
 		t.Fatalf("open after the conversion: %v", err)
 	}
 }
+
+// A file the backend replaces when its last handle is flushed (a new
+// VMDK descriptor becoming plain text): the next open, right after
+// close(2) returns, sees the new file at its own size; a write through a
+// duplicate of the old descriptor fails instead of landing in the
+// unlinked container.
+func TestSettleReplacesFile(t *testing.T) {
+	m := mountTest(t, Options{})
+	final := []byte("# Disk DescriptorFile\nencryptionKeys=\"...\"\nlonger than what was written\n")
+	m.b.mu.Lock()
+	m.b.settleTo["enc/d.vmdk"] = final
+	m.b.mu.Unlock()
+	f, err := os.Create(m.view("enc/d.vmdk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write([]byte("# Disk DescriptorFile\n")); err != nil {
+		t.Fatal(err)
+	}
+	dupFd, err := syscall.Dup(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dup := os.NewFile(uintptr(dupFd), "dup")
+	defer dup.Close()
+	if err := f.Close(); err != nil { // FLUSH: settles
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(m.view("enc/d.vmdk"))
+	if err != nil || !bytes.Equal(got, final) {
+		t.Fatalf("after settle the view serves %q, %v; want the replaced file", got, err)
+	}
+	if _, err := dup.WriteAt([]byte("late"), 0); err == nil {
+		if err := dup.Sync(); err == nil {
+			t.Fatal("a write through the old handle reached no error")
+		}
+	}
+	if got, _ := os.ReadFile(m.backing("enc/d.vmdk")); !bytes.Equal(got, final) {
+		t.Fatalf("backing file changed after settle: %q", got)
+	}
+}

@@ -24,6 +24,10 @@ type testBackend struct {
 	mu     sync.Mutex
 	locked map[string]string // rel -> reason
 	busy   map[string]bool   // rel -> refused by MayOpen
+	// settleTo: at its last close, Settle replaces the file with this
+	// plain content; settled files are plain from then on.
+	settleTo map[string][]byte
+	settled  map[string]bool
 	rwOpen int               // Open calls with readOnly=false
 }
 
@@ -34,7 +38,7 @@ func newTestBackend(t testing.TB, root string) *testBackend {
 		t.Fatal(err)
 	}
 	t.Cleanup(dek.Destroy)
-	return &testBackend{root: root, dek: dek, locked: map[string]string{}, busy: map[string]bool{}}
+	return &testBackend{root: root, dek: dek, locked: map[string]string{}, busy: map[string]bool{}, settleTo: map[string][]byte{}, settled: map[string]bool{}}
 }
 
 func inEncDir(rel string) bool {
@@ -53,6 +57,38 @@ func (b *testBackend) lock(rel, reason string) {
 	b.locked[rel] = reason
 }
 
+func (b *testBackend) isSettled(rel string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.settled[rel]
+}
+
+func (b *testBackend) Unsettled(rel string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	_, ok := b.settleTo[rel]
+	return ok
+}
+
+func (b *testBackend) Settle(rel string, isOpen func(string) bool) ([]string, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	data, ok := b.settleTo[rel]
+	if !ok {
+		return nil, nil
+	}
+	p := filepath.Join(b.root, rel)
+	if err := os.WriteFile(p+".new", data, 0o644); err != nil {
+		return nil, err
+	}
+	if err := os.Rename(p+".new", p); err != nil {
+		return nil, err
+	}
+	delete(b.settleTo, rel)
+	b.settled[rel] = true
+	return []string{rel}, nil
+}
+
 func (b *testBackend) MayOpen(rel string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -69,6 +105,8 @@ func (b *testBackend) Classify(rel string) (Class, string, error) {
 	switch {
 	case locked:
 		return ClassLocked, reason, nil
+	case b.isSettled(rel):
+		return ClassPlain, "", nil
 	case inEncDir(rel):
 		return ClassEncrypted, "", nil
 	}
