@@ -28,7 +28,7 @@ type testBackend struct {
 	// plain content; settled files are plain from then on.
 	settleTo map[string][]byte
 	settled  map[string]bool
-	rwOpen int               // Open calls with readOnly=false
+	rwOpen   int // Open calls with readOnly=false
 }
 
 func newTestBackend(t testing.TB, root string) *testBackend {
