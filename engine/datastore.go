@@ -12,6 +12,7 @@ import (
 
 	"github.com/vmcryptd/vmcryptd/engine/xts"
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
+	"github.com/vmcryptd/vmcryptd/formats/vmx"
 )
 
 // Datastore resolves the files of a datastore directory for a decrypted
@@ -77,6 +78,36 @@ func (d *Datastore) layout(dir string) (*vmLayout, error) {
 	d.layouts[dir] = cachedLayout{dirMod: dst.ModTime(), vmxMod: vmxMod, l: l, err: err}
 	d.mu.Unlock()
 	return l, err
+}
+
+// placementLayout is the layout that decides where new files go: dir's
+// full layout, or, when that cannot be loaded (a vmx naming a disk that
+// is about to be created, say), what the vmx alone says, so a broken
+// disk reference never turns new files of an encrypted VM into plain
+// ones. nil: dir holds no vmx. An unreadable vmx is an error: fail
+// closed.
+func (d *Datastore) placementLayout(dir string) (*vmLayout, error) {
+	l, err := d.layout(dir)
+	if err == nil {
+		return l, nil
+	}
+	vmxPath, ferr := vmdir.FindVMX(dir)
+	if ferr != nil {
+		return nil, nil // not a VM directory
+	}
+	text, err := os.ReadFile(vmxPath)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", vmxPath, err)
+	}
+	cfg, err := vmx.Parse(text)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", vmxPath, err)
+	}
+	m := &vmLayout{Dir: filepath.Clean(dir), VMXPath: vmxPath, VMXText: text, VMX: cfg}
+	m.KeySafe, _ = cfg.Get(VMXKeySafe)
+	m.Encrypted = m.KeySafe != ""
+	m.VMID, _ = cfg.Get(VMXVMID)
+	return m, nil
 }
 
 // dekKey includes the fingerprint so a deep rekey (same owner, new DEK)
@@ -265,8 +296,11 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	if kind == 0 && !isVMDKName(path) {
 		return nil, false, nil
 	}
-	l, err := d.layout(filepath.Dir(path))
-	if err != nil || !l.Encrypted {
+	l, err := d.placementLayout(filepath.Dir(path))
+	if err != nil {
+		return nil, false, err
+	}
+	if l == nil || !l.Encrypted {
 		return nil, false, nil // not a VM directory, or a plain VM
 	}
 	if kind == 0 {
@@ -293,8 +327,11 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 	if vmKindByName(path) == 0 && !isVMDKName(path) {
 		return false, nil
 	}
-	l, err := d.layout(filepath.Dir(path))
-	if err != nil || !l.Encrypted {
+	l, err := d.placementLayout(filepath.Dir(path))
+	if err != nil {
+		return false, err
+	}
+	if l == nil || !l.Encrypted {
 		return false, nil
 	}
 	if isVMDKName(path) {

@@ -83,6 +83,19 @@ func (d *Datastore) createDiskFile(l *vmLayout, path string, perm os.FileMode) (
 		}
 		b, ks = Binding{PurposeDisk, dk.DiskID}, dk.KeySafe
 	}
+	if ks == "" && desc != filepath.Base(path) {
+		// An extent of a disk the vmx does not name (yet): join the disk
+		// its descriptor file says, not a new one.
+		var plain bool
+		var err error
+		b, ks, plain, err = diskOfDescriptorFile(filepath.Join(l.Dir, desc))
+		if err != nil {
+			return nil, false, err
+		}
+		if plain {
+			return nil, false, nil
+		}
+	}
 	if ks == "" {
 		p, err := d.pendingFor(l, filepath.Join(l.Dir, desc))
 		if err != nil {
@@ -99,6 +112,50 @@ func (d *Datastore) createDiskFile(l *vmLayout, path string, perm os.FileMode) (
 		return nil, false, err
 	}
 	return c, true, nil
+}
+
+// diskOfDescriptorFile reads the descriptor file at p, if it exists: a
+// plain descriptor with key lines gives its disk, one without them
+// (plain=true) a plain disk; a container (a descriptor not settled
+// before a restart) gives the disk in its header. Nothing found: "".
+func diskOfDescriptorFile(p string) (b Binding, ks string, plain bool, err error) {
+	st, err := os.Lstat(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return b, "", false, nil
+	}
+	if err != nil {
+		return b, "", false, err
+	}
+	if !st.Mode().IsRegular() {
+		return b, "", false, fmt.Errorf("%s: not a regular file", p)
+	}
+	head, err := readHead(p)
+	if err != nil {
+		return b, "", false, err
+	}
+	if h, err := PeekHeader(head); err == nil {
+		if eks, ok := ReadEmbeddedKeySafe(head); ok && h.Binding.Purpose == PurposeDisk {
+			return h.Binding, eks, false, nil
+		}
+		return b, "", false, nil
+	}
+	if st.Size() > maxDescriptor {
+		return b, "", false, nil
+	}
+	raw, err := os.ReadFile(p)
+	if err != nil {
+		return b, "", false, err
+	}
+	desc, err := vmdk.ParseDescriptor(raw)
+	if err != nil || !bytes.HasPrefix(raw, descriptorMagic) {
+		return b, "", false, nil // not a descriptor: a disk of its own
+	}
+	ks, _ = desc.Get(DescKeySafe)
+	id, _ := desc.Get(DDBDiskID)
+	if ks == "" || id == "" {
+		return b, "", true, nil
+	}
+	return Binding{PurposeDisk, id}, ks, false, nil
 }
 
 // pendingFor returns the pending disk of the descriptor at descPath,
@@ -261,11 +318,13 @@ func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk) (settleRes
 	}
 	parsed, err := vmdk.ParseDescriptor(text)
 	if err != nil {
-		return settleKept, fmt.Errorf("%s: left encrypted: %w", descPath, err)
+		// Not the parser's message: it quotes the line, which is
+		// plaintext of an encrypted file, and this goes to the log.
+		return settleKept, fmt.Errorf("%s: left encrypted: not a valid descriptor", descPath)
 	}
 	dir := filepath.Dir(descPath)
 	ks, id := pd.keySafe, pd.diskID
-	err = d.checkExtents(dir, parsed, b, ks)
+	err = d.checkExtents(dir, filepath.Base(descPath), parsed, b, ks)
 	if errors.Is(err, errNotYet) {
 		return settleLater, nil
 	}
@@ -275,7 +334,7 @@ func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk) (settleRes
 		// key lines, if they open every extent it names.
 		ownID, _ := parsed.Get(DDBDiskID)
 		ownKS, _ := parsed.Get(DescKeySafe)
-		if ownID == "" || ownKS == "" || d.checkExtents(dir, parsed, Binding{PurposeDisk, ownID}, ownKS) != nil {
+		if ownID == "" || ownKS == "" || d.checkExtents(dir, filepath.Base(descPath), parsed, Binding{PurposeDisk, ownID}, ownKS) != nil {
 			return settleKept, fmt.Errorf("%s: left encrypted: %w", descPath, err)
 		}
 		ks, id = ownKS, ownID
@@ -320,7 +379,7 @@ func readDescriptorText(c *Container) ([]byte, error) {
 // in dir and a container bound to b whose DEK is the one ks holds (so the
 // descriptor about to be written names a key that opens its data).
 // errNotYet: an extent does not exist yet.
-func (d *Datastore) checkExtents(dir string, desc *vmdk.Descriptor, b Binding, ks string) error {
+func (d *Datastore) checkExtents(dir, self string, desc *vmdk.Descriptor, b Binding, ks string) error {
 	var fp *[16]byte
 	n := 0
 	for _, e := range desc.Extents() {
@@ -334,6 +393,9 @@ func (d *Datastore) checkExtents(dir string, desc *vmdk.Descriptor, b Binding, k
 		}
 		if filepath.Dir(p) != filepath.Clean(dir) {
 			return fmt.Errorf("extent %q: not in the VM's directory", e.Filename)
+		}
+		if filepath.Base(p) == self {
+			return fmt.Errorf("extent %q is the descriptor itself", e.Filename)
 		}
 		st, err := os.Lstat(p)
 		if errors.Is(err, os.ErrNotExist) {
@@ -350,7 +412,7 @@ func (d *Datastore) checkExtents(dir string, desc *vmdk.Descriptor, b Binding, k
 			return err
 		}
 		h, err := PeekHeader(head)
-		if err != nil || h.Binding != b {
+		if err != nil || h.Binding != b || h.Kind != KindExtent {
 			return fmt.Errorf("extent %q is not a container of disk %s", e.Filename, b.OwnerID)
 		}
 		if fp == nil {

@@ -332,3 +332,72 @@ func TestViewDiskSettleByExtent(t *testing.T) {
 		t.Fatal("still unsettled after settling")
 	}
 }
+
+// Review cases: a vmx naming a disk not yet created still encrypts new
+// files; an extent recreated after its descriptor settled joins that
+// disk; a descriptor naming itself is not settled; a shallow rekey never
+// overwrites the key copy of an extent that holds another disk's key.
+func TestViewDiskReviewCases(t *testing.T) {
+	ops, dir, ds := encryptedVM(t, nil)
+	ctx := context.Background()
+	vmxPath := filepath.Join(dir, "vm.vmx")
+	vmxText, _ := os.ReadFile(vmxPath)
+	withDisk := append(bytes.Clone(vmxText), "\nscsi0:1.present = \"TRUE\"\nscsi0:1.fileName = \"r.vmdk\"\n"...)
+	if err := os.WriteFile(vmxPath, withDisk, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The vmx names r.vmdk, which does not exist yet: still encrypted.
+	if enc, err := ds.WouldEncrypt("vm/r.vmdk"); err != nil || !enc {
+		t.Fatalf("WouldEncrypt with a missing named disk: %v %v", enc, err)
+	}
+	desc := "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"r-flat.vmdk\" 0\n"
+	createThrough(t, ds, "vm/r.vmdk", nil)
+	createThrough(t, ds, "vm/r-flat.vmdk", bytes.Repeat([]byte{3}, 1<<20))
+	c, err := ds.Open("vm/r.vmdk", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.WriteAt([]byte(desc), 0)
+	c.Close()
+	if got, err := ds.Settle("vm/r.vmdk", neverOpen); err != nil || len(got) != 1 {
+		t.Fatalf("settle: %v %v", got, err)
+	}
+	text, _ := os.ReadFile(filepath.Join(dir, "r.vmdk"))
+	id := descValue(t, text, DDBDiskID)
+	// Recreated extent (e.g. restored from a backup) joins disk id.
+	os.Remove(filepath.Join(dir, "r-flat.vmdk"))
+	ds2 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	defer ds2.Close()
+	os.WriteFile(vmxPath, vmxText, 0o644) // not attached: the layout does not know r.vmdk
+	createThrough(t, ds2, "vm/r-flat.vmdk", bytes.Repeat([]byte{4}, 1<<20))
+	raw, _ := os.ReadFile(filepath.Join(dir, "r-flat.vmdk"))
+	if h, err := PeekHeader(raw); err != nil || h.Binding.OwnerID != id {
+		t.Fatalf("recreated extent bound to %+v, want disk %s", h.Binding, id)
+	}
+
+	// A descriptor that names itself as its extent stays encrypted.
+	createThrough(t, ds2, "vm/self.vmdk", []byte("# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"self.vmdk\" 0\n"))
+	if got, err := ds2.Settle("vm/self.vmdk", neverOpen); got != nil || err == nil {
+		t.Fatalf("settle of a self-naming descriptor: %v %v", got, err)
+	}
+
+	// An extent of r that holds another disk's key (planted): the rekey
+	// stops and leaves that extent's own copy alone.
+	other := filepath.Join(dir, "r-flat.vmdk")
+	ds3 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	defer ds3.Close()
+	createThrough(t, ds3, "vm/x.vmdk", []byte("junk"))
+	os.Rename(filepath.Join(dir, "x.vmdk"), other)
+	before, _, _ := ReadEmbeddedKeySafeFile(other)
+	os.WriteFile(vmxPath, withDisk, 0o644)
+	kek2, err := ops.Keys.Create(ctx, "mem", "kek2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ops.RekeyShallow(ctx, dir, kek2.Ref); err == nil || !strings.Contains(err.Error(), "another disk's key") {
+		t.Fatalf("rekey over a foreign extent: %v", err)
+	}
+	if after, _, _ := ReadEmbeddedKeySafeFile(other); after != before {
+		t.Fatal("the foreign extent's key copy was overwritten")
+	}
+}

@@ -532,19 +532,25 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 	if !l.Encrypted {
 		return fmt.Errorf("%s: VM is not encrypted", dir)
 	}
-	rewrap := func(ks string, b Binding) (string, error) {
+	rewrap := func(ks string, b Binding) (string, [16]byte, error) {
 		dek, _, err := o.unwrapFrom(ctx, ks, b)
 		if err != nil {
-			return "", err
+			return "", [16]byte{}, err
 		}
 		defer dek.Destroy()
-		return o.wrapInto(ctx, newKEK, dek, b)
+		fp, err := DEKFingerprint(dek)
+		if err != nil {
+			return "", fp, err
+		}
+		nks, err := o.wrapInto(ctx, newKEK, dek, b)
+		return nks, fp, err
 	}
 	for _, d := range l.Disks {
 		if d.KeySafe == "" {
 			continue
 		}
-		nks, err := rewrap(d.KeySafe, Binding{PurposeDisk, d.DiskID})
+		b := Binding{PurposeDisk, d.DiskID}
+		nks, fp, err := rewrap(d.KeySafe, b)
 		if err != nil {
 			return fmt.Errorf("disk %s: %w", d.Name, err)
 		}
@@ -558,14 +564,26 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 		// Extents made through a view carry a copy of the keySafe in
 		// their header (viewdisk.go), which a reader prefers: rewrap it
 		// first, so a crash leaves both copies openable.
+		// A copy is only replaced in an extent that is a regular file
+		// holding this disk's DEK: anything else keeps its own copy,
+		// and the rekey stops rather than lock it out.
 		for _, e := range d.Extents {
 			ep := filepath.Join(dir, e)
-			if _, ok, err := ReadEmbeddedKeySafeFile(ep); err != nil {
+			if st, err := os.Lstat(ep); err != nil || !st.Mode().IsRegular() {
+				return fmt.Errorf("disk %s: extent %s: not a regular file", d.Name, e)
+			}
+			head, err := readHead(ep)
+			if err != nil {
 				return fmt.Errorf("disk %s: %w", d.Name, err)
-			} else if ok {
-				if err := WriteEmbeddedKeySafe(ep, nks); err != nil {
-					return err
-				}
+			}
+			if _, ok := ReadEmbeddedKeySafe(head); !ok {
+				continue
+			}
+			if h, err := PeekHeader(head); err != nil || h.Binding != b || h.Fingerprint != fp {
+				return fmt.Errorf("disk %s: extent %s holds another disk's key; not rekeyed", d.Name, e)
+			}
+			if err := WriteEmbeddedKeySafe(ep, nks); err != nil {
+				return err
 			}
 		}
 		raw, err := os.ReadFile(path)
@@ -583,7 +601,7 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 			return err
 		}
 	}
-	nks, err := rewrap(l.KeySafe, Binding{PurposeVM, l.VMID})
+	nks, _, err := rewrap(l.KeySafe, Binding{PurposeVM, l.VMID})
 	if err != nil {
 		return fmt.Errorf("VM key: %w", err)
 	}
