@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 
 	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/fusefs"
@@ -297,10 +298,13 @@ func (d *Daemon) hMount(rc *reqCtx) (any, error) {
 	return mountResult{api.MountInfo{Datastore: root, Mountpoint: rec.Mountpoint, ReadOnly: rec.ReadOnly}}, nil
 }
 
-// mountAllowed keeps callers other than root to mountpoints under the
-// configured mount_roots: the daemon creates the directory and mounts
-// over it as root, which must not reach places such callers could not.
-// The deepest existing ancestor is resolved (symlinks) before comparing.
+// mountAllowed keeps callers other than root to mountpoints that are
+// direct children of a configured mount root: the daemon creates the
+// directory and mounts over it as root, so no path component it follows
+// may be changeable by the caller. The mount root must be a directory
+// owned by root and writable by no one else (then nobody but root can
+// swap the child for a symlink between this check and the mount), and
+// the child, if it exists, must be a directory itself, not a symlink.
 func (d *Daemon) mountAllowed(id identity, mp string) error {
 	if id.UID == 0 {
 		return nil
@@ -308,40 +312,54 @@ func (d *Daemon) mountAllowed(id identity, mp string) error {
 	if len(d.cfg.MountRoots) == 0 {
 		return forbidden("only root may mount views here: no mount_roots are configured")
 	}
-	resolved, err := resolveExisting(mp)
-	if err != nil {
-		return badRequest("mountpoint %s: %v", mp, err)
-	}
+	mp = filepath.Clean(mp)
+	parent := filepath.Dir(mp)
 	for _, r := range d.cfg.MountRoots {
-		rr, err := filepath.EvalSymlinks(r)
-		if err != nil {
+		if filepath.Clean(r) != parent {
 			continue
 		}
-		if rel, err := filepath.Rel(rr, resolved); err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../") {
-			return nil
+		if err := safeMountRoot(parent); err != nil {
+			return forbidden("mount root %s: %v", parent, err)
 		}
+		st, err := os.Lstat(mp)
+		if err == nil && !st.IsDir() {
+			return badRequest("mountpoint %s is not a directory", mp)
+		}
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return badRequest("mountpoint %s: %v", mp, err)
+		}
+		return nil
 	}
-	return forbidden("mountpoint %s is not under a configured mount root (%s)", mp, strings.Join(d.cfg.MountRoots, ", "))
+	return forbidden("mountpoint %s is not a directory directly inside a configured mount root (%s)", mp, strings.Join(d.cfg.MountRoots, ", "))
 }
 
-// resolveExisting resolves symlinks in the longest existing prefix of p
-// and appends the rest.
-func resolveExisting(p string) (string, error) {
-	p = filepath.Clean(p)
-	rest := ""
+// safeMountRoot requires every component of dir, from / down, to be a
+// real directory (no symlinks) owned by root and not writable by group or
+// others, so only root can change what the path leads to.
+func safeMountRoot(dir string) error {
+	p := dir
 	for {
-		r, err := filepath.EvalSymlinks(p)
-		if err == nil {
-			return filepath.Join(r, rest), nil
+		st, err := os.Lstat(p)
+		if err != nil {
+			return err
 		}
-		if !errors.Is(err, os.ErrNotExist) {
-			return "", err
+		if !st.IsDir() {
+			return fmt.Errorf("%s is not a directory (symlinks are not accepted)", p)
+		}
+		sys, ok := st.Sys().(*syscall.Stat_t)
+		if !ok || sys.Uid != 0 {
+			return fmt.Errorf("%s is not owned by root", p)
+		}
+		if st.Mode().Perm()&0o022 != 0 && st.Mode()&os.ModeSticky == 0 {
+			return fmt.Errorf("%s is writable by group or others", p)
+		}
+		if st.Mode()&os.ModeSticky != 0 && p == dir {
+			return fmt.Errorf("%s is a shared (sticky) directory", p)
 		}
 		parent := filepath.Dir(p)
 		if parent == p {
-			return "", err
+			return nil
 		}
-		rest = filepath.Join(filepath.Base(p), rest)
 		p = parent
 	}
 }
