@@ -436,20 +436,19 @@ func (d *Datastore) checkExtents(dir, self string, desc *vmdk.Descriptor, b Bind
 	return nil
 }
 
-// replaceKeepingOwner atomically replaces path with data, keeping its
-// permissions and owner.
+// replaceKeepingOwner atomically replaces the regular file at path with
+// data, keeping its permissions and owner (set before the rename).
 func replaceKeepingOwner(path string, data []byte) error {
-	st, err := os.Stat(path)
+	st, err := os.Lstat(path)
 	if err != nil {
 		return err
 	}
-	if err := atomicfile.Write(path, data, st.Mode().Perm()); err != nil {
-		return err
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s: not a regular file", path)
 	}
+	uid, gid := -1, -1
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-		if err := os.Lchown(path, int(sys.Uid), int(sys.Gid)); err != nil {
-			return fmt.Errorf("chown %s: %w", path, err)
-		}
+		uid, gid = int(sys.Uid), int(sys.Gid)
 	}
-	return nil
+	return atomicfile.WriteAs(path, data, st.Mode().Perm(), uid, gid)
 }

@@ -11,6 +11,13 @@ import (
 
 // Write atomically replaces path with data, created with perm.
 func Write(path string, data []byte, perm os.FileMode) error {
+	return WriteAs(path, data, perm, -1, -1)
+}
+
+// WriteAs is Write with the new file owned by uid:gid (-1 keeps the
+// creator's), set before the rename so the file never appears with the
+// wrong owner, even after a crash.
+func WriteAs(path string, data []byte, perm os.FileMode, uid, gid int) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -26,6 +33,11 @@ func Write(path string, data []byte, perm os.FileMode) error {
 	}()
 	if err := f.Chmod(perm); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if uid >= 0 || gid >= 0 {
+		if err := f.Chown(uid, gid); err != nil {
+			return fmt.Errorf("write %s: chown: %w", path, err)
+		}
 	}
 	if _, err := f.Write(data); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
