@@ -337,6 +337,9 @@ func TestGateRefusesPlainOpen(t *testing.T) {
 	if !errors.Is(err, syscall.EBUSY) {
 		t.Fatalf("open of a busy plain file: %v, want EBUSY", err)
 	}
+	if err := os.Truncate(m.view("vm.vmx"), 0); !errors.Is(err, syscall.EBUSY) {
+		t.Fatalf("truncate of a busy plain file: %v, want EBUSY", err)
+	}
 	m.b.mu.Lock()
 	delete(m.b.busy, "vm.vmx")
 	m.b.mu.Unlock()
@@ -380,8 +383,5 @@ func TestSettleReplacesFile(t *testing.T) {
 		if err := dup.Sync(); err == nil {
 			t.Fatal("a write through the old handle reached no error")
 		}
-	}
-	if got, _ := os.ReadFile(m.backing("enc/d.vmdk")); !bytes.Equal(got, final) {
-		t.Fatalf("backing file changed after settle: %q", got)
 	}
 }

@@ -33,6 +33,10 @@ type node struct {
 	// Container, which locks per unit range.
 	mu  sync.Mutex
 	enc *encState
+	// replaced is set when the backend replaced this file on disk while
+	// it was open (Settle): opens of this node then serve the new, plain
+	// file by path.
+	replaced bool
 	// writers counts open writable handles. With the writeback cache,
 	// only while it is non-zero can the kernel hold dirty pages of the
 	// file (close writes them back before RELEASE).
@@ -377,15 +381,27 @@ func (n *node) truncate(f fs.FileHandle, size int64) syscall.Errno {
 		n.st.log.Error("cannot classify file", "path", rel, "err", err)
 		return syscall.EIO
 	}
+	plainTruncate := func() syscall.Errno {
+		if g := n.st.gate; g != nil {
+			if err := g.MayOpen(rel); err != nil {
+				n.st.log.Warn("refused truncate", "path", rel, "err", err)
+				return errnoOf(err)
+			}
+		}
+		return errnoOf(unix.Truncate(abs, size))
+	}
 	switch class {
 	case ClassPlain:
-		return errnoOf(unix.Truncate(abs, size))
+		return plainTruncate()
 	case ClassLocked:
 		n.st.log.Warn("refused truncate of locked file", "path", rel, "reason", reason)
 		return syscall.EACCES
 	}
 	es, errno := n.acquire(rel, true)
 	if errno != 0 {
+		if n.wasReplaced() {
+			return plainTruncate()
+		}
 		return errno
 	}
 	defer n.release(es)
@@ -408,6 +424,9 @@ func (n *node) truncateEnc(es *encState, size int64) syscall.Errno {
 func (n *node) acquire(rel string, write bool) (*encState, syscall.Errno) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if n.replaced {
+		return nil, syscall.ESTALE // the caller checks wasReplaced
+	}
 	if es := n.enc; es != nil {
 		if write && es.readOnly {
 			// Only happens when the backing file could not be opened for
@@ -458,6 +477,12 @@ func (n *node) release(es *encState) {
 	}
 }
 
+func (n *node) wasReplaced() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.replaced
+}
+
 // settle lets the backend give the file its final form (Settler) when es
 // is its last handle: the container is synced first, so the backend
 // reads what was written. Files it replaced are dropped from the view.
@@ -466,18 +491,32 @@ func (n *node) settle(es *encState) {
 	if s.settler == nil || es.readOnly || es.retired.Load() {
 		return
 	}
-	n.mu.Lock()
-	last := es.refs == 1 && n.enc == es
-	n.mu.Unlock()
 	rel := n.rel()
-	if !last || !s.settler.Unsettled(rel) {
+	if !s.settler.Unsettled(rel) {
+		return
+	}
+	// n.mu is held through the settle, so no open can take a reference
+	// to a container that is about to be replaced (acquire waits, then
+	// finds the new file).
+	n.mu.Lock()
+	if es.refs != 1 || n.enc != es {
+		n.mu.Unlock()
 		return
 	}
 	if err := es.c.Sync(); err != nil {
+		n.mu.Unlock()
 		s.log.Error("fsync before settling failed", "path", rel, "err", err)
 		return
 	}
 	replaced, err := s.settler.Settle(rel, s.isOpen)
+	for _, r := range replaced {
+		if r == rel {
+			es.retired.Store(true)
+			n.enc = nil // the handle's release closes it
+			n.replaced = true
+		}
+	}
+	n.mu.Unlock()
 	if err != nil {
 		s.log.Warn("new file kept as is", "path", rel, "err", err)
 	}
@@ -570,6 +609,9 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	write := isWrite(flags)
 	es, errno := n.acquire(rel, write)
 	if errno != 0 {
+		if n.wasReplaced() {
+			return n.openPlain(rel, flags)
+		}
 		return nil, 0, errno
 	}
 	if flags&syscall.O_TRUNC != 0 && write {
