@@ -239,7 +239,11 @@ func (d *Datastore) Unsettled(rel string) bool {
 // stays a container: it is already a complete encrypted disk. One that
 // holds neither stays a container too; nothing is ever decrypted to disk
 // that the creator did not write as a descriptor.
-func (d *Datastore) Settle(rel string, isOpen func(rel string) bool) ([]string, error) {
+//
+// unchanged, if not nil, is asked right before the replacement whether
+// the file is still as read (no write since); false leaves it for the
+// next close.
+func (d *Datastore) Settle(rel string, isOpen func(rel string) bool, unchanged func() bool) ([]string, error) {
 	p, err := d.abs(rel)
 	if err != nil {
 		return nil, err
@@ -260,7 +264,10 @@ func (d *Datastore) Settle(rel string, isOpen func(rel string) bool) ([]string, 
 	if descRel != rel && isOpen(descRel) {
 		return nil, nil // its own close settles it
 	}
-	res, err := d.settleDescriptor(descPath, pd)
+	if descRel != rel {
+		unchanged = nil // the descriptor is not the file being closed
+	}
+	res, err := d.settleDescriptor(descPath, pd, unchanged)
 	if res != settleLater {
 		d.mu.Lock()
 		delete(d.pending, descPath)
@@ -287,7 +294,7 @@ const (
 var errNotYet = errors.New("not yet")
 
 // settleDescriptor does Settle's work on one pending descriptor.
-func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk) (settleResult, error) {
+func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk, unchanged func() bool) (settleResult, error) {
 	b := Binding{PurposeDisk, pd.diskID}
 	head, err := readHead(descPath)
 	if errors.Is(err, os.ErrNotExist) {
@@ -347,6 +354,9 @@ func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk) (settleRes
 	}
 	if err := parsed.Set(DDBDiskID, id); err != nil {
 		return settleKept, fmt.Errorf("%s: %w", descPath, err)
+	}
+	if unchanged != nil && !unchanged() {
+		return settleLater, nil
 	}
 	if err := replaceKeepingOwner(descPath, parsed.Bytes()); err != nil {
 		return settleLater, err

@@ -92,7 +92,7 @@ func TestViewDiskSettle(t *testing.T) {
 	}
 	// Opened and closed empty first, as qemu's file create does.
 	createThrough(t, ds, "vm/new.vmdk", nil)
-	if got, err := ds.Settle("vm/new.vmdk", neverOpen); err != nil || got != nil {
+	if got, err := ds.Settle("vm/new.vmdk", neverOpen, nil); err != nil || got != nil {
 		t.Fatalf("settle of empty descriptor: %v %v", got, err)
 	}
 	data := bytes.Repeat([]byte("guest data! "), 100000)
@@ -112,11 +112,11 @@ func TestViewDiskSettle(t *testing.T) {
 		t.Fatal(err)
 	}
 	// While open elsewhere, an extent's close does not settle it.
-	if got, err := ds.Settle("vm/new-s002.vmdk", func(r string) bool { return r == "vm/new.vmdk" }); err != nil || got != nil {
+	if got, err := ds.Settle("vm/new-s002.vmdk", func(r string) bool { return r == "vm/new.vmdk" }, nil); err != nil || got != nil {
 		t.Fatalf("settle while descriptor open: %v %v", got, err)
 	}
 	c.Close()
-	got, err := ds.Settle("vm/new.vmdk", neverOpen)
+	got, err := ds.Settle("vm/new.vmdk", neverOpen, nil)
 	if err != nil || len(got) != 1 || got[0] != "vm/new.vmdk" {
 		t.Fatalf("settle: %v %v", got, err)
 	}
@@ -145,7 +145,7 @@ func TestViewDiskSettle(t *testing.T) {
 		}
 	}
 	// A second settle has nothing to do.
-	if got, err := ds.Settle("vm/new.vmdk", neverOpen); err != nil || got != nil {
+	if got, err := ds.Settle("vm/new.vmdk", neverOpen, nil); err != nil || got != nil {
 		t.Fatalf("second settle: %v %v", got, err)
 	}
 	// Read back through a fresh resolver (as after a daemon restart).
@@ -184,7 +184,7 @@ func TestViewDiskSettle(t *testing.T) {
 	if !ds2.Unsettled("vm/new.vmdk") {
 		t.Fatal("new descriptor not pending")
 	}
-	if got, err := ds2.Settle("vm/new.vmdk", neverOpen); err != nil || len(got) != 1 {
+	if got, err := ds2.Settle("vm/new.vmdk", neverOpen, nil); err != nil || len(got) != 1 {
 		t.Fatalf("settle of edited descriptor: %v %v", got, err)
 	}
 	if back, _ := os.ReadFile(filepath.Join(dir, "new.vmdk")); !bytes.Equal(back, edited) {
@@ -193,7 +193,7 @@ func TestViewDiskSettle(t *testing.T) {
 	// A copy that names keys which do not open the extents is refused.
 	forged := bytes.Replace(text, []byte(id), []byte("00000000-0000-4000-8000-000000000000"), 1)
 	createThrough(t, ds2, "vm/forged.vmdk", bytes.Replace(forged, []byte(`"new-s00`), []byte(`"new-s00`), -1))
-	if got, err := ds2.Settle("vm/forged.vmdk", neverOpen); err == nil || got != nil {
+	if got, err := ds2.Settle("vm/forged.vmdk", neverOpen, nil); err == nil || got != nil {
 		t.Fatalf("settle of forged descriptor: %v %v", got, err)
 	}
 
@@ -243,7 +243,7 @@ func TestViewDiskStaysEncrypted(t *testing.T) {
 	}
 	os.WriteFile(filepath.Join(dir, "plain.raw"), make([]byte, 1<<20), 0o644)
 	for _, name := range []string{"sparse.vmdk", "junk.vmdk", "half.vmdk"} {
-		got, err := ds.Settle("vm/"+name, neverOpen)
+		got, err := ds.Settle("vm/"+name, neverOpen, nil)
 		if got != nil || (name != "half.vmdk" && err != nil) || (name == "half.vmdk" && err == nil) {
 			t.Fatalf("settle %s: %v %v", name, got, err)
 		}
@@ -313,14 +313,14 @@ func TestViewDiskSettleByExtent(t *testing.T) {
 	desc := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n" +
 		"# Extent description\nRW 2048 FLAT \"cp-flat.vmdk\" 0\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n"
 	createThrough(t, ds, "vm/cp.vmdk", []byte(desc))
-	if got, err := ds.Settle("vm/cp.vmdk", neverOpen); err != nil || got != nil {
+	if got, err := ds.Settle("vm/cp.vmdk", neverOpen, nil); err != nil || got != nil {
 		t.Fatalf("settle without its extent: %v %v", got, err)
 	}
 	if !ds.Unsettled("vm/cp-flat.vmdk") {
 		t.Fatal("extent of a pending disk not reported unsettled")
 	}
 	createThrough(t, ds, "vm/cp-flat.vmdk", bytes.Repeat([]byte{9}, 1<<20))
-	got, err := ds.Settle("vm/cp-flat.vmdk", neverOpen)
+	got, err := ds.Settle("vm/cp-flat.vmdk", neverOpen, nil)
 	if err != nil || len(got) != 1 || got[0] != "vm/cp.vmdk" {
 		t.Fatalf("settle by the extent: %v %v", got, err)
 	}
@@ -359,7 +359,7 @@ func TestViewDiskReviewCases(t *testing.T) {
 	}
 	c.WriteAt([]byte(desc), 0)
 	c.Close()
-	if got, err := ds.Settle("vm/r.vmdk", neverOpen); err != nil || len(got) != 1 {
+	if got, err := ds.Settle("vm/r.vmdk", neverOpen, nil); err != nil || len(got) != 1 {
 		t.Fatalf("settle: %v %v", got, err)
 	}
 	text, _ := os.ReadFile(filepath.Join(dir, "r.vmdk"))
@@ -377,7 +377,7 @@ func TestViewDiskReviewCases(t *testing.T) {
 
 	// A descriptor that names itself as its extent stays encrypted.
 	createThrough(t, ds2, "vm/self.vmdk", []byte("# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"self.vmdk\" 0\n"))
-	if got, err := ds2.Settle("vm/self.vmdk", neverOpen); got != nil || err == nil {
+	if got, err := ds2.Settle("vm/self.vmdk", neverOpen, nil); got != nil || err == nil {
 		t.Fatalf("settle of a self-naming descriptor: %v %v", got, err)
 	}
 

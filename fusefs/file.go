@@ -69,6 +69,8 @@ func (h *encHandle) Write(ctx context.Context, data []byte, off int64) (uint32, 
 	if h.es.readOnly {
 		return 0, syscall.EBADF
 	}
+	h.es.beginWrite()
+	defer h.es.endWrite()
 	if h.es.retired.Load() {
 		h.n.st.log.Error("write to a file replaced on disk; reopen it", "path", h.n.rel())
 		return 0, syscall.EIO
@@ -185,6 +187,8 @@ func (h *encHandle) Allocate(ctx context.Context, off uint64, length uint64, mod
 	if o < 0 || l <= 0 || o+l < o {
 		return syscall.EINVAL
 	}
+	h.es.beginWrite()
+	defer h.es.endWrite()
 	end := o + l
 	keep := mode&unix.FALLOC_FL_KEEP_SIZE != 0
 	var err error

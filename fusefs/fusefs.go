@@ -85,7 +85,9 @@ type Settler interface {
 	// Unsettled reports, without I/O, whether rel may need settling;
 	// only then does the view sync and call Settle.
 	Unsettled(rel string) bool
-	Settle(rel string, isOpen func(rel string) bool) (replaced []string, err error)
+	// unchanged reports, right before a replacement, that rel has not
+	// been written since the view synced it; false means try later.
+	Settle(rel string, isOpen func(rel string) bool, unchanged func() bool) (replaced []string, err error)
 }
 
 // Gate is optionally implemented by a Backend to refuse opening plain

@@ -70,11 +70,11 @@ func (b *testBackend) Unsettled(rel string) bool {
 	return ok
 }
 
-func (b *testBackend) Settle(rel string, isOpen func(string) bool) ([]string, error) {
+func (b *testBackend) Settle(rel string, isOpen func(string) bool, unchanged func() bool) ([]string, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	data, ok := b.settleTo[rel]
-	if !ok {
+	if !ok || (unchanged != nil && !unchanged()) {
 		return nil, nil
 	}
 	p := filepath.Join(b.root, rel)

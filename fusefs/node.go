@@ -55,7 +55,14 @@ type encState struct {
 	// while this state was still referenced: reads still see the old
 	// content, writes fail, since they would land in an unlinked file.
 	retired atomic.Bool
+	// writes counts data-changing requests started; inflight those not
+	// finished. A settle replaces the file only if neither moved.
+	writes, inflight atomic.Int64
 }
+
+// beginWrite and endWrite bracket every request that changes the data.
+func (es *encState) beginWrite() { es.writes.Add(1); es.inflight.Add(1) }
+func (es *encState) endWrite()   { es.inflight.Add(-1) }
 
 var (
 	_ fs.NodeLookuper       = (*node)(nil)
@@ -412,6 +419,8 @@ func (n *node) truncateEnc(es *encState, size int64) syscall.Errno {
 	if es.readOnly {
 		return syscall.EROFS
 	}
+	es.beginWrite()
+	defer es.endWrite()
 	if err := es.c.Truncate(size); err != nil {
 		n.st.log.Error("truncate failed", "path", n.rel(), "err", err)
 		return errnoOf(err)
@@ -503,18 +512,38 @@ func (n *node) settle(es *encState) {
 		n.mu.Unlock()
 		return
 	}
+	if es.inflight.Load() != 0 {
+		n.mu.Unlock()
+		return // a duplicate descriptor is still writing: its close settles
+	}
+	gen := es.writes.Load()
 	if err := es.c.Sync(); err != nil {
 		n.mu.Unlock()
 		s.log.Error("fsync before settling failed", "path", rel, "err", err)
 		return
 	}
-	replaced, err := s.settler.Settle(rel, s.isOpen)
+	// Retire first, then look at the counters: a write either shows in
+	// them (no replacement) or sees retired and fails (Write begins
+	// before it checks retired), never lands unseen in the old file.
+	unchanged := func() bool {
+		es.retired.Store(true)
+		if es.inflight.Load() == 0 && es.writes.Load() == gen {
+			return true
+		}
+		es.retired.Store(false)
+		return false
+	}
+	replaced, err := s.settler.Settle(rel, s.isOpen, unchanged)
+	self := false
 	for _, r := range replaced {
 		if r == rel {
-			es.retired.Store(true)
+			self = true
 			n.enc = nil // the handle's release closes it
 			n.replaced = true
 		}
+	}
+	if !self {
+		es.retired.Store(false) // not replaced after all (or never asked)
 	}
 	n.mu.Unlock()
 	if err != nil {

@@ -44,8 +44,8 @@ func (b viewBackend) MayOpen(rel string) error { return b.ds.MayOpen(rel) }
 
 func (b viewBackend) Unsettled(rel string) bool { return b.ds.Unsettled(rel) }
 
-func (b viewBackend) Settle(rel string, isOpen func(string) bool) ([]string, error) {
-	return b.ds.Settle(rel, isOpen)
+func (b viewBackend) Settle(rel string, isOpen func(string) bool, unchanged func() bool) ([]string, error) {
+	return b.ds.Settle(rel, isOpen, unchanged)
 }
 
 type activeMount struct {
