@@ -44,10 +44,12 @@ type Daemon struct {
 	log     *slog.Logger
 	version string
 	retry   time.Duration
-	auth    *authorizer
-	audit   *auditLog
-	keyring *engine.Keyring
-	started time.Time
+	// readTimeout bounds reading a request (headers and body).
+	readTimeout time.Duration
+	auth        *authorizer
+	audit       *auditLog
+	keyring     *engine.Keyring
+	started     time.Time
 
 	mu        sync.Mutex
 	st        *state
@@ -103,7 +105,7 @@ func New(opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{
-		cfg: cfg, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval,
+		cfg: cfg, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval, readTimeout: 30 * time.Second,
 		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
 		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{},
@@ -234,10 +236,13 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	srv := &http.Server{
 		Handler:           d.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute, // idle keep-alive clients do not pile up
-		MaxHeaderBytes:    64 << 10,
-		ConnContext:       peerContext,
-		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
+		// Covers reading the request body; op lifts it once the body is
+		// read (see there), so responses may stream for as long as needed.
+		ReadTimeout:    30 * time.Second,
+		IdleTimeout:    2 * time.Minute, // idle keep-alive clients do not pile up
+		MaxHeaderBytes: 64 << 10,
+		ConnContext:    peerContext,
+		ErrorLog:       slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
 	d.log.Info("vmcryptd serving", "socket", d.cfg.Socket, "pid", os.Getpid())
 

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -124,7 +125,24 @@ func (d *Daemon) op(name string, priv Privilege, audited bool, h handler) http.H
 			writeJSON(w, http.StatusForbidden, api.Error{Error: msg, MissingPrivilege: string(priv)})
 			return
 		}
-		r.Body = http.MaxBytesReader(w, r.Body, api.MaxRequestBytes)
+		// The (small) body is read here, under the server's ReadTimeout,
+		// so a client trickling it cannot hold one of the few connection
+		// slots; then the read deadline is lifted, or it would cancel a
+		// long operation that streams its progress.
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, api.MaxRequestBytes))
+		if err != nil {
+			msg := fmt.Sprintf("reading request body: %v", err)
+			var mbe *http.MaxBytesError
+			if errors.As(err, &mbe) {
+				msg = fmt.Sprintf("request body larger than %d bytes", api.MaxRequestBytes)
+			}
+			writeJSON(w, http.StatusBadRequest, api.Error{Error: msg})
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		if err := http.NewResponseController(w).SetReadDeadline(time.Time{}); err != nil {
+			d.log.Warn("cannot lift the request read deadline", "err", err)
+		}
 		rc := &reqCtx{w: w, r: r, id: id, op: name}
 		resp, err := h(rc)
 		result := "ok"
