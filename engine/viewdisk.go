@@ -385,6 +385,20 @@ func readDescriptorText(c *Container) ([]byte, error) {
 	return text, nil
 }
 
+// regularHead reads the header region of the regular file at p; a
+// symlink or any other type is refused (an error wrapping
+// os.ErrNotExist means there is no file).
+func regularHead(p string) ([]byte, error) {
+	st, err := os.Lstat(p)
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file", p)
+	}
+	return readHead(p)
+}
+
 // checkExtents requires every file extent of desc to be a regular file
 // in dir and a container bound to b whose DEK is the one ks holds (so the
 // descriptor about to be written names a key that opens its data).
@@ -407,19 +421,12 @@ func (d *Datastore) checkExtents(dir, self string, desc *vmdk.Descriptor, b Bind
 		if filepath.Base(p) == self {
 			return fmt.Errorf("extent %q is the descriptor itself", e.Filename)
 		}
-		st, err := os.Lstat(p)
+		head, err := regularHead(p)
 		if errors.Is(err, os.ErrNotExist) {
 			return errNotYet
 		}
 		if err != nil {
-			return err
-		}
-		if !st.Mode().IsRegular() {
-			return fmt.Errorf("extent %q: not a regular file", e.Filename)
-		}
-		head, err := readHead(p)
-		if err != nil {
-			return err
+			return fmt.Errorf("extent %q: %w", e.Filename, err)
 		}
 		h, err := PeekHeader(head)
 		if err != nil || h.Binding != b || h.Kind != KindExtent {

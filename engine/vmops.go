@@ -569,12 +569,9 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 		// and the rekey stops rather than lock it out.
 		for _, e := range d.Extents {
 			ep := filepath.Join(dir, e)
-			if st, err := os.Lstat(ep); err != nil || !st.Mode().IsRegular() {
-				return fmt.Errorf("disk %s: extent %s: not a regular file", d.Name, e)
-			}
-			head, err := readHead(ep)
+			head, err := regularHead(ep)
 			if err != nil {
-				return fmt.Errorf("disk %s: %w", d.Name, err)
+				return fmt.Errorf("disk %s: extent %s: %w", d.Name, e, err)
 			}
 			if _, ok := ReadEmbeddedKeySafe(head); !ok {
 				continue

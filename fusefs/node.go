@@ -406,7 +406,7 @@ func (n *node) truncate(f fs.FileHandle, size int64) syscall.Errno {
 	}
 	es, errno := n.acquire(rel, true)
 	if errno != 0 {
-		if n.wasReplaced() {
+		if n.replacedByPlain(rel) {
 			return plainTruncate()
 		}
 		return errno
@@ -434,7 +434,7 @@ func (n *node) acquire(rel string, write bool) (*encState, syscall.Errno) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.replaced {
-		return nil, syscall.ESTALE // the caller checks wasReplaced
+		return nil, syscall.ESTALE // the caller checks replacedByPlain
 	}
 	if es := n.enc; es != nil {
 		if write && es.readOnly {
@@ -486,10 +486,20 @@ func (n *node) release(es *encState) {
 	}
 }
 
-func (n *node) wasReplaced() bool {
+// replacedByPlain reports whether this node's file was replaced (Settle)
+// and the file now at its path is plain: only then may an open or a
+// truncate that found the old container gone fall back to the plain
+// path, so an encrypted file never reaches LoopbackFile or a raw
+// truncate.
+func (n *node) replacedByPlain(rel string) bool {
 	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.replaced
+	replaced := n.replaced
+	n.mu.Unlock()
+	if !replaced {
+		return false
+	}
+	class, _, err := n.st.backend.Classify(rel)
+	return err == nil && class == ClassPlain
 }
 
 // settle lets the backend give the file its final form (Settler) when es
@@ -638,7 +648,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	write := isWrite(flags)
 	es, errno := n.acquire(rel, write)
 	if errno != 0 {
-		if n.wasReplaced() {
+		if n.replacedByPlain(rel) {
 			return n.openPlain(rel, flags)
 		}
 		return nil, 0, errno
@@ -792,6 +802,13 @@ func (n *node) Mknod(ctx context.Context, name string, mode, rdev uint32, out *f
 	if err := unix.Mknod(abs, mode, int(rdev)); err != nil {
 		return nil, errnoOf(err)
 	}
+	return n.madeEntry(ctx, abs, out)
+}
+
+// madeEntry finishes a node just made at abs (a special file or a
+// symlink): gives it to the caller and returns its inode, or removes it
+// again if it cannot be looked at.
+func (n *node) madeEntry(ctx context.Context, abs string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	preserveOwner(ctx, abs)
 	var st syscall.Stat_t
 	gen, err := lstatPath(abs, &st)
@@ -911,15 +928,7 @@ func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.Entry
 	if err := unix.Symlink(target, abs); err != nil {
 		return nil, errnoOf(err)
 	}
-	preserveOwner(ctx, abs)
-	var st syscall.Stat_t
-	gen, err := lstatPath(abs, &st)
-	if err != nil {
-		unix.Unlink(abs)
-		return nil, errnoOf(err)
-	}
-	out.Attr.FromStat(&st)
-	return n.newChild(ctx, &st, gen), 0
+	return n.madeEntry(ctx, abs, out)
 }
 
 func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
