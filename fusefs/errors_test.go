@@ -340,8 +340,32 @@ func TestGateRefusesPlainOpen(t *testing.T) {
 	if err := os.Truncate(m.view("vm.vmx"), 0); !errors.Is(err, syscall.EBUSY) {
 		t.Fatalf("truncate of a busy plain file: %v, want EBUSY", err)
 	}
+	// Name changes are refused too: a rename during an encrypt would keep
+	// the plaintext original under its new name.
+	m.b.mu.Lock()
+	m.b.busy["new.vmx"] = true
+	m.b.mu.Unlock()
+	if err := os.WriteFile(m.backing("other"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for name, op := range map[string]func() error{
+		"unlink":  func() error { return os.Remove(m.view("vm.vmx")) },
+		"rename":  func() error { return os.Rename(m.view("vm.vmx"), m.view("other.vmx")) },
+		"rename2": func() error { return os.Rename(m.view("other"), m.view("new.vmx")) },
+		"link":    func() error { return os.Link(m.view("vm.vmx"), m.view("other.vmx")) },
+		"symlink": func() error { return os.Symlink("x", m.view("new.vmx")) },
+		"mkfifo":  func() error { return syscall.Mkfifo(m.view("new.vmx"), 0o644) },
+	} {
+		if err := op(); !errors.Is(err, syscall.EBUSY) {
+			t.Errorf("%s in a busy VM: %v, want EBUSY", name, err)
+		}
+	}
+	if _, err := os.Stat(m.backing("vm.vmx")); err != nil {
+		t.Fatalf("busy file gone: %v", err)
+	}
 	m.b.mu.Lock()
 	delete(m.b.busy, "vm.vmx")
+	delete(m.b.busy, "new.vmx")
 	m.b.mu.Unlock()
 	if err := os.WriteFile(m.view("vm.vmx"), []byte("a = \"2\"\n"), 0o644); err != nil {
 		t.Fatalf("open after the conversion: %v", err)

@@ -389,11 +389,8 @@ func (n *node) truncate(f fs.FileHandle, size int64) syscall.Errno {
 		return syscall.EIO
 	}
 	plainTruncate := func() syscall.Errno {
-		if g := n.st.gate; g != nil {
-			if err := g.MayOpen(rel); err != nil {
-				n.st.log.Warn("refused truncate", "path", rel, "err", err)
-				return errnoOf(err)
-			}
+		if errno := n.st.gated("truncate", rel); errno != 0 {
+			return errno
 		}
 		return errnoOf(unix.Truncate(abs, size))
 	}
@@ -688,11 +685,8 @@ func (n *node) settleForSeek(off int64) {
 }
 
 func (n *node) openPlain(rel string, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	if g := n.st.gate; g != nil {
-		if err := g.MayOpen(rel); err != nil {
-			n.st.log.Warn("refused open", "path", rel, "err", err)
-			return nil, 0, errnoOf(err)
-		}
+	if errno := n.st.gated("open", rel); errno != 0 {
+		return nil, 0, errno
 	}
 	fd, err := unix.Open(filepath.Join(n.st.root, rel), n.st.backingFlags(flags), 0)
 	if err != nil {
@@ -798,6 +792,9 @@ func (n *node) Mknod(ctx context.Context, name string, mode, rdev uint32, out *f
 		}
 		return ch, 0
 	}
+	if errno := n.st.gated("mknod", n.childRel(name)); errno != 0 {
+		return nil, errno
+	}
 	abs := n.childAbs(name)
 	if err := unix.Mknod(abs, mode, int(rdev)); err != nil {
 		return nil, errnoOf(err)
@@ -842,7 +839,29 @@ func (n *node) Rmdir(ctx context.Context, name string) syscall.Errno {
 }
 
 func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
+	if errno := n.st.gated("unlink", n.childRel(name)); errno != 0 {
+		return errno
+	}
 	return errnoOf(unix.Unlink(n.childAbs(name)))
+}
+
+// gated refuses (EBUSY) touching files the backend's Gate says are busy
+// (a VM in the middle of a conversion, which is about to replace them):
+// plain opens and truncates, and the name changes unlink, rename, link,
+// symlink and mknod. A rename there would leave the unconverted original
+// (plaintext, during an encrypt) under its new name while the conversion
+// puts its result back at the old one.
+func (s *state) gated(op string, rels ...string) syscall.Errno {
+	if s.gate == nil {
+		return 0
+	}
+	for _, rel := range rels {
+		if err := s.gate.MayOpen(rel); err != nil {
+			s.log.Warn("refused "+op, "path", rel, "err", err)
+			return errnoOf(err)
+		}
+	}
+	return 0
 }
 
 // crossesBoundary says whether moving the regular file at oldRel to newRel
@@ -890,6 +909,9 @@ func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedd
 	}
 	oldRel, oldAbs := n.childRel(name), n.childAbs(name)
 	newRel, newAbs := np.childRel(newName), np.childAbs(newName)
+	if errno := n.st.gated("rename", oldRel, newRel); errno != 0 {
+		return errno
+	}
 	if errno := n.st.moveCheck(oldRel, oldAbs, newRel); errno != 0 {
 		return errno
 	}
@@ -914,6 +936,9 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 	}
 	oldRel, oldAbs := tn.rel(), tn.abs()
 	newRel, newAbs := n.childRel(name), n.childAbs(name)
+	if errno := n.st.gated("link", oldRel, newRel); errno != 0 {
+		return nil, errno
+	}
 	if errno := n.st.moveCheck(oldRel, oldAbs, newRel); errno != 0 {
 		return nil, errno
 	}
@@ -924,6 +949,9 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 }
 
 func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if errno := n.st.gated("symlink", n.childRel(name)); errno != 0 {
+		return nil, errno
+	}
 	abs := n.childAbs(name)
 	if err := unix.Symlink(target, abs); err != nil {
 		return nil, errnoOf(err)
