@@ -253,6 +253,10 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 		c.Close()
 		return nil, fmt.Errorf("%s: %w: holds a %s container, its name says %s", path, ErrKindMismatch, got, want)
 	}
+	if !readOnly && want == KindExtent {
+		desc, _ := descriptorName(filepath.Base(path))
+		d.recoverPending(filepath.Join(filepath.Dir(path), desc))
+	}
 	return c, nil
 }
 

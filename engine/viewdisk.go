@@ -212,6 +212,52 @@ func (d *Datastore) pendingFor(l *vmLayout, descPath string) (pendingDisk, error
 	return p, nil
 }
 
+// recoverPending finds a disk made through a view whose descriptor was
+// not settled before the pending state was lost (a daemon restart, or
+// Forget after a VM operation): the descriptor file is still a container
+// of its own disk holding text. It is made pending again, so the close of
+// the file being opened for writing settles it. Errors only mean "not
+// such a disk".
+func (d *Datastore) recoverPending(descPath string) {
+	d.mu.Lock()
+	_, ok := d.pending[descPath]
+	d.mu.Unlock()
+	if ok {
+		return
+	}
+	head, err := regularHead(descPath)
+	if err != nil {
+		return
+	}
+	h, err := PeekHeader(head)
+	if err != nil || h.Kind != KindExtent || h.Binding.Purpose != PurposeDisk || h.Size > maxDescriptor {
+		return
+	}
+	ks, ok := ReadEmbeddedKeySafe(head)
+	if !ok {
+		return
+	}
+	dek, err := d.cachedDEK(filepath.Dir(descPath), h.Binding, ks)
+	if err != nil {
+		return
+	}
+	c, err := OpenContainer(descPath, dek, true, d.Impl)
+	if err != nil {
+		return
+	}
+	magic := make([]byte, len(descriptorMagic))
+	_, err = c.ReadAt(magic, 0)
+	c.Close()
+	if err != nil || !bytes.Equal(magic, descriptorMagic) {
+		return // a sparse disk (its own descriptor inside), or not a disk
+	}
+	d.mu.Lock()
+	if _, ok := d.pending[descPath]; !ok {
+		d.pending[descPath] = pendingDisk{diskID: h.Binding.OwnerID, keySafe: ks}
+	}
+	d.mu.Unlock()
+}
+
 // Unsettled reports, without I/O, whether rel is a file of a disk made
 // through the view whose descriptor is not settled yet.
 func (d *Datastore) Unsettled(rel string) bool {

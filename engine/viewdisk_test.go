@@ -401,3 +401,61 @@ func TestViewDiskReviewCases(t *testing.T) {
 		t.Fatal("the foreign extent's key copy was overwritten")
 	}
 }
+
+// Pending disks live in memory; after a restart (a fresh resolver) a
+// descriptor left a container holding text is found again when a file of
+// its disk is opened for writing, and settles at that file's close.
+func TestViewDiskSettleAfterRestart(t *testing.T) {
+	ops, dir, ds := encryptedVM(t, nil)
+	desc := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n" +
+		"# Extent description\nRW 2048 FLAT \"rs-flat.vmdk\" 0\n\n# The Disk Data Base\n#DDB\n\n"
+	createThrough(t, ds, "vm/rs.vmdk", []byte(desc))
+	createThrough(t, ds, "vm/rs-flat.vmdk", bytes.Repeat([]byte{7}, 1<<20))
+	// No Settle: the daemon "restarts" here.
+	ds2 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	defer ds2.Close()
+	for _, rel := range []string{"vm/rs.vmdk", "vm/rs-flat.vmdk"} {
+		if ds2.Unsettled(rel) {
+			t.Fatalf("%s unsettled before any open", rel)
+		}
+	}
+	// A read-only open changes nothing.
+	c, err := ds2.Open("vm/rs-flat.vmdk", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if ds2.Unsettled("vm/rs-flat.vmdk") {
+		t.Fatal("read-only open made the disk pending")
+	}
+	c, err = ds2.Open("vm/rs-flat.vmdk", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if !ds2.Unsettled("vm/rs-flat.vmdk") {
+		t.Fatal("unsettled descriptor not found again")
+	}
+	got, err := ds2.Settle("vm/rs-flat.vmdk", neverOpen, nil)
+	if err != nil || len(got) != 1 || got[0] != "vm/rs.vmdk" {
+		t.Fatalf("settle after restart: %v %v", got, err)
+	}
+	text, _ := os.ReadFile(filepath.Join(dir, "rs.vmdk"))
+	if descValue(t, text, DescKeySafe) == "" || descValue(t, text, DDBDiskID) == "" {
+		t.Fatalf("settled descriptor:\n%s", text)
+	}
+	// A sparse disk made through the view (a container whose plaintext
+	// is not a text descriptor) never becomes pending on open.
+	createThrough(t, ds2, "vm/sp.vmdk", append([]byte("KDMV"), make([]byte, 4092)...))
+	ds2.Settle("vm/sp.vmdk", neverOpen, nil)
+	ds3 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	defer ds3.Close()
+	c, err = ds3.Open("vm/sp.vmdk", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if ds3.Unsettled("vm/sp.vmdk") {
+		t.Fatal("a sparse container became pending")
+	}
+}

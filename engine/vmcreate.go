@@ -271,10 +271,7 @@ func (o *VMOps) encryptNewDisk(ctx context.Context, l *vmLayout, name string) er
 	}
 	defer dek.Destroy()
 	for _, e := range d.Extents {
-		opts := CreateOptions{Kind: KindExtent, Binding: b, Impl: o.Impl}
-		if d.Embedded {
-			opts.EmbeddedKeySafe = ks
-		}
+		opts := CreateOptions{Kind: KindExtent, Binding: b, Impl: o.Impl, EmbeddedKeySafe: ks}
 		if err := EncryptFile(ctx, filepath.Join(l.Dir, e), dek, opts, nil); err != nil {
 			return err
 		}

@@ -37,6 +37,9 @@ type disk struct {
 	Extents  []string // base names
 	DiskID   string   // from ddb.vmcryptd.diskId or the container header
 	KeySafe  string   // "" when plain
+	// KeysFromExtents: the descriptor lacks its key lines, and the
+	// disk's key was taken from the copies in its extents' headers.
+	KeysFromExtents bool
 }
 
 // dataFile is a non-disk file that the VM key protects.
@@ -246,8 +249,50 @@ func loadDisk(dir, name string) (*disk, string, error) {
 		}
 		d.Extents = append(d.Extents, filepath.Base(p))
 	}
+	if d.KeySafe == "" {
+		if err := keysFromExtents(dir, d); err != nil {
+			return nil, "", fmt.Errorf("disk %s: %w", path, err)
+		}
+	}
 	parent, _ := desc.ParentFileNameHint()
 	return d, parent, nil
+}
+
+// keysFromExtents handles a text descriptor without encryptionKeys whose
+// extents are all containers of one disk, each carrying the disk's
+// keySafe (FORMAT.md 3.4): the descriptor was rewritten without its key
+// lines (an editor, or qemu-img create over an existing disk), and the
+// disk is still encrypted. It takes the key from the extents, so the disk
+// is neither served as plain ciphertext nor "encrypted" a second time.
+// Any other mix (some extents plain, as in a conversion stopped halfway,
+// which its journal resumes) leaves the disk as its descriptor says.
+func keysFromExtents(dir string, d *disk) error {
+	var b Binding
+	var ks string
+	for _, e := range d.Extents {
+		head, err := regularHead(filepath.Join(dir, e))
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("extent %s: %w", e, err)
+		}
+		h, err := PeekHeader(head)
+		if err != nil {
+			return nil // a plain extent
+		}
+		eks, ok := ReadEmbeddedKeySafe(head)
+		if !ok || h.Binding.Purpose != PurposeDisk || (ks != "" && h.Binding != b) {
+			return nil
+		}
+		if ks == "" {
+			b, ks = h.Binding, eks
+		}
+	}
+	if ks != "" {
+		d.KeySafe, d.DiskID, d.KeysFromExtents = ks, b.OwnerID, true
+	}
+	return nil
 }
 
 const maxDescriptor = 1 << 20

@@ -95,7 +95,7 @@ type task struct {
 	dek     *DEK // target key (encrypt, rekey) or current key (decrypt)
 	old     *DEK // rekey: current key
 	binding Binding
-	embed   string // keySafe to embed (self-describing extents)
+	embed   string // keySafe to embed in the header (every disk extent)
 }
 
 type keySet struct {
@@ -145,11 +145,11 @@ func tasks(l *vmLayout, ks *keySet, vmID string, jd []journalDisk) []task {
 	for _, d := range l.Disks {
 		j := byName[d.Name]
 		for _, e := range d.Extents {
-			t := task{path: filepath.Join(l.Dir, e), kind: KindExtent, dek: ks.disks[d.Name], binding: Binding{PurposeDisk, j.DiskID}}
-			if d.Embedded {
-				t.embed = j.KeySafe
-			}
-			out = append(out, t)
+			// Every extent carries its disk's keySafe (FORMAT.md 3.4), so
+			// a descriptor rewritten without its key lines (an editor,
+			// qemu-img create over it) never takes the only copy with it.
+			out = append(out, task{path: filepath.Join(l.Dir, e), kind: KindExtent, dek: ks.disks[d.Name],
+				binding: Binding{PurposeDisk, j.DiskID}, embed: j.KeySafe})
 		}
 	}
 	for _, f := range l.Files {
@@ -339,6 +339,25 @@ func (o *VMOps) newJournal(ctx context.Context, l *vmLayout, kekRef KeyRef, op s
 	return j, nil
 }
 
+// checkKind refuses a container whose kind (authenticated once its key
+// opens it, which keyStateOf has checked) does not fit the file it is
+// converted as: files of one VM share the VM DEK, so a swap file renamed
+// over the nvram would otherwise be decrypted (or rekeyed) as the nvram.
+func checkKind(t task) error {
+	head, err := regularHead(t.path)
+	if err != nil {
+		return err
+	}
+	h, err := PeekHeader(head)
+	if err != nil {
+		return fmt.Errorf("%s: %w", t.path, err)
+	}
+	if h.Kind != t.kind {
+		return fmt.Errorf("%s: %w: holds a %s container, its name says %s", t.path, ErrKindMismatch, h.Kind, t.kind)
+	}
+	return nil
+}
+
 // writeDescriptors sets (or, for decrypt, removes) the encryption lines of
 // every text descriptor.
 func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool) error {
@@ -479,6 +498,9 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 			}
 			continue
 		}
+		if err := checkKind(t); err != nil {
+			return err
+		}
 		if err := DecryptFile(ctx, t.path, t.dek, prog(t.path)); err != nil {
 			return err
 		}
@@ -561,9 +583,10 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 			}
 			continue
 		}
-		// Extents made through a view carry a copy of the keySafe in
-		// their header (viewdisk.go), which a reader prefers: rewrap it
-		// first, so a crash leaves both copies openable.
+		// Extents carry a copy of the keySafe in their header
+		// (FORMAT.md 3.4; files encrypted before that have none), which
+		// a reader prefers: rewrap it first, so a crash leaves both
+		// copies openable.
 		// A copy is only replaced in an extent that is a regular file
 		// holding this disk's DEK: anything else keeps its own copy,
 		// and the rekey stops rather than lock it out.
@@ -592,6 +615,11 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 			return fmt.Errorf("%s: %w", path, err)
 		}
 		if err := desc.Set(DescKeySafe, nks); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		// A descriptor whose key lines were lost (KeysFromExtents)
+		// gets both back.
+		if err := desc.Set(DDBDiskID, d.DiskID); err != nil {
 			return fmt.Errorf("%s: %w", path, err)
 		}
 		if err := writeText(path, desc.Bytes()); err != nil {
@@ -670,6 +698,9 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		}
 		if state == stateUnderKey {
 			continue
+		}
+		if err := checkKind(t); err != nil {
+			return err
 		}
 		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
 		if err := RekeyFile(ctx, t.path, t.old, t.dek, opts, prog(t.path)); err != nil {

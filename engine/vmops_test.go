@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -235,8 +236,9 @@ func TestVMRekey(t *testing.T) {
 			t.Fatalf("disk %s keySafe not moved to the new KEK", d.Name)
 		}
 	}
-	// Data untouched by a shallow rekey (payloads identical).
-	if !bytes.Equal(enc["vm.vswp"], shallow["vm.vswp"]) || !bytes.Equal(enc["disk0-flat.vmdk"], shallow["disk0-flat.vmdk"]) {
+	// Data untouched by a shallow rekey (payloads identical; an extent's
+	// header holds a copy of its keySafe, which is rewrapped).
+	if !bytes.Equal(enc["vm.vswp"], shallow["vm.vswp"]) || !bytes.Equal(enc["disk0-flat.vmdk"][HeaderSize:], shallow["disk0-flat.vmdk"][HeaderSize:]) {
 		t.Fatal("shallow rekey rewrote data")
 	}
 	// The old KEK is no longer needed: forget it; everything still opens.
@@ -288,4 +290,127 @@ func lineValue(text, key string) string {
 		}
 	}
 	return ""
+}
+
+// Every extent carries its disk's keySafe, so a descriptor rewritten
+// without its key lines (an editor, qemu-img create over it) loses
+// nothing: the disk stays encrypted and readable, status names the
+// problem, and a shallow rekey writes the lines back.
+func TestDescriptorLosesKeyLines(t *testing.T) {
+	dir := makeVM(t)
+	before := snapshotDir(t, dir)
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	if err := ops.Encrypt(ctx, dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	l, err := loadLayout(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range l.Disks {
+		for _, e := range d.Extents {
+			ks, ok, err := ReadEmbeddedKeySafeFile(filepath.Join(dir, e))
+			if err != nil || !ok || ks != d.KeySafe {
+				t.Errorf("extent %s of %s: embedded keySafe %v %v, want the disk's", e, d.Name, ok, err)
+			}
+		}
+	}
+	// disk0 is monolithicFlat, disk3 twoGbMaxExtentFlat: both have a
+	// text descriptor. Strip the key lines, as an editor might.
+	for _, name := range []string{"disk0.vmdk", "disk3.vmdk"} {
+		p := filepath.Join(dir, name)
+		raw, _ := os.ReadFile(p)
+		var kept []string
+		for _, line := range strings.SplitAfter(string(raw), "\n") {
+			if !strings.HasPrefix(line, DescKeySafe+"=") && !strings.HasPrefix(line, DDBDiskID+" =") {
+				kept = append(kept, line)
+			}
+		}
+		stripped := strings.Join(kept, "")
+		if stripped == string(raw) {
+			t.Fatalf("%s: no key lines to strip:\n%s", name, raw)
+		}
+		if err := os.WriteFile(p, []byte(stripped), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := ReadVMStatus(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Problems) != 2 || !strings.Contains(st.Problems[0], "disk0.vmdk") || !strings.Contains(st.Problems[1], "disk3.vmdk") {
+		t.Fatalf("status problems: %q", st.Problems)
+	}
+	// The view still serves the plaintext of the extents.
+	ds := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	defer ds.Close()
+	c, err := ds.Open(filepath.Base(dir)+"/disk0-flat.vmdk", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(before["disk0-flat.vmdk"]))
+	_, err = c.ReadAt(got, 0)
+	c.Close()
+	if err != nil || !bytes.Equal(got, before["disk0-flat.vmdk"]) {
+		t.Fatalf("disk0-flat through the view: %v, equal=%v", err, bytes.Equal(got, before["disk0-flat.vmdk"]))
+	}
+	// Encrypting again is refused (the disk is not plain), and a shallow
+	// rekey restores both lines.
+	if err := ops.Encrypt(ctx, dir, kek); err == nil {
+		t.Fatal("encrypting an encrypted VM again succeeded")
+	}
+	if err := ops.RekeyShallow(ctx, dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"disk0.vmdk", "disk3.vmdk"} {
+		raw, _ := os.ReadFile(filepath.Join(dir, name))
+		if descValue(t, raw, DescKeySafe) == "" || descValue(t, raw, DDBDiskID) == "" {
+			t.Errorf("%s: key lines not restored by rekey:\n%s", name, raw)
+		}
+	}
+	if st, err := ReadVMStatus(dir, nil); err != nil || len(st.Problems) != 0 {
+		t.Fatalf("after rekey: %v %q", err, st.Problems)
+	}
+	if err := ops.Decrypt(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	final := snapshotDir(t, dir)
+	for name, raw := range before {
+		if !bytes.Equal(final[name], raw) {
+			t.Errorf("%s differs after decrypt", name)
+		}
+	}
+}
+
+// Files of one VM share its DEK: a swap file moved over the nvram opens
+// under the key, but its authenticated kind gives it away, and neither
+// decrypt nor a deep rekey converts it as the nvram.
+func TestVMConvertRefusesKindMismatch(t *testing.T) {
+	for _, op := range []string{"decrypt", "rekey-deep"} {
+		t.Run(op, func(t *testing.T) {
+			dir := makeVM(t)
+			ops, kek := newTestOps(t)
+			ctx := context.Background()
+			if err := ops.Encrypt(ctx, dir, kek); err != nil {
+				t.Fatal(err)
+			}
+			swap, _ := os.ReadFile(filepath.Join(dir, "vm.vswp"))
+			if err := os.WriteFile(filepath.Join(dir, "vm.nvram"), swap, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			var err error
+			if op == "decrypt" {
+				err = ops.Decrypt(ctx, dir)
+			} else {
+				err = ops.RekeyDeep(ctx, dir, kek)
+			}
+			if !errors.Is(err, ErrKindMismatch) || !strings.Contains(err.Error(), "vm.nvram") {
+				t.Fatalf("%s with a swap file as nvram: %v", op, err)
+			}
+			if got, _ := os.ReadFile(filepath.Join(dir, "vm.nvram")); !bytes.Equal(got, swap) {
+				t.Fatal("refused file changed")
+			}
+		})
+	}
 }

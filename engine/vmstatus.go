@@ -21,6 +21,9 @@ type VMStatus struct {
 	Interrupted string       `json:"interrupted,omitempty"`
 	Snapshots   int          `json:"snapshots"`
 	Files       []FileStatus `json:"files"`
+	// Problems are one-line findings that need the admin's attention
+	// but do not stop the VM from being used.
+	Problems []string `json:"problems,omitempty"`
 }
 
 // FileStatus is one data file.
@@ -85,6 +88,9 @@ func ReadVMStatus(dir string, corePatterns []string) (*VMStatus, error) {
 		kek := ""
 		if d.KeySafe != "" {
 			kek = kekOf(d.KeySafe)
+		}
+		if d.KeysFromExtents {
+			st.Problems = append(st.Problems, "disk "+d.Name+": descriptor lost its encryptionKeys line; the key is read from its extents (a shallow rekey writes the line back)")
 		}
 		for _, e := range d.Extents {
 			add(e, KindExtent.String(), d.Name, kek)

@@ -91,6 +91,9 @@ func (c *vmStatusCmd) Run(g *globals) error {
 	if st.Interrupted != "" {
 		fmt.Printf("conversion interrupted: %s (run the same command again to finish)\n", st.Interrupted)
 	}
+	for _, p := range st.Problems {
+		fmt.Println("problem:", p)
+	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "FILE\tKIND\tENCRYPTED\tSIZE\tKEK\tDEK FINGERPRINT")
 	for _, f := range st.Files {
