@@ -176,9 +176,28 @@ func TestViewNewDisks(t *testing.T) {
 	for _, d := range disks {
 		runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "read -P 0x5a 1M 1M", "n-"+d.sf+".vmdk")
 	}
+	// qemu-img create over an existing encrypted disk rewrites its plain
+	// descriptor without the key lines; the extent keeps its header copy
+	// of the key, so the disk stays encrypted and readable, vm status
+	// names the problem, and the shallow rekey below writes the lines back.
+	over := "n-monolithicFlat.vmdk"
+	runCmd(t, view, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", over, "16M")
+	runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "read -P 0 0 16M", "-c", "write -P 0x5a 1M 1M", over)
+	if raw, _ := os.ReadFile(filepath.Join(vm, over)); bytes.Contains(raw, []byte("encryptionKeys")) {
+		t.Fatalf("expected qemu-img to drop the key lines:\n%s", raw)
+	}
+	if raw, _ := os.ReadFile(filepath.Join(vm, "n-monolithicFlat-flat.vmdk")); bytes.Contains(raw, bytes.Repeat([]byte{0x5a}, 64)) {
+		t.Fatal("the recreated extent holds plaintext at rest")
+	}
+	if out := mustRun(t, "--socket", sock, "vm", "status", vm); !strings.Contains(out, "problem: disk "+over+": descriptor lost its encryptionKeys line") {
+		t.Fatalf("vm status does not report the lost key lines:\n%s", out)
+	}
 	mustRun(t, "--socket", sock, "unmount", mp)
 	// A shallow rekey, then decrypt: every disk comes back plain and whole.
 	mustRun(t, "--socket", sock, "vm", "rekey", vm)
+	if raw, _ := os.ReadFile(filepath.Join(vm, over)); !bytes.Contains(raw, []byte(`encryptionKeys="vmware:key/list/`)) {
+		t.Fatalf("rekey did not write the key lines back:\n%s", raw)
+	}
 	mustRun(t, "--socket", sock, "vm", "decrypt", vm)
 	for _, d := range disks {
 		runCmd(t, vm, "qemu-io", "-f", "vmdk", "-c", "read -P 0x5a 1M 1M", "-c", "read -P 0 2M 1M", "n-"+d.sf+".vmdk")
