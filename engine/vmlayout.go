@@ -250,9 +250,7 @@ func loadDisk(dir, name string) (*disk, string, error) {
 		d.Extents = append(d.Extents, filepath.Base(p))
 	}
 	if d.KeySafe == "" {
-		if err := keysFromExtents(dir, d); err != nil {
-			return nil, "", fmt.Errorf("disk %s: %w", path, err)
-		}
+		keysFromExtents(dir, d)
 	}
 	parent, _ := desc.ParentFileNameHint()
 	return d, parent, nil
@@ -266,24 +264,24 @@ func loadDisk(dir, name string) (*disk, string, error) {
 // is neither served as plain ciphertext nor "encrypted" a second time.
 // Any other mix (some extents plain, as in a conversion stopped halfway,
 // which its journal resumes) leaves the disk as its descriptor says.
-func keysFromExtents(dir string, d *disk) error {
+func keysFromExtents(dir string, d *disk) {
 	var b Binding
 	var ks string
 	for _, e := range d.Extents {
 		head, err := regularHead(filepath.Join(dir, e))
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
 		if err != nil {
-			return fmt.Errorf("extent %s: %w", e, err)
+			// Missing, unreadable or not a regular file: not a disk
+			// whose key can come from here; whoever opens the extent
+			// reports the problem.
+			return
 		}
 		h, err := PeekHeader(head)
 		if err != nil {
-			return nil // a plain extent
+			return // a plain extent
 		}
 		eks, ok := ReadEmbeddedKeySafe(head)
 		if !ok || h.Binding.Purpose != PurposeDisk || (ks != "" && h.Binding != b) {
-			return nil
+			return
 		}
 		if ks == "" {
 			b, ks = h.Binding, eks
@@ -292,7 +290,6 @@ func keysFromExtents(dir string, d *disk) error {
 	if ks != "" {
 		d.KeySafe, d.DiskID, d.KeysFromExtents = ks, b.OwnerID, true
 	}
-	return nil
 }
 
 const maxDescriptor = 1 << 20
