@@ -316,6 +316,12 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 			}
 		}
 	}
+	// inspect names the KEK of the header copy.
+	raw, _ := os.ReadFile(filepath.Join(dir, "disk0-flat.vmdk"))
+	info, ok := DetectContainer(raw[:HeaderSize])
+	if !ok || !strings.Contains(fmt.Sprint(info), "kind extent") || !strings.Contains(fmt.Sprint(info), "keySafe copy in header wrapped by "+kek.String()) {
+		t.Errorf("inspect line: %v", info)
+	}
 	// disk0 is monolithicFlat, disk3 twoGbMaxExtentFlat: both have a
 	// text descriptor. Strip the key lines, as an editor might.
 	for _, name := range []string{"disk0.vmdk", "disk3.vmdk"} {

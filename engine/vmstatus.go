@@ -2,10 +2,12 @@ package engine
 
 import (
 	"encoding/hex"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 )
 
 // VMStatus describes a VM's encryption as read from its files, without
@@ -142,6 +144,16 @@ type ContainerInfo struct {
 	FileID        string   `json:"file_id"`
 	Sequence      uint64   `json:"header_sequence"`
 	EmbeddedKEKs  []string `json:"embedded_keysafe_keks,omitempty"`
+}
+
+// String is the one-line form `vmcryptd inspect` prints.
+func (ci ContainerInfo) String() string {
+	s := fmt.Sprintf("format %d, kind %s, logical size %d, unit %d, key %s/%s, DEK fingerprint %s, file id %s, header sequence %d",
+		ci.FormatVersion, ci.Kind, ci.LogicalSize, ci.UnitSize, ci.KeyPurpose, ci.KeyOwner, ci.Fingerprint, ci.FileID, ci.Sequence)
+	if len(ci.EmbeddedKEKs) > 0 {
+		s += fmt.Sprintf(", keySafe copy in header wrapped by %s", strings.Join(ci.EmbeddedKEKs, " "))
+	}
+	return s
 }
 
 // DetectContainer recognises a container from its first bytes (no key:
