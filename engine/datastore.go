@@ -168,11 +168,11 @@ func (d *Datastore) Classify(rel string) (FileState, string, error) {
 	if _, err := PeekHeader(head); err != nil {
 		return FilePlain, "", nil
 	}
-	// The magic alone proves nothing (a guest can write it at the start of
-	// its own disk): a file is served as a container only where its VM's
-	// text files say it is one, or it carries its own keySafe.
-	if _, ok := ReadEmbeddedKeySafe(head); !ok && d.plainByLayout(path) {
+	switch v, why := d.layoutVerdict(path, head); v {
+	case verdictPlain:
 		return FilePlain, "", nil
+	case verdictSuspect:
+		return FileLocked, why, nil
 	}
 	if _, err := d.dekFor(path, head); err != nil {
 		return FileLocked, err.Error(), nil
@@ -203,22 +203,66 @@ func (d *Datastore) MayOpen(rel string) error {
 	return d.busy(path)
 }
 
-// plainByLayout reports whether the VM directory holding path says the
-// file is plain: a plain VM, or an extent of a disk without a keySafe.
-func (d *Datastore) plainByLayout(path string) bool {
+// verdict is what a VM's text files say about a file that starts like a
+// container.
+type verdict int
+
+const (
+	verdictContainer verdict = iota // serve it decrypted
+	verdictPlain                    // its bytes are data, whatever they look like
+	verdictSuspect                  // neither: refuse it (see layoutVerdict)
+)
+
+// layoutVerdict decides, from the VM directory holding path, how a file
+// whose first bytes (head) parse as a container header is served. A
+// header proves nothing by itself, and neither does a keySafe copy in
+// it: a guest can write anything at the start of its own plain disk,
+// including another disk's whole container (ciphertext from a backup),
+// whose copy the host's KEKs would open. So:
+//
+//   - an extent of a disk whose descriptor has encryptionKeys is a
+//     container;
+//   - an extent of a disk whose descriptor has none is plain, unless all
+//     its extents are containers of one disk with the same keySafe copy:
+//     that is a descriptor that lost its key lines (or a conversion
+//     stopped before writing them), or a guest that wrote such bytes, and
+//     serving it either way could leak another VM's data or overwrite
+//     the only copy of this one's, so it is refused until an
+//     administrator restores the lines (RestoreDiskKeys) or the
+//     conversion is finished;
+//   - in a plain VM, every other file is plain too, except a core dump
+//     (its key is wrapped by the host key and carried in its header);
+//   - in an encrypted VM, other files are containers if they look like
+//     one (VM files under the VM key, and .vmdk files made through a view
+//     before any descriptor names them, with their keySafe copy);
+//   - outside VM directories the header decides.
+func (d *Datastore) layoutVerdict(path string, head []byte) (verdict, string) {
 	l, err := d.layout(filepath.Dir(path))
 	if err != nil {
-		return false // not a VM directory: trust the header
+		return verdictContainer, "" // not a VM directory: trust the header
 	}
 	name := filepath.Base(path)
 	for _, dk := range l.Disks {
 		for _, e := range dk.Extents {
-			if e == name {
-				return dk.KeySafe == ""
+			if e != name {
+				continue
 			}
+			if dk.KeySafe != "" {
+				return verdictContainer, ""
+			}
+			if b, _, ok := extentCopies(l.Dir, dk); ok {
+				return verdictSuspect, fmt.Sprintf("disk %s has no encryptionKeys line, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
+			}
+			return verdictPlain, ""
 		}
 	}
-	return !l.Encrypted
+	if l.Encrypted {
+		return verdictContainer, ""
+	}
+	if h, err := PeekHeader(head); err == nil && h.Kind == KindCoreDump {
+		return verdictContainer, ""
+	}
+	return verdictPlain, ""
 }
 
 // Open opens the container at rel with its DEK.
@@ -233,6 +277,14 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	head, err := readHead(path)
 	if err != nil {
 		return nil, err
+	}
+	if _, err := PeekHeader(head); err == nil {
+		switch v, why := d.layoutVerdict(path, head); v {
+		case verdictPlain:
+			return nil, fmt.Errorf("%s: %w", path, ErrPlainByLayout)
+		case verdictSuspect:
+			return nil, fmt.Errorf("%s: %w: %s", path, ErrKeyUnavailable, why)
+		}
 	}
 	dek, err := d.dekFor(path, head)
 	if err != nil {
@@ -259,6 +311,10 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	}
 	return c, nil
 }
+
+// ErrPlainByLayout is returned by Open for a file that looks like a
+// container where its VM says the file is plain (see layoutVerdict).
+var ErrPlainByLayout = errors.New("looks like a container, but its VM's files say it is plain")
 
 // ErrKindMismatch is returned for a container whose authenticated kind
 // does not fit its file name.

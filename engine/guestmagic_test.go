@@ -3,8 +3,10 @@ package engine
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -48,5 +50,99 @@ func TestGuestWrittenMagic(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(flat); !bytes.Equal(got, want) {
 		t.Fatal("disk differs after encrypt and decrypt")
+	}
+}
+
+// A guest can also write another disk's whole container, keySafe copy
+// included (ciphertext from a backup), into its own plain disk. The host
+// holds the KEK that opens that copy, so trusting it would decrypt the
+// other VM's data for this guest. A plain disk is never decrypted: in a
+// plain VM and in an encrypted one, in the view and in every VM
+// operation.
+func TestForeignCiphertextInPlainDisk(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	victim := filepath.Join(root, "victim")
+	if err := ops.Create(ctx, victim, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	secret := bytes.Repeat([]byte("victim secret "), 1000)
+	if err := os.WriteFile(filepath.Join(victim, "vm-flat.vmdk"), append(secret, make([]byte, 1<<20-len(secret))...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := ops.Encrypt(ctx, victim, kek); err != nil {
+		t.Fatal(err)
+	}
+	cipher, _ := os.ReadFile(filepath.Join(victim, "vm-flat.vmdk"))
+	if _, ok := ReadEmbeddedKeySafe(cipher); !ok {
+		t.Fatal("victim extent has no keySafe copy: the attack below would not test anything")
+	}
+
+	plainVM := filepath.Join(root, "plainvm")
+	if err := ops.Create(ctx, plainVM, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 2 << 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	encVM := filepath.Join(root, "encvm")
+	if err := ops.Create(ctx, encVM, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	needTool(t, "qemu-img")
+	run(t, encVM, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "p.vmdk", "2M")
+	if enc, err := ops.AttachDisk(ctx, encVM, "p.vmdk"); err != nil || enc {
+		t.Fatalf("attach plain disk: %v %v", enc, err)
+	}
+	plant := func(p string) []byte {
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteAt(cipher, 0) // what the guest writes to its disk
+		f.Close()
+		raw, _ := os.ReadFile(p)
+		return raw
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	for _, rel := range []string{"plainvm/vm-flat.vmdk", "encvm/p-flat.vmdk"} {
+		want := plant(filepath.Join(root, rel))
+		// Never decrypted; refused, since it also looks like an encrypted
+		// disk that lost its key lines (whose only copy must not be
+		// overwritten as plain data).
+		if st, reason, err := ds.Classify(rel); err != nil || st != FileLocked || !strings.Contains(reason, "no encryptionKeys line") {
+			t.Errorf("%s: classified %v %q %v, want locked", rel, st, reason, err)
+		}
+		if c, err := ds.Open(rel, true); !errors.Is(err, ErrKeyUnavailable) {
+			if c != nil {
+				c.Close()
+			}
+			t.Errorf("%s: Open = %v, want ErrKeyUnavailable", rel, err)
+		}
+		// No automatic restore either: only an explicit one, which a
+		// plain VM refuses.
+		if rel == "plainvm/vm-flat.vmdk" {
+			if err := ops.RestoreDiskKeys(ctx, plainVM, "vm.vmdk"); !errors.Is(err, ErrEncryptedDiskOnPlainVM) {
+				t.Errorf("restore-keys on a plain VM: %v", err)
+			}
+		}
+		st, err := ReadVMStatus(filepath.Join(root, filepath.Dir(rel)), nil)
+		if err != nil || len(st.Problems) != 1 || !strings.Contains(st.Problems[0], "or guest data that looks like one") {
+			t.Errorf("%s: status problems %q %v", rel, st.Problems, err)
+		}
+		if rel == "encvm/p-flat.vmdk" {
+			if err := ops.RekeyShallow(ctx, encVM, kek); err != nil {
+				t.Fatal(err)
+			}
+			if err := ops.Decrypt(ctx, encVM); err != nil {
+				t.Fatal(err)
+			}
+		} else if err := ops.Encrypt(ctx, plainVM, kek); err != nil {
+			t.Fatal(err)
+		} else if err := ops.Decrypt(ctx, plainVM); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := os.ReadFile(filepath.Join(root, rel)); !bytes.Equal(got, want) {
+			t.Errorf("%s: the guest's bytes changed through VM operations (victim plaintext: %v)", rel, bytes.HasPrefix(got, secret))
+		}
 	}
 }

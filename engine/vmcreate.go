@@ -364,3 +364,93 @@ func attachToVMX(l *vmLayout, name string) error {
 	}
 	return writeText(l.VMXPath, cfg.Bytes())
 }
+
+// RestoreDiskKeys writes back the key lines (encryptionKeys and
+// ddb.vmcryptd.diskId) of a disk of the encrypted VM in dir whose text
+// descriptor lost them (an editor, qemu-img create over it), taking them
+// from the keySafe copy its extents carry (FORMAT.md 3.4). It is an
+// explicit act of an administrator with crypto rights and never
+// automatic: a guest can write another disk's container, copy included,
+// into its own plain disk, and only a person knows which of the two
+// happened. Every extent must be a container of one disk holding the
+// same copy, the copy must unwrap under a KEK the host has, and every
+// extent's header must authenticate under that DEK.
+func (o *VMOps) RestoreDiskKeys(ctx context.Context, dir, path string) error {
+	if op, err := InterruptedOp(dir); err != nil || op != "" {
+		if err == nil {
+			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
+		}
+		return err
+	}
+	l, err := loadLayout(dir, o.CoreDumpPatterns)
+	if err != nil {
+		return err
+	}
+	p, err := vmdk.ResolveExtentPath(l.Dir, path)
+	if err != nil || filepath.Dir(p) != l.Dir {
+		return fmt.Errorf("%s: the disk must be a file inside the VM directory %s", path, l.Dir)
+	}
+	name := filepath.Base(p)
+	var d *disk
+	for _, x := range l.Disks {
+		if x.Name == name {
+			d = x
+		}
+	}
+	switch {
+	case d == nil:
+		return fmt.Errorf("%s: not a disk of the VM in %s (attach it first)", name, l.Dir)
+	case !l.Encrypted:
+		return fmt.Errorf("%s: %w", name, ErrEncryptedDiskOnPlainVM)
+	case d.Embedded:
+		return fmt.Errorf("%s: its key is in its own header; nothing to restore", name)
+	case d.KeySafe != "" && d.DiskID != "":
+		return fmt.Errorf("%s: its descriptor has both key lines", name)
+	}
+	b, ks, ok := extentCopies(l.Dir, d)
+	if !ok {
+		return fmt.Errorf("%s: its extents are not all containers of one disk carrying the same keySafe copy; nothing to restore from", name)
+	}
+	if d.KeySafe != "" && d.KeySafe != ks {
+		// Only the disk id line is missing: the copy must be the same
+		// keySafe (a shallow rekey rewrites both).
+		return fmt.Errorf("%s: its encryptionKeys line and its extents' copy differ; restore it from a backup", name)
+	}
+	for _, x := range l.Disks {
+		if x != d && x.DiskID == b.OwnerID {
+			return fmt.Errorf("%s: its extents belong to disk %s, which is %s", name, b.OwnerID, x.Name)
+		}
+	}
+	if d.DiskID != "" && d.DiskID != b.OwnerID {
+		return fmt.Errorf("%s: its descriptor names disk %s, its extents disk %s", name, d.DiskID, b.OwnerID)
+	}
+	dek, _, err := o.unwrapFrom(ctx, ks, b)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	defer dek.Destroy()
+	for _, e := range d.Extents {
+		state, kind, err := keyStateOf(filepath.Join(l.Dir, e), dek)
+		if err != nil {
+			return err
+		}
+		if state != stateUnderKey || kind != KindExtent {
+			return fmt.Errorf("%s: extent %s does not authenticate as an extent under the key of its copy", name, e)
+		}
+	}
+	raw, err := os.ReadFile(p)
+	if err != nil {
+		return err
+	}
+	desc, err := vmdk.ParseDescriptor(raw)
+	if err != nil {
+		return fmt.Errorf("%s: %w", p, err)
+	}
+	if err := desc.Set(DescKeySafe, ks); err != nil {
+		return fmt.Errorf("%s: %w", p, err)
+	}
+	if err := desc.Set(DDBDiskID, b.OwnerID); err != nil {
+		return fmt.Errorf("%s: %w", p, err)
+	}
+	return writeText(p, desc.Bytes())
+}

@@ -37,9 +37,6 @@ type disk struct {
 	Extents  []string // base names
 	DiskID   string   // from ddb.vmcryptd.diskId or the container header
 	KeySafe  string   // "" when plain
-	// KeysFromExtents: the descriptor lacks its key lines, and the
-	// disk's key was taken from the copies in its extents' headers.
-	KeysFromExtents bool
 }
 
 // dataFile is a non-disk file that the VM key protects.
@@ -154,10 +151,18 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 			names = append(names, parent)
 		}
 	}
+	// One file belongs to one disk: two descriptors naming the same
+	// extent (an alias, an editor's copy that got attached) would have it
+	// converted twice, under two keys.
 	inDisk := map[string]bool{}
+	owner := map[string]string{}
 	for _, d := range l.Disks {
 		inDisk[d.Name] = true
 		for _, e := range d.Extents {
+			if o, ok := owner[e]; ok && o != d.Name {
+				return nil, fmt.Errorf("%s: file %s belongs to two disks, %s and %s; detach one", dir, e, o, d.Name)
+			}
+			owner[e] = d.Name
 			inDisk[e] = true
 		}
 	}
@@ -249,47 +254,37 @@ func loadDisk(dir, name string) (*disk, string, error) {
 		}
 		d.Extents = append(d.Extents, filepath.Base(p))
 	}
-	if d.KeySafe == "" {
-		keysFromExtents(dir, d)
-	}
 	parent, _ := desc.ParentFileNameHint()
 	return d, parent, nil
 }
 
-// keysFromExtents handles a text descriptor without encryptionKeys whose
-// extents are all containers of one disk, each carrying the disk's
-// keySafe (FORMAT.md 3.4): the descriptor was rewritten without its key
-// lines (an editor, or qemu-img create over an existing disk), and the
-// disk is still encrypted. It takes the key from the extents, so the disk
-// is neither served as plain ciphertext nor "encrypted" a second time.
-// Any other mix (some extents plain, as in a conversion stopped halfway,
-// which its journal resumes) leaves the disk as its descriptor says.
-func keysFromExtents(dir string, d *disk) {
+// extentCopies looks at the file extents of a disk whose descriptor has
+// no encryptionKeys: if every one is a container of one disk (kind
+// extent, same binding) carrying the same keySafe copy, it returns that
+// binding and copy. That is what a descriptor that lost its key lines
+// looks like, but also what a guest can write into its own plain disk
+// (another disk's ciphertext, from a backup): so it is never trusted on
+// its own, only reported (vm status) and used by an explicit restore
+// (RestoreDiskKeys).
+func extentCopies(dir string, d *disk) (Binding, string, bool) {
 	var b Binding
 	var ks string
 	for _, e := range d.Extents {
 		head, err := regularHead(filepath.Join(dir, e))
 		if err != nil {
-			// Missing, unreadable or not a regular file: not a disk
-			// whose key can come from here; whoever opens the extent
-			// reports the problem.
-			return
+			return b, "", false
 		}
 		h, err := PeekHeader(head)
-		if err != nil {
-			return // a plain extent
+		if err != nil || h.Kind != KindExtent || h.Binding.Purpose != PurposeDisk {
+			return b, "", false
 		}
 		eks, ok := ReadEmbeddedKeySafe(head)
-		if !ok || h.Binding.Purpose != PurposeDisk || (ks != "" && h.Binding != b) {
-			return
+		if !ok || (ks != "" && (h.Binding != b || eks != ks)) {
+			return b, "", false
 		}
-		if ks == "" {
-			b, ks = h.Binding, eks
-		}
+		b, ks = h.Binding, eks
 	}
-	if ks != "" {
-		d.KeySafe, d.DiskID, d.KeysFromExtents = ks, b.OwnerID, true
-	}
+	return b, ks, ks != ""
 }
 
 const maxDescriptor = 1 << 20
@@ -379,29 +374,33 @@ const (
 	stateOtherKey
 )
 
-func keyStateOf(path string, dek *DEK) (fileKeyState, error) {
+// keyStateOf also returns, for a container under dek, the kind its
+// authenticated header slot records (PeekHeader's newest slot may be a
+// forgery that does not verify).
+func keyStateOf(path string, dek *DEK) (fileKeyState, Kind, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer f.Close()
 	region := make([]byte, 2*slotSize)
 	n, _ := io.ReadFull(f, region)
 	if _, err := PeekHeader(region[:n]); err != nil {
-		return statePlain, nil
+		return statePlain, 0, nil
 	}
 	keys, err := deriveContainerKeys(dek)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer keys.destroy()
-	if _, err := verifyHeader(region, keys); err != nil {
+	h, err := verifyHeader(region, keys)
+	if err != nil {
 		if errors.Is(err, ErrWrongKey) {
-			return stateOtherKey, nil
+			return stateOtherKey, 0, nil
 		}
-		return 0, fmt.Errorf("%s: %w", path, err)
+		return 0, 0, fmt.Errorf("%s: %w", path, err)
 	}
-	return stateUnderKey, nil
+	return stateUnderKey, h.Kind, nil
 }
 
 // cleanStaleTemps removes what a killed run left: conversion temporaries

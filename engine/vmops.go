@@ -207,7 +207,7 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		if t.dek == nil {
 			return fmt.Errorf("%s: not in the interrupted encryption's journal (added after the interruption?); detach it or finish without it", t.path)
 		}
-		state, err := keyStateOf(t.path, t.dek)
+		state, _, err := keyStateOf(t.path, t.dek)
 		if err != nil {
 			return err
 		}
@@ -339,21 +339,13 @@ func (o *VMOps) newJournal(ctx context.Context, l *vmLayout, kekRef KeyRef, op s
 	return j, nil
 }
 
-// checkKind refuses a container whose kind (authenticated once its key
-// opens it, which keyStateOf has checked) does not fit the file it is
-// converted as: files of one VM share the VM DEK, so a swap file renamed
-// over the nvram would otherwise be decrypted (or rekeyed) as the nvram.
-func checkKind(t task) error {
-	head, err := regularHead(t.path)
-	if err != nil {
-		return err
-	}
-	h, err := PeekHeader(head)
-	if err != nil {
-		return fmt.Errorf("%s: %w", t.path, err)
-	}
-	if h.Kind != t.kind {
-		return fmt.Errorf("%s: %w: holds a %s container, its name says %s", t.path, ErrKindMismatch, h.Kind, t.kind)
+// checkKind refuses a container whose kind (from its authenticated
+// header slot) does not fit the file it is converted as: files of one VM
+// share the VM DEK, so a swap file renamed over the nvram would otherwise
+// be decrypted (or rekeyed) as the nvram.
+func checkKind(t task, kind Kind) error {
+	if kind != t.kind {
+		return fmt.Errorf("%s: %w: holds a %s container, its name says %s", t.path, ErrKindMismatch, kind, t.kind)
 	}
 	return nil
 }
@@ -482,7 +474,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		return err
 	}
 	for _, t := range ts {
-		state, err := keyStateOf(t.path, t.dek)
+		state, kind, err := keyStateOf(t.path, t.dek)
 		if err != nil {
 			return err
 		}
@@ -498,7 +490,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 			}
 			continue
 		}
-		if err := checkKind(t); err != nil {
+		if err := checkKind(t, kind); err != nil {
 			return err
 		}
 		if err := DecryptFile(ctx, t.path, t.dek, prog(t.path)); err != nil {
@@ -617,11 +609,6 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 		if err := desc.Set(DescKeySafe, nks); err != nil {
 			return fmt.Errorf("%s: %w", path, err)
 		}
-		// A descriptor whose key lines were lost (KeysFromExtents)
-		// gets both back.
-		if err := desc.Set(DDBDiskID, d.DiskID); err != nil {
-			return fmt.Errorf("%s: %w", path, err)
-		}
 		if err := writeText(path, desc.Bytes()); err != nil {
 			return err
 		}
@@ -692,15 +679,22 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		return err
 	}
 	for _, t := range ts {
-		state, err := keyStateOf(t.path, t.dek)
+		state, kind, err := keyStateOf(t.path, t.dek)
 		if err != nil {
 			return err
 		}
 		if state == stateUnderKey {
 			continue
 		}
-		if err := checkKind(t); err != nil {
+		// Not rekeyed yet: the kind is that of the slot the old key
+		// authenticates.
+		if state, kind, err = keyStateOf(t.path, t.old); err != nil {
 			return err
+		}
+		if state == stateUnderKey {
+			if err := checkKind(t, kind); err != nil {
+				return err
+			}
 		}
 		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
 		if err := RekeyFile(ctx, t.path, t.old, t.dek, opts, prog(t.path)); err != nil {

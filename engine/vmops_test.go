@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -294,8 +295,9 @@ func lineValue(text, key string) string {
 
 // Every extent carries its disk's keySafe, so a descriptor rewritten
 // without its key lines (an editor, qemu-img create over it) loses
-// nothing: the disk stays encrypted and readable, status names the
-// problem, and a shallow rekey writes the lines back.
+// nothing: status names the problem, views refuse the disk instead of
+// serving (and overwriting) its ciphertext as plain data, and an explicit
+// restore-keys writes the lines back.
 func TestDescriptorLosesKeyLines(t *testing.T) {
 	dir := makeVM(t)
 	before := snapshotDir(t, dir)
@@ -324,33 +326,61 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 	}
 	// disk0 is monolithicFlat, disk3 twoGbMaxExtentFlat: both have a
 	// text descriptor. Strip the key lines, as an editor might.
-	for _, name := range []string{"disk0.vmdk", "disk3.vmdk"} {
+	strip := func(name string, keep string) {
 		p := filepath.Join(dir, name)
 		raw, _ := os.ReadFile(p)
 		var kept []string
 		for _, line := range strings.SplitAfter(string(raw), "\n") {
-			if !strings.HasPrefix(line, DescKeySafe+"=") && !strings.HasPrefix(line, DDBDiskID+" =") {
-				kept = append(kept, line)
+			if (strings.HasPrefix(line, DescKeySafe+"=") || strings.HasPrefix(line, DDBDiskID+" =")) && !strings.HasPrefix(line, keep) {
+				continue
 			}
+			kept = append(kept, line)
 		}
-		stripped := strings.Join(kept, "")
-		if stripped == string(raw) {
-			t.Fatalf("%s: no key lines to strip:\n%s", name, raw)
-		}
-		if err := os.WriteFile(p, []byte(stripped), 0o644); err != nil {
+		if err := os.WriteFile(p, []byte(strings.Join(kept, "")), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
+	strip("disk0.vmdk", "none")
+	strip("disk3.vmdk", DDBDiskID) // keeps its disk id line
+	strip("disk2.vmdk", DescKeySafe) // keeps its key, loses its disk id
 	st, err := ReadVMStatus(dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(st.Problems) != 2 || !strings.Contains(st.Problems[0], "disk0.vmdk") || !strings.Contains(st.Problems[1], "disk3.vmdk") {
+	if len(st.Problems) != 3 || !strings.Contains(st.Problems[0], "disk disk0.vmdk: its descriptor has no encryptionKeys") ||
+		!strings.Contains(st.Problems[0], "vmcryptd disk restore-keys "+dir+" disk0.vmdk") ||
+		!strings.Contains(st.Problems[1], "disk2.vmdk: its descriptor has encryptionKeys but no") || !strings.Contains(st.Problems[2], "disk3.vmdk") {
 		t.Fatalf("status problems: %q", st.Problems)
 	}
-	// The view still serves the plaintext of the extents.
 	ds := NewDatastore(filepath.Dir(dir), ops.Keys, "")
 	defer ds.Close()
+	if st, reason, err := ds.Classify(filepath.Base(dir) + "/disk0-flat.vmdk"); err != nil || st != FileLocked {
+		t.Fatalf("extent of a disk that lost its key lines: %v %q %v, want locked", st, reason, err)
+	}
+	// The lost lines make the disk plain to VM operations, which leave
+	// it alone (a shallow rekey skips it, so its copy keeps the old KEK).
+	if err := ops.RestoreDiskKeys(ctx, dir, "disk1.vmdk"); err == nil {
+		t.Fatal("restore-keys on a sparse disk (key in its own header) succeeded")
+	}
+	if err := ops.RestoreDiskKeys(ctx, dir, "nosuch.vmdk"); err == nil {
+		t.Fatal("restore-keys on a disk the VM does not have succeeded")
+	}
+	for _, name := range []string{"disk0.vmdk", "disk2.vmdk", "disk3.vmdk"} {
+		if err := ops.RestoreDiskKeys(ctx, dir, name); err != nil {
+			t.Fatalf("restore-keys %s: %v", name, err)
+		}
+		raw, _ := os.ReadFile(filepath.Join(dir, name))
+		if descValue(t, raw, DescKeySafe) == "" || descValue(t, raw, DDBDiskID) == "" {
+			t.Errorf("%s: key lines not restored:\n%s", name, raw)
+		}
+	}
+	if err := ops.RestoreDiskKeys(ctx, dir, "disk0.vmdk"); err == nil {
+		t.Fatal("restoring lines that are there succeeded")
+	}
+	if st, err := ReadVMStatus(dir, nil); err != nil || len(st.Problems) != 0 {
+		t.Fatalf("after restore: %v %q", err, st.Problems)
+	}
+	ds.Forget(dir)
 	c, err := ds.Open(filepath.Base(dir)+"/disk0-flat.vmdk", true)
 	if err != nil {
 		t.Fatal(err)
@@ -359,24 +389,7 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 	_, err = c.ReadAt(got, 0)
 	c.Close()
 	if err != nil || !bytes.Equal(got, before["disk0-flat.vmdk"]) {
-		t.Fatalf("disk0-flat through the view: %v, equal=%v", err, bytes.Equal(got, before["disk0-flat.vmdk"]))
-	}
-	// Encrypting again is refused (the disk is not plain), and a shallow
-	// rekey restores both lines.
-	if err := ops.Encrypt(ctx, dir, kek); err == nil {
-		t.Fatal("encrypting an encrypted VM again succeeded")
-	}
-	if err := ops.RekeyShallow(ctx, dir, kek); err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range []string{"disk0.vmdk", "disk3.vmdk"} {
-		raw, _ := os.ReadFile(filepath.Join(dir, name))
-		if descValue(t, raw, DescKeySafe) == "" || descValue(t, raw, DDBDiskID) == "" {
-			t.Errorf("%s: key lines not restored by rekey:\n%s", name, raw)
-		}
-	}
-	if st, err := ReadVMStatus(dir, nil); err != nil || len(st.Problems) != 0 {
-		t.Fatalf("after rekey: %v %q", err, st.Problems)
+		t.Fatalf("disk0-flat after restore: %v, equal=%v", err, bytes.Equal(got, before["disk0-flat.vmdk"]))
 	}
 	if err := ops.Decrypt(ctx, dir); err != nil {
 		t.Fatal(err)
@@ -393,8 +406,12 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 // under the key, but its authenticated kind gives it away, and neither
 // decrypt nor a deep rekey converts it as the nvram.
 func TestVMConvertRefusesKindMismatch(t *testing.T) {
-	for _, op := range []string{"decrypt", "rekey-deep"} {
-		t.Run(op, func(t *testing.T) {
+	for _, tc := range []struct {
+		op    string
+		forge bool
+	}{{"decrypt", false}, {"rekey-deep", false}, {"decrypt", true}} {
+		op, forge := tc.op, tc.forge
+		t.Run(fmt.Sprintf("%s/forged=%v", op, forge), func(t *testing.T) {
 			dir := makeVM(t)
 			ops, kek := newTestOps(t)
 			ctx := context.Background()
@@ -402,6 +419,22 @@ func TestVMConvertRefusesKindMismatch(t *testing.T) {
 				t.Fatal(err)
 			}
 			swap, _ := os.ReadFile(filepath.Join(dir, "vm.vswp"))
+			if forge {
+				// A newer slot claiming kind nvram, with a stale MAC: it
+				// parses, but only the authenticated slot counts.
+				s0, s1 := binary.LittleEndian.Uint64(swap[16:]), binary.LittleEndian.Uint64(swap[slotSize+16:])
+				src, dst := 0, 1
+				if s1 > s0 {
+					src, dst = 1, 0
+				}
+				forged := append([]byte(nil), swap[src*slotSize:(src+1)*slotSize]...)
+				forged[10], forged[11] = byte(dst), byte(KindNVRAM)
+				binary.LittleEndian.PutUint64(forged[16:], max(s0, s1)+1)
+				copy(swap[dst*slotSize:], forged)
+				if h, err := PeekHeader(swap); err != nil || h.Kind != KindNVRAM {
+					t.Fatalf("forged slot not the newest parsing one: %v %v", h, err)
+				}
+			}
 			if err := os.WriteFile(filepath.Join(dir, "vm.nvram"), swap, 0o644); err != nil {
 				t.Fatal(err)
 			}
@@ -418,5 +451,42 @@ func TestVMConvertRefusesKindMismatch(t *testing.T) {
 				t.Fatal("refused file changed")
 			}
 		})
+	}
+}
+
+// Two descriptors naming one extent (an alias, an editor's copy that got
+// attached) would have it converted twice, under two keys: the layout
+// refuses, before anything is written.
+func TestSharedExtentRefused(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "vm")
+	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(filepath.Join(dir, "vm.vmdk"))
+	var kept []string
+	for _, l := range strings.SplitAfter(string(raw), "\n") {
+		if !strings.HasPrefix(l, DescKeySafe) && !strings.HasPrefix(l, DDBDiskID) {
+			kept = append(kept, l)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, "alias.vmdk"), []byte(strings.Join(kept, "")), 0o644)
+	before := snapshotDir(t, dir)
+	_, err := ops.AttachDisk(ctx, dir, "alias.vmdk")
+	if err == nil {
+		err = ops.RekeyDeep(ctx, dir, kek)
+	}
+	if err == nil || !strings.Contains(err.Error(), "belongs to two disks") {
+		t.Fatalf("attach or deep rekey with a shared extent: %v", err)
+	}
+	after := snapshotDir(t, dir)
+	for name, b := range before {
+		if name != "vm.vmx" && !bytes.Equal(after[name], b) {
+			t.Errorf("%s changed", name)
+		}
+	}
+	if op, _ := InterruptedOp(dir); op != "" {
+		t.Fatalf("left an interrupted %s", op)
 	}
 }

@@ -91,8 +91,16 @@ func ReadVMStatus(dir string, corePatterns []string) (*VMStatus, error) {
 		if d.KeySafe != "" {
 			kek = kekOf(d.KeySafe)
 		}
-		if d.KeysFromExtents {
-			st.Problems = append(st.Problems, "disk "+d.Name+": descriptor lost its encryptionKeys line; the key is read from its extents (a shallow rekey writes the line back)")
+		if d.KeySafe != "" && d.DiskID == "" && !d.Embedded {
+			st.Problems = append(st.Problems, fmt.Sprintf("disk %s: its descriptor has encryptionKeys but no %s line; VM operations refuse it. "+
+				"To restore it from the extents' keySafe copy: vmcryptd disk restore-keys %s %s", d.Name, DDBDiskID, l.Dir, d.Name))
+		}
+		if d.KeySafe == "" && !d.Embedded && st.Interrupted == "" {
+			if b, _, ok := extentCopies(l.Dir, d); ok {
+				st.Problems = append(st.Problems, fmt.Sprintf("disk %s: its descriptor has no encryptionKeys, but its extents are encrypted containers of disk %s: "+
+					"a descriptor that lost its key lines, or guest data that looks like one; views refuse it (EACCES). "+
+					"If the disk was encrypted: vmcryptd disk restore-keys %s %s", d.Name, b.OwnerID, l.Dir, d.Name))
+			}
 		}
 		for _, e := range d.Extents {
 			add(e, KindExtent.String(), d.Name, kek)

@@ -46,8 +46,23 @@ func parseSize(v string) (int64, error) {
 }
 
 type diskCmd struct {
-	Add    diskAddCmd    `cmd:"" help:"Create a new disk in a VM (encrypted with its own DEK when the VM is encrypted)."`
-	Attach diskAttachCmd `cmd:"" help:"Attach an existing disk file in the VM directory (encrypted disks are refused on plain VMs)."`
+	Add         diskAddCmd         `cmd:"" help:"Create a new disk in a VM (encrypted with its own DEK when the VM is encrypted)."`
+	Attach      diskAttachCmd      `cmd:"" help:"Attach an existing disk file in the VM directory (encrypted disks are refused on plain VMs)."`
+	RestoreKeys diskRestoreKeysCmd `cmd:"" help:"Write back the key lines of an encrypted VM's disk whose descriptor lost them, from the keySafe copy its extents carry (only if the disk was encrypted: a guest can write such bytes into a plain disk)."`
+}
+
+type diskRestoreKeysCmd struct {
+	Dir  string `arg:"" help:"VM directory (an encrypted VM)." type:"path"`
+	Disk string `arg:"" help:"The disk's descriptor (.vmdk), as vmcryptd vm status names it."`
+}
+
+func (c *diskRestoreKeysCmd) Run(g *globals) error {
+	var res api.DiskReply
+	if err := g.call("POST", "/disk/restore-keys", api.DiskRequest{Dir: c.Dir, Path: c.Disk}, &res); err != nil {
+		return err
+	}
+	fmt.Printf("%s: key lines restored\n", res.Name)
+	return nil
 }
 
 type diskAddCmd struct {

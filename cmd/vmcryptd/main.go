@@ -26,7 +26,7 @@ type cli struct {
 	Lab     labCmd     `cmd:"" help:"Start or stop a self-contained lab: embedded KMS plus daemon."`
 	VM      vmCmd      `cmd:"" name:"vm" help:"Encrypt, decrypt, rekey VMs; show their encryption state."`
 	Policy  policyCmd  `cmd:"" help:"Storage policies (VM Encryption Policy, Datastore Default)."`
-	Disk    diskCmd    `cmd:"" help:"Add or attach virtual disks."`
+	Disk    diskCmd    `cmd:"" help:"Add or attach virtual disks; restore a disk's lost key lines."`
 	Mount   mountCmd   `cmd:"" help:"Mount a decrypted FUSE view of a datastore (needs Cryptographer.Access)."`
 	Unmount unmountCmd `cmd:"" help:"Unmount a view (refused while files are open, unless --force)."`
 	Inspect inspectCmd `cmd:"" help:"Describe a VM file or directory (formats, sizes, keys, encrypted containers) without any key or daemon."`

@@ -2,10 +2,12 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -178,8 +180,8 @@ func TestViewNewDisks(t *testing.T) {
 	}
 	// qemu-img create over an existing encrypted disk rewrites its plain
 	// descriptor without the key lines; the extent keeps its header copy
-	// of the key, so the disk stays encrypted and readable, vm status
-	// names the problem, and the shallow rekey below writes the lines back.
+	// of the key, so nothing is lost: vm status names the problem, and
+	// restore-keys writes the lines back.
 	over := "n-monolithicFlat.vmdk"
 	runCmd(t, view, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", over, "16M")
 	runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "read -P 0 0 16M", "-c", "write -P 0x5a 1M 1M", over)
@@ -189,14 +191,27 @@ func TestViewNewDisks(t *testing.T) {
 	if raw, _ := os.ReadFile(filepath.Join(vm, "n-monolithicFlat-flat.vmdk")); bytes.Contains(raw, bytes.Repeat([]byte{0x5a}, 64)) {
 		t.Fatal("the recreated extent holds plaintext at rest")
 	}
-	if out := mustRun(t, "--socket", sock, "vm", "status", vm); !strings.Contains(out, "problem: disk "+over+": descriptor lost its encryptionKeys line") {
+	if out := mustRun(t, "--socket", sock, "vm", "status", vm); !strings.Contains(out, "problem: disk "+over+": its descriptor has no encryptionKeys") {
 		t.Fatalf("vm status does not report the lost key lines:\n%s", out)
 	}
+	// A fresh view refuses the extent rather than serve (or let a guest
+	// overwrite) its ciphertext as plain data.
+	mustRun(t, "--socket", sock, "unmount", mp)
+	mustRun(t, "--socket", sock, "mount", "lab", mp)
+	if _, err := os.ReadFile(filepath.Join(view, "n-monolithicFlat-flat.vmdk")); !errors.Is(err, syscall.EACCES) {
+		t.Fatalf("extent of a disk that lost its key lines through a fresh view: %v, want EACCES", err)
+	}
+	mustRun(t, "--socket", sock, "unmount", mp)
+	if out := mustRun(t, "--socket", sock, "disk", "restore-keys", vm, over); !strings.Contains(out, "key lines restored") {
+		t.Fatalf("restore-keys: %s", out)
+	}
+	mustRun(t, "--socket", sock, "mount", "lab", mp)
+	runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "read -P 0x5a 1M 1M", "-c", "read -P 0 0 1M", over)
 	mustRun(t, "--socket", sock, "unmount", mp)
 	// A shallow rekey, then decrypt: every disk comes back plain and whole.
 	mustRun(t, "--socket", sock, "vm", "rekey", vm)
-	if raw, _ := os.ReadFile(filepath.Join(vm, over)); !bytes.Contains(raw, []byte(`encryptionKeys="vmware:key/list/`)) {
-		t.Fatalf("rekey did not write the key lines back:\n%s", raw)
+	if raw, _ := os.ReadFile(filepath.Join(vm, over)); !bytes.Contains(raw, []byte(`encryptionKeys="vmware:key/list/`)) || !bytes.Contains(raw, []byte("ddb.vmcryptd.diskId")) {
+		t.Fatalf("key lines missing after restore and rekey:\n%s", raw)
 	}
 	mustRun(t, "--socket", sock, "vm", "decrypt", vm)
 	for _, d := range disks {

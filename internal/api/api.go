@@ -136,7 +136,7 @@ type Policy struct {
 	Description string `json:"description"`
 }
 
-// DiskRequest is POST /v1/disk/add and /v1/disk/attach.
+// DiskRequest is POST /v1/disk/add, /v1/disk/attach and /v1/disk/restore-keys.
 type DiskRequest struct {
 	Dir       string `json:"dir"`
 	Size      int64  `json:"size,omitempty"`

@@ -95,6 +95,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.Handle("POST "+p+"/vm/create", d.op("vm.create", PrivVMConfig, true, d.hVMCreate))
 	mux.Handle("POST "+p+"/disk/add", d.op("disk.add", PrivVMConfig, true, d.hDiskAdd))
 	mux.Handle("POST "+p+"/disk/attach", d.op("disk.attach", PrivVMConfig, true, d.hDiskAttach))
+	mux.Handle("POST "+p+"/disk/restore-keys", d.op("disk.restore-keys", PrivAddDisk, true, d.hDiskRestoreKeys))
 	mux.Handle("POST "+p+"/mounts", d.op("mount", PrivAccess, true, d.hMount))
 	mux.Handle("POST "+p+"/unmount", d.op("unmount", PrivAccess, true, d.hUnmount))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

@@ -392,6 +392,32 @@ func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
 	return diskResult{api.DiskReply{Name: filepath.Base(req.Path), Encrypted: enc}, dir}, nil
 }
 
+// hDiskRestoreKeys writes back a disk's lost key lines from its extents'
+// keySafe copy (engine.VMOps.RestoreDiskKeys): a cryptographic act, never
+// done without being asked.
+func (d *Daemon) hDiskRestoreKeys(rc *reqCtx) (any, error) {
+	var req api.DiskRequest
+	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	dir, err := d.vmDir(req.Dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.requireHostEncryption(); err != nil {
+		return nil, err
+	}
+	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+		return nil, err
+	}
+	defer d.vmLocks.release(dir)
+	defer d.forgetDEKs(dir)
+	if err := d.vmOps(nil).RestoreDiskKeys(context.WithoutCancel(rc.r.Context()), dir, req.Path); err != nil {
+		return nil, conflict("%v", err)
+	}
+	return diskResult{api.DiskReply{Name: filepath.Base(req.Path), Encrypted: true}, dir}, nil
+}
+
 func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 	var req api.CreateRequest
 	if err := decode(rc, &req); err != nil {
