@@ -27,12 +27,13 @@ type Datastore struct {
 	// last fetch error). The view never fetches keys itself: a file
 	// lookup must not wait on a key server; the daemon's loader does.
 	KeyErr func(KeyRef) string
-	// Busy, if set, reports VM directories in the middle of an operation
-	// that replaces their files (encrypt, decrypt, deep rekey): opening or
-	// creating files there is refused, so nothing is written to a file
-	// about to be replaced or created in plain text beside its encrypted
-	// siblings.
-	Busy func(dir string) bool
+	// Busy, if set, reports whether path is, is inside, or holds a VM
+	// directory in the middle of an operation that replaces its files
+	// (encrypt, decrypt, deep rekey): opening, creating, renaming or
+	// unlinking there is refused, so nothing is written to a file about
+	// to be replaced or created in plain text beside its encrypted
+	// siblings, and the directory is not moved from under the operation.
+	Busy func(path string) bool
 	// CoreDumpPatterns are extra file-name patterns of core dumps.
 	CoreDumpPatterns []string
 
@@ -42,6 +43,10 @@ type Datastore struct {
 	// pending holds the disks created through the view whose descriptor
 	// is not settled yet, by descriptor path (see viewdisk.go).
 	pending map[string]pendingDisk
+	// kept remembers, by descriptor path, the container (file id) a
+	// settle left encrypted, so opening it again does not make it
+	// pending again (recoverPending) and re-run the same refusal.
+	kept map[string][16]byte
 }
 
 // cachedLayout is a VM directory's layout as of the directory's and the
@@ -129,7 +134,7 @@ const (
 
 // NewDatastore returns a resolver for root.
 func NewDatastore(root string, keys *Keyring, impl xts.Impl) *Datastore {
-	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}}
+	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}}
 }
 
 func (d *Datastore) abs(rel string) (string, error) {
@@ -188,7 +193,7 @@ var ErrKeyUnavailable = errors.New("not available")
 var ErrBusy = errors.New("VM directory is being converted; try again when the operation ends")
 
 func (d *Datastore) busy(path string) error {
-	if d.Busy != nil && d.Busy(filepath.Dir(path)) {
+	if d.Busy != nil && d.Busy(path) {
 		return fmt.Errorf("%s: %w", path, ErrBusy)
 	}
 	return nil
@@ -305,6 +310,10 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 		c.Close()
 		return nil, fmt.Errorf("%s: %w: holds a %s container, its name says %s", path, ErrKindMismatch, got, want)
 	}
+	// A view opens containers writable whenever it is mounted writable,
+	// whoever reads: so this runs at the first open of a .vmdk container
+	// through a writable view, and the close of any of its handles
+	// settles.
 	if !readOnly && want == KindExtent {
 		desc, _ := descriptorName(filepath.Base(path))
 		d.recoverPending(filepath.Join(filepath.Dir(path), desc))
@@ -515,6 +524,11 @@ func (d *Datastore) Forget(dir string) {
 	for k := range d.pending {
 		if dir == "" || filepath.Dir(k) == filepath.Clean(dir) {
 			delete(d.pending, k)
+		}
+	}
+	for k := range d.kept {
+		if dir == "" || filepath.Dir(k) == filepath.Clean(dir) {
+			delete(d.kept, k)
 		}
 	}
 	for k, dek := range d.deks {

@@ -215,9 +215,12 @@ func (d *Datastore) pendingFor(l *vmLayout, descPath string) (pendingDisk, error
 // recoverPending finds a disk made through a view whose descriptor was
 // not settled before the pending state was lost (a daemon restart, or
 // Forget after a VM operation): the descriptor file is still a container
-// of its own disk holding text. It is made pending again, so the close of
-// the file being opened for writing settles it. Errors only mean "not
-// such a disk".
+// of its own disk holding text. It is made pending again, so the next
+// close of a file of that disk settles it. A descriptor a settle already
+// left encrypted (kept) is not retried. Errors only mean "not such a
+// disk". It may race with a Settle of the same descriptor and re-register
+// the old container just replaced; the next settle then finds plain text
+// and drops the entry (settleKept), so nothing is written.
 func (d *Datastore) recoverPending(descPath string) {
 	d.mu.Lock()
 	_, ok := d.pending[descPath]
@@ -231,6 +234,12 @@ func (d *Datastore) recoverPending(descPath string) {
 	}
 	h, err := PeekHeader(head)
 	if err != nil || h.Kind != KindExtent || h.Binding.Purpose != PurposeDisk || h.Size > maxDescriptor {
+		return
+	}
+	d.mu.Lock()
+	kept, ok := d.kept[descPath]
+	d.mu.Unlock()
+	if ok && kept == h.FileID {
 		return
 	}
 	ks, ok := ReadEmbeddedKeySafe(head)
@@ -314,10 +323,22 @@ func (d *Datastore) Settle(rel string, isOpen func(rel string) bool, unchanged f
 		unchanged = nil // the descriptor is not the file being closed
 	}
 	res, err := d.settleDescriptor(descPath, pd, unchanged)
+	var keptID [16]byte
+	isContainer := false
+	if res == settleKept {
+		if head, err := regularHead(descPath); err == nil {
+			if h, err := PeekHeader(head); err == nil {
+				keptID, isContainer = h.FileID, true
+			}
+		}
+	}
 	if res != settleLater {
 		d.mu.Lock()
 		delete(d.pending, descPath)
 		delete(d.layouts, dir)
+		if isContainer {
+			d.kept[descPath] = keptID
+		}
 		d.mu.Unlock()
 	}
 	if res != settleReplaced {

@@ -444,6 +444,22 @@ func TestViewDiskSettleAfterRestart(t *testing.T) {
 	if descValue(t, text, DescKeySafe) == "" || descValue(t, text, DDBDiskID) == "" {
 		t.Fatalf("settled descriptor:\n%s", text)
 	}
+	// A descriptor a settle left encrypted (here: one naming itself as
+	// its extent) is not made pending again by the next open.
+	self := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n" +
+		"# Extent description\nRW 2048 FLAT \"self.vmdk\" 0\n\n# The Disk Data Base\n#DDB\n\n"
+	createThrough(t, ds2, "vm/self.vmdk", []byte(self))
+	if got, _ := ds2.Settle("vm/self.vmdk", neverOpen, nil); got != nil {
+		t.Fatalf("self-naming descriptor settled: %v", got)
+	}
+	c, err = ds2.Open("vm/self.vmdk", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if ds2.Unsettled("vm/self.vmdk") {
+		t.Fatal("a descriptor left encrypted became pending again")
+	}
 	// A sparse disk made through the view (a container whose plaintext
 	// is not a text descriptor) never becomes pending on open.
 	createThrough(t, ds2, "vm/sp.vmdk", append([]byte("KDMV"), make([]byte, 4092)...))

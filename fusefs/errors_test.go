@@ -348,6 +348,12 @@ func TestGateRefusesPlainOpen(t *testing.T) {
 	if err := os.WriteFile(m.backing("other"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.Mkdir(m.backing("busydir"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m.b.mu.Lock()
+	m.b.busy["busydir"] = true
+	m.b.mu.Unlock()
 	for name, op := range map[string]func() error{
 		"unlink":  func() error { return os.Remove(m.view("vm.vmx")) },
 		"rename":  func() error { return os.Rename(m.view("vm.vmx"), m.view("other.vmx")) },
@@ -355,6 +361,7 @@ func TestGateRefusesPlainOpen(t *testing.T) {
 		"link":    func() error { return os.Link(m.view("vm.vmx"), m.view("other.vmx")) },
 		"symlink": func() error { return os.Symlink("x", m.view("new.vmx")) },
 		"mkfifo":  func() error { return syscall.Mkfifo(m.view("new.vmx"), 0o644) },
+		"rendir":  func() error { return os.Rename(m.view("busydir"), m.view("moved")) },
 	} {
 		if err := op(); !errors.Is(err, syscall.EBUSY) {
 			t.Errorf("%s in a busy VM: %v, want EBUSY", name, err)

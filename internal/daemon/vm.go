@@ -32,11 +32,18 @@ func (l *vmLocks) acquire(dir, op string) error {
 	return nil
 }
 
-func (l *vmLocks) isBusy(dir string) bool {
+// isBusy reports whether p is a VM directory under an operation, a path
+// inside one, or a directory holding one (whose rename would move it
+// from under the operation).
+func (l *vmLocks) isBusy(p string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	_, ok := l.busy[dir]
-	return ok
+	for dir := range l.busy {
+		if p == dir || strings.HasPrefix(p, dir+"/") || strings.HasPrefix(dir, p+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 func (l *vmLocks) release(dir string) {
