@@ -588,12 +588,15 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 			if err != nil {
 				return fmt.Errorf("disk %s: extent %s: %w", d.Name, e, err)
 			}
-			if _, ok := ReadEmbeddedKeySafe(head); !ok {
-				continue
+			h, err := PeekHeader(head)
+			if err != nil {
+				continue // not a container: nothing to rewrap
 			}
-			if h, err := PeekHeader(head); err != nil || h.Binding != b || h.Fingerprint != fp {
+			if h.Binding != b || h.Fingerprint != fp {
 				return fmt.Errorf("disk %s: extent %s holds another disk's key; not rekeyed", d.Name, e)
 			}
+			// An extent encrypted before extents carried a copy gets
+			// one now (FORMAT.md 3.4).
 			if err := WriteEmbeddedKeySafe(ep, nks); err != nil {
 				return err
 			}

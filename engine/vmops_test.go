@@ -490,3 +490,32 @@ func TestSharedExtentRefused(t *testing.T) {
 		t.Fatalf("left an interrupted %s", op)
 	}
 }
+
+// Extents encrypted before every extent carried a keySafe copy (the
+// region is zero) get one at the next shallow rekey.
+func TestRekeyShallowAddsMissingCopies(t *testing.T) {
+	dir := makeVM(t)
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	if err := ops.Encrypt(ctx, dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	flat := filepath.Join(dir, "disk0-flat.vmdk")
+	f, err := os.OpenFile(flat, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt(make([]byte, 2*ksCopySize), ksAreaOff)
+	f.Close()
+	if _, ok, _ := ReadEmbeddedKeySafeFile(flat); ok {
+		t.Fatal("copy still there")
+	}
+	if err := ops.RekeyShallow(ctx, dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	ks, ok, err := ReadEmbeddedKeySafeFile(flat)
+	desc, _ := os.ReadFile(filepath.Join(dir, "disk0.vmdk"))
+	if err != nil || !ok || ks != descValue(t, desc, DescKeySafe) {
+		t.Fatalf("copy after rekey: %v %v, want the descriptor's keySafe", ok, err)
+	}
+}
