@@ -3,8 +3,8 @@ package engine
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -341,7 +341,7 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 		}
 	}
 	strip("disk0.vmdk", "none")
-	strip("disk3.vmdk", DDBDiskID) // keeps its disk id line
+	strip("disk3.vmdk", DDBDiskID)   // keeps its disk id line
 	strip("disk2.vmdk", DescKeySafe) // keeps its key, loses its disk id
 	st, err := ReadVMStatus(dir, nil)
 	if err != nil {
