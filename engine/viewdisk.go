@@ -416,10 +416,7 @@ func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk, unchanged 
 	// A descriptor copied from another encrypted disk names that disk's
 	// key and id while its extents here belong to this one: the lines
 	// are always (re)set to the disk the extents belong to.
-	if err := parsed.Set(DescKeySafe, ks); err != nil {
-		return settleKept, fmt.Errorf("%s: %w", descPath, err)
-	}
-	if err := parsed.Set(DDBDiskID, id); err != nil {
+	if err := setKeyLines(parsed, ks, id); err != nil {
 		return settleKept, fmt.Errorf("%s: %w", descPath, err)
 	}
 	if unchanged != nil && !unchanged() {

@@ -209,13 +209,7 @@ ddb.adapterType = "lsilogic"
 // next free scsi0 slot. On an encrypted VM the disk gets its own DEK,
 // wrapped under the VM's KEK, before the vmx names it.
 func (o *VMOps) AddDisk(ctx context.Context, dir string, d DiskSpec) (string, error) {
-	if op, err := InterruptedOp(dir); err != nil || op != "" {
-		if err == nil {
-			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
-		}
-		return "", err
-	}
-	l, err := loadLayout(dir, o.CoreDumpPatterns)
+	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return "", err
 	}
@@ -287,13 +281,7 @@ var ErrEncryptedDiskOnPlainVM = errors.New("encrypted disks cannot be added to a
 // An encrypted disk is refused on a plain VM; a plain disk on an
 // encrypted VM stays plain and is reported as such.
 func (o *VMOps) AttachDisk(ctx context.Context, dir, path string) (encrypted bool, err error) {
-	if op, err := InterruptedOp(dir); err != nil || op != "" {
-		if err == nil {
-			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
-		}
-		return false, err
-	}
-	l, err := loadLayout(dir, o.CoreDumpPatterns)
+	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return false, err
 	}
@@ -376,13 +364,7 @@ func attachToVMX(l *vmLayout, name string) error {
 // same copy, the copy must unwrap under a KEK the host has, and every
 // extent's header must authenticate under that DEK.
 func (o *VMOps) RestoreDiskKeys(ctx context.Context, dir, path string) error {
-	if op, err := InterruptedOp(dir); err != nil || op != "" {
-		if err == nil {
-			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
-		}
-		return err
-	}
-	l, err := loadLayout(dir, o.CoreDumpPatterns)
+	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
@@ -438,19 +420,5 @@ func (o *VMOps) RestoreDiskKeys(ctx context.Context, dir, path string) error {
 			return fmt.Errorf("%s: extent %s does not authenticate as an extent under the key of its copy", name, e)
 		}
 	}
-	raw, err := os.ReadFile(p)
-	if err != nil {
-		return err
-	}
-	desc, err := vmdk.ParseDescriptor(raw)
-	if err != nil {
-		return fmt.Errorf("%s: %w", p, err)
-	}
-	if err := desc.Set(DescKeySafe, ks); err != nil {
-		return fmt.Errorf("%s: %w", p, err)
-	}
-	if err := desc.Set(DDBDiskID, b.OwnerID); err != nil {
-		return fmt.Errorf("%s: %w", p, err)
-	}
-	return writeText(p, desc.Bytes())
+	return editDescriptor(p, func(desc *vmdk.Descriptor) error { return setKeyLines(desc, ks, b.OwnerID) })
 }

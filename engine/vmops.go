@@ -363,31 +363,56 @@ func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool)
 		if d == nil || d.Embedded {
 			continue
 		}
-		path := filepath.Join(l.Dir, d.Name)
-		raw, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		desc, err := vmdk.ParseDescriptor(raw)
-		if err != nil {
-			return fmt.Errorf("%s: %w", path, err)
-		}
-		if encrypt {
-			if err := desc.Set(DescKeySafe, jd.KeySafe); err != nil {
-				return fmt.Errorf("%s: %w", path, err)
+		err := editDescriptor(filepath.Join(l.Dir, d.Name), func(desc *vmdk.Descriptor) error {
+			if !encrypt {
+				desc.Delete(DescKeySafe)
+				desc.Delete(DDBDiskID)
+				return nil
 			}
-			if err := desc.Set(DDBDiskID, jd.DiskID); err != nil {
-				return fmt.Errorf("%s: %w", path, err)
-			}
-		} else {
-			desc.Delete(DescKeySafe)
-			desc.Delete(DDBDiskID)
-		}
-		if err := writeText(path, desc.Bytes()); err != nil {
+			return setKeyLines(desc, jd.KeySafe, jd.DiskID)
+		})
+		if err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// settledLayout is the layout of the VM in dir for an operation that
+// must not run while a conversion there is unfinished.
+func settledLayout(dir string, corePatterns []string) (*vmLayout, error) {
+	if op, err := InterruptedOp(dir); err != nil || op != "" {
+		if err == nil {
+			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
+		}
+		return nil, err
+	}
+	return loadLayout(dir, corePatterns)
+}
+
+// editDescriptor rewrites the text descriptor at path, atomically, with
+// edit's changes.
+func editDescriptor(path string, edit func(*vmdk.Descriptor) error) error {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	desc, err := vmdk.ParseDescriptor(raw)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if err := edit(desc); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return writeText(path, desc.Bytes())
+}
+
+// setKeyLines sets a disk's two key lines (FORMAT.md 4.3).
+func setKeyLines(desc *vmdk.Descriptor, keySafe, diskID string) error {
+	if err := desc.Set(DescKeySafe, keySafe); err != nil {
+		return err
+	}
+	return desc.Set(DDBDiskID, diskID)
 }
 
 // writeEncryptedVMX moves the sensitive lines into encryption.data and
@@ -533,13 +558,7 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 	if err := cleanStaleTemps(dir); err != nil {
 		return err
 	}
-	if op, err := InterruptedOp(dir); err != nil || op != "" {
-		if err == nil {
-			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
-		}
-		return err
-	}
-	l, err := loadLayout(dir, o.CoreDumpPatterns)
+	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
@@ -601,18 +620,7 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 				return err
 			}
 		}
-		raw, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		desc, err := vmdk.ParseDescriptor(raw)
-		if err != nil {
-			return fmt.Errorf("%s: %w", path, err)
-		}
-		if err := desc.Set(DescKeySafe, nks); err != nil {
-			return fmt.Errorf("%s: %w", path, err)
-		}
-		if err := writeText(path, desc.Bytes()); err != nil {
+		if err := editDescriptor(path, func(desc *vmdk.Descriptor) error { return desc.Set(DescKeySafe, nks) }); err != nil {
 			return err
 		}
 	}

@@ -118,6 +118,34 @@ func snapshotDir(t *testing.T, dir string) map[string][]byte {
 	return out
 }
 
+// decryptMatches decrypts the VM in dir and requires every file of before
+// back byte for byte.
+func decryptMatches(t *testing.T, ops *VMOps, dir string, before map[string][]byte) {
+	t.Helper()
+	if err := ops.Decrypt(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+	final := snapshotDir(t, dir)
+	for name, raw := range before {
+		if !bytes.Equal(final[name], raw) {
+			t.Errorf("%s differs after decrypt", name)
+		}
+	}
+}
+
+// encryptedMadeVM is makeVM, encrypted: its directory, the files before
+// encryption, the operations and their KEK.
+func encryptedMadeVM(t *testing.T) (string, map[string][]byte, *VMOps, KeyRef) {
+	t.Helper()
+	dir := makeVM(t)
+	before := snapshotDir(t, dir)
+	ops, kek := newTestOps(t)
+	if err := ops.Encrypt(context.Background(), dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	return dir, before, ops, kek
+}
+
 func newTestOps(t *testing.T) (*VMOps, KeyRef) {
 	kr := NewKeyring()
 	t.Cleanup(kr.Close)
@@ -207,13 +235,8 @@ func TestVMEncryptDecrypt(t *testing.T) {
 }
 
 func TestVMRekey(t *testing.T) {
-	dir := makeVM(t)
-	before := snapshotDir(t, dir)
-	ops, kek := newTestOps(t)
+	dir, before, ops, kek := encryptedMadeVM(t)
 	ctx := context.Background()
-	if err := ops.Encrypt(ctx, dir, kek); err != nil {
-		t.Fatal(err)
-	}
 	enc := snapshotDir(t, dir)
 	kek2, err := ops.Keys.Create(ctx, "mem", "kek2")
 	if err != nil {
@@ -251,25 +274,13 @@ func TestVMRekey(t *testing.T) {
 	if bytes.Equal(deep["vm.vswp"][4096:8192], shallow["vm.vswp"][4096:8192]) {
 		t.Fatal("deep rekey did not re-encrypt data")
 	}
-	if err := ops.Decrypt(ctx, dir); err != nil {
-		t.Fatal(err)
-	}
-	final := snapshotDir(t, dir)
-	for name, raw := range before {
-		if !bytes.Equal(final[name], raw) {
-			t.Errorf("%s differs after rekeys and decrypt", name)
-		}
-	}
+	decryptMatches(t, ops, dir, before)
 }
 
 // A keySafe copied from one disk's descriptor to another's is refused.
 func TestVMKeySafeSwapRefused(t *testing.T) {
-	dir := makeVM(t)
-	ops, kek := newTestOps(t)
+	dir, _, ops, _ := encryptedMadeVM(t)
 	ctx := context.Background()
-	if err := ops.Encrypt(ctx, dir, kek); err != nil {
-		t.Fatal(err)
-	}
 	// Copy disk0's flat descriptor (with its keySafe and disk id) over
 	// disk3's, which names other extents: the disk id no longer matches
 	// the extents' headers.
@@ -299,13 +310,8 @@ func lineValue(text, key string) string {
 // serving (and overwriting) its ciphertext as plain data, and an explicit
 // restore-keys writes the lines back.
 func TestDescriptorLosesKeyLines(t *testing.T) {
-	dir := makeVM(t)
-	before := snapshotDir(t, dir)
-	ops, kek := newTestOps(t)
+	dir, before, ops, kek := encryptedMadeVM(t)
 	ctx := context.Background()
-	if err := ops.Encrypt(ctx, dir, kek); err != nil {
-		t.Fatal(err)
-	}
 	l, err := loadLayout(dir, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -391,15 +397,7 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 	if err != nil || !bytes.Equal(got, before["disk0-flat.vmdk"]) {
 		t.Fatalf("disk0-flat after restore: %v, equal=%v", err, bytes.Equal(got, before["disk0-flat.vmdk"]))
 	}
-	if err := ops.Decrypt(ctx, dir); err != nil {
-		t.Fatal(err)
-	}
-	final := snapshotDir(t, dir)
-	for name, raw := range before {
-		if !bytes.Equal(final[name], raw) {
-			t.Errorf("%s differs after decrypt", name)
-		}
-	}
+	decryptMatches(t, ops, dir, before)
 }
 
 // Files of one VM share its DEK: a swap file moved over the nvram opens
@@ -494,12 +492,8 @@ func TestSharedExtentRefused(t *testing.T) {
 // Extents encrypted before every extent carried a keySafe copy (the
 // region is zero) get one at the next shallow rekey.
 func TestRekeyShallowAddsMissingCopies(t *testing.T) {
-	dir := makeVM(t)
-	ops, kek := newTestOps(t)
+	dir, _, ops, kek := encryptedMadeVM(t)
 	ctx := context.Background()
-	if err := ops.Encrypt(ctx, dir, kek); err != nil {
-		t.Fatal(err)
-	}
 	flat := filepath.Join(dir, "disk0-flat.vmdk")
 	f, err := os.OpenFile(flat, os.O_RDWR, 0)
 	if err != nil {

@@ -335,6 +335,16 @@ func (d *Daemon) hPolicyList(rc *reqCtx) (any, error) {
 	}, nil
 }
 
+// diskRequest decodes a disk request and validates its VM directory.
+func (d *Daemon) diskRequest(rc *reqCtx) (api.DiskRequest, string, error) {
+	var req api.DiskRequest
+	if err := decode(rc, &req); err != nil {
+		return req, "", err
+	}
+	dir, err := d.vmDir(req.Dir)
+	return req, dir, err
+}
+
 type diskResult struct {
 	api.DiskReply
 	dir string
@@ -343,11 +353,7 @@ type diskResult struct {
 func (r diskResult) audit() (string, []string) { return r.dir + "/" + r.Name, nil }
 
 func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
-	var req api.DiskRequest
-	if err := decode(rc, &req); err != nil {
-		return nil, err
-	}
-	dir, err := d.vmDir(req.Dir)
+	req, dir, err := d.diskRequest(rc)
 	if err != nil {
 		return nil, err
 	}
@@ -380,11 +386,7 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 }
 
 func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
-	var req api.DiskRequest
-	if err := decode(rc, &req); err != nil {
-		return nil, err
-	}
-	dir, err := d.vmDir(req.Dir)
+	req, dir, err := d.diskRequest(rc)
 	if err != nil {
 		return nil, err
 	}
@@ -403,11 +405,7 @@ func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
 // keySafe copy (engine.VMOps.RestoreDiskKeys): a cryptographic act, never
 // done without being asked.
 func (d *Daemon) hDiskRestoreKeys(rc *reqCtx) (any, error) {
-	var req api.DiskRequest
-	if err := decode(rc, &req); err != nil {
-		return nil, err
-	}
-	dir, err := d.vmDir(req.Dir)
+	req, dir, err := d.diskRequest(rc)
 	if err != nil {
 		return nil, err
 	}
