@@ -49,11 +49,21 @@ func (o *VMOps) decryptCoreDump(ctx context.Context, path string) error {
 	if !ok {
 		return fmt.Errorf("%s: encrypted core dump without a keySafe", path)
 	}
+	if h.Binding.Purpose != PurposeCoreDump {
+		return fmt.Errorf("%s: %w: a %s key where a core dump's is expected", path, ErrWrongKey, h.Binding.Purpose)
+	}
 	dek, _, err := o.unwrapFrom(ctx, ks, h.Binding)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
 	defer dek.Destroy()
+	// The kind of the slot the key authenticates (not PeekHeader's).
+	if state, kind, err := keyStateOf(path, dek); err != nil || state != stateUnderKey || kind != KindCoreDump {
+		if err == nil {
+			err = fmt.Errorf("%s: %w: not a core dump container", path, ErrKindMismatch)
+		}
+		return err
+	}
 	return DecryptFile(ctx, path, dek, nil)
 }
 

@@ -8,7 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmcryptd/vmcryptd/engine/xts"
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
@@ -49,40 +50,70 @@ type Datastore struct {
 	kept map[string][16]byte
 }
 
-// cachedLayout is a VM directory's layout as of the directory's and the
-// vmx's modification times. vmcryptd rewrites text files by rename, which
-// changes the directory's mtime, so a view does not re-read the vmx and
-// every descriptor on each lookup of an encrypted file.
+// cachedLayout is a VM directory's layout with a stamp of every file it
+// was read from (the directory, the vmx, the snapshot database, each
+// disk's descriptor): a view does not re-read them on each lookup of an
+// encrypted file, but sees any change, in place (qemu-img, an editor,
+// shell redirection) or by rename. Failed loads are not cached: a fix is
+// seen at once, and a broken VM directory is refused meanwhile.
 type cachedLayout struct {
-	dirMod, vmxMod time.Time
-	l              *vmLayout
-	err            error
+	stamps []fileStamp
+	l      *vmLayout
 }
 
-// layout returns dir's layout, from the cache while dir and its vmx are
-// unchanged.
-func (d *Datastore) layout(dir string) (*vmLayout, error) {
-	dst, err := os.Stat(dir)
-	if err != nil {
-		return nil, err
+// fileStamp identifies a file's content as of a stat: inode, size,
+// modification and change time (a rename into place changes the inode,
+// a write the times).
+type fileStamp struct {
+	path                string
+	ino                 uint64
+	size, mtime, ctimeN int64
+}
+
+func stampOf(p string) fileStamp {
+	st := fileStamp{path: p}
+	var s unix.Stat_t
+	if err := unix.Lstat(p, &s); err == nil {
+		st.ino, st.size = s.Ino, s.Size
+		st.mtime, st.ctimeN = s.Mtim.Nano(), s.Ctim.Nano()
 	}
-	var vmxMod time.Time
-	if p, err := vmdir.FindVMX(dir); err == nil {
-		if st, err := os.Stat(p); err == nil {
-			vmxMod = st.ModTime()
+	return st
+}
+
+func (c cachedLayout) fresh() bool {
+	for _, st := range c.stamps {
+		if stampOf(st.path) != st {
+			return false
 		}
 	}
+	return true
+}
+
+// layout returns dir's layout, from the cache while none of its files
+// changed.
+func (d *Datastore) layout(dir string) (*vmLayout, error) {
 	d.mu.Lock()
 	c, ok := d.layouts[dir]
 	d.mu.Unlock()
-	if ok && c.dirMod.Equal(dst.ModTime()) && c.vmxMod.Equal(vmxMod) {
-		return c.l, c.err
+	if ok && c.fresh() {
+		return c.l, nil
 	}
+	// Stamps first: a change while loading makes the next call reload.
+	stamps := []fileStamp{stampOf(dir)}
 	l, err := loadLayout(dir, d.CoreDumpPatterns)
+	if err != nil {
+		d.mu.Lock()
+		delete(d.layouts, dir)
+		d.mu.Unlock()
+		return nil, err
+	}
+	for _, p := range l.Sources {
+		stamps = append(stamps, stampOf(p))
+	}
 	d.mu.Lock()
-	d.layouts[dir] = cachedLayout{dirMod: dst.ModTime(), vmxMod: vmxMod, l: l, err: err}
+	d.layouts[dir] = cachedLayout{stamps: stamps, l: l}
 	d.mu.Unlock()
-	return l, err
+	return l, nil
 }
 
 // placementLayout is the layout that decides where new files go: dir's
@@ -173,13 +204,14 @@ func (d *Datastore) Classify(rel string) (FileState, string, error) {
 	if _, err := PeekHeader(head); err != nil {
 		return FilePlain, "", nil
 	}
-	switch v, why := d.layoutVerdict(path, head); v {
+	r := d.roleOf(path, head)
+	switch r.v {
 	case verdictPlain:
 		return FilePlain, "", nil
 	case verdictSuspect:
-		return FileLocked, why, nil
+		return FileLocked, r.why, nil
 	}
-	if _, err := d.dekFor(path, head); err != nil {
+	if _, err := d.dekFor(path, head, r); err != nil {
 		return FileLocked, err.Error(), nil
 	}
 	return FileEncrypted, "", nil
@@ -215,59 +247,101 @@ type verdict int
 const (
 	verdictContainer verdict = iota // serve it decrypted
 	verdictPlain                    // its bytes are data, whatever they look like
-	verdictSuspect                  // neither: refuse it (see layoutVerdict)
+	verdictSuspect                  // neither: refuse it
 )
 
-// layoutVerdict decides, from the VM directory holding path, how a file
-// whose first bytes (head) parse as a container header is served. A
-// header proves nothing by itself, and neither does a keySafe copy in
-// it: a guest can write anything at the start of its own plain disk,
-// including another disk's whole container (ciphertext from a backup),
-// whose copy the host's KEKs would open. So:
+// role is how a file that starts like a container may be served, and
+// with which key.
+type role struct {
+	v   verdict
+	why string // for verdictSuspect
+	// ks is the keySafe that must hold the file's DEK, and owner the
+	// binding its header must carry. ks == "": the file's own header
+	// copy, for files no text file names a key for (core dumps, .vmdk
+	// files made through a view before a descriptor names them), with
+	// purpose the purpose its binding must have.
+	ks      string
+	owner   Binding
+	purpose Purpose
+	kind    Kind // for ks == "": the kind its header must have (0: any)
+}
+
+func suspect(format string, a ...any) role {
+	return role{v: verdictSuspect, why: fmt.Sprintf(format, a...)}
+}
+
+// roleOf decides, from the VM directory holding path, how a file whose
+// first bytes (head) parse as a container header is served. A header
+// proves nothing by itself, and neither does a keySafe copy in it: a
+// guest can write anything into its own plain disks (and floppy images,
+// shared disks...), including another disk's whole container (ciphertext
+// from a backup), whose copy the host's KEKs would open. So a file is
+// served decrypted only where the VM's text files, which no guest
+// writes, say an encrypted file of that kind belongs, with the key they
+// name:
 //
-//   - an extent of a disk whose descriptor has encryptionKeys is a
-//     container;
-//   - an extent of a disk whose descriptor has none is plain, unless all
-//     its extents are containers of one disk with the same keySafe copy:
-//     that is a descriptor that lost its key lines (or a conversion
-//     stopped before writing them), or a guest that wrote such bytes, and
-//     serving it either way could leak another VM's data or overwrite
-//     the only copy of this one's, so it is refused until an
-//     administrator restores the lines (RestoreDiskKeys) or the
-//     conversion is finished;
-//   - in a plain VM, every other file is plain too, except a core dump
-//     (its key is wrapped by the host key and carried in its header);
-//   - in an encrypted VM, other files are containers if they look like
-//     one (VM files under the VM key, and .vmdk files made through a view
-//     before any descriptor names them, with their keySafe copy);
-//   - outside VM directories the header decides.
-func (d *Datastore) layoutVerdict(path string, head []byte) (verdict, string) {
-	l, err := d.layout(filepath.Dir(path))
+//   - an extent of a disk whose descriptor has encryptionKeys, in an
+//     encrypted VM: under that keySafe, bound to the disk's id (an
+//     embedded-descriptor disk's key comes from its header, which no
+//     guest writes: a sparse extent starts with metadata);
+//   - an extent of a disk whose descriptor has none: plain data, unless
+//     all its extents are containers of one disk with the same keySafe
+//     copy (a descriptor that lost its key lines, a conversion stopped
+//     before writing them, or a guest that wrote such bytes), which is
+//     refused until an administrator restores the lines
+//     (RestoreDiskKeys) or the conversion is finished;
+//   - a VM file by name (nvram, vswp, vmsn, vmss, vmem) of an encrypted
+//     VM: under the VM's keySafe, bound to the VM id;
+//   - a core dump (by name): under its own header copy (the host key);
+//   - another .vmdk file of an encrypted VM (made through a view, not
+//     named by the vmx yet): under its own header copy;
+//   - anything else, in any VM directory: plain data;
+//   - a VM directory whose files cannot be read: refused;
+//   - a directory without a vmx: only core dumps.
+func (d *Datastore) roleOf(path string, head []byte) role {
+	dir, name := filepath.Dir(path), filepath.Base(path)
+	l, err := d.layout(dir)
 	if err != nil {
-		return verdictContainer, "" // not a VM directory: trust the header
+		if _, ferr := vmdir.FindVMX(dir); ferr == nil {
+			return suspect("its VM's files cannot be read: %v", err)
+		}
+		if vmdir.IsCoreDumpName(name) || matchAny(d.CoreDumpPatterns, name) {
+			return role{v: verdictContainer, purpose: PurposeCoreDump, kind: KindCoreDump}
+		}
+		return role{v: verdictPlain}
 	}
-	name := filepath.Base(path)
 	for _, dk := range l.Disks {
 		for _, e := range dk.Extents {
 			if e != name {
 				continue
 			}
-			if dk.KeySafe != "" {
-				return verdictContainer, ""
+			if dk.KeySafe == "" {
+				if b, _, ok := extentCopies(l.Dir, dk); ok {
+					return suspect("disk %s has no encryptionKeys line, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
+				}
+				return role{v: verdictPlain}
 			}
-			if b, _, ok := extentCopies(l.Dir, dk); ok {
-				return verdictSuspect, fmt.Sprintf("disk %s has no encryptionKeys line, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
+			if !l.Encrypted {
+				return suspect("disk %s is encrypted, but its VM is not", dk.Name)
 			}
-			return verdictPlain, ""
+			return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}}
 		}
 	}
-	if l.Encrypted {
-		return verdictContainer, ""
+	if vmKindByName(name) != 0 {
+		if !l.Encrypted {
+			return role{v: verdictPlain}
+		}
+		return role{v: verdictContainer, ks: l.KeySafe, owner: Binding{PurposeVM, l.VMID}}
 	}
-	if h, err := PeekHeader(head); err == nil && h.Kind == KindCoreDump {
-		return verdictContainer, ""
+	for _, c := range l.CoreDumps {
+		if c == name {
+			return role{v: verdictContainer, purpose: PurposeCoreDump, kind: KindCoreDump}
+		}
 	}
-	return verdictPlain, ""
+	if l.Encrypted && isVMDKName(name) {
+		return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
+	}
+	return role{v: verdictPlain}
 }
 
 // Open opens the container at rel with its DEK.
@@ -283,15 +357,17 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := PeekHeader(head); err == nil {
-		switch v, why := d.layoutVerdict(path, head); v {
-		case verdictPlain:
-			return nil, fmt.Errorf("%s: %w", path, ErrPlainByLayout)
-		case verdictSuspect:
-			return nil, fmt.Errorf("%s: %w: %s", path, ErrKeyUnavailable, why)
-		}
+	if _, err := PeekHeader(head); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	dek, err := d.dekFor(path, head)
+	r := d.roleOf(path, head)
+	switch r.v {
+	case verdictPlain:
+		return nil, fmt.Errorf("%s: %w", path, ErrPlainByLayout)
+	case verdictSuspect:
+		return nil, fmt.Errorf("%s: %w: %s", path, ErrKeyUnavailable, r.why)
+	}
+	dek, err := d.dekFor(path, head, r)
 	if err != nil {
 		return nil, err
 	}
@@ -420,12 +496,28 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 	return true, nil
 }
 
-// dekFor finds the keySafe that holds the DEK of the container at path
-// (from its header's binding) and unwraps it.
-func (d *Datastore) dekFor(path string, head []byte) (*DEK, error) {
+// dekFor unwraps the DEK of the container at path with the key its role
+// names, after checking that its header carries the binding (or, for a
+// header copy, the purpose and kind) the role allows.
+func (d *Datastore) dekFor(path string, head []byte, r role) (*DEK, error) {
 	h, err := PeekHeader(head)
 	if err != nil {
 		return nil, err
+	}
+	ks := r.ks
+	if ks != "" {
+		if h.Binding != r.owner {
+			return nil, fmt.Errorf("%s: %w: its header names %s %s, its VM's files %s %s", path, ErrWrongKey, h.Binding.Purpose, h.Binding.OwnerID, r.owner.Purpose, r.owner.OwnerID)
+		}
+	} else {
+		if h.Binding.Purpose != r.purpose || (r.kind != 0 && h.Kind != r.kind) {
+			return nil, fmt.Errorf("%s: %w: a %s container bound to a %s key where a %s is expected", path, ErrWrongKey, h.Kind, h.Binding.Purpose, r.purpose)
+		}
+		eks, ok := ReadEmbeddedKeySafe(head)
+		if !ok {
+			return nil, fmt.Errorf("%s: no keySafe for %s %s", path, h.Binding.Purpose, h.Binding.OwnerID)
+		}
+		ks = eks
 	}
 	dir := filepath.Dir(path)
 	d.mu.Lock()
@@ -433,30 +525,6 @@ func (d *Datastore) dekFor(path string, head []byte) (*DEK, error) {
 	d.mu.Unlock()
 	if ok {
 		return dek, nil
-	}
-	var ks string
-	if eks, ok := ReadEmbeddedKeySafe(head); ok {
-		ks = eks
-	} else {
-		l, err := d.layout(dir)
-		if err != nil {
-			return nil, fmt.Errorf("%s: no VM to take its key from: %w", path, err)
-		}
-		switch h.Binding.Purpose {
-		case PurposeVM:
-			if l.VMID == h.Binding.OwnerID {
-				ks = l.KeySafe
-			}
-		case PurposeDisk:
-			for _, dk := range l.Disks {
-				if dk.DiskID == h.Binding.OwnerID {
-					ks = dk.KeySafe
-				}
-			}
-		}
-		if ks == "" {
-			return nil, fmt.Errorf("%s: no keySafe in %s for %s %s", path, dir, h.Binding.Purpose, h.Binding.OwnerID)
-		}
 	}
 	dek, err = d.cachedDEK(dir, h.Binding, ks)
 	if err != nil {

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 )
 
 // A guest may write anything at the start of its disk, including a
@@ -89,7 +91,7 @@ func TestForeignCiphertextInPlainDisk(t *testing.T) {
 	}
 	needTool(t, "qemu-img")
 	run(t, encVM, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "p.vmdk", "2M")
-	if enc, err := ops.AttachDisk(ctx, encVM, "p.vmdk"); err != nil || enc {
+	if enc, err := ops.AttachDisk(ctx, encVM, "p.vmdk", true); err != nil || enc {
 		t.Fatalf("attach plain disk: %v %v", enc, err)
 	}
 	plant := func(p string) []byte {
@@ -121,7 +123,7 @@ func TestForeignCiphertextInPlainDisk(t *testing.T) {
 		// No automatic restore either: only an explicit one, which a
 		// plain VM refuses.
 		if rel == "plainvm/vm-flat.vmdk" {
-			if err := ops.RestoreDiskKeys(ctx, plainVM, "vm.vmdk"); !errors.Is(err, ErrEncryptedDiskOnPlainVM) {
+			if _, err := ops.RestoreDiskKeys(ctx, plainVM, "vm.vmdk"); !errors.Is(err, ErrEncryptedDiskOnPlainVM) {
 				t.Errorf("restore-keys on a plain VM: %v", err)
 			}
 		}
@@ -144,5 +146,41 @@ func TestForeignCiphertextInPlainDisk(t *testing.T) {
 		if got, _ := os.ReadFile(filepath.Join(root, rel)); !bytes.Equal(got, want) {
 			t.Errorf("%s: the guest's bytes changed through VM operations (victim plaintext: %v)", rel, bytes.HasPrefix(got, secret))
 		}
+	}
+}
+
+// restore-keys adopts only a copy wrapped by a KEK the VM itself uses:
+// a planted disk of a VM under another KEK is never adopted, even when an
+// administrator follows vm status's hint.
+func TestRestoreKeysRefusesForeignKEK(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	other, err := ops.Keys.Create(ctx, "mem", "other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	victim := filepath.Join(root, "victim")
+	if err := ops.Create(ctx, victim, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: other.Ref}); err != nil {
+		t.Fatal(err)
+	}
+	cipher, _ := os.ReadFile(filepath.Join(victim, "vm-flat.vmdk"))
+	enc := filepath.Join(root, "enc")
+	if err := ops.Create(ctx, enc, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}, {Size: 2 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	// Make the second disk plain (as if attached plain), then plant.
+	if err := os.WriteFile(filepath.Join(enc, "vm_1-flat.vmdk"), cipher, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := editDescriptor(filepath.Join(enc, "vm_1.vmdk"), func(d *vmdk.Descriptor) error {
+		d.Delete(DescKeySafe)
+		d.Delete(DDBDiskID)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ops.RestoreDiskKeys(ctx, enc, "vm_1.vmdk"); err == nil || !strings.Contains(err.Error(), "not wrapped by a KEK of this VM") {
+		t.Fatalf("restore-keys of a disk under another VM's KEK: %v", err)
 	}
 }

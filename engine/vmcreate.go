@@ -277,10 +277,15 @@ func (o *VMOps) encryptNewDisk(ctx context.Context, l *vmLayout, name string) er
 // ErrEncryptedDiskOnPlainVM is vSphere's rule, with its wording.
 var ErrEncryptedDiskOnPlainVM = errors.New("encrypted disks cannot be added to an unencrypted VM")
 
+// ErrAttachEncrypted is returned by AttachDisk for an encrypted disk when
+// the caller may not attach one: that puts a key into the VM, a
+// cryptographic operation (vSphere's Cryptographer.AddDisk).
+var ErrAttachEncrypted = errors.New("attaching an encrypted disk is a cryptographic operation")
+
 // AttachDisk adds an existing disk (inside the VM directory) to the vmx.
-// An encrypted disk is refused on a plain VM; a plain disk on an
-// encrypted VM stays plain and is reported as such.
-func (o *VMOps) AttachDisk(ctx context.Context, dir, path string) (encrypted bool, err error) {
+// An encrypted disk is refused on a plain VM, and unless mayEncrypted; a
+// plain disk on an encrypted VM stays plain and is reported as such.
+func (o *VMOps) AttachDisk(ctx context.Context, dir, path string, mayEncrypted bool) (encrypted bool, err error) {
 	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return false, err
@@ -311,7 +316,30 @@ func (o *VMOps) AttachDisk(ctx context.Context, dir, path string) (encrypted boo
 	if encrypted && !l.Encrypted {
 		return true, fmt.Errorf("%s: %w", name, ErrEncryptedDiskOnPlainVM)
 	}
+	if encrypted && !mayEncrypted {
+		return true, fmt.Errorf("%s: %w", name, ErrAttachEncrypted)
+	}
 	return encrypted, attachToVMX(l, name)
+}
+
+// sharesKEK reports whether keySafes a and b name a common KEK.
+func sharesKEK(a, b string) bool {
+	ea, err := DecodeKeySafe(a)
+	if err != nil {
+		return false
+	}
+	eb, err := DecodeKeySafe(b)
+	if err != nil {
+		return false
+	}
+	for _, x := range ea {
+		for _, y := range eb {
+			if x.KEK == y.KEK {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // keyStateOfAny reports whether path is a vmcryptd container (any key).
@@ -363,14 +391,18 @@ func attachToVMX(l *vmLayout, name string) error {
 // happened. Every extent must be a container of one disk holding the
 // same copy, the copy must unwrap under a KEK the host has, and every
 // extent's header must authenticate under that DEK.
-func (o *VMOps) RestoreDiskKeys(ctx context.Context, dir, path string) error {
+//
+// The copy must also be wrapped by a KEK the VM itself uses: another VM's
+// disk under another key is never adopted. It returns the disk id whose
+// key it wrote, for the administrator to check.
+func (o *VMOps) RestoreDiskKeys(ctx context.Context, dir, path string) (string, error) {
 	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
-		return err
+		return "", err
 	}
 	p, err := vmdk.ResolveExtentPath(l.Dir, path)
 	if err != nil || filepath.Dir(p) != l.Dir {
-		return fmt.Errorf("%s: the disk must be a file inside the VM directory %s", path, l.Dir)
+		return "", fmt.Errorf("%s: the disk must be a file inside the VM directory %s", path, l.Dir)
 	}
 	name := filepath.Base(p)
 	var d *disk
@@ -381,44 +413,47 @@ func (o *VMOps) RestoreDiskKeys(ctx context.Context, dir, path string) error {
 	}
 	switch {
 	case d == nil:
-		return fmt.Errorf("%s: not a disk of the VM in %s (attach it first)", name, l.Dir)
+		return "", fmt.Errorf("%s: not a disk of the VM in %s (attach it first)", name, l.Dir)
 	case !l.Encrypted:
-		return fmt.Errorf("%s: %w", name, ErrEncryptedDiskOnPlainVM)
+		return "", fmt.Errorf("%s: %w", name, ErrEncryptedDiskOnPlainVM)
 	case d.Embedded:
-		return fmt.Errorf("%s: its key is in its own header; nothing to restore", name)
+		return "", fmt.Errorf("%s: its key is in its own header; nothing to restore", name)
 	case d.KeySafe != "" && d.DiskID != "":
-		return fmt.Errorf("%s: its descriptor has both key lines", name)
+		return "", fmt.Errorf("%s: its descriptor has both key lines", name)
 	}
 	b, ks, ok := extentCopies(l.Dir, d)
 	if !ok {
-		return fmt.Errorf("%s: its extents are not all containers of one disk carrying the same keySafe copy; nothing to restore from", name)
+		return "", fmt.Errorf("%s: its extents are not all containers of one disk carrying the same keySafe copy; nothing to restore from", name)
 	}
 	if d.KeySafe != "" && d.KeySafe != ks {
 		// Only the disk id line is missing: the copy must be the same
 		// keySafe (a shallow rekey rewrites both).
-		return fmt.Errorf("%s: its encryptionKeys line and its extents' copy differ; restore it from a backup", name)
+		return "", fmt.Errorf("%s: its encryptionKeys line and its extents' copy differ; restore it from a backup", name)
 	}
 	for _, x := range l.Disks {
 		if x != d && x.DiskID == b.OwnerID {
-			return fmt.Errorf("%s: its extents belong to disk %s, which is %s", name, b.OwnerID, x.Name)
+			return "", fmt.Errorf("%s: its extents belong to disk %s, which is %s", name, b.OwnerID, x.Name)
 		}
 	}
 	if d.DiskID != "" && d.DiskID != b.OwnerID {
-		return fmt.Errorf("%s: its descriptor names disk %s, its extents disk %s", name, d.DiskID, b.OwnerID)
+		return "", fmt.Errorf("%s: its descriptor names disk %s, its extents disk %s", name, d.DiskID, b.OwnerID)
+	}
+	if !sharesKEK(ks, l.KeySafe) {
+		return "", fmt.Errorf("%s: the extents' key is not wrapped by a KEK of this VM; not adopted", name)
 	}
 	dek, _, err := o.unwrapFrom(ctx, ks, b)
 	if err != nil {
-		return fmt.Errorf("%s: %w", name, err)
+		return "", fmt.Errorf("%s: %w", name, err)
 	}
 	defer dek.Destroy()
 	for _, e := range d.Extents {
 		state, kind, err := keyStateOf(filepath.Join(l.Dir, e), dek)
 		if err != nil {
-			return err
+			return "", err
 		}
 		if state != stateUnderKey || kind != KindExtent {
-			return fmt.Errorf("%s: extent %s does not authenticate as an extent under the key of its copy", name, e)
+			return "", fmt.Errorf("%s: extent %s does not authenticate as an extent under the key of its copy", name, e)
 		}
 	}
-	return editDescriptor(p, func(desc *vmdk.Descriptor) error { return setKeyLines(desc, ks, b.OwnerID) })
+	return b.OwnerID, editDescriptor(p, func(desc *vmdk.Descriptor) error { return setKeyLines(desc, ks, b.OwnerID) })
 }

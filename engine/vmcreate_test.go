@@ -75,7 +75,7 @@ func TestVMCreateAddAttach(t *testing.T) {
 		raw, _ := os.ReadFile(filepath.Join(enc, f))
 		os.WriteFile(filepath.Join(plain, f), raw, 0o644)
 	}
-	if _, err := ops.AttachDisk(ctx, plain, "encvm_2.vmdk"); !errors.Is(err, ErrEncryptedDiskOnPlainVM) {
+	if _, err := ops.AttachDisk(ctx, plain, "encvm_2.vmdk", true); !errors.Is(err, ErrEncryptedDiskOnPlainVM) {
 		t.Fatalf("attach encrypted disk to plain VM: %v", err)
 	}
 	// A plain disk joins an encrypted VM and stays plain.
@@ -84,9 +84,18 @@ func TestVMCreateAddAttach(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("%v %s", err, out)
 	}
-	encd, err := ops.AttachDisk(ctx, enc, "extra.vmdk")
+	encd, err := ops.AttachDisk(ctx, enc, "extra.vmdk", false) // no crypto rights needed
 	if err != nil || encd {
 		t.Fatalf("attach plain disk to encrypted VM: %v %v", encd, err)
+	}
+	// An encrypted disk (another VM's, copied in) needs crypto rights:
+	// attaching it puts a key into the VM.
+	for _, f := range []string{"encvm_2.vmdk", "encvm_2-flat.vmdk"} {
+		raw, _ := os.ReadFile(filepath.Join(enc, f))
+		os.WriteFile(filepath.Join(enc, strings.Replace(f, "encvm_2", "copied", 1)), bytes.Replace(raw, []byte("encvm_2-flat"), []byte("copied-flat"), 1), 0o644)
+	}
+	if _, err := ops.AttachDisk(ctx, enc, "copied.vmdk", false); !errors.Is(err, ErrAttachEncrypted) {
+		t.Fatalf("attach encrypted disk without crypto rights: %v", err)
 	}
 	st, _ = ReadVMStatus(enc, nil)
 	for _, f := range st.Files {

@@ -59,6 +59,9 @@ type vmLayout struct {
 	Files     []dataFile // nvram, vswp, vmsn, vmss, vmem
 	CoreDumps []string
 	Snapshots int
+	// Sources are the text files the layout was read from (vmx, vmsd,
+	// each disk's descriptor or embedded-descriptor extent).
+	Sources []string
 }
 
 var kindFromDir = map[vmdir.Kind]Kind{
@@ -95,7 +98,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", vmxPath, err)
 	}
-	l := &vmLayout{Dir: dir, VMXPath: vmxPath, VMXText: text, VMX: cfg}
+	l := &vmLayout{Dir: dir, VMXPath: vmxPath, VMXText: text, VMX: cfg, Sources: []string{vmxPath}}
 	l.KeySafe, _ = cfg.Get(VMXKeySafe)
 	l.Encrypted = l.KeySafe != ""
 	l.VMID, _ = cfg.Get(VMXVMID)
@@ -108,12 +111,21 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	seen := map[string]bool{}
 	var names []string
 	for _, d := range cfg.Disks() {
-		if d.IsHardDisk() && d.FileName != "" {
-			names = append(names, d.FileName)
+		if !d.IsHardDisk() || d.FileName == "" {
+			continue
 		}
+		// A slot marked not present whose file is gone (a stale entry)
+		// is not a disk of the VM; one whose file exists still is.
+		if !d.Present {
+			if p, err := vmdk.ResolveExtentPath(dir, d.FileName); err != nil || !exists(p) {
+				continue
+			}
+		}
+		names = append(names, d.FileName)
 	}
 	for _, f := range scan.Files {
 		if f.Kind == vmdir.KindVMSD {
+			l.Sources = append(l.Sources, filepath.Join(dir, f.Name))
 			raw, err := os.ReadFile(filepath.Join(dir, f.Name))
 			if err != nil {
 				return nil, err
@@ -146,6 +158,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 		if err != nil {
 			return nil, err
 		}
+		l.Sources = append(l.Sources, filepath.Join(dir, base))
 		l.Disks = append(l.Disks, d)
 		if parent != "" {
 			names = append(names, parent)
@@ -203,6 +216,14 @@ func loadDisk(dir, name string) (*disk, string, error) {
 	}
 	head = head[:n]
 	if h, err := PeekHeader(head); err == nil {
+		// Only a disk file the vmx may name (a .vmdk descriptor, or a
+		// sparse disk holding its own) is taken as an encrypted disk
+		// here: a vmx naming a data file directly (raw.img, x-flat.vmdk)
+		// names bytes a guest writes, which may be another disk's
+		// container.
+		if _, isExtent := descriptorName(name); isExtent || !isVMDKName(name) {
+			return nil, "", fmt.Errorf("disk %s: the vmx names a data file directly (an encrypted container where a descriptor belongs)", path)
+		}
 		ks, ok := ReadEmbeddedKeySafe(head)
 		if !ok {
 			return nil, "", fmt.Errorf("disk %s: encrypted, but its header holds no keySafe", path)
@@ -288,6 +309,11 @@ func extentCopies(dir string, d *disk) (Binding, string, bool) {
 }
 
 const maxDescriptor = 1 << 20
+
+func exists(p string) bool {
+	_, err := os.Lstat(p)
+	return err == nil
+}
 
 // newID returns a random RFC 4122 version-4 UUID string.
 func newID() (string, error) {

@@ -365,14 +365,14 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 	}
 	// The lost lines make the disk plain to VM operations, which leave
 	// it alone (a shallow rekey skips it, so its copy keeps the old KEK).
-	if err := ops.RestoreDiskKeys(ctx, dir, "disk1.vmdk"); err == nil {
+	if _, err := ops.RestoreDiskKeys(ctx, dir, "disk1.vmdk"); err == nil {
 		t.Fatal("restore-keys on a sparse disk (key in its own header) succeeded")
 	}
-	if err := ops.RestoreDiskKeys(ctx, dir, "nosuch.vmdk"); err == nil {
+	if _, err := ops.RestoreDiskKeys(ctx, dir, "nosuch.vmdk"); err == nil {
 		t.Fatal("restore-keys on a disk the VM does not have succeeded")
 	}
 	for _, name := range []string{"disk0.vmdk", "disk2.vmdk", "disk3.vmdk"} {
-		if err := ops.RestoreDiskKeys(ctx, dir, name); err != nil {
+		if _, err := ops.RestoreDiskKeys(ctx, dir, name); err != nil {
 			t.Fatalf("restore-keys %s: %v", name, err)
 		}
 		raw, _ := os.ReadFile(filepath.Join(dir, name))
@@ -380,7 +380,7 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 			t.Errorf("%s: key lines not restored:\n%s", name, raw)
 		}
 	}
-	if err := ops.RestoreDiskKeys(ctx, dir, "disk0.vmdk"); err == nil {
+	if _, err := ops.RestoreDiskKeys(ctx, dir, "disk0.vmdk"); err == nil {
 		t.Fatal("restoring lines that are there succeeded")
 	}
 	if st, err := ReadVMStatus(dir, nil); err != nil || len(st.Problems) != 0 {
@@ -471,7 +471,7 @@ func TestSharedExtentRefused(t *testing.T) {
 	}
 	os.WriteFile(filepath.Join(dir, "alias.vmdk"), []byte(strings.Join(kept, "")), 0o644)
 	before := snapshotDir(t, dir)
-	_, err := ops.AttachDisk(ctx, dir, "alias.vmdk")
+	_, err := ops.AttachDisk(ctx, dir, "alias.vmdk", true)
 	if err == nil {
 		err = ops.RekeyDeep(ctx, dir, kek)
 	}

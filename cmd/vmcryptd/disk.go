@@ -61,7 +61,7 @@ func (c *diskRestoreKeysCmd) Run(g *globals) error {
 	if err := g.call("POST", "/disk/restore-keys", api.DiskRequest{Dir: c.Dir, Path: c.Disk}, &res); err != nil {
 		return err
 	}
-	fmt.Printf("%s: key lines restored\n", res.Name)
+	fmt.Printf("%s: key lines restored (disk id %s)\n", res.Name, res.DiskID)
 	return nil
 }
 

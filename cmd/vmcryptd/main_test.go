@@ -311,6 +311,7 @@ func TestRolesAndAudit(t *testing.T) {
 		{"vm encrypt refused", nocrypto, []string{"vm", "encrypt", vmDir}, false, "Cryptographer.Encrypt"},
 		{"vm decrypt refused", nocrypto, []string{"vm", "decrypt", vmDir}, false, "Cryptographer.Decrypt"},
 		{"vm rekey refused", nocrypto, []string{"vm", "rekey", vmDir}, false, "Cryptographer.Recrypt"},
+		{"disk restore-keys refused", nocrypto, []string{"disk", "restore-keys", vmDir, "vm.vmdk"}, false, "Cryptographer.AddDisk"},
 		{"policy set refused", nocrypto, []string{"policy", "set", vmDir, "VM Encryption Policy"}, false, "Cryptographer.ManageEncryptionPolicy"},
 		{"encrypted vm create refused", nocrypto, []string{"vm", "create", filepath.Join(base, "new"), "--name", "new", "--encrypt"}, false, "Cryptographer.EncryptNew"},
 		{"no role refused", norole, []string{"status"}, false, "System.Read"},
@@ -361,8 +362,8 @@ func TestRolesAndAudit(t *testing.T) {
 			ok++
 		}
 	}
-	if denied != 10 || ok != 1 {
-		t.Fatalf("audit log: %d denials (want 10), %d key.create ok (want 1):\n%s", denied, ok, audit)
+	if denied != 11 || ok != 1 {
+		t.Fatalf("audit log: %d denials (want 11), %d key.create ok (want 1):\n%s", denied, ok, audit)
 	}
 }
 

@@ -343,6 +343,14 @@ func readDescriptor(path string) (*vmdk.Descriptor, bool, error) {
 	return desc, false, err
 }
 
+// IsCoreDumpName reports whether name is one ESXi gives core dumps:
+// *.zdump, vmware-vmx-*.core, core*.
+func IsCoreDumpName(name string) bool {
+	lower := strings.ToLower(name)
+	ext := filepath.Ext(lower)
+	return ext == ".zdump" || strings.HasPrefix(lower, "vmware-vmx-") && ext == ".core" || strings.HasPrefix(lower, "core")
+}
+
 func looksLikeText(b []byte) bool {
 	return !bytes.ContainsRune(b, 0)
 }
@@ -369,7 +377,7 @@ func (d *Dir) guess(name string) Kind {
 		return KindVMSD
 	case ext == ".log":
 		return KindLog
-	case ext == ".zdump", strings.HasPrefix(lower, "vmware-vmx-") && ext == ".core", strings.HasPrefix(lower, "core"):
+	case IsCoreDumpName(name):
 		return KindCoreDump
 	case ext == ".vmdk":
 		if _, embedded, err := readDescriptor(filepath.Join(d.Path, name)); err == nil && !embedded {

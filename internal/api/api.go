@@ -144,10 +144,12 @@ type DiskRequest struct {
 	Path      string `json:"path,omitempty"`
 }
 
-// DiskReply names the disk added or attached.
+// DiskReply names the disk added, attached or whose keys were restored
+// (DiskID: the disk id restore-keys adopted).
 type DiskReply struct {
 	Name      string `json:"name"`
 	Encrypted bool   `json:"encrypted"`
+	DiskID    string `json:"disk_id,omitempty"`
 }
 
 // DiskSpec is one disk of a new VM.

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -394,7 +395,10 @@ func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
-	enc, err := d.vmOps(nil).AttachDisk(rc.r.Context(), dir, req.Path)
+	enc, err := d.vmOps(nil).AttachDisk(rc.r.Context(), dir, req.Path, d.auth.allowed(rc.id, PrivAddDisk))
+	if errors.Is(err, engine.ErrAttachEncrypted) {
+		return nil, &httpError{403, fmt.Sprintf("permission denied: %v; it needs privilege %s", err, PrivAddDisk)}
+	}
 	if err != nil {
 		return nil, conflict("%v", err)
 	}
@@ -417,10 +421,11 @@ func (d *Daemon) hDiskRestoreKeys(rc *reqCtx) (any, error) {
 	}
 	defer d.vmLocks.release(dir)
 	defer d.forgetDEKs(dir)
-	if err := d.vmOps(nil).RestoreDiskKeys(context.WithoutCancel(rc.r.Context()), dir, req.Path); err != nil {
+	id, err := d.vmOps(nil).RestoreDiskKeys(context.WithoutCancel(rc.r.Context()), dir, req.Path)
+	if err != nil {
 		return nil, conflict("%v", err)
 	}
-	return diskResult{api.DiskReply{Name: filepath.Base(req.Path), Encrypted: true}, dir}, nil
+	return diskResult{api.DiskReply{Name: filepath.Base(req.Path), Encrypted: true, DiskID: id}, dir}, nil
 }
 
 func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
