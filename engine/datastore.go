@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/vmcryptd/vmcryptd/engine/xts"
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
+	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/formats/vmx"
 )
 
@@ -48,6 +50,10 @@ type Datastore struct {
 	// settle left encrypted, so opening it again does not make it
 	// pending again (recoverPending) and re-run the same refusal.
 	kept map[string][16]byte
+	// made records, by path, the container (file id) of every .vmdk file
+	// this view created: until a descriptor names it, its header copy is
+	// its key, and only for files made here (roleOf).
+	made map[string][16]byte
 }
 
 // cachedLayout is a VM directory's layout with a stamp of every file it
@@ -98,22 +104,32 @@ func (d *Datastore) layout(dir string) (*vmLayout, error) {
 	if ok && c.fresh() {
 		return c.l, nil
 	}
-	// Stamps first: a change while loading makes the next call reload.
-	stamps := []fileStamp{stampOf(dir)}
-	l, err := loadLayout(dir, d.CoreDumpPatterns)
-	if err != nil {
-		d.mu.Lock()
-		delete(d.layouts, dir)
-		d.mu.Unlock()
-		return nil, err
-	}
-	for _, p := range l.Sources {
-		stamps = append(stamps, stampOf(p))
-	}
 	d.mu.Lock()
-	d.layouts[dir] = cachedLayout{stamps: stamps, l: l}
+	delete(d.layouts, dir)
 	d.mu.Unlock()
-	return l, nil
+	// A file rewritten while it is read (in place, by qemu-img or an
+	// editor) could give a torn layout whose stamps, taken after, look
+	// current. So the layout is read twice: it is kept only if every
+	// source's stamp after the first read still holds after the second.
+	var prev *cachedLayout
+	for attempt := 0; attempt < 4; attempt++ {
+		l, err := loadLayout(dir, d.CoreDumpPatterns)
+		if err != nil {
+			return nil, err
+		}
+		c := cachedLayout{stamps: []fileStamp{stampOf(dir)}, l: l}
+		for _, p := range l.Sources {
+			c.stamps = append(c.stamps, stampOf(p))
+		}
+		if prev != nil && slices.Equal(prev.stamps, c.stamps) {
+			d.mu.Lock()
+			d.layouts[dir] = c
+			d.mu.Unlock()
+			return l, nil
+		}
+		prev = &c
+	}
+	return nil, fmt.Errorf("%s: its files keep changing while being read", dir)
 }
 
 // placementLayout is the layout that decides where new files go: dir's
@@ -128,8 +144,11 @@ func (d *Datastore) placementLayout(dir string) (*vmLayout, error) {
 		return l, nil
 	}
 	vmxPath, ferr := vmdir.FindVMX(dir)
-	if ferr != nil {
+	if errors.Is(ferr, vmdir.ErrNoVMX) {
 		return nil, nil // not a VM directory
+	}
+	if ferr != nil {
+		return nil, ferr // several .vmx files, say: fail closed
 	}
 	text, err := os.ReadFile(vmxPath)
 	if err != nil {
@@ -165,7 +184,7 @@ const (
 
 // NewDatastore returns a resolver for root.
 func NewDatastore(root string, keys *Keyring, impl xts.Impl) *Datastore {
-	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}}
+	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}, made: map[string][16]byte{}}
 }
 
 func (d *Datastore) abs(rel string) (string, error) {
@@ -227,6 +246,41 @@ var ErrBusy = errors.New("VM directory is being converted; try again when the op
 func (d *Datastore) busy(path string) error {
 	if d.Busy != nil && d.Busy(path) {
 		return fmt.Errorf("%s: %w", path, ErrBusy)
+	}
+	return nil
+}
+
+// ErrKeyLines refuses cutting a descriptor that holds a disk's key lines.
+var ErrKeyLines = errors.New("holds a disk's key lines: replace it by rename (an editor's save, sed -i), or delete the disk first; truncating it in place would lose the disk's key")
+
+// MayTruncate refuses (ErrKeyLines) truncating a VMDK descriptor that
+// holds encryptionKeys: qemu-img create over an encrypted disk, or a
+// shell redirection, would rewrite it without the key lines (the
+// extents' header copies keep the key, but nothing trusts them without
+// restore-keys). Writers that save by rename are not affected.
+func (d *Datastore) MayTruncate(rel string) error {
+	path, err := d.abs(rel)
+	if err != nil {
+		return err
+	}
+	if err := d.busy(path); err != nil {
+		return err
+	}
+	if !isVMDKName(path) {
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size > maxDescriptor {
+		return nil
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	if desc, err := vmdk.ParseDescriptor(raw); err == nil {
+		if ks, _ := desc.Get(DescKeySafe); ks != "" {
+			return fmt.Errorf("%s: %w", path, ErrKeyLines)
+		}
 	}
 	return nil
 }
@@ -300,9 +354,19 @@ func suspect(format string, a ...any) role {
 //   - a directory without a vmx: only core dumps.
 func (d *Datastore) roleOf(path string, head []byte) role {
 	dir, name := filepath.Dir(path), filepath.Base(path)
+	// A file with several names would be judged by whichever one a view
+	// looked up last: a hard link named like a core dump to a guest's
+	// flat extent must not make that extent open with its header copy.
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return suspect("%v", err)
+	}
+	if st.Nlink > 1 {
+		return suspect("it has %d names (hard links); a container must have one", st.Nlink)
+	}
 	l, err := d.layout(dir)
 	if err != nil {
-		if _, ferr := vmdir.FindVMX(dir); ferr == nil {
+		if _, ferr := vmdir.FindVMX(dir); !errors.Is(ferr, vmdir.ErrNoVMX) {
 			return suspect("its VM's files cannot be read: %v", err)
 		}
 		if vmdir.IsCoreDumpName(name) || matchAny(d.CoreDumpPatterns, name) {
@@ -339,9 +403,36 @@ func (d *Datastore) roleOf(path string, head []byte) role {
 		}
 	}
 	if l.Encrypted && isVMDKName(name) {
-		return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
+		return d.unnamedDiskRole(path, head)
 	}
 	return role{v: verdictPlain}
+}
+
+// unnamedDiskRole is roleOf for a .vmdk of an encrypted VM that no disk
+// of its vmx names: a disk detached (whose files a guest wrote) or made
+// through a view and not attached yet. A text descriptor beside it that
+// names it decides, as for an attached disk; otherwise its header copy is
+// its key only if this view made it. Anything else is refused until it
+// is attached (an administrator's decision).
+func (d *Datastore) unnamedDiskRole(path string, head []byte) role {
+	dir, name := filepath.Dir(path), filepath.Base(path)
+	if dk := describedBy(dir, name); dk != nil {
+		if dk.KeySafe == "" || dk.DiskID == "" {
+			if b, _, ok := extentCopies(dir, dk); ok {
+				return suspect("disk %s has no key lines, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
+			}
+			return role{v: verdictPlain}
+		}
+		return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}}
+	}
+	h, err := PeekHeader(head)
+	d.mu.Lock()
+	id, ok := d.made[path]
+	d.mu.Unlock()
+	if err == nil && ok && id == h.FileID {
+		return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
+	}
+	return suspect("no vmx or descriptor names it and this view did not make it; attach it (vmcryptd disk attach) to open it")
 }
 
 // Open opens the container at rel with its DEK.

@@ -265,3 +265,268 @@ func TestPlantedCopyOverridesDescriptor(t *testing.T) {
 		t.Error("extent of disk D served with the key of another VM's disk (binding not checked against the descriptor)")
 	}
 }
+
+// coreCipher returns an encrypted core dump (host key) of another VM.
+func coreCipher(t *testing.T, ops *VMOps, kek KeyRef) ([]byte, []byte) {
+	t.Helper()
+	ops.HostKEK = &kek
+	src := filepath.Join(t.TempDir(), "vmware-vmx-1.core")
+	secret := bytes.Repeat([]byte("victim memory "), 1000)
+	os.WriteFile(src, secret, 0o600)
+	if err := ops.encryptCoreDump(context.Background(), src); err != nil {
+		t.Fatal(err)
+	}
+	cipher, _ := os.ReadFile(src)
+	return cipher, secret
+}
+
+func addVMX(t *testing.T, dir, lines string) {
+	t.Helper()
+	p := filepath.Join(dir, "vm.vmx")
+	raw, _ := os.ReadFile(p)
+	if err := os.WriteFile(p, append(raw, lines...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// a guest-writable floppy whose name starts with "core" (coreos.flp)
+// is not a core dump by name: never served decrypted under its header copy.
+func TestPlantedCoreNamedFloppy(t *testing.T) {
+	ops, kek := newTestOps(t)
+	cipher, secret := coreCipher(t, ops, kek)
+	root := t.TempDir()
+	dir := filepath.Join(root, "plain")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	addVMX(t, dir, "floppy0.present = \"TRUE\"\nfloppy0.fileType = \"file\"\nfloppy0.fileName = \"coreos-ignition.flp\"\n")
+	os.WriteFile(filepath.Join(dir, "coreos-ignition.flp"), make([]byte, 1474560), 0o644)
+	plant(t, filepath.Join(dir, "coreos-ignition.flp"), cipher)
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	if leaks(t, ds, "plain/coreos-ignition.flp", secret) {
+		t.Error("guest floppy coreos-ignition.flp served as another VM's decrypted core dump")
+	}
+}
+
+// a shared disk kept in a folder without a vmx, named core*.
+func TestPlantedCoreNamedSharedDisk(t *testing.T) {
+	ops, kek := newTestOps(t)
+	cipher, secret := coreCipher(t, ops, kek)
+	root := t.TempDir()
+	shared := filepath.Join(root, "shared")
+	os.MkdirAll(shared, 0o755)
+	os.WriteFile(filepath.Join(shared, "core-data-flat.vmdk"), make([]byte, 2<<20), 0o644)
+	plant(t, filepath.Join(shared, "core-data-flat.vmdk"), cipher)
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	if leaks(t, ds, "shared/core-data-flat.vmdk", secret) {
+		t.Error("shared plain disk core-data-flat.vmdk served as another VM's decrypted core dump")
+	}
+}
+
+// vm decrypt decrypts, on disk, a planted core dump in a
+// guest-writable core*-named file (the guest then reads the plaintext).
+func TestPlantedDecryptCoreNamedFloppy(t *testing.T) {
+	ops, kek := newTestOps(t)
+	cipher, secret := coreCipher(t, ops, kek)
+	root := t.TempDir()
+	dir := filepath.Join(root, "enc")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	addVMX(t, dir, "floppy0.present = \"TRUE\"\nfloppy0.fileType = \"file\"\nfloppy0.fileName = \"coreos.flp\"\n")
+	os.WriteFile(filepath.Join(dir, "coreos.flp"), make([]byte, 1474560), 0o644)
+	plant(t, filepath.Join(dir, "coreos.flp"), cipher)
+	if err := ops.Decrypt(context.Background(), dir); err != nil {
+		t.Logf("decrypt: %v", err)
+	}
+	got, _ := os.ReadFile(filepath.Join(dir, "coreos.flp"))
+	if bytes.HasPrefix(got, secret) {
+		t.Error("vm decrypt wrote another VM's core dump plaintext into the guest's floppy")
+	}
+}
+
+// a plain disk of an encrypted VM, removed from the vmx (files kept):
+// its flat extent is refused, not opened with its header copy.
+func TestPlantedDetachedPlainDisk(t *testing.T) {
+	ops, kek := newTestOps(t)
+	root := t.TempDir()
+	cipher, secret := victimCipher(t, ops, kek, root)
+	dir := filepath.Join(root, "enc")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	if err := makeFlatDisk(dir, "p.vmdk", 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ops.AttachDisk(context.Background(), dir, "p.vmdk", false); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	plant(t, filepath.Join(dir, "p-flat.vmdk"), cipher) // guest writes its plain disk
+	if leaks(t, ds, "enc/p-flat.vmdk", secret) {
+		t.Fatal("attached: leaked")
+	}
+	// "Remove from VM" keeping the files.
+	vmxp := filepath.Join(dir, "vm.vmx")
+	raw, _ := os.ReadFile(vmxp)
+	raw = bytes.Replace(raw, []byte(`fileName = "p.vmdk"`), []byte(`fileName = ""`), 1)
+	os.WriteFile(vmxp, raw, 0o644)
+	if leaks(t, ds, "enc/p-flat.vmdk", secret) {
+		t.Error("detached plain disk of an encrypted VM served as the victim's plaintext")
+	}
+}
+
+// a second .vmx in an encrypted VM's directory makes it unreadable, not
+// "not a VM directory": no container is served raw, no VM file is created
+// plain.
+func TestPlantedTwoVMX(t *testing.T) {
+	ops, kek := newTestOps(t)
+	root := t.TempDir()
+	dir := filepath.Join(root, "enc")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(filepath.Join(dir, "vm.vmx"))
+	os.WriteFile(filepath.Join(dir, "vm-copy.vmx"), raw, 0o644)
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	for _, f := range []string{"enc/vm-flat.vmdk", "enc/vm.nvram"} {
+		if st, why, _ := ds.Classify(f); st == FilePlain {
+			t.Errorf("%s: Classify = plain (%q); the view would serve/write its ciphertext raw", f, why)
+		}
+	}
+	if enc, err := ds.WouldEncrypt("enc/vm.vswp"); !enc && err == nil {
+		t.Error("new swap file of an encrypted VM would be created plain")
+	}
+	if c, enc, err := ds.Create("enc/vm.vswp", 0o600); err == nil {
+		c.Close()
+		if !enc {
+			t.Error("new swap file of an encrypted VM created plain")
+		}
+	}
+}
+
+// A disk made through the view of an encrypted VM named coreos.vmdk is
+// a disk, not a core dump.
+func TestPlantedViewDiskNamedCore(t *testing.T) {
+	ops, kek := newTestOps(t)
+	root := t.TempDir()
+	dir := filepath.Join(root, "enc")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	for _, name := range []string{"coreos.vmdk", "data.vmdk"} {
+		c, enc, err := ds.Create("enc/"+name, 0o644)
+		if err != nil || !enc {
+			t.Fatalf("%s: create: %v %v", name, enc, err)
+		}
+		c.Close()
+		st, why, _ := ds.Classify("enc/" + name)
+		c2, err := ds.Open("enc/"+name, false)
+		if err != nil {
+			t.Errorf("%s: made through the view, then Classify=%v %q, Open: %v", name, st, why, err)
+			continue
+		}
+		c2.Close()
+	}
+}
+
+// vm encrypt of a VM whose directory holds an install ISO named core*
+// leaves it alone (not a core dump).
+func TestPlantedEncryptCoreNamedISO(t *testing.T) {
+	ops, kek := newTestOps(t)
+	root := t.TempDir()
+	dir := filepath.Join(root, "plain")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	addVMX(t, dir, "sata0:0.present = \"TRUE\"\nsata0:0.deviceType = \"cdrom-image\"\nsata0:0.fileName = \"coreos-installer.iso\"\n")
+	os.WriteFile(filepath.Join(dir, "coreos-installer.iso"), bytes.Repeat([]byte("ISO"), 1000), 0o644)
+	err := ops.Encrypt(context.Background(), dir, kek)
+	t.Logf("encrypt without host key: %v", err)
+	if err != nil {
+		t.Error("vm encrypt refused because of an ISO named coreos-*.iso")
+	}
+}
+
+// An in-place descriptor edit racing a layout load is never cached as
+// fresh.
+func TestPlantedStaleStampRace(t *testing.T) {
+	ops, kek := newTestOps(t)
+	root := t.TempDir()
+	dir := filepath.Join(root, "enc")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	if err := makeFlatDisk(dir, "p.vmdk", 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "q-flat.vmdk"), make([]byte, 2<<20), 0o644)
+	if _, err := ops.AttachDisk(context.Background(), dir, "p.vmdk", false); err != nil {
+		t.Fatal(err)
+	}
+	cipher, secret := victimCipher(t, ops, kek, root)
+	plant(t, filepath.Join(dir, "q-flat.vmdk"), cipher) // the guest's disk once p.vmdk names it
+	pp := filepath.Join(dir, "p.vmdk")
+	A, _ := os.ReadFile(pp)
+	B := bytes.Replace(A, []byte(`"p-flat.vmdk"`), []byte(`"q-flat.vmdk"`), 1)
+	write := func(b []byte) {
+		f, _ := os.OpenFile(pp, os.O_WRONLY|os.O_TRUNC, 0)
+		f.Write(b)
+		f.Close()
+	}
+	for trial := 0; trial < 300; trial++ {
+		ds := NewDatastore(root, ops.Keys, "")
+		write(A)
+		done := make(chan struct{})
+		go func() { write(B); close(done) }()
+		ds.layout(dir)
+		<-done
+		l, err := ds.layout(dir) // B is final: must name q-flat
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range l.Disks {
+			if d.Name == "p.vmdk" && (len(d.Extents) != 1 || d.Extents[0] != "q-flat.vmdk") {
+				t.Errorf("trial %d: cached layout names %v after the descriptor was rewritten to q-flat.vmdk", trial, d.Extents)
+				if leaks(t, ds, "enc/q-flat.vmdk", secret) {
+					t.Error("stale layout: the guest's attached plain disk served as the victim's plaintext")
+				}
+				ds.Close()
+				return
+			}
+		}
+		ds.Close()
+	}
+}
+
+// A hard link named like a core dump to a guest's flat extent: a file
+// with several names is refused under every name.
+func TestPlantedHardLinkCoreName(t *testing.T) {
+	ops, kek := newTestOps(t)
+	cipher, secret := coreCipher(t, ops, kek)
+	root := t.TempDir()
+	dir := filepath.Join(root, "plain")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 2 << 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	plant(t, filepath.Join(dir, "vm-flat.vmdk"), cipher)
+	if err := os.Link(filepath.Join(dir, "vm-flat.vmdk"), filepath.Join(dir, "core.1")); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	for _, rel := range []string{"plain/core.1", "plain/vm-flat.vmdk"} {
+		if leaks(t, ds, rel, secret) {
+			t.Errorf("%s: a hard-linked guest extent served as another VM's core dump", rel)
+		}
+		if st, _, _ := ds.Classify(rel); st != FileLocked {
+			t.Errorf("%s: classified %v, want locked", rel, st)
+		}
+	}
+}

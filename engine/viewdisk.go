@@ -61,6 +61,10 @@ func isVMDKName(name string) bool { return strings.EqualFold(filepath.Ext(name),
 type pendingDisk struct {
 	diskID  string
 	keySafe string
+	// recovered: found again by recoverPending, not made by this view.
+	// Its text may have been written by a guest (a raw disk the vmx
+	// names), so its own key lines are never adopted.
+	recovered bool
 }
 
 // descriptorMagic starts every text descriptor VMware and qemu write.
@@ -111,6 +115,9 @@ func (d *Datastore) createDiskFile(l *vmLayout, path string, perm os.FileMode) (
 	if err != nil {
 		return nil, false, err
 	}
+	d.mu.Lock()
+	d.made[path] = c.Header().FileID
+	d.mu.Unlock()
 	return c, true, nil
 }
 
@@ -212,6 +219,34 @@ func (d *Datastore) pendingFor(l *vmLayout, descPath string) (pendingDisk, error
 	return p, nil
 }
 
+// describedBy finds a text descriptor in dir, other than name itself,
+// that names name as one of its extents (a disk no vmx names: detached,
+// or made through a view and settled). nil: none does.
+func describedBy(dir, name string) *disk {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	for _, e := range ents {
+		if e.Name() == name || !isVMDKName(e.Name()) || !e.Type().IsRegular() {
+			continue
+		}
+		if info, err := e.Info(); err != nil || info.Size() > maxDescriptor {
+			continue
+		}
+		dk, _, err := loadDisk(dir, e.Name())
+		if err != nil || dk.Embedded {
+			continue
+		}
+		for _, x := range dk.Extents {
+			if x == name {
+				return dk
+			}
+		}
+	}
+	return nil
+}
+
 // recoverPending finds a disk made through a view whose descriptor was
 // not settled before the pending state was lost (a daemon restart, or
 // Forget after a VM operation): the descriptor file is still a container
@@ -262,7 +297,7 @@ func (d *Datastore) recoverPending(descPath string) {
 	}
 	d.mu.Lock()
 	if _, ok := d.pending[descPath]; !ok {
-		d.pending[descPath] = pendingDisk{diskID: h.Binding.OwnerID, keySafe: ks}
+		d.pending[descPath] = pendingDisk{diskID: h.Binding.OwnerID, keySafe: ks, recovered: true}
 	}
 	d.mu.Unlock()
 }
@@ -408,7 +443,7 @@ func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk, unchanged 
 		// key lines, if they open every extent it names.
 		ownID, _ := parsed.Get(DDBDiskID)
 		ownKS, _ := parsed.Get(DescKeySafe)
-		if ownID == "" || ownKS == "" || d.checkExtents(dir, filepath.Base(descPath), parsed, Binding{PurposeDisk, ownID}, ownKS) != nil {
+		if pd.recovered || ownID == "" || ownKS == "" || d.checkExtents(dir, filepath.Base(descPath), parsed, Binding{PurposeDisk, ownID}, ownKS) != nil {
 			return settleKept, fmt.Errorf("%s: left encrypted: %w", descPath, err)
 		}
 		ks, id = ownKS, ownID

@@ -402,9 +402,12 @@ func TestViewDiskReviewCases(t *testing.T) {
 	}
 }
 
-// Pending disks live in memory; after a restart (a fresh resolver) a
-// descriptor left a container holding text is found again when a file of
-// its disk is opened for writing, and settles at that file's close.
+// Pending disks live in memory. After a restart (a fresh resolver) a
+// disk made through a view and not attached is no longer one this view
+// made: its files are refused (nothing but its own header vouches for
+// them) until an administrator attaches it. Then its descriptor, still a
+// container holding text, is found again at a writable open and settles
+// at that file's close.
 func TestViewDiskSettleAfterRestart(t *testing.T) {
 	ops, dir, ds := encryptedVM(t, nil)
 	desc := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n" +
@@ -415,20 +418,23 @@ func TestViewDiskSettleAfterRestart(t *testing.T) {
 	ds2 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
 	defer ds2.Close()
 	for _, rel := range []string{"vm/rs.vmdk", "vm/rs-flat.vmdk"} {
-		if ds2.Unsettled(rel) {
-			t.Fatalf("%s unsettled before any open", rel)
+		if _, err := ds2.Open(rel, true); !errors.Is(err, ErrKeyUnavailable) {
+			t.Fatalf("%s after a restart, not attached: %v, want refused", rel, err)
 		}
 	}
+	if enc, err := ops.AttachDisk(context.Background(), dir, "rs.vmdk", true); err != nil || !enc {
+		t.Fatalf("attach: %v %v", enc, err)
+	}
 	// A read-only open changes nothing.
-	c, err := ds2.Open("vm/rs-flat.vmdk", true)
+	c, err := ds2.Open("vm/rs.vmdk", true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
-	if ds2.Unsettled("vm/rs-flat.vmdk") {
+	if ds2.Unsettled("vm/rs.vmdk") {
 		t.Fatal("read-only open made the disk pending")
 	}
-	c, err = ds2.Open("vm/rs-flat.vmdk", false)
+	c, err = ds2.Open("vm/rs.vmdk", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -436,9 +442,14 @@ func TestViewDiskSettleAfterRestart(t *testing.T) {
 	if !ds2.Unsettled("vm/rs-flat.vmdk") {
 		t.Fatal("unsettled descriptor not found again")
 	}
-	got, err := ds2.Settle("vm/rs-flat.vmdk", neverOpen, nil)
+	got, err := ds2.Settle("vm/rs.vmdk", neverOpen, nil)
 	if err != nil || len(got) != 1 || got[0] != "vm/rs.vmdk" {
 		t.Fatalf("settle after restart: %v %v", got, err)
+	}
+	if c, err := ds2.Open("vm/rs-flat.vmdk", true); err != nil {
+		t.Fatalf("extent after settle: %v", err)
+	} else {
+		c.Close()
 	}
 	text, _ := os.ReadFile(filepath.Join(dir, "rs.vmdk"))
 	if descValue(t, text, DescKeySafe) == "" || descValue(t, text, DDBDiskID) == "" {
@@ -466,6 +477,9 @@ func TestViewDiskSettleAfterRestart(t *testing.T) {
 	ds2.Settle("vm/sp.vmdk", neverOpen, nil)
 	ds3 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
 	defer ds3.Close()
+	if _, err := ops.AttachDisk(context.Background(), dir, "sp.vmdk", true); err != nil {
+		t.Fatal(err)
+	}
 	c, err = ds3.Open("vm/sp.vmdk", false)
 	if err != nil {
 		t.Fatal(err)

@@ -259,6 +259,11 @@ func loadDisk(dir, name string) (*disk, string, error) {
 	if err != nil {
 		return nil, "", fmt.Errorf("disk %s: %w", path, err)
 	}
+	// An empty or cut-off file (one being rewritten) parses as a disk
+	// with no extents, which would make its extents look unnamed.
+	if desc.CreateType() == "" || len(desc.Extents()) == 0 {
+		return nil, "", fmt.Errorf("disk %s: not a complete VMDK descriptor (no createType or no extent)", path)
+	}
 	d := &disk{Name: name}
 	d.KeySafe, _ = desc.Get(DescKeySafe)
 	d.DiskID, _ = desc.Get(DDBDiskID)

@@ -416,3 +416,43 @@ func TestSettleReplacesFile(t *testing.T) {
 		}
 	}
 }
+
+// A descriptor holding a disk's key lines is never cut in place (O_TRUNC,
+// truncate, ftruncate): EPERM, content intact; writes that do not cut it
+// and saves by rename still work.
+func TestKeyLinesNotTruncated(t *testing.T) {
+	m := mountTest(t, Options{})
+	text := []byte("# Disk DescriptorFile\nencryptionKeys=\"...\"\n")
+	if err := os.WriteFile(m.backing("d.vmdk"), text, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m.b.mu.Lock()
+	m.b.noTrunc["d.vmdk"] = true
+	m.b.mu.Unlock()
+	if _, err := os.OpenFile(m.view("d.vmdk"), os.O_WRONLY|os.O_TRUNC, 0); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("O_TRUNC open: %v, want EPERM", err)
+	}
+	if err := os.Truncate(m.view("d.vmdk"), 0); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("truncate: %v, want EPERM", err)
+	}
+	f, err := os.OpenFile(m.view("d.vmdk"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(3); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("ftruncate: %v, want EPERM", err)
+	}
+	if _, err := f.WriteAt([]byte("#"), 0); err != nil {
+		t.Errorf("write in place: %v", err)
+	}
+	f.Close()
+	if got, _ := os.ReadFile(m.backing("d.vmdk")); !bytes.Equal(got, text) {
+		t.Fatalf("descriptor changed: %q", got)
+	}
+	if err := os.WriteFile(m.view("d.vmdk.tmp"), text, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(m.view("d.vmdk.tmp"), m.view("d.vmdk")); err != nil {
+		t.Errorf("save by rename: %v", err)
+	}
+}

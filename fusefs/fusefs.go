@@ -96,6 +96,11 @@ type Settler interface {
 // files by Create). An error wrapping engine.ErrBusy becomes EBUSY.
 type Gate interface {
 	MayOpen(rel string) error
+	// MayTruncate refuses cutting a plain file (O_TRUNC, truncate(2),
+	// ftruncate(2)): a VMDK descriptor holding a disk's key lines is
+	// replaced by rename, never truncated in place, or the disk would
+	// lose its key (engine.ErrKeyLines becomes EPERM).
+	MayTruncate(rel string) error
 }
 
 // Options tune a mount. The zero value gives the measured defaults (see
@@ -179,6 +184,8 @@ func errnoOf(err error) syscall.Errno {
 		return syscall.EBUSY
 	case errors.Is(err, engine.ErrKeyUnavailable):
 		return syscall.EACCES
+	case errors.Is(err, engine.ErrKeyLines):
+		return syscall.EPERM
 	case errors.Is(err, fs.ErrNotExist):
 		return syscall.ENOENT
 	case errors.Is(err, fs.ErrPermission):

@@ -21,9 +21,10 @@ type testBackend struct {
 	root string
 	dek  *engine.DEK
 
-	mu     sync.Mutex
-	locked map[string]string // rel -> reason
-	busy   map[string]bool   // rel -> refused by MayOpen
+	mu      sync.Mutex
+	locked  map[string]string // rel -> reason
+	busy    map[string]bool   // rel -> refused by MayOpen
+	noTrunc map[string]bool   // rel -> refused by MayTruncate
 	// settleTo: at its last close, Settle replaces the file with this
 	// plain content; settled files are plain from then on.
 	settleTo map[string][]byte
@@ -38,7 +39,7 @@ func newTestBackend(t testing.TB, root string) *testBackend {
 		t.Fatal(err)
 	}
 	t.Cleanup(dek.Destroy)
-	return &testBackend{root: root, dek: dek, locked: map[string]string{}, busy: map[string]bool{}, settleTo: map[string][]byte{}, settled: map[string]bool{}}
+	return &testBackend{root: root, dek: dek, locked: map[string]string{}, busy: map[string]bool{}, noTrunc: map[string]bool{}, settleTo: map[string][]byte{}, settled: map[string]bool{}}
 }
 
 func inEncDir(rel string) bool {
@@ -87,6 +88,15 @@ func (b *testBackend) Settle(rel string, isOpen func(string) bool, unchanged fun
 	delete(b.settleTo, rel)
 	b.settled[rel] = true
 	return []string{rel}, nil
+}
+
+func (b *testBackend) MayTruncate(rel string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.noTrunc[rel] {
+		return fmt.Errorf("%s: %w", rel, engine.ErrKeyLines)
+	}
+	return nil
 }
 
 func (b *testBackend) MayOpen(rel string) error {

@@ -367,6 +367,9 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 // ciphertext and leave the header's size wrong).
 func (n *node) truncate(f fs.FileHandle, size int64) syscall.Errno {
 	if pf, ok := f.(*plainFile); ok {
+		if errno := n.st.mayTruncate(n.rel()); errno != 0 {
+			return errno
+		}
 		return errnoOf(unix.Ftruncate(int(pf.f.Fd()), size))
 	}
 	if eh, ok := f.(*encHandle); ok {
@@ -390,6 +393,9 @@ func (n *node) truncate(f fs.FileHandle, size int64) syscall.Errno {
 	}
 	plainTruncate := func() syscall.Errno {
 		if errno := n.st.gated("truncate", rel); errno != 0 {
+			return errno
+		}
+		if errno := n.st.mayTruncate(rel); errno != 0 {
 			return errno
 		}
 		return errnoOf(unix.Truncate(abs, size))
@@ -688,6 +694,11 @@ func (n *node) openPlain(rel string, flags uint32) (fs.FileHandle, uint32, sysca
 	if errno := n.st.gated("open", rel); errno != 0 {
 		return nil, 0, errno
 	}
+	if flags&syscall.O_TRUNC != 0 {
+		if errno := n.st.mayTruncate(rel); errno != 0 {
+			return nil, 0, errno
+		}
+	}
 	fd, err := unix.Open(filepath.Join(n.st.root, rel), n.st.backingFlags(flags), 0)
 	if err != nil {
 		return nil, 0, errnoOf(err)
@@ -845,6 +856,19 @@ func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
 	return errnoOf(unix.Unlink(n.childAbs(name)))
 }
 
+// mayTruncate asks the backend's Gate whether the plain file rel may be
+// cut (see Gate.MayTruncate).
+func (s *state) mayTruncate(rel string) syscall.Errno {
+	if s.gate == nil {
+		return 0
+	}
+	if err := s.gate.MayTruncate(rel); err != nil {
+		s.log.Warn("refused truncate", "path", rel, "err", err)
+		return errnoOf(err)
+	}
+	return 0
+}
+
 // gated refuses (EBUSY) touching files the backend's Gate says are busy
 // (a VM in the middle of a conversion, which is about to replace them):
 // plain opens and truncates, and the name changes unlink, rename, link,
@@ -938,6 +962,15 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 	newRel, newAbs := n.childRel(name), n.childAbs(name)
 	if errno := n.st.gated("link", oldRel, newRel); errno != 0 {
 		return nil, errno
+	}
+	// A second name for an encrypted file would let it be judged by
+	// either (the backend refuses containers with several names).
+	if class, _, err := n.st.backend.Classify(oldRel); err != nil || class != ClassPlain {
+		if err != nil {
+			n.st.log.Error("cannot classify file", "path", oldRel, "err", err)
+			return nil, syscall.EIO
+		}
+		return nil, syscall.EPERM
 	}
 	if errno := n.st.moveCheck(oldRel, oldAbs, newRel); errno != 0 {
 		return nil, errno

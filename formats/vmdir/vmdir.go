@@ -6,10 +6,12 @@ package vmdir
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 
@@ -30,8 +32,9 @@ const (
 	KindVMSS       Kind = "vmss"     // suspend state
 	KindVMEM       Kind = "vmem"     // guest memory image
 	KindVMSD       Kind = "vmsd"     // snapshot descriptor
-	KindCoreDump   Kind = "coredump" // *.zdump, vmware-vmx-*.core, core*
+	KindCoreDump   Kind = "coredump" // *.zdump, vmware-vmx-*.core, core, core.<digits>
 	KindLog        Kind = "log"
+	KindOther      Kind = "other" // a device file the vmx names (floppy, CD image...)
 	KindUnknown    Kind = "unknown"
 )
 
@@ -62,6 +65,11 @@ type Dir struct {
 	missing map[string]bool
 }
 
+// ErrNoVMX means a directory holds no .vmx: it is not a VM directory
+// (several .vmx files are a different error: a VM directory that cannot
+// be read).
+var ErrNoVMX = errors.New("no .vmx file")
+
 // FindVMX returns the path of the only .vmx in dir.
 func FindVMX(dir string) (string, error) {
 	ents, err := os.ReadDir(dir)
@@ -76,7 +84,7 @@ func FindVMX(dir string) (string, error) {
 	}
 	switch len(found) {
 	case 0:
-		return "", fmt.Errorf("%s: no .vmx file", dir)
+		return "", fmt.Errorf("%s: %w", dir, ErrNoVMX)
 	case 1:
 		return filepath.Join(dir, found[0]), nil
 	}
@@ -229,6 +237,19 @@ func (d *Dir) scanVMX(cfg *vmx.File) {
 		}
 		d.disk(disk.FileName, "vmx "+disk.Device)
 	}
+	// Every other file the vmx names (floppy and CD images, serial port
+	// files...) is a device's, written by the guest: never a core dump.
+	for _, k := range cfg.Keys() {
+		if !strings.HasSuffix(strings.ToLower(k), ".filename") {
+			continue
+		}
+		v, _ := cfg.Get(k)
+		if name, ok := d.local(v); ok {
+			if _, here := d.byName[name]; here {
+				d.mark(name, KindOther, "", "vmx "+k) // keeps a kind already given
+			}
+		}
+	}
 	vmsd := base + ".vmsd"
 	if _, ok := d.byName[vmsd]; ok {
 		d.mark(vmsd, KindVMSD, "", "vmx")
@@ -343,12 +364,17 @@ func readDescriptor(path string) (*vmdk.Descriptor, bool, error) {
 	return desc, false, err
 }
 
-// IsCoreDumpName reports whether name is one ESXi gives core dumps:
-// *.zdump, vmware-vmx-*.core, core*.
+// coreName is the name a Linux core dump gets: core or core.<pid>.
+var coreName = regexp.MustCompile(`^core(\.[0-9]+)?$`)
+
+// IsCoreDumpName reports whether name is one core dumps get: *.zdump,
+// vmware-vmx-*.core, core, core.<digits>. Nothing broader: a name is what
+// lets a container be opened with the key in its own header, so a guest's
+// "coreos.img" must not qualify.
 func IsCoreDumpName(name string) bool {
 	lower := strings.ToLower(name)
 	ext := filepath.Ext(lower)
-	return ext == ".zdump" || strings.HasPrefix(lower, "vmware-vmx-") && ext == ".core" || strings.HasPrefix(lower, "core")
+	return ext == ".zdump" || strings.HasPrefix(lower, "vmware-vmx-") && ext == ".core" || coreName.MatchString(lower)
 }
 
 func looksLikeText(b []byte) bool {

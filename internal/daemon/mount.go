@@ -42,6 +42,17 @@ func (b viewBackend) WouldEncrypt(rel string) (bool, error) { return b.ds.WouldE
 
 func (b viewBackend) MayOpen(rel string) error { return b.ds.MayOpen(rel) }
 
+func (b viewBackend) MayTruncate(rel string) error { return b.ds.MayTruncate(rel) }
+
+// The view finds these optional interfaces by type assertion: a method
+// missing here would silently drop a safeguard, so the compiler checks.
+var (
+	_ fusefs.Backend = viewBackend{}
+	_ fusefs.Gate    = viewBackend{}
+	_ fusefs.Settler = viewBackend{}
+	_ fusefs.Placer  = viewBackend{}
+)
+
 func (b viewBackend) Unsettled(rel string) bool { return b.ds.Unsettled(rel) }
 
 func (b viewBackend) Settle(rel string, isOpen func(string) bool, unchanged func() bool) ([]string, error) {
