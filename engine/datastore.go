@@ -50,10 +50,10 @@ type Datastore struct {
 	// settle left encrypted, so opening it again does not make it
 	// pending again (recoverPending) and re-run the same refusal.
 	kept map[string][16]byte
-	// made records, by path, the container (file id) of every .vmdk file
-	// this view created: until a descriptor names it, its header copy is
-	// its key, and only for files made here (roleOf).
-	made map[string][16]byte
+	// made records every .vmdk container this view created (by inode
+	// and file id, so a rename keeps it): until a descriptor names it,
+	// its header copy is its key, and only for files made here (roleOf).
+	made map[madeKey]struct{}
 }
 
 // cachedLayout is a VM directory's layout with a stamp of every file it
@@ -184,7 +184,7 @@ const (
 
 // NewDatastore returns a resolver for root.
 func NewDatastore(root string, keys *Keyring, impl xts.Impl) *Datastore {
-	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}, made: map[string][16]byte{}}
+	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}, made: map[madeKey]struct{}{}}
 }
 
 func (d *Datastore) abs(rel string) (string, error) {
@@ -353,17 +353,27 @@ func suspect(format string, a ...any) role {
 //   - a VM directory whose files cannot be read: refused;
 //   - a directory without a vmx: only core dumps.
 func (d *Datastore) roleOf(path string, head []byte) role {
+	r := d.placeRole(path, head)
+	if r.v == verdictContainer && r.ks == "" {
+		// A file with several names is judged by whichever one a view
+		// looked up last: a hard link named like a core dump to a
+		// guest's flat extent must not make that extent open with its
+		// header copy. (Keys the text files name are checked against
+		// the header's binding, so links do not matter there.)
+		var st unix.Stat_t
+		if err := unix.Lstat(path, &st); err != nil {
+			return suspect("%v", err)
+		}
+		if st.Nlink > 1 {
+			return suspect("it has %d names (hard links); a container opened with its own key copy must have one", st.Nlink)
+		}
+	}
+	return r
+}
+
+// placeRole is roleOf before the hard-link check.
+func (d *Datastore) placeRole(path string, head []byte) role {
 	dir, name := filepath.Dir(path), filepath.Base(path)
-	// A file with several names would be judged by whichever one a view
-	// looked up last: a hard link named like a core dump to a guest's
-	// flat extent must not make that extent open with its header copy.
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		return suspect("%v", err)
-	}
-	if st.Nlink > 1 {
-		return suspect("it has %d names (hard links); a container must have one", st.Nlink)
-	}
 	l, err := d.layout(dir)
 	if err != nil {
 		if _, ferr := vmdir.FindVMX(dir); !errors.Is(ferr, vmdir.ErrNoVMX) {
@@ -403,7 +413,7 @@ func (d *Datastore) roleOf(path string, head []byte) role {
 		}
 	}
 	if l.Encrypted && isVMDKName(name) {
-		return d.unnamedDiskRole(path, head)
+		return d.unnamedDiskRole(l, path, head)
 	}
 	return role{v: verdictPlain}
 }
@@ -414,25 +424,35 @@ func (d *Datastore) roleOf(path string, head []byte) role {
 // names it decides, as for an attached disk; otherwise its header copy is
 // its key only if this view made it. Anything else is refused until it
 // is attached (an administrator's decision).
-func (d *Datastore) unnamedDiskRole(path string, head []byte) role {
-	dir, name := filepath.Dir(path), filepath.Base(path)
-	if dk := describedBy(dir, name); dk != nil {
-		if dk.KeySafe == "" || dk.DiskID == "" {
-			if b, _, ok := extentCopies(dir, dk); ok {
-				return suspect("disk %s has no key lines, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
-			}
-			return role{v: verdictPlain}
-		}
-		return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}}
-	}
+func (d *Datastore) unnamedDiskRole(l *vmLayout, path string, head []byte) role {
+	name := filepath.Base(path)
 	h, err := PeekHeader(head)
-	d.mu.Lock()
-	id, ok := d.made[path]
-	d.mu.Unlock()
-	if err == nil && ok && id == h.FileID {
-		return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
+	if err != nil {
+		return suspect("%v", err)
 	}
-	return suspect("no vmx or descriptor names it and this view did not make it; attach it (vmcryptd disk attach) to open it")
+	if f, err := os.Open(path); err == nil {
+		key, kerr := madeKeyOf(f, h.FileID)
+		f.Close()
+		d.mu.Lock()
+		_, made := d.made[key]
+		d.mu.Unlock()
+		if kerr == nil && made {
+			return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
+		}
+	}
+	dk, found, err := describedBy(l, name)
+	switch {
+	case err != nil:
+		return suspect("%v", err)
+	case !found:
+		return suspect("no vmx or descriptor names it and this view did not make it; attach it (vmcryptd disk attach) to open it")
+	case dk.KeySafe == "" || dk.DiskID == "":
+		if b, _, ok := extentCopies(l.Dir, dk); ok {
+			return suspect("disk %s has no key lines, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
+		}
+		return role{v: verdictPlain}
+	}
+	return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}}
 }
 
 // Open opens the container at rel with its DEK.

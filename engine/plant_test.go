@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -506,7 +507,7 @@ func TestPlantedStaleStampRace(t *testing.T) {
 }
 
 // A hard link named like a core dump to a guest's flat extent: a file
-// with several names is refused under every name.
+// with several names is never opened with its own key copy.
 func TestPlantedHardLinkCoreName(t *testing.T) {
 	ops, kek := newTestOps(t)
 	cipher, secret := coreCipher(t, ops, kek)
@@ -521,12 +522,89 @@ func TestPlantedHardLinkCoreName(t *testing.T) {
 	}
 	ds := NewDatastore(root, ops.Keys, "")
 	defer ds.Close()
-	for _, rel := range []string{"plain/core.1", "plain/vm-flat.vmdk"} {
+	for rel, want := range map[string]FileState{"plain/core.1": FileLocked, "plain/vm-flat.vmdk": FilePlain} {
 		if leaks(t, ds, rel, secret) {
 			t.Errorf("%s: a hard-linked guest extent served as another VM's core dump", rel)
 		}
-		if st, _, _ := ds.Classify(rel); st != FileLocked {
-			t.Errorf("%s: classified %v, want locked", rel, st)
+		if st, _, _ := ds.Classify(rel); st != want {
+			t.Errorf("%s: classified %v, want %v", rel, st, want)
 		}
 	}
+}
+
+// A detached plain disk's extent, planted with another VM's container,
+// and a "descriptor" the guest wrote into its own small flat disk naming
+// it with the victim's key lines: guest-writable files never describe
+// anything.
+func TestPlantedGuestWrittenDescriptor(t *testing.T) {
+	ops, kek := newTestOps(t)
+	root := t.TempDir()
+	cipher, secret := victimCipher(t, ops, kek, root)
+	victimDesc, _ := os.ReadFile(filepath.Join(root, "victim", "vm.vmdk"))
+	dir := filepath.Join(root, "enc")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"a.vmdk", "p.vmdk"} {
+		if err := makeFlatDisk(dir, n, 2<<20); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ops.AttachDisk(context.Background(), dir, n, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fake := "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n" +
+		"RW 4096 FLAT \"p-flat.vmdk\" 0\n" + lineOf(string(victimDesc), DescKeySafe) + lineOf(string(victimDesc), DDBDiskID)
+	buf := bytes.Repeat([]byte("\n"), 512<<10)
+	copy(buf, fake)
+	// A small disk (a seed image): under the 1 MiB a descriptor may have.
+	if err := os.Truncate(filepath.Join(dir, "a-flat.vmdk"), int64(len(buf))); err != nil {
+		t.Fatal(err)
+	}
+	plant(t, filepath.Join(dir, "a-flat.vmdk"), buf)
+	plant(t, filepath.Join(dir, "p-flat.vmdk"), cipher)
+	vmxp := filepath.Join(dir, "vm.vmx")
+	raw, _ := os.ReadFile(vmxp)
+	os.WriteFile(vmxp, bytes.Replace(raw, []byte(`fileName = "p.vmdk"`), []byte(`fileName = ""`), 1), 0o644)
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	if leaks(t, ds, "enc/p-flat.vmdk", secret) {
+		t.Error("a descriptor written by the guest into its own disk unlocked another VM's data")
+	}
+}
+
+func lineOf(text, key string) string {
+	for _, l := range strings.SplitAfter(text, "\n") {
+		if strings.HasPrefix(l, key) {
+			return l
+		}
+	}
+	return ""
+}
+
+// A disk made through the view keeps working after a rename in the view
+// (qemu-img convert to a temporary name, then mv).
+func TestViewMadeDiskRenamed(t *testing.T) {
+	ops, kek := newTestOps(t)
+	root := t.TempDir()
+	dir := filepath.Join(root, "enc")
+	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, ops.Keys, "")
+	defer ds.Close()
+	c, enc, err := ds.Create("enc/tmp.vmdk", 0o644)
+	if err != nil || !enc {
+		t.Fatal(enc, err)
+	}
+	c.WriteAt(append([]byte("KDMV"), make([]byte, 4092)...), 0)
+	c.Close()
+	if err := os.Rename(filepath.Join(dir, "tmp.vmdk"), filepath.Join(dir, "final.vmdk")); err != nil {
+		t.Fatal(err)
+	}
+	c, err = ds.Open("enc/final.vmdk", true)
+	if err != nil {
+		t.Fatalf("made disk after rename: %v", err)
+	}
+	c.Close()
 }

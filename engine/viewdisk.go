@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
 )
@@ -115,9 +117,11 @@ func (d *Datastore) createDiskFile(l *vmLayout, path string, perm os.FileMode) (
 	if err != nil {
 		return nil, false, err
 	}
-	d.mu.Lock()
-	d.made[path] = c.Header().FileID
-	d.mu.Unlock()
+	if key, err := madeKeyOf(c.File(), c.Header().FileID); err == nil {
+		d.mu.Lock()
+		d.made[key] = struct{}{}
+		d.mu.Unlock()
+	}
 	return c, true, nil
 }
 
@@ -219,32 +223,68 @@ func (d *Datastore) pendingFor(l *vmLayout, descPath string) (pendingDisk, error
 	return p, nil
 }
 
-// describedBy finds a text descriptor in dir, other than name itself,
-// that names name as one of its extents (a disk no vmx names: detached,
-// or made through a view and settled). nil: none does.
-func describedBy(dir, name string) *disk {
-	ents, err := os.ReadDir(dir)
+// madeKey identifies a container this view created: its inode (which a
+// rename keeps) and its header's random file id (which a copy of its
+// bytes into another file keeps, but not the inode).
+type madeKey struct {
+	dev, ino uint64
+	fileID   [16]byte
+}
+
+func madeKeyOf(f *os.File, fileID [16]byte) (madeKey, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return madeKey{}, err
+	}
+	return madeKey{uint64(st.Dev), st.Ino, fileID}, nil
+}
+
+// describedBy finds the text descriptor in dir that names name as one of
+// its extents (a disk no vmx names: detached, or made through a view and
+// settled). Only files no guest writes are candidates: not an extent of
+// any disk of the layout, not a file named like an extent, and starting
+// with the descriptor magic. found=false: none names it; err: more than
+// one does (ambiguous, refused).
+func describedBy(l *vmLayout, name string) (dk *disk, found bool, err error) {
+	guestWritable := map[string]bool{}
+	for _, x := range l.Disks {
+		for _, e := range x.Extents {
+			guestWritable[e] = true
+		}
+	}
+	ents, err := os.ReadDir(l.Dir)
 	if err != nil {
-		return nil
+		return nil, false, err
 	}
 	for _, e := range ents {
-		if e.Name() == name || !isVMDKName(e.Name()) || !e.Type().IsRegular() {
+		n := e.Name()
+		if n == name || !isVMDKName(n) || !e.Type().IsRegular() || guestWritable[n] {
+			continue
+		}
+		if _, isExtent := descriptorName(n); isExtent {
 			continue
 		}
 		if info, err := e.Info(); err != nil || info.Size() > maxDescriptor {
 			continue
 		}
-		dk, _, err := loadDisk(dir, e.Name())
-		if err != nil || dk.Embedded {
+		if head, err := readHead(filepath.Join(l.Dir, n)); err != nil || !bytes.HasPrefix(head, descriptorMagic) {
 			continue
 		}
-		for _, x := range dk.Extents {
-			if x == name {
-				return dk
+		cand, _, err := loadDisk(l.Dir, n)
+		if err != nil || cand.Embedded {
+			continue
+		}
+		for _, x := range cand.Extents {
+			if x != name {
+				continue
 			}
+			if dk != nil {
+				return nil, false, fmt.Errorf("named by two descriptors, %s and %s", dk.Name, cand.Name)
+			}
+			dk = cand
 		}
 	}
-	return nil
+	return dk, dk != nil, nil
 }
 
 // recoverPending finds a disk made through a view whose descriptor was
