@@ -65,18 +65,7 @@ func TestForeignCiphertextInPlainDisk(t *testing.T) {
 	ops, kek := newTestOps(t)
 	ctx := context.Background()
 	root := t.TempDir()
-	victim := filepath.Join(root, "victim")
-	if err := ops.Create(ctx, victim, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}}); err != nil {
-		t.Fatal(err)
-	}
-	secret := bytes.Repeat([]byte("victim secret "), 1000)
-	if err := os.WriteFile(filepath.Join(victim, "vm-flat.vmdk"), append(secret, make([]byte, 1<<20-len(secret))...), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := ops.Encrypt(ctx, victim, kek); err != nil {
-		t.Fatal(err)
-	}
-	cipher, _ := os.ReadFile(filepath.Join(victim, "vm-flat.vmdk"))
+	cipher, secret := victimCipher(t, ops, kek, root)
 	if _, ok := ReadEmbeddedKeySafe(cipher); !ok {
 		t.Fatal("victim extent has no keySafe copy: the attack below would not test anything")
 	}

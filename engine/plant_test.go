@@ -29,6 +29,56 @@ func victimCipher(t *testing.T, ops *VMOps, kek KeyRef, root string) ([]byte, []
 	return cipher, secret
 }
 
+// vmIn creates VM "vm" in root/name with one 1 MiB disk, encrypted under
+// kek when kek is not nil.
+func vmIn(t *testing.T, ops *VMOps, kek *KeyRef, root, name string) string {
+	t.Helper()
+	dir := filepath.Join(root, name)
+	spec := CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}}
+	if kek != nil {
+		spec.Encrypt, spec.KEK = true, *kek
+	}
+	if err := ops.Create(context.Background(), dir, spec); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// attachFlat makes a plain monolithicFlat disk of 2 MiB in dir and
+// attaches it.
+func attachFlat(t *testing.T, ops *VMOps, dir, name string) {
+	t.Helper()
+	if err := makeFlatDisk(dir, name, 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ops.AttachDisk(context.Background(), dir, name, false); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// noPlaintextAfterDecrypt decrypts the VM in dir (an error is fine) and
+// requires that file does not start with secret.
+func noPlaintextAfterDecrypt(t *testing.T, ops *VMOps, dir, file string, secret []byte, what string) {
+	t.Helper()
+	if err := ops.Decrypt(context.Background(), dir); err != nil {
+		t.Logf("decrypt: %v", err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, file)); bytes.HasPrefix(got, secret) {
+		t.Error(what)
+	}
+}
+
+// plantFloppy names file in the vmx as a floppy image and writes cipher
+// into it, as the guest would.
+func plantFloppy(t *testing.T, dir, file string, cipher []byte) {
+	t.Helper()
+	addVMX(t, dir, "floppy0.present = \"TRUE\"\nfloppy0.fileType = \"file\"\nfloppy0.fileName = \""+file+"\"\n")
+	if err := os.WriteFile(filepath.Join(dir, file), make([]byte, 1474560), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	plant(t, filepath.Join(dir, file), cipher)
+}
+
 func plant(t *testing.T, p string, cipher []byte) {
 	t.Helper()
 	f, err := os.OpenFile(p, os.O_RDWR, 0)
@@ -90,15 +140,21 @@ func TestPlantedLayoutErrorFailsOpen(t *testing.T) {
 func TestPlantedOutsideVMDirFailsOpen(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
-	cipher, secret := victimCipher(t, ops, kek, root)
+	extent, secret := victimCipher(t, ops, kek, root)
+	core, coreSecret := coreCipher(t, ops, kek)
 	shared := filepath.Join(root, "shared")
 	os.MkdirAll(shared, 0o755)
-	os.WriteFile(filepath.Join(shared, "data-flat.vmdk"), make([]byte, 2<<20), 0o644)
-	plant(t, filepath.Join(shared, "data-flat.vmdk"), cipher)
 	ds := NewDatastore(root, ops.Keys, "")
 	defer ds.Close()
-	if leaks(t, ds, "shared/data-flat.vmdk", secret) {
-		t.Error("plain disk outside a VM directory served as the victim's plaintext")
+	for name, c := range map[string]struct{ cipher, secret []byte }{
+		"data-flat.vmdk":      {extent, secret},
+		"core-data-flat.vmdk": {core, coreSecret}, // a core dump's, under a name not a core dump's
+	} {
+		os.WriteFile(filepath.Join(shared, name), make([]byte, 2<<20), 0o644)
+		plant(t, filepath.Join(shared, name), c.cipher)
+		if leaks(t, ds, "shared/"+name, c.secret) {
+			t.Errorf("plain disk %s outside a VM directory served decrypted", name)
+		}
 	}
 }
 
@@ -108,10 +164,7 @@ func TestPlantedFloppyInEncryptedVM(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	cipher, secret := victimCipher(t, ops, kek, root)
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
 	vmxp := filepath.Join(dir, "vm.vmx")
 	raw, _ := os.ReadFile(vmxp)
 	os.WriteFile(vmxp, append(raw, "floppy0.present = \"TRUE\"\nfloppy0.fileType = \"file\"\nfloppy0.fileName = \"data.flp\"\n"...), 0o644)
@@ -159,22 +212,13 @@ func TestPlantedDecryptWritesVictimPlaintext(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	cipher, secret := victimCipher(t, ops, kek, root)
-	dir := filepath.Join(root, "encraw")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "encraw")
 	os.WriteFile(filepath.Join(dir, "raw.img"), make([]byte, 2<<20), 0o644)
 	vmxp := filepath.Join(dir, "vm.vmx")
 	raw, _ := os.ReadFile(vmxp)
 	os.WriteFile(vmxp, append(raw, "\nscsi0:1.present = \"TRUE\"\nscsi0:1.fileName = \"raw.img\"\n"...), 0o644)
 	plant(t, filepath.Join(dir, "raw.img"), cipher)
-	if err := ops.Decrypt(context.Background(), dir); err != nil {
-		t.Logf("decrypt: %v", err)
-	}
-	got, _ := os.ReadFile(filepath.Join(dir, "raw.img"))
-	if bytes.HasPrefix(got, secret) {
-		t.Error("vm decrypt wrote the victim's plaintext into the guest's raw disk")
-	}
+	noPlaintextAfterDecrypt(t, ops, dir, "raw.img", secret, "vm decrypt wrote the victim's plaintext into the guest's raw disk")
 }
 
 // A descriptor rewritten in place (O_TRUNC write, as qemu-img and shell
@@ -183,17 +227,9 @@ func TestPlantedStaleLayoutInPlaceDescriptor(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	cipher, secret := victimCipher(t, ops, kek, root)
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
-	if err := makeFlatDisk(dir, "p.vmdk", 2<<20); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
+	attachFlat(t, ops, dir, "p.vmdk")
 	os.WriteFile(filepath.Join(dir, "q-flat.vmdk"), make([]byte, 2<<20), 0o644)
-	if _, err := ops.AttachDisk(context.Background(), dir, "p.vmdk", true); err != nil {
-		t.Fatal(err)
-	}
 	ds := NewDatastore(root, ops.Keys, "")
 	defer ds.Close()
 	if st, _, _ := ds.Classify("enc/vm-flat.vmdk"); st != FileEncrypted { // caches the layout
@@ -221,44 +257,13 @@ func TestPlantedStaleLayoutInPlaceDescriptor(t *testing.T) {
 }
 
 // Plain VM, guest-writable floppy image holding another VM's encrypted
-// core dump (host key): only files named as core dumps open as one.
-func TestPlantedCoreDumpInPlainFloppy(t *testing.T) {
-	ops, kek := newTestOps(t)
-	ops.HostKEK = &kek
-	root := t.TempDir()
-	src := filepath.Join(t.TempDir(), "vmware-vmx-1.core")
-	secret := bytes.Repeat([]byte("victim memory "), 1000)
-	os.WriteFile(src, secret, 0o600)
-	if err := ops.encryptCoreDump(context.Background(), src); err != nil {
-		t.Fatal(err)
-	}
-	cipher, _ := os.ReadFile(src)
-	dir := filepath.Join(root, "plain")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}}); err != nil {
-		t.Fatal(err)
-	}
-	vmxp := filepath.Join(dir, "vm.vmx")
-	raw, _ := os.ReadFile(vmxp)
-	os.WriteFile(vmxp, append(raw, "floppy0.present = \"TRUE\"\nfloppy0.fileName = \"data.flp\"\n"...), 0o644)
-	os.WriteFile(filepath.Join(dir, "data.flp"), make([]byte, 1474560), 0o644)
-	plant(t, filepath.Join(dir, "data.flp"), cipher)
-	ds := NewDatastore(root, ops.Keys, "")
-	defer ds.Close()
-	if leaks(t, ds, "plain/data.flp", secret) {
-		t.Error("plain VM floppy served as another VM's decrypted core dump")
-	}
-}
-
 // Another disk's container put in place of an extent is refused: the key
 // and disk id come from the descriptor, not from the header copy.
 func TestPlantedCopyOverridesDescriptor(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	cipher, secret := victimCipher(t, ops, kek, root)
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
 	os.WriteFile(filepath.Join(dir, "vm-flat.vmdk"), cipher, 0o600) // another disk's container under this disk's name
 	ds := NewDatastore(root, ops.Keys, "")
 	defer ds.Close()
@@ -296,33 +301,14 @@ func TestPlantedCoreNamedFloppy(t *testing.T) {
 	ops, kek := newTestOps(t)
 	cipher, secret := coreCipher(t, ops, kek)
 	root := t.TempDir()
-	dir := filepath.Join(root, "plain")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}}); err != nil {
-		t.Fatal(err)
-	}
-	addVMX(t, dir, "floppy0.present = \"TRUE\"\nfloppy0.fileType = \"file\"\nfloppy0.fileName = \"coreos-ignition.flp\"\n")
-	os.WriteFile(filepath.Join(dir, "coreos-ignition.flp"), make([]byte, 1474560), 0o644)
-	plant(t, filepath.Join(dir, "coreos-ignition.flp"), cipher)
+	dir := vmIn(t, ops, nil, root, "plain")
 	ds := NewDatastore(root, ops.Keys, "")
 	defer ds.Close()
-	if leaks(t, ds, "plain/coreos-ignition.flp", secret) {
-		t.Error("guest floppy coreos-ignition.flp served as another VM's decrypted core dump")
-	}
-}
-
-// a shared disk kept in a folder without a vmx, named core*.
-func TestPlantedCoreNamedSharedDisk(t *testing.T) {
-	ops, kek := newTestOps(t)
-	cipher, secret := coreCipher(t, ops, kek)
-	root := t.TempDir()
-	shared := filepath.Join(root, "shared")
-	os.MkdirAll(shared, 0o755)
-	os.WriteFile(filepath.Join(shared, "core-data-flat.vmdk"), make([]byte, 2<<20), 0o644)
-	plant(t, filepath.Join(shared, "core-data-flat.vmdk"), cipher)
-	ds := NewDatastore(root, ops.Keys, "")
-	defer ds.Close()
-	if leaks(t, ds, "shared/core-data-flat.vmdk", secret) {
-		t.Error("shared plain disk core-data-flat.vmdk served as another VM's decrypted core dump")
+	for _, name := range []string{"data.flp", "coreos-ignition.flp", "core.2"} {
+		plantFloppy(t, dir, name, cipher)
+		if leaks(t, ds, "plain/"+name, secret) {
+			t.Errorf("guest floppy %s served as another VM's decrypted core dump", name)
+		}
 	}
 }
 
@@ -332,20 +318,9 @@ func TestPlantedDecryptCoreNamedFloppy(t *testing.T) {
 	ops, kek := newTestOps(t)
 	cipher, secret := coreCipher(t, ops, kek)
 	root := t.TempDir()
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
-	addVMX(t, dir, "floppy0.present = \"TRUE\"\nfloppy0.fileType = \"file\"\nfloppy0.fileName = \"coreos.flp\"\n")
-	os.WriteFile(filepath.Join(dir, "coreos.flp"), make([]byte, 1474560), 0o644)
-	plant(t, filepath.Join(dir, "coreos.flp"), cipher)
-	if err := ops.Decrypt(context.Background(), dir); err != nil {
-		t.Logf("decrypt: %v", err)
-	}
-	got, _ := os.ReadFile(filepath.Join(dir, "coreos.flp"))
-	if bytes.HasPrefix(got, secret) {
-		t.Error("vm decrypt wrote another VM's core dump plaintext into the guest's floppy")
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
+	plantFloppy(t, dir, "coreos.flp", cipher)
+	noPlaintextAfterDecrypt(t, ops, dir, "coreos.flp", secret, "vm decrypt wrote another VM's core dump plaintext into the guest's floppy")
 }
 
 // a plain disk of an encrypted VM, removed from the vmx (files kept):
@@ -354,16 +329,8 @@ func TestPlantedDetachedPlainDisk(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	cipher, secret := victimCipher(t, ops, kek, root)
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
-	if err := makeFlatDisk(dir, "p.vmdk", 2<<20); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ops.AttachDisk(context.Background(), dir, "p.vmdk", false); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
+	attachFlat(t, ops, dir, "p.vmdk")
 	ds := NewDatastore(root, ops.Keys, "")
 	defer ds.Close()
 	plant(t, filepath.Join(dir, "p-flat.vmdk"), cipher) // guest writes its plain disk
@@ -386,10 +353,7 @@ func TestPlantedDetachedPlainDisk(t *testing.T) {
 func TestPlantedTwoVMX(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
 	raw, _ := os.ReadFile(filepath.Join(dir, "vm.vmx"))
 	os.WriteFile(filepath.Join(dir, "vm-copy.vmx"), raw, 0o644)
 	ds := NewDatastore(root, ops.Keys, "")
@@ -415,10 +379,7 @@ func TestPlantedTwoVMX(t *testing.T) {
 func TestPlantedViewDiskNamedCore(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
+	vmIn(t, ops, &kek, root, "enc")
 	ds := NewDatastore(root, ops.Keys, "")
 	defer ds.Close()
 	for _, name := range []string{"coreos.vmdk", "data.vmdk"} {
@@ -442,10 +403,7 @@ func TestPlantedViewDiskNamedCore(t *testing.T) {
 func TestPlantedEncryptCoreNamedISO(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
-	dir := filepath.Join(root, "plain")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}}); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, nil, root, "plain")
 	addVMX(t, dir, "sata0:0.present = \"TRUE\"\nsata0:0.deviceType = \"cdrom-image\"\nsata0:0.fileName = \"coreos-installer.iso\"\n")
 	os.WriteFile(filepath.Join(dir, "coreos-installer.iso"), bytes.Repeat([]byte("ISO"), 1000), 0o644)
 	err := ops.Encrypt(context.Background(), dir, kek)
@@ -460,17 +418,9 @@ func TestPlantedEncryptCoreNamedISO(t *testing.T) {
 func TestPlantedStaleStampRace(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
-	if err := makeFlatDisk(dir, "p.vmdk", 2<<20); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
+	attachFlat(t, ops, dir, "p.vmdk")
 	os.WriteFile(filepath.Join(dir, "q-flat.vmdk"), make([]byte, 2<<20), 0o644)
-	if _, err := ops.AttachDisk(context.Background(), dir, "p.vmdk", false); err != nil {
-		t.Fatal(err)
-	}
 	cipher, secret := victimCipher(t, ops, kek, root)
 	plant(t, filepath.Join(dir, "q-flat.vmdk"), cipher) // the guest's disk once p.vmdk names it
 	pp := filepath.Join(dir, "p.vmdk")
@@ -541,10 +491,7 @@ func TestPlantedGuestWrittenDescriptor(t *testing.T) {
 	root := t.TempDir()
 	cipher, secret := victimCipher(t, ops, kek, root)
 	victimDesc, _ := os.ReadFile(filepath.Join(root, "victim", "vm.vmdk"))
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
 	for _, n := range []string{"a.vmdk", "p.vmdk"} {
 		if err := makeFlatDisk(dir, n, 2<<20); err != nil {
 			t.Fatal(err)
@@ -587,10 +534,7 @@ func lineOf(text, key string) string {
 func TestViewMadeDiskRenamed(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
-	dir := filepath.Join(root, "enc")
-	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: []DiskSpec{{Size: 1 << 20}}, Encrypt: true, KEK: kek}); err != nil {
-		t.Fatal(err)
-	}
+	dir := vmIn(t, ops, &kek, root, "enc")
 	ds := NewDatastore(root, ops.Keys, "")
 	defer ds.Close()
 	c, enc, err := ds.Create("enc/tmp.vmdk", 0o644)
