@@ -420,10 +420,11 @@ func (d *Datastore) placeRole(path string, head []byte) role {
 
 // unnamedDiskRole is roleOf for a .vmdk of an encrypted VM that no disk
 // of its vmx names: a disk detached (whose files a guest wrote) or made
-// through a view and not attached yet. A text descriptor beside it that
-// names it decides, as for an attached disk; otherwise its header copy is
-// its key only if this view made it. Anything else is refused until it
-// is attached (an administrator's decision).
+// through a view and not attached yet. A file this view made (same inode
+// and file id) opens with its header copy; otherwise the one text
+// descriptor beside it that names it decides, as for an attached disk
+// (describedBy: only files no guest writes count). Anything else is
+// refused until it is attached (an administrator's decision).
 func (d *Datastore) unnamedDiskRole(l *vmLayout, path string, head []byte) role {
 	name := filepath.Base(path)
 	h, err := PeekHeader(head)
@@ -509,7 +510,7 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 }
 
 // ErrPlainByLayout is returned by Open for a file that looks like a
-// container where its VM says the file is plain (see layoutVerdict).
+// container where its VM says the file is plain (see roleOf).
 var ErrPlainByLayout = errors.New("looks like a container, but its VM's files say it is plain")
 
 // ErrKindMismatch is returned for a container whose authenticated kind
