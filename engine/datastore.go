@@ -50,10 +50,35 @@ type Datastore struct {
 	// settle left encrypted, so opening it again does not make it
 	// pending again (recoverPending) and re-run the same refusal.
 	kept map[string][16]byte
-	// made records every .vmdk container this view created (by inode
-	// and file id, so a rename keeps it): until a descriptor names it,
-	// its header copy is its key, and only for files made here (roleOf).
-	made map[madeKey]struct{}
+	// Made records every .vmdk container created through this resolver
+	// (by inode and file id, so a rename keeps it): until a descriptor
+	// names it, its header copy is its key, and only for files made so
+	// (roleOf). NewDatastore gives each resolver its own; a daemon shares
+	// one per datastore, so a remount still knows the disks it made.
+	Made *MadeFiles
+}
+
+// MadeFiles is the set of containers a view created (see Datastore.Made).
+// Memory only: after a restart such a disk must be attached to open.
+type MadeFiles struct {
+	mu sync.Mutex
+	m  map[madeKey]struct{}
+}
+
+// NewMadeFiles returns an empty set.
+func NewMadeFiles() *MadeFiles { return &MadeFiles{m: map[madeKey]struct{}{}} }
+
+func (m *MadeFiles) add(k madeKey) {
+	m.mu.Lock()
+	m.m[k] = struct{}{}
+	m.mu.Unlock()
+}
+
+func (m *MadeFiles) has(k madeKey) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, ok := m.m[k]
+	return ok
 }
 
 // cachedLayout is a VM directory's layout with a stamp of every file it
@@ -184,7 +209,7 @@ const (
 
 // NewDatastore returns a resolver for root.
 func NewDatastore(root string, keys *Keyring, impl xts.Impl) *Datastore {
-	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}, made: map[madeKey]struct{}{}}
+	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}, Made: NewMadeFiles()}
 }
 
 func (d *Datastore) abs(rel string) (string, error) {
@@ -434,10 +459,7 @@ func (d *Datastore) unnamedDiskRole(l *vmLayout, path string, head []byte) role 
 	if f, err := os.Open(path); err == nil {
 		key, kerr := madeKeyOf(f, h.FileID)
 		f.Close()
-		d.mu.Lock()
-		_, made := d.made[key]
-		d.mu.Unlock()
-		if kerr == nil && made {
+		if kerr == nil && d.Made.has(key) {
 			return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
 		}
 	}

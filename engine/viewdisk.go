@@ -118,9 +118,7 @@ func (d *Datastore) createDiskFile(l *vmLayout, path string, perm os.FileMode) (
 		return nil, false, err
 	}
 	if key, err := madeKeyOf(c.File(), c.Header().FileID); err == nil {
-		d.mu.Lock()
-		d.made[key] = struct{}{}
-		d.mu.Unlock()
+		d.Made.add(key)
 	}
 	return c, true, nil
 }

@@ -162,6 +162,16 @@ func TestViewNewDisks(t *testing.T) {
 		t.Fatal("a disk created outside any VM was not left plain")
 	}
 
+	// A remount (same daemon) still knows the disks it made: unattached
+	// sparse disks open with their own key copy.
+	mustRun(t, "--socket", sock, "unmount", mp)
+	mustRun(t, "--socket", sock, "mount", "lab", mp)
+	for _, n := range []string{"n-monolithicSparse.vmdk", "n-streamOptimized.vmdk"} {
+		if out := runCmd(t, view, "qemu-img", "info", n); !strings.Contains(out, "virtual size: 16 MiB") {
+			t.Fatalf("%s after a remount:\n%s", n, out)
+		}
+	}
+
 	// Attach them all (the vmx is plain text), remount, and read again.
 	vmxPath := filepath.Join(view, "newdisks.vmx")
 	vmxText, err := os.ReadFile(vmxPath)

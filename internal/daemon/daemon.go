@@ -58,8 +58,9 @@ type Daemon struct {
 	keyErrs   map[engine.KeyRef]string
 	vmLocks   vmLocks
 	metrics   *metrics
-	mounts    map[string]*activeMount // by mountpoint
-	ops       sync.WaitGroup          // conversions in progress
+	mounts    map[string]*activeMount      // by mountpoint
+	made      map[string]*engine.MadeFiles // disks made through views, by datastore root
+	ops       sync.WaitGroup               // conversions in progress
 }
 
 // HardenProcess makes the process undumpable (no core dumps, no ptrace

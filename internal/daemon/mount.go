@@ -142,6 +142,7 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		return err
 	}
 	ds := engine.NewDatastore(rec.Datastore, d.keyring, impl)
+	ds.Made = d.madeFiles(rec.Datastore)
 	ds.Busy = d.vmLocks.isBusy
 	ds.CoreDumpPatterns = d.cfg.CoreDumpPatterns
 	ds.KeyErr = func(r engine.KeyRef) string {
@@ -181,6 +182,22 @@ func (d *Daemon) unmount(mp string, force bool) error {
 	delete(d.mounts, mp)
 	d.mu.Unlock()
 	return nil
+}
+
+// madeFiles is the set of disks made through views of the datastore at
+// root, shared by all its mounts (a remount still knows them).
+func (d *Daemon) madeFiles(root string) *engine.MadeFiles {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.made == nil {
+		d.made = map[string]*engine.MadeFiles{}
+	}
+	m, ok := d.made[root]
+	if !ok {
+		m = engine.NewMadeFiles()
+		d.made[root] = m
+	}
+	return m
 }
 
 // forgetDEKs drops cached DEKs of dir from every view after an operation
