@@ -267,13 +267,21 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	}()
 
 	if addr := d.cfg.MetricsListen; addr != "" {
-		bgWG.Add(1)
-		go func() {
-			defer bgWG.Done()
-			if err := d.metrics.serve(bg, addr); err != nil {
-				d.log.Error("metrics listener failed", "addr", addr, "err", err)
-			}
-		}()
+		// Bound before the API answers, so a scraper started after the
+		// daemon reports ready finds it, and a taken port is logged at
+		// once.
+		mln, err := net.Listen("tcp", addr)
+		if err != nil {
+			d.log.Error("metrics listener failed", "addr", addr, "err", err)
+		} else {
+			bgWG.Add(1)
+			go func() {
+				defer bgWG.Done()
+				if err := d.metrics.serve(bg, mln); err != nil {
+					d.log.Error("metrics listener failed", "addr", addr, "err", err)
+				}
+			}()
+		}
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()

@@ -46,11 +46,7 @@ func newMetrics(d *Daemon) *metrics {
 }
 
 // serveMetrics serves /metrics on addr until ctx is done.
-func (m *metrics) serve(ctx context.Context, addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return err
-	}
+func (m *metrics) serve(ctx context.Context, ln net.Listener) error {
 	ln = limitListener(ln, 16) // scrapers are few
 
 	mux := http.NewServeMux()
