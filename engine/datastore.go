@@ -414,16 +414,10 @@ func (d *Datastore) placeRole(path string, head []byte) role {
 			if e != name {
 				continue
 			}
-			if dk.KeySafe == "" {
-				if b, _, ok := extentCopies(l.Dir, dk); ok {
-					return suspect("disk %s has no encryptionKeys line, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
-				}
-				return role{v: verdictPlain}
-			}
-			if !l.Encrypted {
+			if dk.KeySafe != "" && !l.Encrypted {
 				return suspect("disk %s is encrypted, but its VM is not", dk.Name)
 			}
-			return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}}
+			return extentRole(l.Dir, dk)
 		}
 	}
 	if vmKindByName(name) != 0 {
@@ -456,12 +450,8 @@ func (d *Datastore) unnamedDiskRole(l *vmLayout, path string, head []byte) role 
 	if err != nil {
 		return suspect("%v", err)
 	}
-	if f, err := os.Open(path); err == nil {
-		key, kerr := madeKeyOf(f, h.FileID)
-		f.Close()
-		if kerr == nil && d.Made.has(key) {
-			return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
-		}
+	if key, err := madeKeyOf(path, h.FileID); err == nil && d.Made.has(key) {
+		return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
 	}
 	dk, found, err := describedBy(l, name)
 	switch {
@@ -469,11 +459,24 @@ func (d *Datastore) unnamedDiskRole(l *vmLayout, path string, head []byte) role 
 		return suspect("%v", err)
 	case !found:
 		return suspect("no vmx or descriptor names it and this view did not make it; attach it (vmcryptd disk attach) to open it")
-	case dk.KeySafe == "" || dk.DiskID == "":
-		if b, _, ok := extentCopies(l.Dir, dk); ok {
-			return suspect("disk %s has no key lines, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
+	}
+	return extentRole(l.Dir, dk)
+}
+
+// extentRole is how an extent of the text-descriptor disk dk (in dir) is
+// served: under the key its descriptor names, bound to its disk id; as
+// plain data when the descriptor names no key; refused when it names no
+// key but the extents look like containers of one disk (lost key lines,
+// or guest data), or names a key without the disk id.
+func extentRole(dir string, dk *disk) role {
+	switch {
+	case dk.KeySafe == "":
+		if b, _, ok := extentCopies(dir, dk); ok {
+			return suspect("disk %s has no encryptionKeys line, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
 		}
 		return role{v: verdictPlain}
+	case dk.DiskID == "":
+		return suspect("disk %s has encryptionKeys but no %s line (see vmcryptd vm status)", dk.Name, DDBDiskID)
 	}
 	return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}}
 }

@@ -117,7 +117,7 @@ func (d *Datastore) createDiskFile(l *vmLayout, path string, perm os.FileMode) (
 	if err != nil {
 		return nil, false, err
 	}
-	if key, err := madeKeyOf(c.File(), c.Header().FileID); err == nil {
+	if key, err := madeKeyOf(path, c.Header().FileID); err == nil {
 		d.Made.add(key)
 	}
 	return c, true, nil
@@ -229,9 +229,9 @@ type madeKey struct {
 	fileID   [16]byte
 }
 
-func madeKeyOf(f *os.File, fileID [16]byte) (madeKey, error) {
+func madeKeyOf(path string, fileID [16]byte) (madeKey, error) {
 	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+	if err := unix.Lstat(path, &st); err != nil {
 		return madeKey{}, err
 	}
 	return madeKey{uint64(st.Dev), st.Ino, fileID}, nil
