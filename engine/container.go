@@ -55,6 +55,7 @@ type Container struct {
 	hdrMu    sync.Mutex // guards hdr, size changes and header writes
 	hdr      Header
 	hdrDirty bool // size changed since the last header write
+	health   HeaderHealth
 	closed   bool
 }
 
@@ -141,8 +142,11 @@ func CreateContainer(path string, dek *DEK, opts CreateOptions) (*Container, err
 			}
 		}
 	}
-	// Write both slots so a reader never sees a half-initialised header.
-	if err := c.writeBothSlots(); err != nil {
+	// Both slots, sequence 1: a reader never sees a half-initialised header.
+	c.hdrMu.Lock()
+	err = c.writeHeaderLocked()
+	c.hdrMu.Unlock()
+	if err != nil {
 		c.Close()
 		os.Remove(path)
 		return nil, fmt.Errorf("create %s: %w", path, err)
@@ -157,8 +161,21 @@ func CreateContainer(path string, dek *DEK, opts CreateOptions) (*Container, err
 
 // OpenContainer opens an existing container with its DEK. It verifies the
 // header MAC and the key fingerprint and checks the file is not truncated.
-// readOnly opens the backing file O_RDONLY.
+// readOnly opens the backing file O_RDONLY. A degraded container (one
+// header slot damaged, FORMAT.md 3.1) is refused with ErrDegraded: every
+// conversion and every writer goes through here.
 func OpenContainer(path string, dek *DEK, readOnly bool, impl xts.Impl) (*Container, error) {
+	return openContainer(path, dek, readOnly, false, impl)
+}
+
+// OpenContainerDegraded opens a container read-only and also accepts a
+// degraded one (Health says so): for readers that serve what the
+// surviving slot records, such as a view's read-only open and `vm check`.
+func OpenContainerDegraded(path string, dek *DEK, impl xts.Impl) (*Container, error) {
+	return openContainer(path, dek, true, true, impl)
+}
+
+func openContainer(path string, dek *DEK, readOnly, allowDegraded bool, impl xts.Impl) (*Container, error) {
 	flag := os.O_RDWR
 	if readOnly {
 		flag = os.O_RDONLY
@@ -180,11 +197,21 @@ func OpenContainer(path string, dek *DEK, readOnly bool, impl xts.Impl) (*Contai
 		f.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	h, err := verifyHeader(region, keys)
+	h, health, err := verifyHeader(region, keys)
 	if err != nil {
 		keys.destroy()
 		f.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	if health.Degraded != "" {
+		if end, ok := dataBeyond(f, h.MinBackingSize()); ok {
+			health.Degraded += fmt.Sprintf(", but the file holds data up to byte %d past the %d logical bytes that slot records (the damaged slot was newer)", end-h.PayloadOff, h.Size)
+		}
+		if !allowDegraded {
+			keys.destroy()
+			f.Close()
+			return nil, fmt.Errorf("open %s: %w: %s; it is served read-only until `vmcryptd vm check --repair`", path, ErrDegraded, health.Degraded)
+		}
 	}
 	st, err := f.Stat()
 	if err != nil {
@@ -202,7 +229,25 @@ func OpenContainer(path string, dek *DEK, readOnly bool, impl xts.Impl) (*Contai
 		f.Close()
 		return nil, err
 	}
+	c.health = health
 	return c, nil
+}
+
+// ErrDegraded is returned for a container with one damaged header slot
+// (FORMAT.md 3.1) where only a healthy one will do.
+var ErrDegraded = errors.New("container degraded: one header slot is damaged")
+
+// dataBeyond reports whether the backing file holds data (not holes) at
+// or past off, and where the file ends if so.
+func dataBeyond(f *os.File, off int64) (int64, bool) {
+	st, err := f.Stat()
+	if err != nil || st.Size() <= off {
+		return 0, false
+	}
+	if _, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA); err != nil {
+		return 0, false // ENXIO: only holes past off
+	}
+	return st.Size(), true
 }
 
 func newContainer(f *os.File, path string, keys *containerKeys, h Header, impl xts.Impl) (*Container, error) {
@@ -237,6 +282,14 @@ func (c *Container) Header() Header {
 	return c.hdr
 }
 
+// Health says what the reader concluded about the two header slots at
+// open (FORMAT.md 3.1); a header update since then mirrors them again.
+func (c *Container) Health() HeaderHealth {
+	c.hdrMu.Lock()
+	defer c.hdrMu.Unlock()
+	return c.health
+}
+
 // Size is the logical (plaintext) size.
 func (c *Container) Size() int64 {
 	c.hdrMu.Lock()
@@ -247,36 +300,39 @@ func (c *Container) Size() int64 {
 // File exposes the backing file for SEEK_DATA/SEEK_HOLE and fallocate.
 func (c *Container) File() *os.File { return c.f }
 
-// writeSlotLocked writes the header to the slot the current one is not in,
-// with the next sequence number, so a torn write leaves the older slot
-// intact. Caller holds hdrMu.
-func (c *Container) writeSlotLocked() error {
+// writeHeaderLocked is the header update of FORMAT.md 3.1: the header
+// with the next sequence number goes to slot 0, is made durable, then
+// goes to slot 1 and is made durable. At rest both slots are equal, so
+// one damaged slot never leaves the reader only an older, smaller
+// header; a crash between the two writes leaves the newer header in
+// slot 0 and the older one, still whole, in slot 1. The caller has made
+// the data this header covers durable and holds hdrMu.
+func (c *Container) writeHeaderLocked() error {
 	if c.closed {
 		return errors.New("container closed")
 	}
+	if c.health.Degraded != "" {
+		return fmt.Errorf("%w: %s", ErrDegraded, c.health.Degraded)
+	}
 	next := c.hdr
 	next.Seq++
-	next.slot = 1 - c.hdr.slot
-	b, err := marshalSlot(&next, next.slot, c.keys.macKey.Bytes())
-	if err != nil {
-		return err
-	}
-	if _, err := c.f.WriteAt(b, int64(next.slot*slotSize)); err != nil {
-		return fmt.Errorf("write header: %w", err)
+	for slot := 0; slot < 2; slot++ {
+		next.slot = slot
+		b, err := marshalSlot(&next, slot, c.keys.macKey.Bytes())
+		if err != nil {
+			return err
+		}
+		if _, err := c.f.WriteAt(b, int64(slot*slotSize)); err != nil {
+			return fmt.Errorf("write header slot %d: %w", slot, err)
+		}
+		if err := unix.Fdatasync(int(c.f.Fd())); err != nil {
+			return fmt.Errorf("sync header slot %d: %w", slot, err)
+		}
 	}
 	c.hdr = next
 	c.hdrDirty = false
+	c.health = HeaderHealth{}
 	return nil
-}
-
-func (c *Container) writeBothSlots() error {
-	c.hdrMu.Lock()
-	defer c.hdrMu.Unlock()
-	c.hdr.slot = 1 // so the first write goes to slot 0 with seq 1
-	if err := c.writeSlotLocked(); err != nil {
-		return err
-	}
-	return c.writeSlotLocked()
 }
 
 // lockRange takes the stripes of units [u0, u1] in ascending stripe order
@@ -703,10 +759,7 @@ func (c *Container) Truncate(size int64) error {
 			return fmt.Errorf("truncate %s: %w", c.path, err)
 		}
 		c.hdr.Size = size
-		if err := c.writeSlotLocked(); err != nil {
-			return fmt.Errorf("truncate %s: %w", c.path, err)
-		}
-		if err := c.syncDataLocked(); err != nil {
+		if err := c.writeHeaderLocked(); err != nil {
 			return fmt.Errorf("truncate %s: %w", c.path, err)
 		}
 		if err := c.f.Truncate(c.payloadOff + units*c.unit); err != nil {
@@ -780,10 +833,7 @@ func (c *Container) Sync() error {
 		return fmt.Errorf("sync %s: %w", c.path, err)
 	}
 	if c.hdrDirty {
-		if err := c.writeSlotLocked(); err != nil {
-			return fmt.Errorf("sync %s: %w", c.path, err)
-		}
-		if err := unix.Fdatasync(int(c.f.Fd())); err != nil {
+		if err := c.writeHeaderLocked(); err != nil { // durable when it returns
 			return fmt.Errorf("sync %s: %w", c.path, err)
 		}
 	}
@@ -801,7 +851,7 @@ func (c *Container) Close() error {
 	if c.hdrDirty {
 		// Data before the size that covers it (see WriteAt).
 		if err = c.syncDataLocked(); err == nil {
-			err = c.writeSlotLocked()
+			err = c.writeHeaderLocked()
 		}
 	}
 	c.closed = true

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -196,26 +197,139 @@ func TestContainerOpenErrors(t *testing.T) {
 	}
 }
 
-// A torn write of the newer slot must fall back to the older one.
-func TestContainerTornSlot(t *testing.T) {
+// One damaged slot costs nothing: both slots hold the same header at
+// rest, the container is degraded (refused to writers and conversions),
+// and a reader sees every byte (issue 11 case 1).
+func TestContainerDamagedSlotKeepsSize(t *testing.T) {
+	for _, damage := range []struct {
+		name string
+		off  int // within the slot
+	}{{"mac", slotSize - 1}, {"size", 24}, {"magic", 0}, {"reserved", 100}} {
+		for slot := 0; slot < 2; slot++ {
+			t.Run(fmt.Sprintf("%s/slot%d", damage.name, slot), func(t *testing.T) {
+				dek := mustDEK(t)
+				c, path := newTestContainer(t, dek, 4096)
+				want := bytes.Repeat([]byte("data"), 3000)
+				c.WriteAt(want, 0)
+				if err := c.Sync(); err != nil {
+					t.Fatal(err)
+				}
+				c.Close()
+				raw, _ := os.ReadFile(path)
+				raw[slot*slotSize+damage.off] ^= 0x01
+				os.WriteFile(path, raw, 0o600)
+				if _, err := OpenContainer(path, dek, true, ""); !errors.Is(err, ErrDegraded) || !strings.Contains(err.Error(), path) {
+					t.Fatalf("OpenContainer = %v, want ErrDegraded naming the file", err)
+				}
+				c2, err := OpenContainerDegraded(path, dek, "")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c2.Close()
+				if c2.Health().Degraded == "" {
+					t.Fatal("health does not say degraded")
+				}
+				got := make([]byte, len(want)+10)
+				n, _ := c2.ReadAt(got, 0)
+				if c2.Size() != int64(len(want)) || !bytes.Equal(got[:n], want) {
+					t.Fatalf("degraded read: size %d, %d bytes, equal %v", c2.Size(), n, bytes.Equal(got[:n], want))
+				}
+				if _, err := c2.WriteAt([]byte("x"), 0); err == nil {
+					if err := c2.Sync(); err == nil {
+						t.Fatal("a degraded container accepted a header update")
+					}
+				}
+			})
+		}
+	}
+}
+
+// A header update interrupted between its two writes (or a file from
+// before the mirrored protocol) leaves two valid slots with different
+// sequence numbers: the newer one is used, and the next update mirrors.
+func TestContainerInterruptedHeaderUpdate(t *testing.T) {
 	dek := mustDEK(t)
 	c, path := newTestContainer(t, dek, 4096)
 	c.WriteAt([]byte("hello"), 0)
 	c.Sync()
-	c.WriteAt([]byte("world"), 5)
-	c.Sync() // size 10 in the newest slot, 5 in the other
-	h := c.Header()
-	c.Close()
-	raw, _ := os.ReadFile(path)
-	raw[h.slot*slotSize+100] ^= 0xff // corrupt the newest slot
-	os.WriteFile(path, raw, 0o600)
-	c2, err := OpenContainer(path, dek, true, "")
+	old := c.Header() // both slots: size 5
+	c.WriteAt([]byte(" world"), 5)
+	c.Sync() // both slots: size 11
+	keys, err := deriveContainerKeys(dek)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c2.Close()
-	if c2.Size() != 5 || c2.Header().Seq != h.Seq-1 {
-		t.Fatalf("fell back to size %d seq %d, want 5 and %d", c2.Size(), c2.Header().Seq, h.Seq-1)
+	defer keys.destroy()
+	b, err := marshalSlot(&old, 1, keys.macKey.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	f, _ := os.OpenFile(path, os.O_RDWR, 0)
+	f.WriteAt(b, slotSize) // slot 1 back to the older header
+	f.Close()
+	c2, err := OpenContainer(path, dek, false, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := c2.Health(); h.Degraded != "" || !h.Interrupted || c2.Size() != 11 {
+		t.Fatalf("health %+v size %d, want interrupted, size 11", h, c2.Size())
+	}
+	c2.WriteAt([]byte("!"), 11)
+	if err := c2.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	c2.Close()
+	raw, _ := os.ReadFile(path)
+	h0, _ := parseSlot(raw[:slotSize], 0)
+	h1, _ := parseSlot(raw[slotSize:2*slotSize], 1)
+	if h0 == nil || h1 == nil || h0.Seq != h1.Seq || h0.Size != 12 || h1.Size != 12 {
+		t.Fatalf("slots after the next update: %+v %+v, want mirrored at size 12", h0, h1)
+	}
+}
+
+// TestJudgeSlots is the FORMAT.md 3.1 decision, one row per clause.
+func TestJudgeSlots(t *testing.T) {
+	base := Header{Kind: KindNVRAM, Seq: 7, Size: 100, UnitSize: 4096, PayloadOff: HeaderSize, Binding: Binding{PurposeVM, "vm"}}
+	with := func(f func(*Header)) *Header { h := base; f(&h); return &h }
+	ok := func(h *Header) slotCheck { return slotCheck{h: h, fpMatch: true, macOK: true} }
+	badMAC := func(h *Header) slotCheck { return slotCheck{h: h, fpMatch: true} }
+	otherKey := func(h *Header) slotCheck { return slotCheck{h: h} }
+	noParse := slotCheck{parseErr: ErrNotContainer}
+	tests := []struct {
+		name     string
+		s        [2]slotCheck
+		slot     int
+		degraded bool
+		interr   bool
+		err      error
+	}{
+		{"mirrored at rest", [2]slotCheck{ok(&base), ok(&base)}, 0, false, false, nil},
+		{"same seq, fields differ", [2]slotCheck{ok(&base), ok(with(func(h *Header) { h.Size = 5 }))}, 0, false, false, ErrTampered},
+		{"slot 0 newer (update interrupted)", [2]slotCheck{ok(with(func(h *Header) { h.Seq, h.Size = 8, 200 })), ok(&base)}, 0, false, true, nil},
+		{"slot 1 newer (old alternating file)", [2]slotCheck{ok(&base), ok(with(func(h *Header) { h.Seq = 9 }))}, 1, false, true, nil},
+		{"different seq, different file id", [2]slotCheck{ok(&base), ok(with(func(h *Header) { h.Seq, h.FileID[0] = 8, 1 }))}, 0, false, false, ErrTampered},
+		{"different seq, different kind", [2]slotCheck{ok(&base), ok(with(func(h *Header) { h.Seq, h.Kind = 8, KindVSWP }))}, 0, false, false, ErrTampered},
+		{"slot 0 fails MAC", [2]slotCheck{badMAC(&base), ok(&base)}, 1, true, false, nil},
+		{"slot 1 does not parse", [2]slotCheck{ok(&base), noParse}, 0, true, false, nil},
+		{"slot 1 under another key", [2]slotCheck{ok(&base), otherKey(&base)}, 0, true, false, nil},
+		{"both fail MAC", [2]slotCheck{badMAC(&base), badMAC(&base)}, 0, false, false, ErrTampered},
+		{"other key", [2]slotCheck{otherKey(&base), otherKey(&base)}, 0, false, false, ErrWrongKey},
+		{"one other key, one unparsable", [2]slotCheck{otherKey(&base), noParse}, 0, false, false, ErrWrongKey},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			slot, h, err := judgeSlots(tt.s)
+			if tt.err != nil {
+				if !errors.Is(err, tt.err) {
+					t.Fatalf("err = %v, want %v", err, tt.err)
+				}
+				return
+			}
+			if err != nil || slot != tt.slot || (h.Degraded != "") != tt.degraded || h.Interrupted != tt.interr {
+				t.Fatalf("got slot %d %+v %v, want slot %d degraded %v interrupted %v", slot, h, err, tt.slot, tt.degraded, tt.interr)
+			}
+		})
 	}
 }
 

@@ -508,7 +508,13 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, err := OpenContainer(path, dek, readOnly, d.Impl)
+	// A reader may have a degraded container (one header slot damaged,
+	// FORMAT.md 3.1) as its surviving slot records it; a writer may not.
+	open := func() (*Container, error) { return OpenContainer(path, dek, false, d.Impl) }
+	if readOnly {
+		open = func() (*Container, error) { return OpenContainerDegraded(path, dek, d.Impl) }
+	}
+	c, err := open()
 	if err != nil {
 		return nil, err
 	}

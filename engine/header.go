@@ -294,37 +294,109 @@ func PeekHeader(region []byte) (*Header, error) {
 	return best, nil
 }
 
-// verifyHeader returns the newest slot whose MAC verifies under keys.
-// Errors distinguish "not ours", "other key" and "tampered".
-func verifyHeader(region []byte, keys *containerKeys) (*Header, error) {
-	if _, err := PeekHeader(region); err != nil {
-		return nil, err
+// slotCheck is what one header slot showed when read with a key.
+type slotCheck struct {
+	h        *Header // nil: the slot does not parse
+	parseErr error
+	fpMatch  bool // its fingerprint is the key's
+	macOK    bool // its MAC verifies under the key
+}
+
+func (s slotCheck) valid() bool { return s.h != nil && s.fpMatch && s.macOK }
+
+func (s slotCheck) why() string {
+	switch {
+	case s.h == nil:
+		return fmt.Sprintf("does not parse (%v)", s.parseErr)
+	case !s.fpMatch:
+		return "names a different key"
+	default:
+		return "fails authentication"
 	}
-	var best *Header
-	fpMatch := false
+}
+
+// HeaderHealth is what the reader concluded about a container's two
+// header slots (docs/FORMAT.md 3.1).
+type HeaderHealth struct {
+	// Degraded is set when exactly one slot verifies: it says which slot
+	// is damaged and how. The surviving slot may be older than the lost
+	// one, so a degraded container is served read-only, conversions
+	// refuse it, and `vmcryptd vm check --repair` mirrors the good slot.
+	Degraded string
+	// Interrupted: both slots verify but carry different sequence
+	// numbers (a header update stopped between its two writes, or the
+	// file predates the mirrored protocol). The newer slot is used; the
+	// next header update mirrors it.
+	Interrupted bool
+}
+
+// judgeSlots is the header-slot decision of docs/FORMAT.md 3.1, as a pure
+// function of what each slot showed: which slot to use, the container's
+// header health, or why the container is refused.
+//
+//   - both slots verify: they must agree on every field but the sequence
+//     number and size (and on those too when the sequence numbers are
+//     equal, the normal state at rest); the higher sequence wins;
+//   - exactly one verifies: it is used and the container is degraded;
+//   - none verifies: ErrWrongKey if no parsable slot names the key,
+//     else ErrTampered.
+func judgeSlots(s [2]slotCheck) (int, HeaderHealth, error) {
+	v0, v1 := s[0].valid(), s[1].valid()
+	switch {
+	case v0 && v1:
+		a, b := *s[0].h, *s[1].h
+		a.slot, b.slot = 0, 0
+		if a.Seq == b.Seq {
+			if a != b {
+				return 0, HeaderHealth{}, fmt.Errorf("%w: both slots carry sequence %d but differ", ErrTampered, a.Seq)
+			}
+			return 0, HeaderHealth{}, nil
+		}
+		a.Seq, b.Seq, a.Size, b.Size = 0, 0, 0, 0
+		if a != b {
+			return 0, HeaderHealth{}, fmt.Errorf("%w: the two slots describe different files", ErrTampered)
+		}
+		if s[1].h.Seq > s[0].h.Seq {
+			return 1, HeaderHealth{Interrupted: true}, nil
+		}
+		return 0, HeaderHealth{Interrupted: true}, nil
+	case v0 || v1:
+		good, bad := 0, 1
+		if v1 {
+			good, bad = 1, 0
+		}
+		return good, HeaderHealth{Degraded: fmt.Sprintf("header slot %d %s; slot %d (sequence %d) is used", bad, s[bad].why(), good, s[good].h.Seq)}, nil
+	}
+	for _, c := range s {
+		if c.h != nil && c.fpMatch {
+			return 0, HeaderHealth{}, ErrTampered
+		}
+	}
+	return 0, HeaderHealth{}, ErrWrongKey
+}
+
+// verifyHeader authenticates the header region under keys and returns
+// the slot to use with the container's header health (judgeSlots).
+// Errors distinguish "not ours", "other key" and "tampered".
+func verifyHeader(region []byte, keys *containerKeys) (*Header, HeaderHealth, error) {
+	if _, err := PeekHeader(region); err != nil {
+		return nil, HeaderHealth{}, err
+	}
+	var s [2]slotCheck
 	for slot := 0; slot < 2; slot++ {
 		b := region[slot*slotSize : (slot+1)*slotSize]
 		h, err := parseSlot(b, slot)
 		if err != nil {
+			s[slot].parseErr = err
 			continue
 		}
-		if subtle.ConstantTimeCompare(h.Fingerprint[:], keys.fingerprint[:]) != 1 {
-			continue
-		}
-		fpMatch = true
-		if !slotMACOK(b, keys.macKey.Bytes()) {
-			continue
-		}
-		if best == nil || h.Seq > best.Seq {
-			best = h
-		}
+		s[slot].h = h
+		s[slot].fpMatch = subtle.ConstantTimeCompare(h.Fingerprint[:], keys.fingerprint[:]) == 1
+		s[slot].macOK = s[slot].fpMatch && slotMACOK(b, keys.macKey.Bytes())
 	}
-	switch {
-	case best != nil:
-		return best, nil
-	case !fpMatch:
-		return nil, ErrWrongKey
-	default:
-		return nil, ErrTampered
+	i, health, err := judgeSlots(s)
+	if err != nil {
+		return nil, HeaderHealth{}, err
 	}
+	return s[i].h, health, nil
 }

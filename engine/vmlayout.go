@@ -424,7 +424,7 @@ func keyStateOf(path string, dek *DEK) (fileKeyState, Kind, error) {
 		return 0, 0, err
 	}
 	defer keys.destroy()
-	h, err := verifyHeader(region, keys)
+	h, _, err := verifyHeader(region, keys)
 	if err != nil {
 		if errors.Is(err, ErrWrongKey) {
 			return stateOtherKey, 0, nil

@@ -182,6 +182,8 @@ func errnoOf(err error) syscall.Errno {
 	switch {
 	case errors.Is(err, engine.ErrBusy):
 		return syscall.EBUSY
+	case errors.Is(err, engine.ErrDegraded):
+		return syscall.EROFS // readers are served from the surviving slot
 	case errors.Is(err, engine.ErrKeyUnavailable):
 		return syscall.EACCES
 	case errors.Is(err, engine.ErrKeyLines):

@@ -451,11 +451,14 @@ func (n *node) acquire(rel string, write bool) (*encState, syscall.Errno) {
 	}
 	ro := n.st.readOnly
 	c, err := n.st.backend.Open(rel, ro)
-	if err != nil && !ro && !write && (errors.Is(err, os.ErrPermission) || errors.Is(err, syscall.EROFS)) {
-		// A reader of a file we may not write (read-only backing store):
-		// serve it read-only.
+	if err != nil && !ro && !write && (errors.Is(err, os.ErrPermission) || errors.Is(err, syscall.EROFS) || errors.Is(err, engine.ErrDegraded)) {
+		// A reader of a file we may not write (read-only backing store,
+		// or a degraded container): serve it read-only.
 		ro = true
 		c, err = n.st.backend.Open(rel, true)
+	}
+	if err == nil && c.Health().Degraded != "" {
+		n.st.log.Warn("degraded encrypted file served read-only; run vmcryptd vm check --repair", "path", rel, "why", c.Health().Degraded)
 	}
 	if err != nil {
 		errno := errnoOf(err)
