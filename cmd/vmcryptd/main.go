@@ -5,6 +5,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -58,7 +59,11 @@ func main() {
 	)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: c.LogLevel}))
 	if err := ctx.Run(&globals{log: log, socket: c.Socket}); err != nil {
+		var code exitCode
+		if errors.As(err, &code) {
+			os.Exit(int(code))
+		}
 		fmt.Fprintf(os.Stderr, "vmcryptd: %v\n", err)
-		os.Exit(1)
+		os.Exit(exitError)
 	}
 }

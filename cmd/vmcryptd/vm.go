@@ -23,6 +23,7 @@ type vmCmd struct {
 	Decrypt vmDecryptCmd `cmd:"" help:"Decrypt an encrypted VM back to plain, byte for byte. Re-run to resume after a crash."`
 	Rekey   vmRekeyCmd   `cmd:"" help:"Shallow rekey (new KEK, keySafes rewritten) or --deep (new DEKs, all data re-encrypted)."`
 	Status  vmStatusCmd  `cmd:"" help:"Per-file encryption state, key ids, DEK fingerprints; per-VM policy and lock state."`
+	Check   vmCheckCmd   `cmd:"" help:"Verify every container's header slots, size, kind and key binding and every disk's key lines against the VM's text files; --repair fixes what needs no guess. Exit 3 when problems are found."`
 }
 
 // progressOpts are shared by the converting commands.

@@ -189,3 +189,16 @@ type MountInfo struct {
 	ReadOnly   bool     `json:"read_only"`
 	OpenFiles  []string `json:"open_files,omitempty"`
 }
+
+// CheckRequest is POST /v1/vm/check: one VM directory, or every VM
+// directory of a configured datastore.
+type CheckRequest struct {
+	Dir       string `json:"dir,omitempty"`
+	Datastore string `json:"datastore,omitempty"`
+	Repair    bool   `json:"repair,omitempty"`
+}
+
+// CheckReply holds one report per VM directory checked.
+type CheckReply struct {
+	Reports []engine.CheckReport `json:"reports"`
+}

@@ -89,6 +89,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.Handle("POST "+p+"/vm/rekey", d.op("vm.rekey", PrivRecrypt, true, d.hVMRekey))
 	mux.Handle("POST "+p+"/vm/policy", d.op("vm.policy", PrivManageEncryptionPolicy, true, d.hVMPolicy))
 	mux.Handle("GET "+p+"/vm/status", d.op("vm.status", PrivRead, false, d.hVMStatus))
+	mux.Handle("POST "+p+"/vm/check", d.op("vm.check", PrivRead, true, d.hVMCheck))
 	mux.Handle("GET "+p+"/policies", d.op("policy.list", PrivRead, false, d.hPolicyList))
 	// Plain VM management is not cryptographic (a NoCryptoAdmin may do it);
 	// the handlers demand the crypto privilege when the VM is encrypted.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -323,6 +324,18 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 			d.mu.Unlock()
 			if reason == "" {
 				reason = "key " + r.String() + " not loaded"
+			}
+		}
+	}
+	if !locked {
+		// With the keys in memory, status also authenticates the headers
+		// (vm check without --repair): a degraded container, one whose
+		// slots differ or one under the wrong key shows up here too.
+		if rep, err := d.vmOps(nil).Check(context.WithoutCancel(rc.r.Context()), dir, false); err == nil {
+			for _, f := range rep.Findings {
+				if f.File != "" && !slices.Contains(st.Problems, f.String()) {
+					st.Problems = append(st.Problems, f.String())
+				}
 			}
 		}
 	}
