@@ -36,10 +36,11 @@ generate:
 fuzz:
 	./scripts/fuzz-all.sh $(FUZZTIME)
 
-# Long kill -9 campaign over encrypt / deep rekey / decrypt (opt-in).
+# Long kill -9 campaign over encrypt / deep rekey / decrypt and over
+# writes, overwrites and truncates through the view (opt-in).
 CRASH_ITER ?= 50
 crash: deps
-	VMCRYPTD_CRASH_ITER=$(CRASH_ITER) $(GO) test -count=1 -timeout 60m -run TestCrashResume -v ./cmd/vmcryptd/
+	VMCRYPTD_CRASH_ITER=$(CRASH_ITER) $(GO) test -count=1 -timeout 60m -run "TestCrash(Resume|ViewWrites)" -v ./cmd/vmcryptd/
 
 demo: build deps
 	./scripts/demo.sh

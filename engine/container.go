@@ -230,6 +230,18 @@ func openContainer(path string, dek *DEK, readOnly, allowDegraded bool, impl xts
 		return nil, err
 	}
 	c.health = health
+	if health.Interrupted && !readOnly {
+		// The newer slot was written after the data it covers was made
+		// durable: mirroring it now restores the redundancy a killed
+		// header update took away.
+		c.hdrMu.Lock()
+		err = c.writeHeaderLocked()
+		c.hdrMu.Unlock()
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("open %s: mirror header slots: %w", path, err)
+		}
+	}
 	return c, nil
 }
 

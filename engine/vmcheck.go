@@ -61,7 +61,14 @@ type CheckReport struct {
 // left. Check changes nothing without repair.
 func (o *VMOps) Check(ctx context.Context, dir string, repair bool) (*CheckReport, error) {
 	rep := &CheckReport{Dir: dir, Findings: []CheckFinding{}}
-	found, checked := o.scan(ctx, dir)
+	// The DEKs outlive the first scan: its fixes use them.
+	deks := map[string]*DEK{}
+	defer func() {
+		for _, d := range deks {
+			d.Destroy()
+		}
+	}()
+	found, checked := o.scan(ctx, dir, deks)
 	if !repair {
 		rep.Checked, rep.Findings = checked, append(rep.Findings, found...)
 		return rep, nil
@@ -79,14 +86,14 @@ func (o *VMOps) Check(ctx context.Context, dir string, repair bool) (*CheckRepor
 		}
 		rep.Repaired = append(rep.Repaired, f.File+": "+what)
 	}
-	found, checked = o.scan(ctx, dir)
+	found, checked = o.scan(ctx, dir, deks)
 	rep.Checked, rep.Findings = checked, append(rep.Findings, found...)
 	return rep, nil
 }
 
 // scan gathers the findings of one pass and counts the containers it
-// authenticated.
-func (o *VMOps) scan(ctx context.Context, dir string) ([]CheckFinding, int) {
+// authenticated; deks caches unwrapped DEKs for the caller to destroy.
+func (o *VMOps) scan(ctx context.Context, dir string, deks map[string]*DEK) ([]CheckFinding, int) {
 	var out []CheckFinding
 	add := func(file, problem string, fix func() (string, error)) {
 		out = append(out, CheckFinding{File: file, Problem: problem, Repairable: fix != nil, fix: fix})
@@ -108,12 +115,6 @@ func (o *VMOps) scan(ctx context.Context, dir string) ([]CheckFinding, int) {
 			add("", p, nil)
 		}
 	}
-	deks := map[string]*DEK{}
-	defer func() {
-		for _, d := range deks {
-			d.Destroy()
-		}
-	}()
 	dekOf := func(ks string, b Binding) (*DEK, error) {
 		k := ks + "\x00" + string(b.Purpose) + "\x00" + b.OwnerID
 		if d, ok := deks[k]; ok {

@@ -35,6 +35,10 @@ func TestMain(m *testing.M) {
 		main()
 		os.Exit(0)
 	}
+	if spec := os.Getenv(crashWriterEnv); spec != "" {
+		crashWriter(spec)
+		os.Exit(0)
+	}
 	// Race-enabled children otherwise sleep 1 s at exit; every CLI call
 	// and daemon in these tests is such a child.
 	if os.Getenv("GORACE") == "" {
