@@ -51,7 +51,7 @@ func attachFlat(t *testing.T, ops *VMOps, dir, name string) {
 	if err := makeFlatDisk(dir, name, 2<<20); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ops.AttachDisk(context.Background(), dir, name, false); err != nil {
+	if _, err := ops.AttachDisk(context.Background(), dir, name, true); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -496,7 +496,7 @@ func TestPlantedGuestWrittenDescriptor(t *testing.T) {
 		if err := makeFlatDisk(dir, n, 2<<20); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := ops.AttachDisk(context.Background(), dir, n, false); err != nil {
+		if _, err := ops.AttachDisk(context.Background(), dir, n, true); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -277,15 +277,19 @@ func (o *VMOps) encryptNewDisk(ctx context.Context, l *vmLayout, name string) er
 // ErrEncryptedDiskOnPlainVM is vSphere's rule, with its wording.
 var ErrEncryptedDiskOnPlainVM = errors.New("encrypted disks cannot be added to an unencrypted VM")
 
-// ErrAttachEncrypted is returned by AttachDisk for an encrypted disk when
-// the caller may not attach one: that puts a key into the VM, a
-// cryptographic operation (vSphere's Cryptographer.AddDisk).
-var ErrAttachEncrypted = errors.New("attaching an encrypted disk is a cryptographic operation")
+// ErrAttachEncrypted is returned by AttachDisk when the caller may not
+// attach a disk to an encrypted VM: an encrypted disk puts a key into
+// the VM, a plain one weakens its protection; both are cryptographic
+// operations (vSphere's Cryptographer.AddDisk).
+var ErrAttachEncrypted = errors.New("attaching a disk to an encrypted VM is a cryptographic operation")
 
 // AttachDisk adds an existing disk (inside the VM directory) to the vmx.
-// An encrypted disk is refused on a plain VM, and unless mayEncrypted; a
-// plain disk on an encrypted VM stays plain and is reported as such.
-func (o *VMOps) AttachDisk(ctx context.Context, dir, path string, mayEncrypted bool) (encrypted bool, err error) {
+// An encrypted disk is refused on a plain VM. Any disk attached to an
+// encrypted VM needs mayCrypto (Cryptographer.AddDisk): an encrypted
+// one puts a key into the VM, and a plain one puts guest data of an
+// encrypted VM on disk in plaintext; the plain disk stays plain and vm
+// status reports it.
+func (o *VMOps) AttachDisk(ctx context.Context, dir, path string, mayCrypto bool) (encrypted bool, err error) {
 	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return false, err
@@ -316,7 +320,10 @@ func (o *VMOps) AttachDisk(ctx context.Context, dir, path string, mayEncrypted b
 	if encrypted && !l.Encrypted {
 		return true, fmt.Errorf("%s: %w", name, ErrEncryptedDiskOnPlainVM)
 	}
-	if encrypted && !mayEncrypted {
+	if l.Encrypted && !mayCrypto {
+		if !encrypted {
+			return false, fmt.Errorf("%s: %w (a plain disk in an encrypted VM keeps guest data in plaintext)", name, ErrAttachEncrypted)
+		}
 		return true, fmt.Errorf("%s: %w", name, ErrAttachEncrypted)
 	}
 	return encrypted, attachToVMX(l, name)

@@ -84,7 +84,12 @@ func TestVMCreateAddAttach(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("%v %s", err, out)
 	}
-	encd, err := ops.AttachDisk(ctx, enc, "extra.vmdk", false) // no crypto rights needed
+	// Without crypto rights it is refused: a plain disk in an encrypted
+	// VM keeps that VM's guest data in plaintext.
+	if _, err := ops.AttachDisk(ctx, enc, "extra.vmdk", false); !errors.Is(err, ErrAttachEncrypted) {
+		t.Fatalf("attach plain disk to encrypted VM without crypto rights: %v", err)
+	}
+	encd, err := ops.AttachDisk(ctx, enc, "extra.vmdk", true)
 	if err != nil || encd {
 		t.Fatalf("attach plain disk to encrypted VM: %v %v", encd, err)
 	}
