@@ -214,6 +214,13 @@ func TestFormatVectors(t *testing.T) {
 	}
 	cpSum := sha256.Sum256(cp)
 	got["keysafe_area"]["copy_head"] = hex.EncodeToString(cp[:32])
+	got["keysafe_area"]["hash"] = hex.EncodeToString(cp[ksHashOff:])
+	if h := sha256.Sum256(cp[:ksHashOff]); !bytes.Equal(h[:], cp[ksHashOff:]) {
+		t.Error("keySafe copy: bytes 1504..1535 are not the SHA-256 of bytes 0..1503")
+	}
+	if s, sq, ok := parseKSCopy(cp); !ok || s != ka["keysafe"] || sq != seq {
+		t.Errorf("keySafe copy does not parse back: %q %d %v", s, sq, ok)
+	}
 	got["keysafe_area"]["copy_sha256"] = hex.EncodeToString(cpSum[:])
 
 	if *updateVectors {

@@ -312,8 +312,8 @@ func TestKeySafeAreaCopy(t *testing.T) {
 	copy(cp[18:], v["keysafe"])
 	h := sha256.Sum256(cp[:1504])
 	copy(cp[1504:], h[:])
-	sum := sha256.Sum256(cp)
-	if hex.EncodeToString(cp[:32]) != v["copy_head"] || hex.EncodeToString(sum[:]) != v["copy_sha256"] {
+	sum := sha256.Sum256(cp) // the whole 1536 bytes, hash field included
+	if hex.EncodeToString(cp[:32]) != v["copy_head"] || hex.EncodeToString(cp[1504:]) != v["hash"] || hex.EncodeToString(sum[:]) != v["copy_sha256"] {
 		t.Fatal("keySafe copy differs from the vector")
 	}
 }
