@@ -540,3 +540,35 @@ func checkNegativeUnwrap(t *testing.T, w, v vector) {
 		t.Errorf("unwrap under %+v: %v, want an authentication failure", b, err)
 	}
 }
+
+// FORMAT.md 2.2: every byte of a field that is not an ASCII letter or
+// digit is escaped as lower-case %xx (there is no safe punctuation), the
+// unique id is a raw <VMWARE-NULL>, and the fields decode back exactly.
+func TestKeySafeEscaping(t *testing.T) {
+	locked := bytes.Repeat([]byte{0xfb}, lockedDataLen) // base64 "+/v7..." exercises + and /
+	for _, tc := range []struct {
+		ref  KeyRef
+		want string // the locker as written
+	}{
+		{KeyRef{"lab", "6f1c9e52-7a3b"}, "fqid/<VMWARE-NULL>/lab/6f1c9e52%2d7a3b,"},
+		{KeyRef{"a.b_c~d", "K 1/2+3=4"}, "fqid/<VMWARE-NULL>/a%2eb%5fc%7ed/K%201%2f2%2b3%3d4,"},
+		{KeyRef{"kms:1", "(x),<y>%"}, "fqid/<VMWARE-NULL>/kms%3a1/%28x%29%2c%3cy%3e%25,"},
+		{KeyRef{"é", "Z9"}, "fqid/<VMWARE-NULL>/%c3%a9/Z9,"},
+	} {
+		ks, err := EncodeKeySafe([]KeySafeEntry{{KEK: tc.ref, Locked: locked}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantPrefix := "vmware:key/list/(pair/(" + tc.want + "VMCRYPTD%2dV1%2dHKDF%2dSHA%2d256%2dAES%2d256%2dGCM,"
+		if !strings.HasPrefix(ks, wantPrefix) || !strings.HasSuffix(ks, "))") {
+			t.Errorf("%v: %s\nwant prefix %s", tc.ref, ks, wantPrefix)
+		}
+		if data := strings.TrimSuffix(strings.TrimPrefix(ks, wantPrefix), "))"); strings.ContainsAny(data, "+/=") || !strings.Contains(data, "%2b") || !strings.Contains(data, "%2f") {
+			t.Errorf("%v: locked data not escaped as documented: %s", tc.ref, data)
+		}
+		back, err := DecodeKeySafe(ks)
+		if err != nil || len(back) != 1 || back[0].KEK != tc.ref || !bytes.Equal(back[0].Locked, locked) {
+			t.Errorf("%v: decodes to %+v, %v", tc.ref, back, err)
+		}
+	}
+}
