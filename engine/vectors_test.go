@@ -430,8 +430,13 @@ func TestFormatNegativeVectors(t *testing.T) {
 				t.Helper()
 				after := snapshotDir(t, dir)
 				for f, b := range before {
-					if !bytes.Equal(after[f], b) {
-						t.Errorf("%s changed %s", what, f)
+					if a, ok := after[f]; !ok || !bytes.Equal(a, b) {
+						t.Errorf("%s changed or removed %s", what, f)
+					}
+				}
+				for f := range after {
+					if _, ok := before[f]; !ok {
+						t.Errorf("%s left a new file %s", what, f)
 					}
 				}
 			}
