@@ -3,12 +3,17 @@ package engine
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"crypto/hmac"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -214,6 +219,13 @@ func TestFormatVectors(t *testing.T) {
 	}
 	cpSum := sha256.Sum256(cp)
 	got["keysafe_area"]["copy_head"] = hex.EncodeToString(cp[:32])
+	got["keysafe_area"]["hash"] = hex.EncodeToString(cp[ksHashOff:])
+	if h := sha256.Sum256(cp[:ksHashOff]); !bytes.Equal(h[:], cp[ksHashOff:]) {
+		t.Error("keySafe copy: bytes 1504..1535 are not the SHA-256 of bytes 0..1503")
+	}
+	if s, sq, ok := parseKSCopy(cp); !ok || s != ka["keysafe"] || sq != seq {
+		t.Errorf("keySafe copy does not parse back: %q %d %v", s, sq, ok)
+	}
 	got["keysafe_area"]["copy_sha256"] = hex.EncodeToString(cpSum[:])
 
 	if *updateVectors {
@@ -279,4 +291,289 @@ func writeVectors(t *testing.T, lines []string, got map[string]vector) {
 		t.Fatal(err)
 	}
 	fmt.Println("rewrote", formatDoc)
+}
+
+// applyEdit runs the edit steps of a FORMAT.md 3.6 negative vector on a
+// copy of file. macKey is the container's header MAC key (for remac).
+func applyEdit(t *testing.T, file []byte, edit string, macKey []byte) []byte {
+	t.Helper()
+	b := bytes.Clone(file)
+	num := func(s string) int {
+		n, err := strconv.Atoi(s)
+		if err != nil {
+			t.Fatalf("edit %q: %v", edit, err)
+		}
+		return n
+	}
+	for _, step := range strings.Split(edit, "; ") {
+		f := strings.Fields(step)
+		switch {
+		case len(f) == 2 && f[0] == "xor":
+			b[num(f[1])] ^= 0x01
+		case len(f) == 3 && f[0] == "set":
+			v, err := hex.DecodeString(f[2])
+			if err != nil {
+				t.Fatalf("edit %q: %v", edit, err)
+			}
+			copy(b[num(f[1]):], v)
+		case len(f) == 4 && f[0] == "copy":
+			n := num(f[3])
+			copy(b[num(f[2]):num(f[2])+n], b[num(f[1]):num(f[1])+n])
+		case len(f) == 3 && f[0] == "add64":
+			o := num(f[1])
+			binary.LittleEndian.PutUint64(b[o:], binary.LittleEndian.Uint64(b[o:])+uint64(int64(num(f[2]))))
+		case len(f) == 2 && f[0] == "remac":
+			s := b[num(f[1])*slotSize:][:slotSize]
+			m := hmac.New(sha256.New, macKey)
+			m.Write(s[:slotMACOffset])
+			copy(s[slotMACOffset:], m.Sum(nil))
+		default:
+			t.Fatalf("FORMAT.md negative vector: unknown edit step %q", step)
+		}
+	}
+	return b
+}
+
+// negVM is the VM of the 3.6 container vectors: a datastore with VM "vm"
+// whose vmx gives the container vector's DEK (wrapped under the wrap
+// vector's KEK) and VM id; file is installed as vm/name.
+func negVM(t *testing.T, vecs map[string]vector, name string, file []byte) (*VMOps, string, *Datastore) {
+	t.Helper()
+	w, cv := vecs["wrap"], vecs["container"]
+	ref := KeyRef{w["provider"], w["key_id"]}
+	kr := NewKeyring()
+	t.Cleanup(kr.Close)
+	kr.SetProvider(ref.Provider, &memKeyServer{keys: map[string][]byte{ref.KeyID: unhex(t, w, "kek")}})
+	kek, err := kr.Get(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dek, err := dekFromBytes(unhex(t, cv, "dek"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dek.Destroy()
+	locked, err := WrapDEK(kek, dek, Binding{PurposeVM, cv["owner"]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks, err := EncodeKeySafe([]KeySafeEntry{{KEK: ref, Locked: locked}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	dir := filepath.Join(root, "vm")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	vmxText := fmt.Sprintf(".encoding = \"UTF-8\"\nconfig.version = \"8\"\ndisplayName = \"vm\"\nnvram = \"vm.nvram\"\n%s = \"%s\"\n%s = \"%s\"\n%s = \"%s\"\n",
+		VMXVMID, cv["owner"], VMXKeySafe, ks, VMXPolicy, PolicyEncrypt)
+	if err := os.WriteFile(filepath.Join(dir, "vm.vmx"), []byte(vmxText), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name), file, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ds := NewDatastore(root, kr, "")
+	t.Cleanup(ds.Close)
+	return &VMOps{Keys: kr}, dir, ds
+}
+
+// TestFormatNegativeVectors checks every FORMAT.md 3.6 vector through the
+// engine's own way in: the datastore resolves the file from the VM's
+// text files and opens it as a view would, and VM operations convert it.
+func TestFormatNegativeVectors(t *testing.T) {
+	vecs, _ := readVectors(t)
+	var names []string
+	for name := range vecs {
+		if strings.HasPrefix(name, "neg_") {
+			names = append(names, name)
+		}
+	}
+	sort.Strings(names)
+	for _, want := range []string{"neg_slot_tampered", "neg_both_tampered", "neg_kind_swap", "neg_wrong_owner"} {
+		if vecs[want] == nil {
+			t.Fatalf("FORMAT.md has no %q vector", want)
+		}
+	}
+	cv := vecs["container"]
+	for _, name := range names {
+		v := vecs[name]
+		t.Run(name, func(t *testing.T) {
+			if v["from"] == "wrap" {
+				checkNegativeUnwrap(t, vecs["wrap"], v)
+				return
+			}
+			if v["file"] != cv["file"] {
+				t.Fatalf("vector starts from %q, want the container vector's file", v["file"])
+			}
+			base, err := os.ReadFile(filepath.Join(filepath.Dir(formatDoc), v["file"]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			dek, err := dekFromBytes(unhex(t, cv, "dek"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dek.Destroy()
+			keys, err := deriveContainerKeys(dek)
+			if err != nil {
+				t.Fatal(err)
+			}
+			edited := applyEdit(t, base, v["edit"], keys.macKey.Bytes())
+			keys.destroy()
+			ops, dir, ds := negVM(t, vecs, v["name"], edited)
+			rel := "vm/" + v["name"]
+			path := filepath.Join(dir, v["name"])
+			before := snapshotDir(t, dir)
+			unchanged := func(what string) {
+				t.Helper()
+				after := snapshotDir(t, dir)
+				for f, b := range before {
+					if a, ok := after[f]; !ok || !bytes.Equal(a, b) {
+						t.Errorf("%s changed or removed %s", what, f)
+					}
+				}
+				for f := range after {
+					if _, ok := before[f]; !ok {
+						t.Errorf("%s left a new file %s", what, f)
+					}
+				}
+			}
+			switch v["outcome"] {
+			case "ok", "interrupted", "degraded":
+				c, err := ds.Open(rel, true)
+				if err != nil {
+					t.Fatalf("read-only open: %v", err)
+				}
+				h := c.Header()
+				back := make([]byte, c.Size())
+				_, rerr := c.ReadAt(back, 0)
+				c.Close()
+				sum := sha256.Sum256(back)
+				if rerr != nil || strconv.FormatInt(h.Size, 10) != v["size"] || hex.EncodeToString(sum[:]) != v["plaintext_sha256"] {
+					t.Fatalf("read-only open serves %d bytes (sha256 %x, err %v) from slot %d, want %s bytes with sha256 %s", h.Size, sum, rerr, h.slot, v["size"], v["plaintext_sha256"])
+				}
+				if slot := strconv.Itoa(h.slot); v["slot"] != "" && slot != v["slot"] {
+					t.Errorf("served from slot %s, want slot %s", slot, v["slot"])
+				}
+				unchanged("a read-only open")
+				if v["outcome"] == "degraded" {
+					// A writer and a conversion must both refuse, naming
+					// the file, and change nothing.
+					if c, err := ds.Open(rel, false); err == nil {
+						c.Close()
+						t.Error("a writable open of a degraded container succeeded")
+					} else if !strings.Contains(err.Error(), "degraded") || !strings.Contains(err.Error(), path) {
+						t.Errorf("writable open: %v, want a degraded-container error naming %s", err, path)
+					}
+					unchanged("a refused writable open")
+					if err := ops.Decrypt(context.Background(), dir); err == nil || !strings.Contains(err.Error(), v["name"]) {
+						t.Errorf("vm decrypt of a VM with a degraded container: %v, want a refusal naming %s", err, v["name"])
+					}
+					unchanged("a refused decrypt")
+					return
+				}
+				c, err = ds.Open(rel, false)
+				if err != nil {
+					t.Fatalf("writable open: %v", err)
+				}
+				c.Close()
+				if v["outcome"] == "interrupted" {
+					// The first writable open mirrors the newer slot.
+					b, _ := os.ReadFile(path)
+					s0, s1 := bytes.Clone(b[:slotMACOffset]), bytes.Clone(b[slotSize:slotSize+slotMACOffset])
+					s0[10], s1[10] = 0, 0
+					if !bytes.Equal(s0, s1) {
+						t.Error("after a writable open the two header slots still differ")
+					}
+					if h, err := PeekHeader(b); err != nil || strconv.FormatInt(h.Size, 10) != v["size"] {
+						t.Errorf("after a writable open: %v, %+v", err, h)
+					}
+				}
+			case "tampered":
+				for _, ro := range []bool{true, false} {
+					if c, err := ds.Open(rel, ro); err == nil {
+						c.Close()
+						t.Fatalf("open (read-only %v) of a tampered container succeeded", ro)
+					} else if !errors.Is(err, ErrTampered) || !strings.Contains(err.Error(), path) {
+						t.Errorf("open (read-only %v): %v, want ErrTampered naming %s", ro, err, path)
+					}
+				}
+				unchanged("a refused open")
+			case "kind-mismatch":
+				if c, err := ds.Open(rel, true); err == nil {
+					c.Close()
+					t.Fatal("a container of another kind was served under this name")
+				} else if !errors.Is(err, ErrKindMismatch) || !strings.Contains(err.Error(), path) {
+					t.Errorf("open: %v, want ErrKindMismatch naming %s", err, path)
+				}
+				unchanged("a refused open")
+			default:
+				t.Fatalf("unknown outcome %q", v["outcome"])
+			}
+		})
+	}
+}
+
+// checkNegativeUnwrap unwraps the wrap vector's locked data under the
+// binding of a 3.6 keySafe vector.
+func checkNegativeUnwrap(t *testing.T, w, v vector) {
+	if v["outcome"] != "aead-failure" {
+		t.Fatalf("unknown outcome %q for a keySafe vector", v["outcome"])
+	}
+	kek, err := NewKEK(KeyRef{w["provider"], w["key_id"]}, unhex(t, w, "kek"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kek.Destroy()
+	locked := unhex(t, w, "locked")
+	// The vector's own binding opens it: the failure below is the binding's.
+	good, err := UnwrapDEK(kek, locked, Binding{Purpose(w["purpose"]), w["owner"]})
+	if err != nil {
+		t.Fatalf("the wrap vector does not unwrap under its own binding: %v", err)
+	}
+	good.Destroy()
+	b := Binding{Purpose(v["purpose"]), v["owner"]}
+	if b == (Binding{Purpose(w["purpose"]), w["owner"]}) {
+		t.Fatal("the vector's binding is the wrap vector's own")
+	}
+	if dek, err := UnwrapDEK(kek, locked, b); err == nil {
+		dek.Destroy()
+		t.Fatalf("unwrap under %+v succeeded", b)
+	} else if !strings.Contains(err.Error(), "authentication failed") {
+		t.Errorf("unwrap under %+v: %v, want an authentication failure", b, err)
+	}
+}
+
+// FORMAT.md 2.2: every byte of a field that is not an ASCII letter or
+// digit is escaped as lower-case %xx (there is no safe punctuation), the
+// unique id is a raw <VMWARE-NULL>, and the fields decode back exactly.
+func TestKeySafeEscaping(t *testing.T) {
+	locked := bytes.Repeat([]byte{0xfb}, lockedDataLen) // base64 "+/v7..." exercises + and /
+	for _, tc := range []struct {
+		ref  KeyRef
+		want string // the locker as written
+	}{
+		{KeyRef{"lab", "6f1c9e52-7a3b"}, "fqid/<VMWARE-NULL>/lab/6f1c9e52%2d7a3b,"},
+		{KeyRef{"a.b_c~d", "K 1/2+3=4"}, "fqid/<VMWARE-NULL>/a%2eb%5fc%7ed/K%201%2f2%2b3%3d4,"},
+		{KeyRef{"kms:1", "(x),<y>%"}, "fqid/<VMWARE-NULL>/kms%3a1/%28x%29%2c%3cy%3e%25,"},
+		{KeyRef{"é", "Z9"}, "fqid/<VMWARE-NULL>/%c3%a9/Z9,"},
+	} {
+		ks, err := EncodeKeySafe([]KeySafeEntry{{KEK: tc.ref, Locked: locked}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantPrefix := "vmware:key/list/(pair/(" + tc.want + "VMCRYPTD%2dV1%2dHKDF%2dSHA%2d256%2dAES%2d256%2dGCM,"
+		if !strings.HasPrefix(ks, wantPrefix) || !strings.HasSuffix(ks, "))") {
+			t.Errorf("%v: %s\nwant prefix %s", tc.ref, ks, wantPrefix)
+		}
+		if data := strings.TrimSuffix(strings.TrimPrefix(ks, wantPrefix), "))"); strings.ContainsAny(data, "+/=") || !strings.Contains(data, "%2b") || !strings.Contains(data, "%2f") {
+			t.Errorf("%v: locked data not escaped as documented: %s", tc.ref, data)
+		}
+		back, err := DecodeKeySafe(ks)
+		if err != nil || len(back) != 1 || back[0].KEK != tc.ref || !bytes.Equal(back[0].Locked, locked) {
+			t.Errorf("%v: decodes to %+v, %v", tc.ref, back, err)
+		}
+	}
 }
