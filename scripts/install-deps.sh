@@ -19,6 +19,8 @@ missing=()
 for cmd in "${!need[@]}"; do
 	command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+# FORMAT.md section 6's recovery scripts run under Debian's python3.
+/usr/bin/python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' >/dev/null 2>&1 || missing+=(python3-cryptography)
 if [ ${#missing[@]} -eq 0 ]; then
 	exit 0
 fi

@@ -522,8 +522,13 @@ func script(t *testing.T, name string) string {
 	return p
 }
 
+// debianPython is the interpreter whose cryptography package make deps
+// installs (python3-cryptography comes with python3-pykmip); a python3
+// earlier on PATH (pyenv) may lack it.
+const debianPython = "/usr/bin/python3"
+
 func needPythonCryptography(t *testing.T) {
-	if err := exec.Command("python3", "-c", "import cryptography.hazmat.primitives.ciphers.aead").Run(); err != nil {
+	if err := exec.Command(debianPython, "-c", "import cryptography.hazmat.primitives.ciphers.aead").Run(); err != nil {
 		if os.Getenv("CI") == "true" {
 			t.Fatalf("python3 with the cryptography package is needed (python3-cryptography; make deps installs it with python3-pykmip): %v", err)
 		}
@@ -540,7 +545,7 @@ func TestRecoveryScripts(t *testing.T) {
 	w := vecs["wrap"]
 	run := func(args ...string) (string, string, int) {
 		var out, errb bytes.Buffer
-		cmd := exec.Command("python3", args...)
+		cmd := exec.Command(debianPython, args...)
 		cmd.Stdout, cmd.Stderr = &out, &errb
 		err := cmd.Run()
 		code := 0
