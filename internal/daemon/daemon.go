@@ -17,7 +17,6 @@ import (
 	"sort"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -213,10 +212,6 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 	wg.Wait()
 }
 
-// maxAPIConns caps concurrent API connections; a conversion streaming its
-// progress holds one for its whole run.
-const maxAPIConns = 64
-
 // Run listens on the configured socket and serves until ctx is done, then
 // shuts down: stops serving, zeroes every key, closes providers.
 func (d *Daemon) Run(ctx context.Context) (err error) {
@@ -230,19 +225,22 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	// Anyone in the socket's group can connect; past the cap, new clients
-	// wait in the listen backlog instead of costing the daemon a goroutine
-	// and buffers each.
-	ln = limitListener(ln, maxAPIConns)
+	// Anyone in the socket's group can connect: every connection is
+	// accepted at once and admitted or refused by its peer's quota (see
+	// admit), so no user can queue root or Administrators behind theirs.
+	track := newConnTracker(defaultLimits)
+	ln = newAdmitListener(ln, track, newClassCache(d.auth).classify, d.log)
 	srv := &http.Server{
-		Handler:           d.routes(),
-		ReadHeaderTimeout: 10 * time.Second,
+		Handler: admitRequests(track, d.routes()),
+		// A client that sends nothing, trickles its headers or idles on
+		// a kept-alive connection loses it within seconds.
+		ReadHeaderTimeout: 5 * time.Second,
 		// Covers reading the request body; op lifts it once the body is
 		// read (see there), so responses may stream for as long as needed.
 		ReadTimeout:    30 * time.Second,
-		IdleTimeout:    2 * time.Minute, // idle keep-alive clients do not pile up
+		IdleTimeout:    5 * time.Second,
 		MaxHeaderBytes: 64 << 10,
-		ConnContext:    peerContext,
+		ConnContext:    connContext,
 		ErrorLog:       slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
 	d.log.Info("vmcryptd serving", "socket", d.cfg.Socket, "pid", os.Getpid())
@@ -376,22 +374,11 @@ type peerKey struct{}
 // peerContext records the connecting process's uid (SO_PEERCRED) in the
 // request context; the kernel vouches for it, so it cannot be forged.
 func peerContext(ctx context.Context, c net.Conn) context.Context {
-	uc, ok := c.(syscall.Conn) // *net.UnixConn, or one behind limitListener
-	if !ok {
-		return ctx
-	}
-	raw, err := uc.SyscallConn()
+	uid, err := peerUID(c)
 	if err != nil {
 		return ctx
 	}
-	var cred *unix.Ucred
-	raw.Control(func(fd uintptr) {
-		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	})
-	if err != nil || cred == nil {
-		return ctx
-	}
-	return context.WithValue(ctx, peerKey{}, int(cred.Uid))
+	return context.WithValue(ctx, peerKey{}, uid)
 }
 
 func (d *Daemon) status(id identity) api.Status {
