@@ -124,14 +124,19 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		return conflict("%s is already a vmcryptd mount", rec.Mountpoint)
 	}
 	d.mu.Unlock()
+	if msg := nestedMount(rec.Datastore, rec.Mountpoint); msg != "" {
+		return badRequest("%s", msg)
+	}
+	// A dead FUSE mount left by a killed daemon (whatever started it)
+	// answers ENOTCONN to everything, mkdir included: detach it first.
+	if _, err := fusefs.CleanupStale(rec.Mountpoint); err != nil {
+		return badRequest("mountpoint %s: %v", rec.Mountpoint, err)
+	}
 	if err := os.MkdirAll(rec.Mountpoint, 0o755); err != nil {
 		return badRequest("mountpoint %s: %v", rec.Mountpoint, err)
 	}
 	// Never mount over something: the mountpoint must be an empty
-	// directory (a stale view of ours is cleaned up by fusefs.Mount).
-	if err := fusefs.CleanupStale(rec.Mountpoint); err != nil {
-		return err
-	}
+	// directory.
 	if ents, err := os.ReadDir(rec.Mountpoint); err != nil || len(ents) > 0 {
 		return badRequest("mountpoint %s must be an empty directory", rec.Mountpoint)
 	}
@@ -169,6 +174,16 @@ func (d *Daemon) unmount(mp string, force bool) error {
 	m, ok := d.mounts[mp]
 	d.mu.Unlock()
 	if !ok {
+		// A view of a daemon that was killed is no mount of ours, but
+		// --force may still clear it away when it is a dead FUSE mount.
+		if force {
+			if cleaned, err := fusefs.CleanupStale(mp); err != nil {
+				return badRequest("%v", err)
+			} else if cleaned {
+				d.log.Info("stale FUSE mount detached", "mountpoint", mp)
+				return nil
+			}
+		}
 		return notFound("%s is not a vmcryptd mount", mp)
 	}
 	if err := m.view.Unmount(force); err != nil {
@@ -182,6 +197,23 @@ func (d *Daemon) unmount(mp string, force bool) error {
 	delete(d.mounts, mp)
 	d.mu.Unlock()
 	return nil
+}
+
+// nestedMount refuses a view mounted inside its own datastore, or a
+// datastore inside the view's mountpoint: the view would serve itself
+// (a loop the kernel cannot break) or hide its own backing files. Both
+// paths are absolute and clean; "" allows.
+func nestedMount(datastore, mountpoint string) string {
+	within := func(p, dir string) bool {
+		return p == dir || dir == "/" || strings.HasPrefix(p, dir+"/")
+	}
+	switch {
+	case within(mountpoint, datastore):
+		return fmt.Sprintf("mountpoint %s is inside the datastore %s it would show: choose a directory outside it", mountpoint, datastore)
+	case within(datastore, mountpoint):
+		return fmt.Sprintf("datastore %s is inside the mountpoint %s: the view would hide its own files", datastore, mountpoint)
+	}
+	return ""
 }
 
 // madeFiles is the set of disks made through views of the datastore at
