@@ -98,23 +98,29 @@ func (d *Daemon) datastorePath(s string) (string, error) {
 }
 
 // registerDatastoreVMs records every encrypted VM directly under root so
-// the key loader fetches their KEKs.
-func (d *Daemon) registerDatastoreVMs(root string) {
+// the key loader fetches their KEKs. A VM whose files cannot be read in
+// time (a FIFO where a VM file belongs) is skipped, not waited for.
+func (d *Daemon) registerDatastoreVMs(ctx context.Context, root string) {
 	ents, err := os.ReadDir(root)
 	if err != nil {
 		return
 	}
+	var dirs []string
 	for _, e := range ents {
-		if !e.IsDir() {
-			continue
+		if e.IsDir() {
+			dirs = append(dirs, filepath.Join(root, e.Name()))
 		}
-		st, err := engine.ReadVMStatus(filepath.Join(root, e.Name()), d.cfg.CoreDumpPatterns)
+	}
+	eachBounded(ctx, dirs, 4, statusReadTimeout, func(dir string) {
+		st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 		if err == nil && st.Encrypted {
 			if err := d.registerVM(st); err != nil {
 				d.log.Warn("register VM", "dir", st.Dir, "err", err)
 			}
 		}
-	}
+	}, func(dir string) {
+		d.log.Warn("reading a VM's files did not finish in time; skipped (is one of them a FIFO or on a hung filesystem?)", "dir", dir, "timeout", statusReadTimeout)
+	})
 }
 
 func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
@@ -123,7 +129,11 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		d.mu.Unlock()
 		return conflict("%s is already a vmcryptd mount", rec.Mountpoint)
 	}
+	stopping := d.stopping
 	d.mu.Unlock()
+	if stopping {
+		return conflict("the daemon is stopping: not mounting %s", rec.Mountpoint)
+	}
 	if msg := nestedMount(rec.Datastore, rec.Mountpoint); msg != "" {
 		return badRequest("%s", msg)
 	}
@@ -140,7 +150,7 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 	if ents, err := os.ReadDir(rec.Mountpoint); err != nil || len(ents) > 0 {
 		return badRequest("mountpoint %s must be an empty directory", rec.Mountpoint)
 	}
-	d.registerDatastoreVMs(rec.Datastore)
+	d.registerDatastoreVMs(ctx, rec.Datastore)
 	d.loadKeys(ctx)
 	impl, err := engine.ChooseImpl()
 	if err != nil {
@@ -163,6 +173,14 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		return fmt.Errorf("mount %s on %s: %w", rec.Datastore, rec.Mountpoint, err)
 	}
 	d.mu.Lock()
+	if d.stopping || d.mounts[rec.Mountpoint] != nil {
+		// Shutdown began (or a twin mount won) while this one was being
+		// set up: a view nobody will unmount must not stay behind.
+		d.mu.Unlock()
+		view.Unmount(true)
+		ds.Close()
+		return conflict("%s: mount abandoned (daemon stopping, or mounted meanwhile)", rec.Mountpoint)
+	}
 	d.mounts[rec.Mountpoint] = &activeMount{rec: rec, view: view, ds: ds}
 	d.mu.Unlock()
 	d.log.Info("view mounted", "datastore", rec.Datastore, "mountpoint", rec.Mountpoint)
@@ -291,8 +309,9 @@ func (d *Daemon) configMount(mp string) bool {
 }
 
 // restoreMounts re-establishes configured and remembered mounts after a
-// start (stale FUSE mounts of a killed daemon are lazily unmounted first,
-// by fusefs.Mount).
+// start (dead FUSE mounts of a killed daemon are lazily unmounted first).
+// Mounts are set up side by side, each bounded: one stuck mount delays
+// no other.
 func (d *Daemon) restoreMounts(ctx context.Context) {
 	var recs []mountRecord
 	for _, m := range d.cfg.Mounts {
@@ -306,11 +325,21 @@ func (d *Daemon) restoreMounts(ctx context.Context) {
 	d.mu.Lock()
 	recs = append(recs, d.st.Mounts...)
 	d.mu.Unlock()
+	seen := map[string]bool{}
+	uniq := recs[:0]
 	for _, r := range recs {
+		if !seen[r.Mountpoint] {
+			seen[r.Mountpoint] = true
+			uniq = append(uniq, r)
+		}
+	}
+	eachBounded(ctx, uniq, 4, mountTimeout, func(r mountRecord) {
 		if err := d.mount(ctx, r); err != nil {
 			d.log.Error("remount failed", "mountpoint", r.Mountpoint, "err", err)
 		}
-	}
+	}, func(r mountRecord) {
+		d.log.Error("remount still not done; going on without waiting for it", "mountpoint", r.Mountpoint, "timeout", mountTimeout)
+	})
 }
 
 func (d *Daemon) unmountAll() {
@@ -320,11 +349,16 @@ func (d *Daemon) unmountAll() {
 		mps = append(mps, mp)
 	}
 	d.mu.Unlock()
-	for _, mp := range mps {
+	// All at once, and bounded: a view whose server is stuck in an
+	// operation is detached by the forced unmount anyway, and dies with
+	// the process.
+	eachBounded(context.Background(), mps, len(mps)+1, shutdownUnmount, func(mp string) {
 		if err := d.unmount(mp, true); err != nil {
 			d.log.Error("unmount at shutdown", "mountpoint", mp, "err", err)
 		}
-	}
+	}, func(mp string) {
+		d.log.Error("unmount at shutdown did not finish in time; the view is detached and ends with the daemon", "mountpoint", mp)
+	})
 }
 
 type mountResult struct {
