@@ -2,10 +2,12 @@ package daemon
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -151,4 +153,60 @@ func TestAdmitListener(t *testing.T) {
 		t.Fatalf("class %v", x.class)
 	}
 	_, _ = a, b
+}
+
+// admitRequests refuses a request past the per-peer limit with 429 and
+// closes the connection of a caller without a role after its answer.
+func TestAdmitRequests(t *testing.T) {
+	track := newConnTracker(admitLimits{PerPeerRequests: 1})
+	release := make(chan struct{})
+	entered := make(chan struct{}, 4)
+	h := admitRequests(track, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		entered <- struct{}{}
+		if r.URL.Path == "/block" {
+			<-release
+		}
+		w.WriteHeader(http.StatusOK)
+	}))
+	req := func(path string, uid int, class peerClass) *http.Request {
+		r, _ := http.NewRequest("GET", path, nil)
+		ctx := context.WithValue(r.Context(), peerKey{}, uid)
+		return r.WithContext(context.WithValue(ctx, peerClassKey{}, class))
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h.ServeHTTP(httptest.NewRecorder(), req("/block", 1000, peerRole))
+	}()
+	<-entered
+	cases := []struct {
+		name      string
+		uid       int
+		class     peerClass
+		code      int
+		closeConn bool
+	}{
+		{"same uid past its limit", 1000, peerRole, http.StatusTooManyRequests, true},
+		{"another uid", 1001, peerRole, http.StatusOK, false},
+		{"root is not limited", 0, peerRoot, http.StatusOK, false},
+		{"no role: answered, then closed", 1002, peerNoRole, http.StatusOK, true},
+	}
+	for _, tc := range cases {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req("/x", tc.uid, tc.class))
+		if w.Code != tc.code || (w.Header().Get("Connection") == "close") != tc.closeConn {
+			t.Errorf("%s: %d, Connection %q", tc.name, w.Code, w.Header().Get("Connection"))
+		}
+		if tc.code == http.StatusTooManyRequests && !strings.Contains(w.Body.String(), "too many requests in progress") {
+			t.Errorf("%s: body %s", tc.name, w.Body)
+		}
+	}
+	close(release)
+	<-done
+	// The slot is free again.
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, req("/x", 1000, peerRole))
+	if w.Code != http.StatusOK {
+		t.Fatalf("after release: %d", w.Code)
+	}
 }

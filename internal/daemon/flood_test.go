@@ -26,11 +26,41 @@ import (
 // the tests (see TestMain): it is started as an unprivileged uid.
 const floodEnv = "VMCRYPTD_TEST_FLOOD"
 
+// probeEnv makes it time one status request on the socket it names and
+// print the time taken, or the error.
+const probeEnv = "VMCRYPTD_TEST_PROBE"
+
 func TestMain(m *testing.M) {
 	if spec := os.Getenv(floodEnv); spec != "" {
 		os.Exit(flood(spec))
 	}
+	if sock := os.Getenv(probeEnv); sock != "" {
+		took, err := timedStatus(sock, 30*time.Second)
+		if err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		fmt.Println(took.Nanoseconds())
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
+}
+
+// probeAs times one status request made by a process running as cred.
+func probeAs(t *testing.T, exe string, cred *syscall.Credential, sock string) time.Duration {
+	t.Helper()
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), probeEnv+"="+sock)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("status as uid %d: %v %s", cred.Uid, err, out)
+	}
+	ns, err := strconv.ParseInt(strings.TrimSpace(string(out)), 10, 64)
+	if err != nil {
+		t.Fatalf("probe: %q", out)
+	}
+	return time.Duration(ns)
 }
 
 // flood opens the connections spec asks for ("sock idle slow keepalive")
@@ -280,9 +310,11 @@ func timedStatus(sock string, limit time.Duration) (time.Duration, error) {
 // status answers in under a second, every time.
 func TestConnectionFlood(t *testing.T) {
 	needRoot(t)
-	const reader, norole = 65534, 65533
-	ro := reader
-	cfg := startTestDaemon(t, 65534, []config.RoleBinding{{UID: &ro, Role: RoleReadOnly}})
+	// The flooder is a ReadOnly user (or one without a role); an
+	// Administrator and another ReadOnly user must get through as well.
+	const reader, norole, admin, otherReader = 65534, 65533, 65532, 65531
+	ro, ad, ro2 := reader, admin, otherReader
+	cfg := startTestDaemon(t, 65534, []config.RoleBinding{{UID: &ro, Role: RoleReadOnly}, {UID: &ad, Role: RoleAdministrator}, {UID: &ro2, Role: RoleReadOnly}})
 	exe := copyExe(t)
 	limit := 60 * time.Second
 	if s := os.Getenv("VMCRYPTD_FLOOD_LIMIT"); s != "" {
@@ -322,6 +354,34 @@ func TestConnectionFlood(t *testing.T) {
 					t.Fatalf("root's status under a %s flood: %v after %v", tc.name, err, took)
 				}
 			}
+			for _, uid := range []uint32{admin, otherReader} {
+				took := probeAs(t, exe, &syscall.Credential{Uid: uid, Gid: 65534}, cfg.Socket)
+				t.Logf("%s: uid %d's status took %v", tc.name, uid, took.Round(time.Millisecond))
+				if took > time.Second {
+					t.Fatalf("uid %d's status under a %s flood took %v", uid, tc.name, took)
+				}
+			}
 		})
+	}
+}
+
+// A client that connects and sends nothing loses its connection after the
+// header timeout, not after minutes.
+func TestSilentClientDropped(t *testing.T) {
+	needRoot(t)
+	cfg := startTestDaemon(t, 0, nil)
+	c, err := net.Dial("unix", cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("a silent client kept its connection for 30 s")
+	}
+	if took := time.Since(start); took > 8*time.Second {
+		t.Fatalf("a silent client kept its connection for %v", took)
 	}
 }
