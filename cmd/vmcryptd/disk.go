@@ -149,7 +149,7 @@ func (c *vmCreateCmd) Run(g *globals) error {
 
 type mountCmd struct {
 	Datastore  string `arg:"" help:"Datastore name (from the config) or path."`
-	Mountpoint string `arg:"" help:"Where to mount the decrypted view." type:"path"`
+	Mountpoint string `arg:"" help:"Where to mount the decrypted view (outside the datastore; a dead view left there by a killed daemon is detached first)." type:"path"`
 	ReadOnly   bool   `help:"Read-only view."`
 	AllowOther bool   `help:"Let other users use the view (file modes still apply)."`
 }
@@ -165,7 +165,7 @@ func (c *mountCmd) Run(g *globals) error {
 
 type unmountCmd struct {
 	Mountpoint string `arg:"" help:"The view's mountpoint." type:"path"`
-	Force      bool   `help:"Unmount even with files open (their users get errors)."`
+	Force      bool   `help:"Unmount even with files open (their users get errors); also detaches a dead view a killed daemon left behind."`
 }
 
 func (c *unmountCmd) Run(g *globals) error {
