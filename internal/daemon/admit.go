@@ -187,7 +187,11 @@ func (t *connTracker) shouldLog(uid int, now time.Time) bool {
 // admitListener accepts every connection at once (so the listen backlog
 // never fills and root is never queued behind others), reads the peer's
 // uid (SO_PEERCRED) and hands the connection on only if admit lets it in;
-// a refused one gets a one-line 503 answer and is closed.
+// a refused one gets a one-line 503 answer and is closed. Root is
+// admitted on the accepting goroutine; other uids are classified on their
+// own goroutines (resolving a role may ask a slow user directory), at
+// most maxPending at a time. Every hand-over to Accept happens off the
+// accepting goroutine.
 type admitListener struct {
 	net.Listener
 	track    *connTracker
@@ -196,33 +200,98 @@ type admitListener struct {
 	// refusing bounds the goroutines answering refused connections; past
 	// it, refused connections are closed without an answer.
 	refusing chan struct{}
+	pending  chan struct{}
+
+	conns     chan net.Conn // admitted, for Accept
+	errc      chan error    // the inner listener's final error
+	done      chan struct{}
+	closeOnce sync.Once
 }
+
+const maxPending = 128
 
 func newAdmitListener(l net.Listener, t *connTracker, classify func(int) peerClass, log *slog.Logger) *admitListener {
-	return &admitListener{Listener: l, track: t, classify: classify, log: log, refusing: make(chan struct{}, 32)}
+	al := &admitListener{Listener: l, track: t, classify: classify, log: log,
+		refusing: make(chan struct{}, 32), pending: make(chan struct{}, maxPending),
+		conns: make(chan net.Conn), errc: make(chan error, 1), done: make(chan struct{})}
+	go al.acceptLoop()
+	return al
 }
 
-func (l *admitListener) Accept() (net.Conn, error) {
+func (l *admitListener) acceptLoop() {
+	backoff := 5 * time.Millisecond
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
-			return nil, err
-		}
-		uid, err := peerUID(c)
-		if err != nil {
-			l.refuse(c, -1, http.StatusForbidden, "cannot identify the caller (SO_PEERCRED unavailable)")
-			continue
-		}
-		class := l.classify(uid)
-		if reason := l.track.acquire(admitConn, uid, class); reason != "" {
-			if l.track.shouldLog(uid, time.Now()) {
-				l.log.Warn("API connection refused", "uid", uid, "class", class.String(), "reason", reason)
+			if errors.Is(err, net.ErrClosed) {
+				l.errc <- err
+				return
 			}
-			l.refuse(c, uid, http.StatusServiceUnavailable, reason)
+			// Out of descriptors or the like: wait a little, go on.
+			l.log.Warn("API accept failed; retrying", "err", err)
+			select {
+			case <-time.After(backoff):
+			case <-l.done:
+				l.errc <- net.ErrClosed
+				return
+			}
+			backoff = min(2*backoff, time.Second)
 			continue
 		}
-		return &admittedConn{Conn: c, uid: uid, class: class, release: func() { l.track.release(admitConn, uid, class) }}, nil
+		backoff = 5 * time.Millisecond
+		uid, err := peerUID(c)
+		switch {
+		case err != nil:
+			l.refuse(c, -1, http.StatusForbidden, "cannot identify the caller (SO_PEERCRED unavailable)")
+		case uid == 0:
+			// Never waits for a slot, and classifying root is instant.
+			go func() { l.admit(c, uid, l.classify(uid)) }()
+		default:
+			select {
+			case l.pending <- struct{}{}:
+				go func() {
+					defer func() { <-l.pending }()
+					l.admit(c, uid, l.classify(uid))
+				}()
+			default:
+				l.refuse(c, uid, http.StatusServiceUnavailable, "too many connections waiting to be admitted; try again")
+			}
+		}
 	}
+}
+
+// admit passes c to Accept if its quota allows, or refuses it.
+func (l *admitListener) admit(c net.Conn, uid int, class peerClass) {
+	if reason := l.track.acquire(admitConn, uid, class); reason != "" {
+		if l.track.shouldLog(uid, time.Now()) {
+			l.log.Warn("API connection refused", "uid", uid, "class", class.String(), "reason", reason)
+		}
+		l.refuse(c, uid, http.StatusServiceUnavailable, reason)
+		return
+	}
+	ac := &admittedConn{Conn: c, uid: uid, class: class, release: func() { l.track.release(admitConn, uid, class) }}
+	select {
+	case l.conns <- ac:
+	case <-l.done:
+		ac.Close()
+	}
+}
+
+func (l *admitListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	case err := <-l.errc:
+		l.errc <- err // for the next caller
+		return nil, err
+	}
+}
+
+func (l *admitListener) Close() error {
+	l.closeOnce.Do(func() { close(l.done) })
+	return l.Listener.Close()
 }
 
 // refuse answers a refused connection in the background: it waits

@@ -210,3 +210,52 @@ func TestAdmitRequests(t *testing.T) {
 		t.Fatalf("after release: %d", w.Code)
 	}
 }
+
+// A caller whose role lookup hangs (a slow user directory) holds up no
+// one else's connection.
+func TestAdmitListenerSlowLookup(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s")
+	inner, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := make(chan struct{})
+	var calls atomic.Int32
+	classify := func(int) peerClass {
+		if calls.Add(1) == 1 {
+			<-block
+		}
+		return peerRoot
+	}
+	ln := newAdmitListener(inner, newConnTracker(defaultLimits), classify, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	defer ln.Close()
+	defer close(block)
+	accepted := make(chan net.Conn, 2)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	for i := 0; i < 2; i++ {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if i == 0 {
+			for calls.Load() == 0 {
+				time.Sleep(time.Millisecond)
+			}
+		}
+	}
+	select {
+	case c := <-accepted:
+		c.Close()
+	case <-time.After(5 * time.Second):
+		t.Fatal("a hanging role lookup held up the next connection")
+	}
+}
