@@ -147,6 +147,15 @@ func TestStuckFileNeverWedgesDaemon(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(mp, "okvm", "okvm.nvram")); err != nil {
 		t.Fatalf("the view does not serve the other VM: %v", err)
 	}
+	// A second view of the datastore does not wait for the FIFO again:
+	// its read is still stuck, so the VM is skipped at once.
+	mp2 := filepath.Join(dir, "view2")
+	r, took = timedCLI(t, "--socket", sock, "mount", "lab", mp2)
+	t.Logf("second mount: exit %d in %v", r.code, took.Round(time.Millisecond))
+	if r.code != 0 || took > 4*time.Second {
+		t.Fatalf("second mount: exit %d after %v: %s", r.code, took, r.err)
+	}
+	mustRun(t, "--socket", sock, "unmount", mp2)
 	for i := 0; i < 3; i++ {
 		took := timedStatus(t, sock)
 		t.Logf("status while operations are stuck: %v", took.Round(time.Millisecond))

@@ -59,6 +59,7 @@ type Daemon struct {
 	metrics   *metrics
 	mounts    map[string]*activeMount      // by mountpoint
 	stopping  bool                         // shutdown began: no new views
+	reading   map[string]bool              // VM dirs whose status read has not returned (see registerDatastoreVMs)
 	made      map[string]*engine.MadeFiles // disks made through views, by datastore root
 	ops       sync.WaitGroup               // conversions in progress
 }

@@ -112,6 +112,13 @@ func (d *Daemon) registerDatastoreVMs(ctx context.Context, root string) {
 		}
 	}
 	eachBounded(ctx, dirs, 4, statusReadTimeout, func(dir string) {
+		// A read still stuck from an earlier call is not started again:
+		// one stuck file costs one goroutine, however often views mount.
+		if !d.beginRead(dir) {
+			d.log.Warn("an earlier read of this VM's files is still stuck; skipped", "dir", dir)
+			return
+		}
+		defer d.endRead(dir)
 		st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 		if err == nil && st.Encrypted {
 			if err := d.registerVM(st); err != nil {
@@ -215,6 +222,26 @@ func (d *Daemon) unmount(mp string, force bool) error {
 	delete(d.mounts, mp)
 	d.mu.Unlock()
 	return nil
+}
+
+// beginRead marks dir as being read; false if a read is already running.
+func (d *Daemon) beginRead(dir string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.reading == nil {
+		d.reading = map[string]bool{}
+	}
+	if d.reading[dir] {
+		return false
+	}
+	d.reading[dir] = true
+	return true
+}
+
+func (d *Daemon) endRead(dir string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.reading, dir)
 }
 
 // nestedMount refuses a view mounted inside its own datastore, or a
