@@ -187,11 +187,11 @@ func (t *connTracker) shouldLog(uid int, now time.Time) bool {
 // admitListener accepts every connection at once (so the listen backlog
 // never fills and root is never queued behind others), reads the peer's
 // uid (SO_PEERCRED) and hands the connection on only if admit lets it in;
-// a refused one gets a one-line 503 answer and is closed. Root is
-// admitted on the accepting goroutine; other uids are classified on their
-// own goroutines (resolving a role may ask a slow user directory), at
-// most maxPending at a time. Every hand-over to Accept happens off the
-// accepting goroutine.
+// a refused one gets a one-line 503 answer and is closed. The accepting
+// goroutine only reads the uid: every connection is classified (resolving
+// a role may ask a slow user directory), admitted and handed to Accept on
+// a goroutine of its own, at most maxPending at a time for uids other
+// than root, which never waits for a slot.
 type admitListener struct {
 	net.Listener
 	track    *connTracker
