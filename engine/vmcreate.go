@@ -37,6 +37,44 @@ type CreateSpec struct {
 	KEK     KeyRef // used when Encrypt
 }
 
+// Limits on what Create and AddDisk accept, as vSphere documents them: a
+// VM has at most 24 TiB of memory, a virtual disk at most 62 TiB.
+const (
+	MinMemory   = 4 << 20  // bytes
+	MaxMemory   = 24 << 40 // bytes
+	MaxDiskSize = 62 << 40 // bytes
+)
+
+// CheckMemory validates a new VM's memory size: 0 means the default
+// (1 GiB); otherwise a whole number of MiB from 4 MiB to 24 TiB.
+func CheckMemory(n int64) error {
+	switch {
+	case n == 0:
+		return nil
+	case n < 0:
+		return fmt.Errorf("memory %d: must be positive", n)
+	case n < MinMemory || n > MaxMemory:
+		return fmt.Errorf("memory %d bytes: must be between 4 MiB and 24 TiB", n)
+	case n%(1<<20) != 0:
+		return fmt.Errorf("memory %d bytes: must be a whole number of MiB", n)
+	}
+	return nil
+}
+
+// CheckDiskSize validates a new disk's size: a positive multiple of 512
+// bytes, at most 62 TiB.
+func CheckDiskSize(n int64) error {
+	switch {
+	case n <= 0:
+		return fmt.Errorf("size %d: must be positive", n)
+	case n > MaxDiskSize:
+		return fmt.Errorf("size %d bytes: larger than the 62 TiB a virtual disk may have", n)
+	case n%512 != 0:
+		return fmt.Errorf("size %d bytes: must be a multiple of 512 bytes", n)
+	}
+	return nil
+}
+
 var safeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9 ._-]{0,79}$`)
 
 // Create makes a new VM directory: vmx, nvram and disks. It is built in a
@@ -47,6 +85,14 @@ var safeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9 ._-]{0,79}$`)
 func (o *VMOps) Create(ctx context.Context, dir string, spec CreateSpec) error {
 	if !safeName.MatchString(spec.Name) {
 		return fmt.Errorf("VM name %q: use letters, digits, space, '.', '_' or '-' (max 80)", spec.Name)
+	}
+	if err := CheckMemory(spec.Memory); err != nil {
+		return err
+	}
+	for i, d := range spec.Disks {
+		if err := CheckDiskSize(d.Size); err != nil {
+			return fmt.Errorf("disk %d: %w", i, err)
+		}
 	}
 	if _, err := os.Lstat(dir); err == nil {
 		return fmt.Errorf("%s already exists", dir)
@@ -78,7 +124,7 @@ func (o *VMOps) Create(ctx context.Context, dir string, spec CreateSpec) error {
 		return err
 	}
 	mem := spec.Memory
-	if mem <= 0 {
+	if mem == 0 {
 		mem = 1 << 30
 	}
 	fmt.Fprintf(&b, ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"19\"\n")
@@ -135,8 +181,8 @@ func biosUUID() (string, error) {
 
 // makeDisk creates a disk of the given subformat in dir.
 func makeDisk(ctx context.Context, dir, name string, d DiskSpec) error {
-	if d.Size <= 0 || d.Size%512 != 0 {
-		return fmt.Errorf("disk %s: size must be a positive multiple of 512 bytes, got %d", name, d.Size)
+	if err := CheckDiskSize(d.Size); err != nil {
+		return fmt.Errorf("disk %s: %w", name, err)
 	}
 	sf := d.Subformat
 	if sf == "" {

@@ -140,3 +140,40 @@ func TestVMCreateAddAttach(t *testing.T) {
 		}
 	}
 }
+
+func TestCreateLimits(t *testing.T) {
+	mem := []struct {
+		n  int64
+		ok bool
+	}{
+		{0, true}, {MinMemory, true}, {1 << 30, true}, {MaxMemory, true},
+		{-1, false}, {-(1 << 30), false}, {1 << 20, false}, {MaxMemory + 1<<20, false}, {1 << 62, false}, {(1 << 30) + 512, false},
+	}
+	for _, tc := range mem {
+		if err := CheckMemory(tc.n); (err == nil) != tc.ok {
+			t.Errorf("CheckMemory(%d) = %v, want ok %v", tc.n, err, tc.ok)
+		}
+	}
+	disk := []struct {
+		n  int64
+		ok bool
+	}{
+		{512, true}, {8 << 30, true}, {MaxDiskSize, true},
+		{0, false}, {-512, false}, {1000, false}, {MaxDiskSize + 512, false}, {1 << 62, false},
+	}
+	for _, tc := range disk {
+		if err := CheckDiskSize(tc.n); (err == nil) != tc.ok {
+			t.Errorf("CheckDiskSize(%d) = %v, want ok %v", tc.n, err, tc.ok)
+		}
+	}
+	// Create refuses before it touches the disk.
+	dir := filepath.Join(t.TempDir(), "vm")
+	for _, spec := range []CreateSpec{{Name: "v", Memory: -1}, {Name: "v", Memory: 1 << 62}, {Name: "v", Disks: []DiskSpec{{Size: 1 << 62}}}} {
+		if err := (&VMOps{}).Create(context.Background(), dir, spec); err == nil {
+			t.Errorf("Create(%+v) accepted", spec)
+		}
+		if _, err := os.Lstat(dir); err == nil {
+			t.Fatalf("Create(%+v) left %s", spec, dir)
+		}
+	}
+}

@@ -284,8 +284,8 @@ func TestCleanupStale(t *testing.T) {
 	if err := syscall.Statfs(mnt, &sfs); !errors.Is(err, syscall.ENOTCONN) {
 		t.Fatalf("statfs of a dead mount: %v, want ENOTCONN", err)
 	}
-	if err := CleanupStale(mnt); err != nil {
-		t.Fatal(err)
+	if cleaned, err := CleanupStale(mnt); err != nil || !cleaned {
+		t.Fatalf("CleanupStale of a dead mount: cleaned %v, %v", cleaned, err)
 	}
 	if _, err := os.Stat(mnt); err != nil {
 		t.Fatalf("after cleanup: %v", err)
@@ -302,8 +302,8 @@ func TestCleanupStale(t *testing.T) {
 		t.Fatal(err)
 	}
 	// CleanupStale leaves a live mount alone.
-	if err := CleanupStale(mnt); err != nil || !isMounted(t, mnt) {
-		t.Fatalf("CleanupStale on a live mount: %v", err)
+	if cleaned, err := CleanupStale(mnt); err != nil || cleaned || !isMounted(t, mnt) {
+		t.Fatalf("CleanupStale on a live mount: cleaned %v, %v", cleaned, err)
 	}
 }
 

@@ -123,7 +123,7 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
 	}
-	if err := CleanupStale(absMP); err != nil {
+	if _, err := CleanupStale(absMP); err != nil {
 		return nil, err
 	}
 	logger := opts.Logger
@@ -351,22 +351,87 @@ func tuneBDI(mountpoint string, readAheadKB, maxRatio int) error {
 	return errors.Join(errs...)
 }
 
-// CleanupStale lazily unmounts mountpoint if it is a dead FUSE mount (its
-// server is gone, so stat fails with ENOTCONN), leaving a directory that
-// can be mounted on again. Anything else is left alone.
-func CleanupStale(mountpoint string) error {
-	// stat(2) may be answered from attributes the kernel still caches;
-	// statfs(2) always asks the server.
-	var sfs unix.Statfs_t
-	_, err := os.Stat(mountpoint)
-	if err == nil {
-		err = unix.Statfs(mountpoint, &sfs)
+// CleanupStale lazily unmounts mountpoint while it is a dead FUSE mount
+// (its server is gone, so stat or statfs fails with ENOTCONN or
+// ECONNABORTED, and
+// /proc/self/mountinfo lists a fuse mount there), whatever process
+// served it, leaving a directory that can be mounted on again. Stacked
+// dead mounts are detached one after the other. A live mount, or a
+// directory that is not a mount, is left alone; a disconnected path that
+// is not a FUSE mount is refused. It reports whether it detached any.
+func CleanupStale(mountpoint string) (bool, error) {
+	for i := 0; ; i++ {
+		if !disconnected(mountpoint) {
+			return i > 0, nil
+		}
+		info, err := os.ReadFile("/proc/self/mountinfo")
+		if err != nil {
+			return false, fmt.Errorf("fusefs: %s is disconnected (its FUSE server is gone), and the mount table cannot be read: %w", mountpoint, err)
+		}
+		if !fuseMountAt(info, mountpoint) {
+			return false, fmt.Errorf("fusefs: %s is disconnected (transport endpoint is not connected) but is not a FUSE mount: not touching it", mountpoint)
+		}
+		if i == 8 {
+			return true, fmt.Errorf("fusefs: clean up stale mount %s: still disconnected after %d lazy unmounts", mountpoint, i)
+		}
+		if err := unix.Unmount(mountpoint, unix.MNT_DETACH); err != nil {
+			return i > 0, fmt.Errorf("fusefs: clean up stale mount %s: %w", mountpoint, err)
+		}
 	}
-	if err == nil || !errors.Is(err, syscall.ENOTCONN) {
-		return nil
-	}
-	if err := unix.Unmount(mountpoint, unix.MNT_DETACH); err != nil {
-		return fmt.Errorf("fusefs: clean up stale mount %s: %w", mountpoint, err)
-	}
-	return nil
 }
+
+// disconnected reports whether path is a mount whose FUSE server is gone:
+// the kernel answers ENOTCONN, or ECONNABORTED once the connection was
+// aborted (the server died, or someone wrote to its abort file). stat(2)
+// may be answered from attributes the kernel still caches; statfs(2)
+// always asks the server.
+func disconnected(path string) bool {
+	var sfs unix.Statfs_t
+	_, err := os.Stat(path)
+	if err == nil {
+		err = unix.Statfs(path, &sfs)
+	}
+	return errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED)
+}
+
+// fuseMountAt reports whether the mount table (proc(5) mountinfo format)
+// has a fuse or fuse.* mount at path.
+func fuseMountAt(mountinfo []byte, path string) bool {
+	path = filepath.Clean(path)
+	for _, line := range strings.Split(string(mountinfo), "\n") {
+		f := strings.Fields(line)
+		// id parent maj:min root mountpoint options [optional...] - fstype source superopts
+		if len(f) < 7 || unescapeMountinfo(f[4]) != path {
+			continue
+		}
+		for j := 6; j+1 < len(f); j++ {
+			if f[j] == "-" {
+				if t := f[j+1]; t == "fuse" || t == "fuseblk" || strings.HasPrefix(t, "fuse.") {
+					return true
+				}
+				break
+			}
+		}
+	}
+	return false
+}
+
+// unescapeMountinfo undoes the octal escapes (\040 for a space, ...) the
+// kernel writes in mountinfo paths.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]) {
+			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
+			i += 3
+			continue
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func isOctal(c byte) bool { return c >= '0' && c <= '7' }

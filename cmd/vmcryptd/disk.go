@@ -2,10 +2,12 @@ package main
 
 import (
 	"fmt"
+	"math"
 	"strings"
 
 	"github.com/alecthomas/kong"
 
+	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 )
 
@@ -42,6 +44,9 @@ func parseSize(v string) (int64, error) {
 	if _, err := fmt.Sscanf(u, "%d", &n); err != nil || n <= 0 || fmt.Sprint(n) != u {
 		return 0, fmt.Errorf("size %q: want a positive number with an optional K, M, G or T suffix", v)
 	}
+	if n > math.MaxInt64/mult {
+		return 0, fmt.Errorf("size %q: too large", v)
+	}
 	return n * mult, nil
 }
 
@@ -72,6 +77,9 @@ type diskAddCmd struct {
 }
 
 func (c *diskAddCmd) Run(g *globals) error {
+	if err := engine.CheckDiskSize(int64(c.Size)); err != nil {
+		return fmt.Errorf("--size: %w", err)
+	}
 	var res api.DiskReply
 	if err := g.call("POST", "/disk/add", api.DiskRequest{Dir: c.Dir, Size: int64(c.Size), Subformat: c.Subformat}, &res); err != nil {
 		return err
@@ -101,8 +109,8 @@ func (c *diskAttachCmd) Run(g *globals) error {
 type vmCreateCmd struct {
 	Dir     string   `arg:"" help:"New VM directory (inside a datastore)." type:"path"`
 	Name    string   `help:"VM name." required:""`
-	Memory  size     `help:"Memory size." default:"1G"`
-	Disk    []string `help:"Disk as SIZE[:SUBFORMAT], e.g. 8G or 8G:monolithicSparse (repeatable)."`
+	Memory  size     `help:"Memory size: whole MiB, 4M to 24T." default:"1G"`
+	Disk    []string `help:"Disk as SIZE[:SUBFORMAT], e.g. 8G or 8G:monolithicSparse (repeatable); a multiple of 512 bytes, at most 62T."`
 	Encrypt bool     `help:"Encrypt from the first byte."`
 	Policy  string   `help:"Storage policy (\"VM Encryption Policy\" encrypts)."`
 	progressOpts
@@ -110,9 +118,15 @@ type vmCreateCmd struct {
 
 func (c *vmCreateCmd) Run(g *globals) error {
 	req := api.CreateRequest{Dir: c.Dir, Name: c.Name, Memory: int64(c.Memory), Encrypt: c.Encrypt || c.Policy == "VM Encryption Policy"}
+	if err := engine.CheckMemory(req.Memory); err != nil {
+		return fmt.Errorf("--memory: %w", err)
+	}
 	for _, d := range c.Disk {
 		s, sf, _ := strings.Cut(d, ":")
 		n, err := parseSize(s)
+		if err == nil {
+			err = engine.CheckDiskSize(n)
+		}
 		if err != nil {
 			return fmt.Errorf("--disk %s: %w", d, err)
 		}
@@ -135,7 +149,7 @@ func (c *vmCreateCmd) Run(g *globals) error {
 
 type mountCmd struct {
 	Datastore  string `arg:"" help:"Datastore name (from the config) or path."`
-	Mountpoint string `arg:"" help:"Where to mount the decrypted view." type:"path"`
+	Mountpoint string `arg:"" help:"Where to mount the decrypted view (outside the datastore; a dead view left there by a killed daemon is detached first)." type:"path"`
 	ReadOnly   bool   `help:"Read-only view."`
 	AllowOther bool   `help:"Let other users use the view (file modes still apply)."`
 }
@@ -151,7 +165,7 @@ func (c *mountCmd) Run(g *globals) error {
 
 type unmountCmd struct {
 	Mountpoint string `arg:"" help:"The view's mountpoint." type:"path"`
-	Force      bool   `help:"Unmount even with files open (their users get errors)."`
+	Force      bool   `help:"Unmount even with files open (their users get errors); also detaches a dead view a killed daemon left behind."`
 }
 
 func (c *unmountCmd) Run(g *globals) error {

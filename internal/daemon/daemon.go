@@ -17,7 +17,6 @@ import (
 	"sort"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -59,6 +58,8 @@ type Daemon struct {
 	vmLocks   vmLocks
 	metrics   *metrics
 	mounts    map[string]*activeMount      // by mountpoint
+	stopping  bool                         // shutdown began: no new views
+	reading   map[string]bool              // VM dirs whose status read has not returned (see registerDatastoreVMs)
 	made      map[string]*engine.MadeFiles // disks made through views, by datastore root
 	ops       sync.WaitGroup               // conversions in progress
 }
@@ -178,44 +179,37 @@ func (d *Daemon) neededKeys() []engine.KeyRef {
 // time, and records per-key errors for status. The keyring de-duplicates
 // concurrent fetches of one key.
 func (d *Daemon) loadKeys(ctx context.Context) {
-	refs := d.neededKeys()
-	sem := make(chan struct{}, 4)
-	var wg sync.WaitGroup
-	for _, ref := range refs {
-		if d.keyring.Cached(ref) {
-			continue
+	var refs []engine.KeyRef
+	for _, ref := range d.neededKeys() {
+		if !d.keyring.Cached(ref) {
+			refs = append(refs, ref)
 		}
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			defer cancel()
-			kek, err := d.keyring.Get(fctx, ref)
-			if err == nil && !kek.MemoryLocked() {
-				d.log.Warn("key memory is not mlock'ed (raise RLIMIT_MEMLOCK); it could reach swap", "key", ref.String())
-			}
-			d.mu.Lock()
-			if err != nil {
-				d.keyErrs[ref] = err.Error()
-			} else {
-				delete(d.keyErrs, ref)
-			}
-			d.mu.Unlock()
-			if err != nil {
-				d.log.Warn("key not available", "key", ref.String(), "err", err)
-			} else {
-				d.log.Info("key loaded", "key", ref.String())
-			}
-		}()
 	}
-	wg.Wait()
+	// One key server that ignores its deadline costs its slot, never
+	// the other keys or the retry loop.
+	eachBounded(ctx, refs, 4, keyFetchTimeout+5*time.Second, func(ref engine.KeyRef) {
+		fctx, cancel := context.WithTimeout(ctx, keyFetchTimeout)
+		defer cancel()
+		kek, err := d.keyring.Get(fctx, ref)
+		if err == nil && !kek.MemoryLocked() {
+			d.log.Warn("key memory is not mlock'ed (raise RLIMIT_MEMLOCK); it could reach swap", "key", ref.String())
+		}
+		d.mu.Lock()
+		if err != nil {
+			d.keyErrs[ref] = err.Error()
+		} else {
+			delete(d.keyErrs, ref)
+		}
+		d.mu.Unlock()
+		if err != nil {
+			d.log.Warn("key not available", "key", ref.String(), "err", err)
+		} else {
+			d.log.Info("key loaded", "key", ref.String())
+		}
+	}, func(ref engine.KeyRef) {
+		d.log.Warn("key fetch still running past its deadline; not waiting for it", "key", ref.String())
+	})
 }
-
-// maxAPIConns caps concurrent API connections; a conversion streaming its
-// progress holds one for its whole run.
-const maxAPIConns = 64
 
 // Run listens on the configured socket and serves until ctx is done, then
 // shuts down: stops serving, zeroes every key, closes providers.
@@ -230,30 +224,38 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	// Anyone in the socket's group can connect; past the cap, new clients
-	// wait in the listen backlog instead of costing the daemon a goroutine
-	// and buffers each.
-	ln = limitListener(ln, maxAPIConns)
+	// Anyone in the socket's group can connect: every connection is
+	// accepted at once and admitted or refused by its peer's quota (see
+	// admit), so no user can queue root or Administrators behind theirs.
+	track := newConnTracker(defaultLimits)
+	ln = newAdmitListener(ln, track, newClassCache(d.auth).classify, d.log)
 	srv := &http.Server{
-		Handler:           d.routes(),
-		ReadHeaderTimeout: 10 * time.Second,
+		Handler: admitRequests(track, d.routes()),
+		// A client that sends nothing, trickles its headers or idles on
+		// a kept-alive connection loses it within seconds.
+		ReadHeaderTimeout: 5 * time.Second,
 		// Covers reading the request body; op lifts it once the body is
 		// read (see there), so responses may stream for as long as needed.
 		ReadTimeout:    30 * time.Second,
-		IdleTimeout:    2 * time.Minute, // idle keep-alive clients do not pile up
+		IdleTimeout:    5 * time.Second,
 		MaxHeaderBytes: 64 << 10,
-		ConnContext:    peerContext,
+		ConnContext:    connContext,
 		ErrorLog:       slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
 	d.log.Info("vmcryptd serving", "socket", d.cfg.Socket, "pid", os.Getpid())
 
 	bg, cancelBG := context.WithCancel(ctx)
 	var bgWG sync.WaitGroup
-	bgWG.Add(1)
+	bgWG.Add(2)
+	// Start-up mounts and the key-retry loop run apart, so neither a
+	// stuck mount nor a stuck key server holds up the other.
+	go func() {
+		defer bgWG.Done()
+		d.restoreMounts(bg)
+	}()
 	go func() {
 		defer bgWG.Done()
 		d.loadKeys(bg)
-		d.restoreMounts(bg)
 		t := time.NewTicker(d.retry)
 		defer t.Stop()
 		for {
@@ -289,17 +291,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
-	cancelBG()
-	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	_ = srv.Shutdown(sctx)
-	bgWG.Wait()
-	// Conversions outlive their clients but not the daemon's keys: wait
-	// for them (they are resumable anyway) before zeroing.
-	d.ops.Wait()
-	d.unmountAll()
-	os.Remove(d.cfg.Socket)
-	d.Close()
+	d.shutdown(srv, cancelBG, &bgWG)
 	d.log.Info("vmcryptd stopped; keys zeroed")
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
@@ -307,14 +299,50 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	return err
 }
 
+// keyFetchTimeout bounds fetching one KEK.
+const keyFetchTimeout = 30 * time.Second
+
+// shutdown stops the daemon within bounded time whatever is stuck: it
+// stops serving, gives background work and conversions a few seconds
+// (conversions are resumable: one cut short is finished by the next run
+// of its command), force-unmounts every view, removes the socket and
+// zeroes the keys. Work that is still running is left to die with the
+// process; a key it reaches for afterwards is destroyed and refuses.
+func (d *Daemon) shutdown(srv *http.Server, cancelBG context.CancelFunc, bgWG *sync.WaitGroup) {
+	cancelBG()
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownHTTP)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		d.log.Warn("API requests still running at shutdown; closing their connections", "err", err)
+		srv.Close()
+	}
+	d.mu.Lock()
+	d.stopping = true
+	d.mu.Unlock()
+	if !waitBounded(shutdownWork, func() { bgWG.Wait(); d.ops.Wait() }) {
+		d.log.Warn("start-up mounts, key fetches or conversions still running at shutdown; not waiting for them (a conversion resumes when its command is run again)")
+	}
+	d.unmountAll()
+	os.Remove(d.cfg.Socket)
+	d.Close()
+}
+
 // Close zeroes every key and releases resources. Run calls it.
 func (d *Daemon) Close() {
 	d.keyring.Close()
 	d.mu.Lock()
+	providers := make([]*kms.Provider, 0, len(d.providers))
 	for _, p := range d.providers {
-		p.Close()
+		providers = append(providers, p)
 	}
 	d.mu.Unlock()
+	if !waitBounded(shutdownProviders, func() {
+		for _, p := range providers {
+			p.Close()
+		}
+	}) {
+		d.log.Warn("key provider connections did not close in time")
+	}
 	if d.audit != nil {
 		d.audit.close()
 	}
@@ -376,22 +404,11 @@ type peerKey struct{}
 // peerContext records the connecting process's uid (SO_PEERCRED) in the
 // request context; the kernel vouches for it, so it cannot be forged.
 func peerContext(ctx context.Context, c net.Conn) context.Context {
-	uc, ok := c.(syscall.Conn) // *net.UnixConn, or one behind limitListener
-	if !ok {
-		return ctx
-	}
-	raw, err := uc.SyscallConn()
+	uid, err := peerUID(c)
 	if err != nil {
 		return ctx
 	}
-	var cred *unix.Ucred
-	raw.Control(func(fd uintptr) {
-		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	})
-	if err != nil || cred == nil {
-		return ctx
-	}
-	return context.WithValue(ctx, peerKey{}, int(cred.Uid))
+	return context.WithValue(ctx, peerKey{}, uid)
 }
 
 func (d *Daemon) status(id identity) api.Status {

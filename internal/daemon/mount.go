@@ -98,23 +98,36 @@ func (d *Daemon) datastorePath(s string) (string, error) {
 }
 
 // registerDatastoreVMs records every encrypted VM directly under root so
-// the key loader fetches their KEKs.
-func (d *Daemon) registerDatastoreVMs(root string) {
+// the key loader fetches their KEKs. A VM whose files cannot be read in
+// time (a FIFO where a VM file belongs) is skipped, not waited for.
+func (d *Daemon) registerDatastoreVMs(ctx context.Context, root string) {
 	ents, err := os.ReadDir(root)
 	if err != nil {
 		return
 	}
+	var dirs []string
 	for _, e := range ents {
-		if !e.IsDir() {
-			continue
+		if e.IsDir() {
+			dirs = append(dirs, filepath.Join(root, e.Name()))
 		}
-		st, err := engine.ReadVMStatus(filepath.Join(root, e.Name()), d.cfg.CoreDumpPatterns)
+	}
+	eachBounded(ctx, dirs, 4, statusReadTimeout, func(dir string) {
+		// A read still stuck from an earlier call is not started again:
+		// one stuck file costs one goroutine, however often views mount.
+		if !d.beginRead(dir) {
+			d.log.Warn("an earlier read of this VM's files is still stuck; skipped", "dir", dir)
+			return
+		}
+		defer d.endRead(dir)
+		st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
 		if err == nil && st.Encrypted {
 			if err := d.registerVM(st); err != nil {
 				d.log.Warn("register VM", "dir", st.Dir, "err", err)
 			}
 		}
-	}
+	}, func(dir string) {
+		d.log.Warn("reading a VM's files did not finish in time; skipped (is one of them a FIFO or on a hung filesystem?)", "dir", dir, "timeout", statusReadTimeout)
+	})
 }
 
 func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
@@ -123,19 +136,28 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		d.mu.Unlock()
 		return conflict("%s is already a vmcryptd mount", rec.Mountpoint)
 	}
+	stopping := d.stopping
 	d.mu.Unlock()
+	if stopping {
+		return conflict("the daemon is stopping: not mounting %s", rec.Mountpoint)
+	}
+	if msg := nestedMount(rec.Datastore, rec.Mountpoint); msg != "" {
+		return badRequest("%s", msg)
+	}
+	// A dead FUSE mount left by a killed daemon (whatever started it)
+	// answers ENOTCONN to everything, mkdir included: detach it first.
+	if _, err := fusefs.CleanupStale(rec.Mountpoint); err != nil {
+		return badRequest("mountpoint %s: %v", rec.Mountpoint, err)
+	}
 	if err := os.MkdirAll(rec.Mountpoint, 0o755); err != nil {
 		return badRequest("mountpoint %s: %v", rec.Mountpoint, err)
 	}
 	// Never mount over something: the mountpoint must be an empty
-	// directory (a stale view of ours is cleaned up by fusefs.Mount).
-	if err := fusefs.CleanupStale(rec.Mountpoint); err != nil {
-		return err
-	}
+	// directory.
 	if ents, err := os.ReadDir(rec.Mountpoint); err != nil || len(ents) > 0 {
 		return badRequest("mountpoint %s must be an empty directory", rec.Mountpoint)
 	}
-	d.registerDatastoreVMs(rec.Datastore)
+	d.registerDatastoreVMs(ctx, rec.Datastore)
 	d.loadKeys(ctx)
 	impl, err := engine.ChooseImpl()
 	if err != nil {
@@ -158,6 +180,14 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		return fmt.Errorf("mount %s on %s: %w", rec.Datastore, rec.Mountpoint, err)
 	}
 	d.mu.Lock()
+	if d.stopping || d.mounts[rec.Mountpoint] != nil {
+		// Shutdown began (or a twin mount won) while this one was being
+		// set up: a view nobody will unmount must not stay behind.
+		d.mu.Unlock()
+		view.Unmount(true)
+		ds.Close()
+		return conflict("%s: mount abandoned (daemon stopping, or mounted meanwhile)", rec.Mountpoint)
+	}
 	d.mounts[rec.Mountpoint] = &activeMount{rec: rec, view: view, ds: ds}
 	d.mu.Unlock()
 	d.log.Info("view mounted", "datastore", rec.Datastore, "mountpoint", rec.Mountpoint)
@@ -169,6 +199,16 @@ func (d *Daemon) unmount(mp string, force bool) error {
 	m, ok := d.mounts[mp]
 	d.mu.Unlock()
 	if !ok {
+		// A view of a daemon that was killed is no mount of ours, but
+		// --force may still clear it away when it is a dead FUSE mount.
+		if force {
+			if cleaned, err := fusefs.CleanupStale(mp); err != nil {
+				return badRequest("%v", err)
+			} else if cleaned {
+				d.log.Info("stale FUSE mount detached", "mountpoint", mp)
+				return nil
+			}
+		}
 		return notFound("%s is not a vmcryptd mount", mp)
 	}
 	if err := m.view.Unmount(force); err != nil {
@@ -182,6 +222,43 @@ func (d *Daemon) unmount(mp string, force bool) error {
 	delete(d.mounts, mp)
 	d.mu.Unlock()
 	return nil
+}
+
+// beginRead marks dir as being read; false if a read is already running.
+func (d *Daemon) beginRead(dir string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.reading == nil {
+		d.reading = map[string]bool{}
+	}
+	if d.reading[dir] {
+		return false
+	}
+	d.reading[dir] = true
+	return true
+}
+
+func (d *Daemon) endRead(dir string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.reading, dir)
+}
+
+// nestedMount refuses a view mounted inside its own datastore, or a
+// datastore inside the view's mountpoint: the view would serve itself
+// (a loop the kernel cannot break) or hide its own backing files. Both
+// paths are absolute and clean; "" allows.
+func nestedMount(datastore, mountpoint string) string {
+	within := func(p, dir string) bool {
+		return p == dir || dir == "/" || strings.HasPrefix(p, dir+"/")
+	}
+	switch {
+	case within(mountpoint, datastore):
+		return fmt.Sprintf("mountpoint %s is inside the datastore %s it would show: choose a directory outside it", mountpoint, datastore)
+	case within(datastore, mountpoint):
+		return fmt.Sprintf("datastore %s is inside the mountpoint %s: the view would hide its own files", datastore, mountpoint)
+	}
+	return ""
 }
 
 // madeFiles is the set of disks made through views of the datastore at
@@ -259,8 +336,9 @@ func (d *Daemon) configMount(mp string) bool {
 }
 
 // restoreMounts re-establishes configured and remembered mounts after a
-// start (stale FUSE mounts of a killed daemon are lazily unmounted first,
-// by fusefs.Mount).
+// start (dead FUSE mounts of a killed daemon are lazily unmounted first).
+// Mounts are set up side by side, each bounded: one stuck mount delays
+// no other.
 func (d *Daemon) restoreMounts(ctx context.Context) {
 	var recs []mountRecord
 	for _, m := range d.cfg.Mounts {
@@ -274,11 +352,21 @@ func (d *Daemon) restoreMounts(ctx context.Context) {
 	d.mu.Lock()
 	recs = append(recs, d.st.Mounts...)
 	d.mu.Unlock()
+	seen := map[string]bool{}
+	uniq := recs[:0]
 	for _, r := range recs {
+		if !seen[r.Mountpoint] {
+			seen[r.Mountpoint] = true
+			uniq = append(uniq, r)
+		}
+	}
+	eachBounded(ctx, uniq, 4, mountTimeout, func(r mountRecord) {
 		if err := d.mount(ctx, r); err != nil {
 			d.log.Error("remount failed", "mountpoint", r.Mountpoint, "err", err)
 		}
-	}
+	}, func(r mountRecord) {
+		d.log.Error("remount still not done; going on without waiting for it", "mountpoint", r.Mountpoint, "timeout", mountTimeout)
+	})
 }
 
 func (d *Daemon) unmountAll() {
@@ -288,11 +376,16 @@ func (d *Daemon) unmountAll() {
 		mps = append(mps, mp)
 	}
 	d.mu.Unlock()
-	for _, mp := range mps {
+	// All at once, and bounded: a view whose server is stuck in an
+	// operation is detached by the forced unmount anyway, and dies with
+	// the process.
+	eachBounded(context.Background(), mps, len(mps)+1, shutdownUnmount, func(mp string) {
 		if err := d.unmount(mp, true); err != nil {
 			d.log.Error("unmount at shutdown", "mountpoint", mp, "err", err)
 		}
-	}
+	}, func(mp string) {
+		d.log.Error("unmount at shutdown did not finish in time; the view is detached and ends with the daemon", "mountpoint", mp)
+	})
 }
 
 type mountResult struct {
