@@ -189,6 +189,11 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		if l.Encrypted {
 			return fmt.Errorf("%s: VM is already encrypted", dir)
 		}
+		// Nothing, not even the journal, is written before every file
+		// is known to be convertible.
+		if err := o.precheckEncrypt(ctx, l); err != nil {
+			return err
+		}
 		if j, err = o.newJournal(ctx, l, kekRef, "encrypt"); err != nil {
 			return err
 		}
@@ -215,10 +220,14 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		case stateUnderKey:
 			continue // converted before a crash
 		case stateOtherKey:
-			// Not under our key, so not converted yet: a plain file whose
-			// bytes happen to start like a container (a guest can write
-			// anything at the start of its disk). Encrypting it as data
-			// loses nothing, even if it were someone's container.
+			// Not under our key, so not converted yet: bytes that start
+			// like a container, which a guest can write at the start of
+			// its disk, and are encrypted as data; but never a real
+			// container (see realContainer), which is what a disk that
+			// lost its key lines holds.
+			if _, real := o.realContainer(ctx, t.path); real {
+				return fmt.Errorf("%s: already encrypted (a container whose key lines are missing) and not converted by this encryption; move it away or restore its key lines", t.path)
+			}
 		}
 		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
 		if err := EncryptFile(ctx, t.path, t.dek, opts, prog(t.path)); err != nil {
@@ -485,14 +494,19 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		return fmt.Errorf("%s: %w", dir, err)
 	}
 	defer ks.destroy()
-	if err := j.save(dir); err != nil {
-		return err
-	}
 	var ts []task
 	for _, t := range tasks(l, ks, j.VMID, j.Disks) {
 		if t.dek != nil { // plain disks of an encrypted VM stay as they are
 			ts = append(ts, t)
 		}
+	}
+	if !resumed {
+		if err := precheckConvert(l, "decrypt", ts); err != nil {
+			return err
+		}
+	}
+	if err := j.save(dir); err != nil {
+		return err
 	}
 	prog, err := o.progressor("decrypt", ts)
 	if err != nil {
@@ -659,7 +673,17 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		if err != nil {
 			return fmt.Errorf("%s: current keys: %w", dir, err)
 		}
+		var pts []task
+		for _, t := range tasks(l, probe, l.VMID, cur) {
+			if t.dek != nil {
+				pts = append(pts, t)
+			}
+		}
+		err = precheckConvert(l, "deep rekey", pts)
 		probe.destroy()
+		if err != nil {
+			return err
+		}
 		if j, err = o.newJournal(ctx, l, kekRef, "rekey-deep"); err != nil {
 			return err
 		}
