@@ -187,3 +187,93 @@ func TestDecryptRefusesUnattachedViewDisk(t *testing.T) {
 		}
 	}
 }
+
+// Issue 11 case 4 and every other vmx reference to a VM-key file: the
+// kind a conversion writes is the one the vmx's name gives, and the view
+// opens the file with that kind (a .vmsn named by checkpoint.vmState
+// used to be written as a vmss and then refused with EIO).
+func TestKindsFollowVMXNames(t *testing.T) {
+	for _, tc := range []struct {
+		name  string // vmx (or vmsd) reference
+		vmx   string // lines added to the vmx
+		vmsd  string // the snapshot database, if any
+		file  string
+		want  Kind // 0: stays plain
+		plain bool
+	}{
+		{name: "nvram", file: "vm.nvram", want: KindNVRAM},
+		{name: "nvram, other name", vmx: "nvram = \"firmware.bin\"\n", file: "firmware.bin", want: KindNVRAM},
+		{name: "sched.swap.derivedName", vmx: "sched.swap.derivedName = \"/vmfs/volumes/ds/vm/vm-1a2b.vswp\"\n", file: "vm-1a2b.vswp", want: KindVSWP},
+		{name: "vmx swap (unreferenced vmx-*.vswp)", file: "vmx-vm-12345-1.vswp", want: KindVSWP},
+		{name: "checkpoint.vmState suspend", vmx: "checkpoint.vmState = \"vm-abc.vmss\"\n", file: "vm-abc.vmss", want: KindVMSS},
+		{name: "checkpoint.vmState memory snapshot", vmx: "checkpoint.vmState = \"vm-Snapshot2.vmsn\"\n", file: "vm-Snapshot2.vmsn", want: KindVMSN},
+		{name: "vmsd snapshot file", vmsd: ".encoding = \"UTF-8\"\nsnapshot.numSnapshots = \"1\"\nsnapshot0.uid = \"1\"\nsnapshot0.filename = \"vm-Snapshot1.vmsn\"\nsnapshot0.numDisks = \"0\"\n", file: "vm-Snapshot1.vmsn", want: KindVMSN},
+		{name: "snapshot memory image", file: "vm-Snapshot1.vmem", want: KindVMEM},
+		{name: "suspend memory image", file: "vm-abc.vmem", want: KindVMEM},
+		{name: "floppy image (a device's, guest data)", vmx: "floppy0.present = \"TRUE\"\nfloppy0.fileName = \"boot.flp\"\n", file: "boot.flp", plain: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ops, kek := newTestOps(t)
+			ctx := context.Background()
+			root := t.TempDir()
+			dir := vmIn(t, ops, nil, root, "vm")
+			addVMX(t, dir, tc.vmx)
+			if tc.vmsd != "" {
+				os.WriteFile(filepath.Join(dir, "vm.vmsd"), []byte(tc.vmsd), 0o644)
+			}
+			data := randBytes(70000)
+			p := filepath.Join(dir, tc.file)
+			if tc.file != "vm.nvram" {
+				if err := os.WriteFile(p, data, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				data, _ = os.ReadFile(p)
+			}
+			if err := ops.Encrypt(ctx, dir, kek); err != nil {
+				t.Fatal(err)
+			}
+			raw, _ := os.ReadFile(p)
+			h, err := PeekHeader(raw)
+			if tc.plain {
+				if err == nil || !bytes.Equal(raw, data) {
+					t.Fatalf("%s: a device's file was converted", tc.file)
+				}
+			} else if err != nil || h.Kind != tc.want {
+				t.Fatalf("%s: header %v %v, want kind %s", tc.file, h, err, tc.want)
+			}
+			st, err := ReadVMStatus(dir, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range st.Files {
+				if f.Name == tc.file && f.Kind != tc.want.String() {
+					t.Errorf("status: %s kind %s, want %s", f.Name, f.Kind, tc.want)
+				}
+			}
+			if len(st.Problems) != 0 {
+				t.Errorf("status problems: %q", st.Problems)
+			}
+			ds := NewDatastore(root, ops.Keys, "")
+			defer ds.Close()
+			if !tc.plain {
+				c, err := ds.Open("vm/"+tc.file, true)
+				if err != nil {
+					t.Fatalf("view open: %v", err)
+				}
+				got := make([]byte, c.Size())
+				_, err = c.ReadAt(got, 0)
+				c.Close()
+				if err != nil || !bytes.Equal(got, data) {
+					t.Fatalf("view read %s: %v, equal=%v", tc.file, err, bytes.Equal(got, data))
+				}
+			}
+			if err := ops.Decrypt(ctx, dir); err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := os.ReadFile(p); !bytes.Equal(got, data) {
+				t.Fatalf("%s differs after decrypt", tc.file)
+			}
+		})
+	}
+}

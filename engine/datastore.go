@@ -342,7 +342,9 @@ type role struct {
 	ks      string
 	owner   Binding
 	purpose Purpose
-	kind    Kind // for ks == "": the kind its header must have (0: any)
+	// kind is the kind its header must have (0: any): by the VM's text
+	// files, or for ks == "" by its name.
+	kind Kind
 }
 
 func suspect(format string, a ...any) role {
@@ -420,11 +422,13 @@ func (d *Datastore) placeRole(path string, head []byte) role {
 			return extentRole(l.Dir, dk)
 		}
 	}
-	if vmKindByName(name) != 0 {
+	// The kind is the one the vmx's reference gives (checkpoint.vmState
+	// naming a .vmsn is a vmsn), as the conversions write it.
+	if k := fileKindIn(l, name); k != 0 {
 		if !l.Encrypted {
 			return role{v: verdictPlain}
 		}
-		return role{v: verdictContainer, ks: l.KeySafe, owner: Binding{PurposeVM, l.VMID}}
+		return role{v: verdictContainer, ks: l.KeySafe, owner: Binding{PurposeVM, l.VMID}, kind: k}
 	}
 	for _, c := range l.CoreDumps {
 		if c == name {
@@ -478,7 +482,7 @@ func extentRole(dir string, dk *disk) role {
 	case dk.DiskID == "":
 		return suspect("disk %s has encryptionKeys but no %s line (see vmcryptd vm status)", dk.Name, DDBDiskID)
 	}
-	return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}}
+	return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}, kind: KindExtent}
 }
 
 // Open opens the container at rel with its DEK.
@@ -515,7 +519,7 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	// The authenticated kind must fit the name: files of one VM share a
 	// key, so without this check a swap file renamed over the nvram (by
 	// anyone who can write the datastore) would be served as the nvram.
-	want := vmKindByName(path)
+	want := r.kind
 	if want == 0 && isVMDKName(path) {
 		want = KindExtent
 	}
