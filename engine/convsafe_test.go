@@ -64,8 +64,10 @@ func TestLostKeyLinesNeverConvertHalf(t *testing.T) {
 		restore func(t *testing.T, ops *VMOps, dir string)
 	}{
 		{
-			name:    "descriptor lost encryptionKeys, decrypt",
-			lose:    func(t *testing.T, dir string) { dropLines(t, filepath.Join(dir, "disk0.vmdk"), DescKeySafe+"=", DDBDiskID) },
+			name: "descriptor lost encryptionKeys, decrypt",
+			lose: func(t *testing.T, dir string) {
+				dropLines(t, filepath.Join(dir, "disk0.vmdk"), DescKeySafe+"=", DDBDiskID)
+			},
 			op:      "decrypt",
 			refused: []string{"disk0-flat.vmdk: an encrypted container", "vmcryptd disk restore-keys " + "DIR" + " disk0.vmdk"},
 			restore: func(t *testing.T, ops *VMOps, dir string) {
@@ -275,5 +277,134 @@ func TestKindsFollowVMXNames(t *testing.T) {
 				t.Fatalf("%s differs after decrypt", tc.file)
 			}
 		})
+	}
+}
+
+// Issue 12 case 4: in an encrypted VM, a file the VM's text files say is
+// encrypted but that is not a valid container is refused by the view,
+// reported by vm status and stops every conversion, naming it, with
+// nothing changed; a vmx that lost encryption.keySafe while VM-key
+// containers exist is a problem, not "plain".
+func TestNoSilentDowngrade(t *testing.T) {
+	flipMagics := func(t *testing.T, p string) {
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		for _, off := range []int64{0, slotSize} {
+			f.WriteAt([]byte("XMCRYPTD"), off)
+		}
+	}
+	plainFile := func(t *testing.T, p string) { os.WriteFile(p, randBytes(1<<20), 0o644) }
+	truncate := func(t *testing.T, p string) { os.Truncate(p, 0) }
+	for _, tc := range []struct {
+		name   string
+		file   string
+		damage func(t *testing.T, p string)
+		vmx    bool // the damage is to the vmx: the VM now reads as plain
+	}{
+		{"nvram replaced by a plain file", "vm.nvram", plainFile, false},
+		{"nvram with both header magics flipped", "vm.nvram", flipMagics, false},
+		{"nvram truncated to 0", "vm.nvram", truncate, false},
+		{"extent replaced by a plain file", "vm-flat.vmdk", plainFile, false},
+		{"extent with both header magics flipped", "vm-flat.vmdk", flipMagics, false},
+		{"extent truncated to 0", "vm-flat.vmdk", truncate, false},
+		{"vmx lost encryption.keySafe", "vm.nvram", func(t *testing.T, _ string) {}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ops, kek := newTestOps(t)
+			ctx := context.Background()
+			root := t.TempDir()
+			dir := vmIn(t, ops, &kek, root, "vm")
+			tc.damage(t, filepath.Join(dir, tc.file))
+			if tc.vmx {
+				dropLines(t, filepath.Join(dir, "vm.vmx"), VMXKeySafe)
+			}
+			ds := NewDatastore(root, ops.Keys, "")
+			defer ds.Close()
+			if st, reason, err := ds.Classify("vm/" + tc.file); err != nil || st != FileLocked || reason == "" {
+				t.Errorf("view: %s classified %v %q %v, want refused (locked)", tc.file, st, reason, err)
+			}
+			st, err := ReadVMStatus(dir, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			found := false
+			for _, p := range st.Problems {
+				found = found || strings.HasPrefix(p, tc.file+": ")
+			}
+			if !found {
+				t.Errorf("status reports no problem for %s: %q", tc.file, st.Problems)
+			}
+			snap := snapshotDir(t, dir)
+			for _, op := range []string{"decrypt", "rekey-deep", "encrypt"} {
+				var err error
+				switch op {
+				case "decrypt":
+					err = ops.Decrypt(ctx, dir)
+				case "rekey-deep":
+					err = ops.RekeyDeep(ctx, dir, kek)
+				case "encrypt":
+					err = ops.Encrypt(ctx, dir, kek)
+				}
+				if err == nil {
+					t.Errorf("%s succeeded", op)
+				} else if !tc.vmx || op == "encrypt" {
+					if !strings.Contains(err.Error(), filepath.Join(dir, tc.file)) && !strings.Contains(err.Error(), "already encrypted") {
+						t.Errorf("%s error does not name %s: %v", op, tc.file, err)
+					}
+				}
+				unchanged(t, dir, snap, "refused "+op)
+			}
+		})
+	}
+}
+
+// placeProblem is the one rule of what a file must start with; its table.
+func TestPlaceProblem(t *testing.T) {
+	head := func(b Binding) []byte {
+		p := filepath.Join(t.TempDir(), "c")
+		c, err := CreateContainer(p, mustDEK(t), CreateOptions{Kind: KindNVRAM, Binding: b})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		raw, _ := os.ReadFile(p)
+		return raw[:HeaderSize]
+	}
+	vmC, diskC := head(Binding{PurposeVM, "v"}), head(Binding{PurposeDisk, "d"})
+	layout := func(enc bool) *vmLayout {
+		return &vmLayout{Encrypted: enc, Disks: []*disk{
+			{Name: "d.vmdk", Extents: []string{"d-flat.vmdk"}, KeySafe: "ks", DiskID: "d"},
+			{Name: "p.vmdk", Extents: []string{"p-flat.vmdk"}},
+			{Name: "s.vmdk", Embedded: true, Extents: []string{"s.vmdk"}},
+		}, Files: []dataFile{{"vm.nvram", KindNVRAM}, {"firmware.bin", KindNVRAM}}}
+	}
+	for _, tc := range []struct {
+		enc     bool
+		name    string
+		head    []byte
+		problem bool
+	}{
+		{true, "d-flat.vmdk", diskC, false},
+		{true, "d-flat.vmdk", []byte("plain data"), true},
+		{true, "d-flat.vmdk", nil, true},
+		{true, "p-flat.vmdk", []byte("plain data"), false}, // a plain disk of an encrypted VM
+		{true, "s.vmdk", []byte("KDMV"), false},            // a plain sparse disk: its key would be in its header
+		{true, "vm.nvram", vmC, false},
+		{true, "vm.nvram", []byte("plain"), true},
+		{true, "firmware.bin", nil, true},
+		{true, "vm.log", []byte("plain"), false},
+		{true, "other.img", diskC, false}, // not judged here (roleOf decides)
+		{false, "vm.nvram", []byte("plain"), false},
+		{false, "vm.nvram", vmC, true},    // the vmx lost its key lines
+		{false, "vm.nvram", diskC, false}, // not a VM key: guest data is possible (roleOf serves it plain)
+		{false, "d-flat.vmdk", []byte("plain"), false},
+	} {
+		got := placeProblem(layout(tc.enc), tc.name, tc.head)
+		if (got != "") != tc.problem {
+			t.Errorf("encrypted=%v %s %q: problem %q, want problem=%v", tc.enc, tc.name, tc.head[:min(len(tc.head), 8)], got, tc.problem)
+		}
 	}
 }

@@ -245,9 +245,6 @@ func (d *Datastore) Classify(rel string) (FileState, string, error) {
 	if err != nil {
 		return 0, "", err
 	}
-	if _, err := PeekHeader(head); err != nil {
-		return FilePlain, "", nil
-	}
 	r := d.roleOf(path, head)
 	switch r.v {
 	case verdictPlain:
@@ -351,8 +348,13 @@ func suspect(format string, a ...any) role {
 	return role{v: verdictSuspect, why: fmt.Sprintf(format, a...)}
 }
 
-// roleOf decides, from the VM directory holding path, how a file whose
-// first bytes (head) parse as a container header is served. A header
+// roleOf decides, from the VM directory holding path, how a file is
+// served, given its first bytes (head). Where the VM's text files say a
+// file is encrypted, anything but a container in its place (a plain file,
+// both header slots damaged, an empty file) is refused, never served as
+// plain data; so is a container of a VM key where the vmx lost its key
+// lines (placeProblem, shared with vm status and the conversions).
+// Other files that do not start like a container are plain. A header
 // proves nothing by itself, and neither does a keySafe copy in it: a
 // guest can write anything into its own plain disks (and floppy images,
 // shared disks...), including another disk's whole container (ciphertext
@@ -401,7 +403,19 @@ func (d *Datastore) roleOf(path string, head []byte) role {
 // placeRole is roleOf before the hard-link check.
 func (d *Datastore) placeRole(path string, head []byte) role {
 	dir, name := filepath.Dir(path), filepath.Base(path)
+	_, perr := PeekHeader(head)
 	l, err := d.layout(dir)
+	if err != nil && perr != nil {
+		return role{v: verdictPlain} // as before its VM's files broke
+	}
+	if err == nil {
+		if p := placeProblem(l, name, head); p != "" {
+			return suspect("%s", p)
+		}
+		if perr != nil {
+			return role{v: verdictPlain}
+		}
+	}
 	if err != nil {
 		if _, ferr := vmdir.FindVMX(dir); !errors.Is(ferr, vmdir.ErrNoVMX) {
 			return suspect("its VM's files cannot be read: %v", err)
