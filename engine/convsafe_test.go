@@ -408,3 +408,54 @@ func TestPlaceProblem(t *testing.T) {
 		}
 	}
 }
+
+// Issue 12 case 5: user files whose names look like temporary files
+// survive every conversion; a temporary file a killed conversion left is
+// removed by the next run only because its journal records it.
+func TestTempNamesNeverHitUserFiles(t *testing.T) {
+	dir, before, ops, kek := encryptedMadeVM(t)
+	ctx := context.Background()
+	user := map[string][]byte{
+		"v.nvram.vmcryptd-tmp":   []byte("a user's file (the old temporary name)"),
+		"vm.nvram.vmcryptd-tmp":  []byte("a user's file beside a real nvram"),
+		".vm.vmx.tmp-123":        []byte("an atomic-write-like name"),
+		TmpPrefix + "0123456789": []byte("a user's file with the new prefix"),
+	}
+	for n, b := range user {
+		os.WriteFile(filepath.Join(dir, n), b, 0o644)
+	}
+	check := func(what string) {
+		t.Helper()
+		for n, b := range user {
+			if got, err := os.ReadFile(filepath.Join(dir, n)); err != nil || !bytes.Equal(got, b) {
+				t.Fatalf("%s: user file %s removed or changed (%v)", what, n, err)
+			}
+		}
+	}
+	if err := ops.RekeyDeep(ctx, dir, kek); err != nil {
+		t.Fatal(err)
+	}
+	check("deep rekey")
+	// An interrupted decrypt (the rename over an immutable file fails),
+	// then a leftover temporary file as a kill -9 would leave it.
+	needTool(t, "chattr")
+	nv := filepath.Join(dir, "vm.vswp")
+	run(t, dir, "chattr", "+i", nv)
+	err := ops.Decrypt(ctx, dir)
+	run(t, dir, "chattr", "-i", nv)
+	if err == nil {
+		t.Fatal("decrypt with an immutable swap file succeeded")
+	}
+	j, err := loadJournal(dir)
+	if err != nil || j == nil || len(j.Temps) == 0 {
+		t.Fatalf("journal after the failed decrypt: %+v %v", j, err)
+	}
+	left := filepath.Join(dir, j.Temps[len(j.Temps)-1])
+	os.WriteFile(left, []byte("half a conversion"), 0o600)
+	check("failed decrypt")
+	decryptMatches(t, ops, dir, before)
+	if _, err := os.Stat(left); !os.IsNotExist(err) {
+		t.Fatalf("the recorded temporary file %s was not cleaned: %v", left, err)
+	}
+	check("resumed decrypt")
+}

@@ -41,9 +41,7 @@ func TestEncryptDiskFull(t *testing.T) {
 	if got, _ := os.ReadFile(filepath.Join(dir, "vm.vswp")); !bytes.Equal(got, swap) {
 		t.Fatal("swap file changed")
 	}
-	if _, err := os.Stat(filepath.Join(dir, "vm.vswp"+TmpSuffix)); !os.IsNotExist(err) {
-		t.Fatal("temporary file left behind")
-	}
+	noTemps(t, dir)
 	if got, _ := os.ReadFile(filepath.Join(dir, "vm.vmx")); !bytes.Equal(got, vmxText) {
 		t.Fatal("vmx changed")
 	}

@@ -180,7 +180,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 		}
 	}
 	for _, f := range scan.Files {
-		if inDisk[f.Name] || strings.HasSuffix(f.Name, TmpSuffix) {
+		if inDisk[f.Name] || isTempName(f.Name) {
 			continue
 		}
 		if k, ok := kindFromDir[f.Kind]; ok {
@@ -341,6 +341,10 @@ type journal struct {
 	OldKeySafe string        `json:"old_keysafe,omitempty"` // rekey-deep: the one being replaced
 	Disks      []journalDisk `json:"disks"`
 	Policy     string        `json:"policy,omitempty"`
+	// Temps are the temporary files this conversion may have created
+	// (base names, recorded before creation): the only files a later
+	// run removes.
+	Temps []string `json:"temps,omitempty"`
 }
 
 type journalDisk struct {
@@ -434,38 +438,40 @@ func keyStateOf(path string, dek *DEK) (fileKeyState, Kind, error) {
 	return stateUnderKey, h.Kind, nil
 }
 
-// cleanStaleTemps removes what a killed run left: conversion temporaries
-// ("<name>.vmcryptd-tmp") and atomic-write temporaries (".<name>.tmp-<n>")
-// of files that still exist. Their originals are intact by construction.
-func cleanStaleTemps(dir string) error {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return err
+// cleanStaleTemps removes the temporary files a killed conversion left:
+// only those its journal j records (a name is recorded before the file is
+// created with O_EXCL), never a file matched by its name alone, so no
+// user file is ever removed. Their originals are intact by construction.
+func cleanStaleTemps(dir string, j *journal) error {
+	if j == nil {
+		return nil
 	}
-	for _, e := range ents {
-		n := e.Name()
-		orig := ""
-		switch {
-		case strings.HasSuffix(n, TmpSuffix):
-			orig = strings.TrimSuffix(n, TmpSuffix)
-		case strings.HasPrefix(n, ".") && strings.Contains(n, ".tmp-"):
-			i := strings.LastIndex(n, ".tmp-")
-			if strings.Trim(n[i+5:], "0123456789") != "" {
-				continue
-			}
-			orig = n[1:i]
-		default:
-			continue
+	for _, n := range j.Temps {
+		if !isTempName(n) || n != filepath.Base(n) {
+			continue // not a name this code records
 		}
-		if orig == "" {
-			continue
-		}
-		if _, err := os.Stat(filepath.Join(dir, orig)); err != nil && orig != JournalName {
-			continue // not ours to judge
-		}
-		if err := os.Remove(filepath.Join(dir, n)); err != nil {
-			return err
+		if err := os.Remove(filepath.Join(dir, n)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("%s: %w", filepath.Join(dir, n), err)
 		}
 	}
 	return nil
+}
+
+// temp is the TempFunc of a conversion under journal j: each name is
+// recorded (and the journal made durable) before the file is created.
+func (j *journal) temp(dir string) TempFunc {
+	return func(path string) (string, error) {
+		if filepath.Dir(path) != filepath.Clean(dir) {
+			return "", fmt.Errorf("%s: not in the VM directory %s", path, dir)
+		}
+		n, err := tempBase()
+		if err != nil {
+			return "", err
+		}
+		j.Temps = append(j.Temps, n)
+		if err := j.save(dir); err != nil {
+			return "", err
+		}
+		return filepath.Join(dir, n), nil
+	}
 }

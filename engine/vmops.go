@@ -230,11 +230,11 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 			}
 		}
 		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
-		if err := EncryptFile(ctx, t.path, t.dek, opts, prog(t.path)); err != nil {
+		if err := encryptFile(ctx, t.path, t.dek, opts, prog(t.path), j.temp(dir)); err != nil {
 			return err
 		}
 	}
-	if err := o.coreDumps(ctx, l, true); err != nil {
+	if err := o.coreDumps(ctx, l, true, j.temp(dir)); err != nil {
 		return err
 	}
 	if err := o.writeDescriptors(l, j.Disks, true); err != nil {
@@ -250,15 +250,15 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 // a killed run left, load the journal (refusing if another operation is
 // unfinished) and read the VM's layout.
 func begin(dir, op string, corePatterns []string) (*journal, *vmLayout, error) {
-	if err := cleanStaleTemps(dir); err != nil {
-		return nil, nil, err
-	}
 	j, err := loadJournal(dir)
 	if err != nil {
 		return nil, nil, err
 	}
 	if j != nil && j.Op != op {
-		return nil, nil, fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
+		return nil, nil, fmt.Errorf("%s: a %s was interrupted; run it again to finish first, or abort it (--abort)", dir, j.Op)
+	}
+	if err := cleanStaleTemps(dir, j); err != nil {
+		return nil, nil, err
 	}
 	l, err := loadLayout(dir, corePatterns)
 	if err != nil {
@@ -532,11 +532,11 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		if err := checkKind(t, kind); err != nil {
 			return err
 		}
-		if err := DecryptFile(ctx, t.path, t.dek, prog(t.path)); err != nil {
+		if err := decryptFile(ctx, t.path, t.dek, prog(t.path), j.temp(dir)); err != nil {
 			return err
 		}
 	}
-	if err := o.coreDumps(ctx, l, false); err != nil {
+	if err := o.coreDumps(ctx, l, false, j.temp(dir)); err != nil {
 		return err
 	}
 	if err := o.writeDescriptors(l, j.Disks, false); err != nil {
@@ -569,9 +569,6 @@ func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 // keySafe is replaced atomically; until the last one is rewritten the old
 // KEK is still needed, which is why the keyring keeps it.
 func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) error {
-	if err := cleanStaleTemps(dir); err != nil {
-		return err
-	}
 	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return err
@@ -732,7 +729,7 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 			}
 		}
 		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
-		if err := RekeyFile(ctx, t.path, t.old, t.dek, opts, prog(t.path)); err != nil {
+		if err := rekeyFile(ctx, t.path, t.old, t.dek, opts, prog(t.path), j.temp(dir)); err != nil {
 			return err
 		}
 	}
