@@ -154,6 +154,23 @@ func (o *VMOps) precheckEncrypt(ctx context.Context, l *vmLayout) error {
 			addErr(err)
 		}
 	}
+	// A VM-key file that is not a regular file (a symlink, a FIFO) is not
+	// in the layout at all: encrypting the rest would leave it plain.
+	named := map[string]bool{}
+	for _, ref := range []string{l.VMX.NVRAM(), l.VMX.SwapDerivedName(), l.VMX.CheckpointVMState()} {
+		if ref != "" {
+			named[filepath.Base(ref)] = true
+		}
+	}
+	ents, err := os.ReadDir(l.Dir)
+	if err != nil {
+		return fmt.Errorf("%s: %w", l.Dir, err)
+	}
+	for _, e := range ents {
+		if n := e.Name(); !e.Type().IsRegular() && !e.IsDir() && (named[n] || vmKindByName(n) != 0) {
+			add("%s is not a regular file (%s); it would stay plain", filepath.Join(l.Dir, n), e.Type())
+		}
+	}
 	return convertErr(l.Dir, "encrypt", problems)
 }
 

@@ -3,7 +3,9 @@ package engine
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -458,4 +460,133 @@ func TestTempNamesNeverHitUserFiles(t *testing.T) {
 		t.Fatalf("the recorded temporary file %s was not cleaned: %v", left, err)
 	}
 	check("resumed decrypt")
+}
+
+// Issue 12 case 7: a conversion that fails half way (an immutable file)
+// leaves the VM "conversion interrupted"; --abort rolls it back to the
+// state before it started, even while the file that stopped it is still
+// immutable, and the VM then works as before.
+func TestAbortInterruptedConversion(t *testing.T) {
+	needTool(t, "chattr")
+	for _, op := range []string{"encrypt", "decrypt", "rekey-deep"} {
+		t.Run(op, func(t *testing.T) {
+			ctx := context.Background()
+			var dir string
+			var before map[string][]byte
+			var ops *VMOps
+			var kek KeyRef
+			if op == "encrypt" {
+				dir = makeVM(t)
+				before = snapshotDir(t, dir)
+				ops, kek = newTestOps(t)
+			} else {
+				dir, before, ops, kek = encryptedMadeVM(t)
+			}
+			start := snapshotDir(t, dir)
+			stStart, err := ReadVMStatus(dir, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conv := func() error {
+				switch op {
+				case "encrypt":
+					return ops.Encrypt(ctx, dir, kek)
+				case "decrypt":
+					return ops.Decrypt(ctx, dir)
+				}
+				return ops.RekeyDeep(ctx, dir, kek)
+			}
+			// The disks are converted first, the swap file later: it stops
+			// the conversion half way.
+			swap := filepath.Join(dir, "vm.vswp")
+			run(t, dir, "chattr", "+i", swap)
+			t.Cleanup(func() { exec.Command("chattr", "-i", swap).Run() })
+			if err := conv(); err == nil {
+				t.Fatalf("%s with an immutable swap file succeeded", op)
+			}
+			if got, _ := InterruptedOp(dir); got != op {
+				t.Fatalf("after the failure: interrupted %q, want %q", got, op)
+			}
+			if changed := snapshotDir(t, dir); bytes.Equal(changed["disk0-flat.vmdk"], start["disk0-flat.vmdk"]) {
+				t.Fatal("the failed conversion converted nothing: the abort below would test nothing")
+			}
+			other := map[string]string{"encrypt": "decrypt", "decrypt": "encrypt", "rekey-deep": "encrypt"}[op]
+			if err := ops.Abort(ctx, dir, other); err == nil {
+				t.Fatalf("abort of a %s while a %s is interrupted succeeded", other, op)
+			}
+			if err := ops.Abort(ctx, dir, op); err != nil {
+				t.Fatalf("abort: %v", err)
+			}
+			if got, _ := InterruptedOp(dir); got != "" {
+				t.Fatalf("after abort: still interrupted (%s)", got)
+			}
+			noTemps(t, dir)
+			if err := ops.Abort(ctx, dir, op); err == nil {
+				t.Fatal("a second abort succeeded")
+			}
+			st, err := ReadVMStatus(dir, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Encrypted != stStart.Encrypted || len(st.Problems) != 0 {
+				t.Fatalf("after abort: encrypted=%v problems %q", st.Encrypted, st.Problems)
+			}
+			if op == "encrypt" {
+				unchanged(t, dir, start, "aborted encrypt")
+				return
+			}
+			// Same keys as before the conversion: same KEKs and DEKs.
+			fp := func(s *VMStatus) map[string]string {
+				m := map[string]string{}
+				for _, f := range s.Files {
+					m[f.Name] = f.Fingerprint
+				}
+				return m
+			}
+			if a, b := fp(st), fp(stStart); fmt.Sprint(a) != fmt.Sprint(b) || fmt.Sprint(st.KEKs) != fmt.Sprint(stStart.KEKs) {
+				t.Fatalf("keys after abort %v %v, before %v %v", a, st.KEKs, b, stStart.KEKs)
+			}
+			exec.Command("chattr", "-i", swap).Run()
+			decryptMatches(t, ops, dir, before)
+		})
+	}
+}
+
+// Minor of issue 12: a symlink or hard link refused by vm encrypt leaves
+// the VM as it was, not "conversion interrupted".
+func TestEncryptRefusalLeavesNoJournal(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		make func(t *testing.T, dir string)
+		want string
+	}{
+		{"nvram is a symlink", func(t *testing.T, dir string) {
+			p := filepath.Join(dir, "vm.nvram")
+			os.Rename(p, p+".real")
+			os.Symlink("vm.nvram.real", p)
+		}, "not a regular file"},
+		{"extent is a symlink", func(t *testing.T, dir string) {
+			p := filepath.Join(dir, "vm-flat.vmdk")
+			os.Rename(p, p+".real")
+			os.Symlink("vm-flat.vmdk.real", p)
+		}, "not a regular file"},
+		{"extent has a second hard link", func(t *testing.T, dir string) {
+			os.Link(filepath.Join(dir, "vm-flat.vmdk"), filepath.Join(dir, "copy.img"))
+		}, "hard links"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ops, kek := newTestOps(t)
+			dir := vmIn(t, ops, nil, t.TempDir(), "vm")
+			tc.make(t, dir)
+			snap := snapshotDir(t, dir)
+			err := ops.Encrypt(context.Background(), dir, kek)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("encrypt: %v, want %q", err, tc.want)
+			}
+			if op, _ := InterruptedOp(dir); op != "" {
+				t.Fatalf("refused encrypt left the VM marked %q interrupted", op)
+			}
+			unchanged(t, dir, snap, "refused encrypt")
+		})
+	}
 }

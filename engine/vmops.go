@@ -480,7 +480,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		if !l.Encrypted {
 			return fmt.Errorf("%s: VM is not encrypted", dir)
 		}
-		j = &journal{Op: "decrypt", VMID: l.VMID, KeySafe: l.KeySafe}
+		j = &journal{Op: "decrypt", VMID: l.VMID, KeySafe: l.KeySafe, Policy: l.Policy}
 		for _, d := range l.Disks {
 			if d.KeySafe != "" {
 				j.Disks = append(j.Disks, journalDisk{Name: d.Name, DiskID: d.DiskID, KeySafe: d.KeySafe})
