@@ -359,6 +359,26 @@ func TestNoSilentDowngrade(t *testing.T) {
 				}
 				unchanged(t, dir, snap, "refused "+op)
 			}
+			if tc.vmx || !strings.Contains(tc.name, "plain file") {
+				return
+			}
+			// The way out (docs/FORMAT.md 5.1): to keep the plain data,
+			// move it away and copy it back in through the view, which
+			// encrypts it under the key its place gives.
+			p := filepath.Join(dir, tc.file)
+			plain, _ := os.ReadFile(p)
+			os.Rename(p, filepath.Join(root, "kept"))
+			ds.Forget(dir)
+			createThrough(t, ds, "vm/"+tc.file, plain)
+			if st, err := ReadVMStatus(dir, nil); err != nil || len(st.Problems) != 0 {
+				t.Fatalf("after copying it back through the view: %v %q", err, st.Problems)
+			}
+			if err := ops.Decrypt(ctx, dir); err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := os.ReadFile(p); !bytes.Equal(got, plain) {
+				t.Fatal("the data copied back through the view did not come back")
+			}
 		})
 	}
 }
