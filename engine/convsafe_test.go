@@ -272,6 +272,17 @@ func TestKindsFollowVMXNames(t *testing.T) {
 					t.Fatalf("view read %s: %v, equal=%v", tc.file, err, bytes.Equal(got, data))
 				}
 			}
+			if !tc.plain {
+				// Made again through the view, it is the same kind of
+				// container (a name only the vmx gives included).
+				os.Remove(p)
+				ds.Forget(dir)
+				createThrough(t, ds, "vm/"+tc.file, data)
+				raw, _ := os.ReadFile(p)
+				if h, err := PeekHeader(raw); err != nil || h.Kind != tc.want {
+					t.Fatalf("%s made through the view: %v %v, want kind %s", tc.file, h, err, tc.want)
+				}
+			}
 			if err := ops.Decrypt(ctx, dir); err != nil {
 				t.Fatal(err)
 			}

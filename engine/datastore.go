@@ -560,6 +560,31 @@ var ErrPlainByLayout = errors.New("looks like a container, but its VM's files sa
 // does not fit its file name.
 var ErrKindMismatch = errors.New("container kind does not match the file name")
 
+// vmxNamedKind is the kind of a VM-key file the vmx beside path names
+// with a name of its own (nvram = "firmware.bin"), so that the view
+// creates it as the container its place requires; 0 otherwise (and when
+// the directory's vmx cannot be read: such a VM's files are refused
+// anyway).
+func (d *Datastore) vmxNamedKind(path string) Kind {
+	l, err := d.placementLayout(filepath.Dir(path))
+	if err != nil || l == nil || !l.Encrypted {
+		return 0
+	}
+	name := filepath.Base(path)
+	if st := l.VMX.CheckpointVMState(); st != "" && filepath.Base(st) == name {
+		return kindFromDir[vmdir.CheckpointKind(st)]
+	}
+	for _, ref := range []struct {
+		v string
+		k Kind
+	}{{l.VMX.NVRAM(), KindNVRAM}, {l.VMX.SwapDerivedName(), KindVSWP}} {
+		if ref.v != "" && filepath.Base(ref.v) == name {
+			return ref.k
+		}
+	}
+	return 0
+}
+
 // vmKindByName picks the container kind of a VM-key file by its name; ""
 // means the file is not one the VM key protects.
 func vmKindByName(name string) Kind {
@@ -594,7 +619,10 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	}
 	kind := vmKindByName(path)
 	if kind == 0 && !isVMDKName(path) {
-		return nil, false, nil
+		kind = d.vmxNamedKind(path)
+		if kind == 0 {
+			return nil, false, nil
+		}
 	}
 	l, err := d.placementLayout(filepath.Dir(path))
 	if err != nil {
@@ -624,7 +652,7 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if vmKindByName(path) == 0 && !isVMDKName(path) {
+	if vmKindByName(path) == 0 && !isVMDKName(path) && d.vmxNamedKind(path) == 0 {
 		return false, nil
 	}
 	l, err := d.placementLayout(filepath.Dir(path))
