@@ -300,3 +300,43 @@ func precheckConvert(l *vmLayout, op string, ts []task) error {
 	}
 	return convertErr(l.Dir, op, problems)
 }
+
+// CheckEncrypt runs vm encrypt's checks on the plain VM in dir without
+// changing anything, so a caller can refuse before it asks a key server
+// for a new KEK.
+func (o *VMOps) CheckEncrypt(ctx context.Context, dir string) error {
+	l, err := loadLayout(dir, o.CoreDumpPatterns)
+	if err != nil {
+		return err
+	}
+	if l.Encrypted {
+		return fmt.Errorf("%s: VM is already encrypted", dir)
+	}
+	return o.precheckEncrypt(ctx, l)
+}
+
+// layoutProblems lists, for an operation that changes key lines only
+// (a shallow rekey), every file that breaks placeProblem's rule.
+func layoutProblems(l *vmLayout) []error {
+	var out []error
+	check := func(name string) {
+		p := filepath.Join(l.Dir, name)
+		head, err := regularHead(p)
+		if err != nil {
+			out = append(out, fmt.Errorf("%s: %w", p, err))
+			return
+		}
+		if pr := placeProblem(l, name, head); pr != "" {
+			out = append(out, fmt.Errorf("%s: %s", p, pr))
+		}
+	}
+	for _, d := range l.Disks {
+		for _, e := range d.Extents {
+			check(e)
+		}
+	}
+	for _, f := range l.Files {
+		check(f.Name)
+	}
+	return out
+}

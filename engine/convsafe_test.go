@@ -351,13 +351,15 @@ func TestNoSilentDowngrade(t *testing.T) {
 				t.Errorf("status reports no problem for %s: %q", tc.file, st.Problems)
 			}
 			snap := snapshotDir(t, dir)
-			for _, op := range []string{"decrypt", "rekey-deep", "encrypt"} {
+			for _, op := range []string{"decrypt", "rekey-deep", "rekey-shallow", "encrypt"} {
 				var err error
 				switch op {
 				case "decrypt":
 					err = ops.Decrypt(ctx, dir)
 				case "rekey-deep":
 					err = ops.RekeyDeep(ctx, dir, kek)
+				case "rekey-shallow":
+					err = ops.RekeyShallow(ctx, dir, kek)
 				case "encrypt":
 					err = ops.Encrypt(ctx, dir, kek)
 				}

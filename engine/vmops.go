@@ -576,6 +576,9 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 	if !l.Encrypted {
 		return fmt.Errorf("%s: VM is not encrypted", dir)
 	}
+	if err := convertErr(dir, "shallow rekey", layoutProblems(l)); err != nil {
+		return err
+	}
 	rewrap := func(ks string, b Binding) (string, [16]byte, error) {
 		dek, _, err := o.unwrapFrom(ctx, ks, b)
 		if err != nil {

@@ -233,6 +233,10 @@ func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
 		if op, err := engine.InterruptedOp(dir); err != nil {
 			return err
 		} else if op == "" { // a resumed encryption already has its keys
+			// Refuse before a new KEK is made on the key server.
+			if err := ops.CheckEncrypt(ctx, dir); err != nil {
+				return err
+			}
 			var err error
 			if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
 				return err
