@@ -85,7 +85,7 @@ func (o *VMOps) abortEncrypt(ctx context.Context, l *vmLayout, j *journal) error
 		}
 	}
 	for _, jd := range j.Disks {
-		if err := editKeyLines(l, jd.Name, jd.KeySafe, func(desc *vmdk.Descriptor) error {
+		if err := editKeyLines(l, j, jd.Name, jd.KeySafe, func(desc *vmdk.Descriptor) error {
 			desc.Delete(DescKeySafe)
 			desc.Delete(DDBDiskID)
 			return nil
@@ -129,7 +129,7 @@ func (o *VMOps) abortDecrypt(ctx context.Context, l *vmLayout, j *journal) error
 		}
 	}
 	for _, jd := range j.Disks {
-		if err := editKeyLines(l, jd.Name, "", func(desc *vmdk.Descriptor) error {
+		if err := editKeyLines(l, j, jd.Name, "", func(desc *vmdk.Descriptor) error {
 			return setKeyLines(desc, jd.KeySafe, jd.DiskID)
 		}); err != nil {
 			return err
@@ -191,7 +191,7 @@ func (o *VMOps) abortRekey(ctx context.Context, l *vmLayout, j *journal) error {
 		}
 	}
 	for _, jd := range j.Disks {
-		if err := editKeyLines(l, jd.Name, jd.KeySafe, func(desc *vmdk.Descriptor) error {
+		if err := editKeyLines(l, j, jd.Name, jd.KeySafe, func(desc *vmdk.Descriptor) error {
 			return setKeyLines(desc, jd.OldKeySafe, jd.DiskID)
 		}); err != nil {
 			return err
@@ -214,7 +214,7 @@ func (o *VMOps) abortRekey(ctx context.Context, l *vmLayout, j *journal) error {
 		if err := l.VMX.Set(VMXKeySafe, j.OldKeySafe); err != nil {
 			return err
 		}
-		return writeText(l.VMXPath, l.VMX.Bytes())
+		return j.writeText(l.Dir)(l.VMXPath, l.VMX.Bytes())
 	}
 	return nil
 }
@@ -235,12 +235,12 @@ func withKeys(ts []task) []task {
 // its encryptionKeys line is want ("": when it has none); embedded
 // descriptors (the key is in the header) and descriptors in any other
 // state are left alone.
-func editKeyLines(l *vmLayout, name, want string, edit func(*vmdk.Descriptor) error) error {
+func editKeyLines(l *vmLayout, j *journal, name, want string, edit func(*vmdk.Descriptor) error) error {
 	for _, d := range l.Disks {
 		if d.Name != name || d.Embedded || d.KeySafe != want {
 			continue
 		}
-		return editDescriptor(filepath.Join(l.Dir, d.Name), edit)
+		return editDescriptorWith(filepath.Join(l.Dir, d.Name), edit, j.writeText(l.Dir))
 	}
 	return nil
 }

@@ -487,10 +487,19 @@ func TestTempNamesNeverHitUserFiles(t *testing.T) {
 	}
 	left := filepath.Join(dir, j.Temps[len(j.Temps)-1])
 	os.WriteFile(left, []byte("half a conversion"), 0o600)
+	// A journal's own temporary file, as a kill during its save leaves
+	// it: it names itself in its content; one naming another does not.
+	jt := TmpPrefix + "00112233445566778899aabbccddeeff"
+	os.WriteFile(filepath.Join(dir, jt), []byte(`{"version": 1, "op": "decrypt", "self": "`+jt+`"}`), 0o600)
+	notOurs := TmpPrefix + "ffeeddccbbaa99887766554433221100"
+	user[notOurs] = []byte(`{"version": 1, "self": "` + jt + `"}`)
+	os.WriteFile(filepath.Join(dir, notOurs), user[notOurs], 0o644)
 	check("failed decrypt")
 	decryptMatches(t, ops, dir, before)
-	if _, err := os.Stat(left); !os.IsNotExist(err) {
-		t.Fatalf("the recorded temporary file %s was not cleaned: %v", left, err)
+	for _, p := range []string{left, filepath.Join(dir, jt)} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Fatalf("the temporary file %s a killed run left was not cleaned: %v", p, err)
+		}
 	}
 	check("resumed decrypt")
 }

@@ -237,7 +237,7 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 	if err := o.coreDumps(ctx, l, true, j.temp(dir)); err != nil {
 		return err
 	}
-	if err := o.writeDescriptors(l, j.Disks, true); err != nil {
+	if err := o.writeDescriptors(l, j.Disks, true, j.writeText(dir)); err != nil {
 		return err
 	}
 	if err := o.writeEncryptedVMX(l, j, ks.vm); err != nil {
@@ -361,7 +361,7 @@ func checkKind(t task, kind Kind) error {
 
 // writeDescriptors sets (or, for decrypt, removes) the encryption lines of
 // every text descriptor.
-func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool) error {
+func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool, w textWriter) error {
 	for _, jd := range disks {
 		var d *disk
 		for _, x := range l.Disks {
@@ -372,14 +372,14 @@ func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool)
 		if d == nil || d.Embedded {
 			continue
 		}
-		err := editDescriptor(filepath.Join(l.Dir, d.Name), func(desc *vmdk.Descriptor) error {
+		err := editDescriptorWith(filepath.Join(l.Dir, d.Name), func(desc *vmdk.Descriptor) error {
 			if !encrypt {
 				desc.Delete(DescKeySafe)
 				desc.Delete(DDBDiskID)
 				return nil
 			}
 			return setKeyLines(desc, jd.KeySafe, jd.DiskID)
-		})
+		}, w)
 		if err != nil {
 			return err
 		}
@@ -402,6 +402,11 @@ func settledLayout(dir string, corePatterns []string) (*vmLayout, error) {
 // editDescriptor rewrites the text descriptor at path, atomically, with
 // edit's changes.
 func editDescriptor(path string, edit func(*vmdk.Descriptor) error) error {
+	return editDescriptorWith(path, edit, writeText)
+}
+
+// editDescriptorWith is editDescriptor writing with w.
+func editDescriptorWith(path string, edit func(*vmdk.Descriptor) error, w textWriter) error {
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		return err
@@ -413,7 +418,7 @@ func editDescriptor(path string, edit func(*vmdk.Descriptor) error) error {
 	if err := edit(desc); err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	return writeText(path, desc.Bytes())
+	return w(path, desc.Bytes())
 }
 
 // setKeyLines sets a disk's two key lines (FORMAT.md 4.3).
@@ -465,7 +470,7 @@ func (o *VMOps) writeEncryptedVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 	if len(l.VMXText) > 0 && !bytes.HasSuffix(l.VMXText, []byte("\n")) {
 		out = bytes.TrimSuffix(out, []byte("\n"))
 	}
-	return writeText(l.VMXPath, out)
+	return j.writeText(l.Dir)(l.VMXPath, out)
 }
 
 // Decrypt turns an encrypted VM back into a plain one, byte for byte as it
@@ -539,7 +544,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 	if err := o.coreDumps(ctx, l, false, j.temp(dir)); err != nil {
 		return err
 	}
-	if err := o.writeDescriptors(l, j.Disks, false); err != nil {
+	if err := o.writeDescriptors(l, j.Disks, false, j.writeText(dir)); err != nil {
 		return err
 	}
 	if l.Encrypted {
@@ -561,7 +566,7 @@ func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 	for _, k := range []string{VMXVMID, VMXKeySafe, VMXData, VMXPolicy} {
 		l.VMX.Delete(k)
 	}
-	return writeText(l.VMXPath, restoreSensitive(l.VMX.Bytes(), moved))
+	return j.writeText(l.Dir)(l.VMXPath, restoreSensitive(l.VMX.Bytes(), moved))
 }
 
 // RekeyShallow rewraps every DEK of the VM under newKEK: only keySafes
@@ -736,7 +741,7 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 			return err
 		}
 	}
-	if err := o.writeDescriptors(l, j.Disks, true); err != nil {
+	if err := o.writeDescriptors(l, j.Disks, true, j.writeText(dir)); err != nil {
 		return err
 	}
 	// The vmx bundle moves from the old VM key to the new one.
@@ -757,7 +762,7 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		if err := l.VMX.Set(VMXKeySafe, j.KeySafe); err != nil {
 			return err
 		}
-		if err := writeText(l.VMXPath, l.VMX.Bytes()); err != nil {
+		if err := j.writeText(dir)(l.VMXPath, l.VMX.Bytes()); err != nil {
 			return err
 		}
 	}
