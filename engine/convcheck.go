@@ -261,7 +261,17 @@ func precheckConvert(l *vmLayout, op string, ts []task) error {
 		default:
 			if err := checkKind(t, kind); err != nil {
 				addErr(err)
+				continue
 			}
+			// Opened as the conversion will open it: whatever the
+			// container layer refuses to convert (a degraded header, a
+			// truncated payload) is refused here, before the journal.
+			c, err := OpenContainer(t.path, t.dek, true, "")
+			if err != nil {
+				addErr(fmt.Errorf("%s: %w", t.path, err))
+				continue
+			}
+			c.Close()
 		}
 	}
 	for _, d := range l.Disks {
