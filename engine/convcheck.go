@@ -350,3 +350,34 @@ func layoutProblems(l *vmLayout) []error {
 	}
 	return out
 }
+
+// precheckCoreDumps refuses, before a decrypt writes anything, core dumps
+// it could not decrypt at its end (their host key cannot be had): the
+// VM's files would be plain by then and the decrypt half done.
+func (o *VMOps) precheckCoreDumps(ctx context.Context, l *vmLayout) error {
+	var problems []error
+	for _, c := range l.CoreDumps {
+		p := filepath.Join(l.Dir, c)
+		head, err := regularHead(p)
+		if err != nil {
+			problems = append(problems, fmt.Errorf("%s: %w", p, err))
+			continue
+		}
+		h, err := PeekHeader(head)
+		if err != nil {
+			continue // plain: nothing to decrypt
+		}
+		ks, ok := ReadEmbeddedKeySafe(head)
+		if !ok || h.Binding.Purpose != PurposeCoreDump {
+			problems = append(problems, fmt.Errorf("%s: an encrypted core dump without its own key copy", p))
+			continue
+		}
+		dek, _, err := o.unwrapFrom(ctx, ks, h.Binding)
+		if err != nil {
+			problems = append(problems, fmt.Errorf("%s: core dump key: %w", p, err))
+			continue
+		}
+		dek.Destroy()
+	}
+	return convertErr(l.Dir, "decrypt", problems)
+}

@@ -632,3 +632,29 @@ func TestEncryptRefusalLeavesNoJournal(t *testing.T) {
 		})
 	}
 }
+
+// A core dump under a host key that cannot be had would stop a decrypt
+// at its very end, with every other file already plain: refused first.
+func TestDecryptRefusesUnopenableCoreDump(t *testing.T) {
+	ops, kek := newTestOps(t)
+	ctx := context.Background()
+	dir := vmIn(t, ops, &kek, t.TempDir(), "vm")
+	other, _ := newTestOps(t) // another host, another key server
+	host, err := other.Keys.Create(ctx, "mem", "host")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other.HostKEK = &host.Ref
+	dump := filepath.Join(t.TempDir(), "dump")
+	os.WriteFile(dump, bytes.Repeat([]byte("core "), 5000), 0o600)
+	if err := other.encryptCoreDump(ctx, dump, randomTemp); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(dump)
+	os.WriteFile(filepath.Join(dir, "vmware-vmx-77.core"), raw, 0o600)
+	snap := snapshotDir(t, dir)
+	if err := ops.Decrypt(ctx, dir); err == nil || !strings.Contains(err.Error(), "vmware-vmx-77.core: core dump key") {
+		t.Fatalf("decrypt with a core dump it cannot open: %v", err)
+	}
+	unchanged(t, dir, snap, "refused decrypt")
+}

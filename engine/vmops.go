@@ -509,6 +509,9 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		if err := precheckConvert(l, "decrypt", ts); err != nil {
 			return err
 		}
+		if err := o.precheckCoreDumps(ctx, l); err != nil {
+			return err
+		}
 	}
 	if err := j.save(dir); err != nil {
 		return err
