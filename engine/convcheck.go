@@ -27,16 +27,22 @@ import (
 //   - a VM-key file (nvram, vswp, vmsn, vmss, vmem, by the vmx's name or
 //     its extension) of an encrypted VM must be a container;
 //   - in a VM whose vmx has no encryption.keySafe, a VM-key file that is a
-//     container bound to a VM key is a problem: the vmx lost its key
-//     lines, and serving the raw container or encrypting it again would
-//     hide that;
+//     container bound to a VM key, and an extent of a disk that names a
+//     key, are problems: the vmx lost its key lines, and serving the raw
+//     container or encrypting it again would hide that;
 //   - anything else is not judged here (roleOf decides from the header).
 func placeProblem(l *vmLayout, name string, head []byte) string {
 	h, perr := PeekHeader(head)
 	isC := perr == nil
 	for _, dk := range l.Disks {
-		if dk.Embedded || !slicesContains(dk.Extents, name) {
+		if !slicesContains(dk.Extents, name) {
 			continue
+		}
+		if !l.Encrypted && dk.KeySafe != "" {
+			return fmt.Sprintf("disk %s is encrypted, but the vmx has no %s line: the vmx lost its encryption lines (restore %s, %s and %s from a backup of the vmx)", dk.Name, VMXKeySafe, VMXKeySafe, VMXVMID, VMXData)
+		}
+		if dk.Embedded {
+			return ""
 		}
 		if l.Encrypted && dk.KeySafe != "" && !isC {
 			return fmt.Sprintf("not a valid container (%s), but descriptor %s names its key: a plain or damaged file where encrypted data belongs; restore it from a backup", notContainerWhy(head), dk.Name)

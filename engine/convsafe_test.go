@@ -435,7 +435,9 @@ func TestPlaceProblem(t *testing.T) {
 		{false, "vm.nvram", []byte("plain"), false},
 		{false, "vm.nvram", vmC, true},    // the vmx lost its key lines
 		{false, "vm.nvram", diskC, false}, // not a VM key: guest data is possible (roleOf serves it plain)
-		{false, "d-flat.vmdk", []byte("plain"), false},
+		{false, "d-flat.vmdk", []byte("plain"), true}, // a keyed disk in a VM whose vmx lost its lines
+		{false, "d-flat.vmdk", diskC, true},
+		{false, "p-flat.vmdk", diskC, false},
 	} {
 		got := placeProblem(layout(tc.enc), tc.name, tc.head)
 		if (got != "") != tc.problem {
