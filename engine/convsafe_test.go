@@ -433,8 +433,8 @@ func TestPlaceProblem(t *testing.T) {
 		{true, "vm.log", []byte("plain"), false},
 		{true, "other.img", diskC, false}, // not judged here (roleOf decides)
 		{false, "vm.nvram", []byte("plain"), false},
-		{false, "vm.nvram", vmC, true},    // the vmx lost its key lines
-		{false, "vm.nvram", diskC, false}, // not a VM key: guest data is possible (roleOf serves it plain)
+		{false, "vm.nvram", vmC, true},                // the vmx lost its key lines
+		{false, "vm.nvram", diskC, false},             // not a VM key: guest data is possible (roleOf serves it plain)
 		{false, "d-flat.vmdk", []byte("plain"), true}, // a keyed disk in a VM whose vmx lost its lines
 		{false, "d-flat.vmdk", diskC, true},
 		{false, "p-flat.vmdk", diskC, false},
