@@ -2,12 +2,15 @@ package engine
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -18,15 +21,44 @@ import (
 )
 
 // File conversions (plain -> container, container -> plain, container ->
-// container under a new key) never modify the original: they write
-// "<name>.vmcryptd-tmp" beside it, fsync it, rename it over the original
-// and fsync the directory. A crash or a full disk at any point leaves the
-// original intact (and at worst a temporary file that the next attempt
-// removes), so no data unit is ever overwritten before its replacement is
-// durable.
+// container under a new key) never modify the original: they write a
+// temporary file beside it, fsync it, rename it over the original and
+// fsync the directory. A crash or a full disk at any point leaves the
+// original intact (and at worst a temporary file), so no data unit is
+// ever overwritten before its replacement is durable.
+//
+// A temporary file is named TmpPrefix and 32 random hex digits, created
+// with O_EXCL (never over an existing file). A VM conversion records the
+// name in its journal before creating the file, and a later run removes
+// only the names its journal records: a conversion never deletes a file
+// it did not create, whatever the user named their files.
 
-// TmpSuffix marks a conversion's temporary file.
-const TmpSuffix = ".vmcryptd-tmp"
+// TmpPrefix starts the name of a conversion's temporary file.
+const TmpPrefix = ".vmcryptd-tmp-"
+
+// TempFunc returns the temporary file to write path's replacement to
+// (a path in the same directory that does not exist yet).
+type TempFunc func(path string) (string, error)
+
+// tempBase returns a fresh temporary file name.
+func tempBase() (string, error) {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("crypto/rand: %w", err)
+	}
+	return TmpPrefix + hex.EncodeToString(b[:]), nil
+}
+
+// randomTemp is the TempFunc of conversions without a journal.
+func randomTemp(path string) (string, error) {
+	n, err := tempBase()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(filepath.Dir(path), n), nil
+}
+
+func isTempName(n string) bool { return strings.HasPrefix(n, TmpPrefix) }
 
 // convChunk is the unit of the conversion pipeline: large enough to keep
 // both cores busy encrypting, small enough to keep memory flat.
@@ -152,6 +184,10 @@ func readPadded(r io.ReaderAt, buf []byte, off int64) error {
 
 // EncryptFile converts the plain file at path into a container.
 func EncryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions, progress ProgressFunc) error {
+	return encryptFile(ctx, path, dek, opts, progress, randomTemp)
+}
+
+func encryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions, progress ProgressFunc, temp TempFunc) error {
 	if _, err := checkSource(path); err != nil {
 		return fmt.Errorf("encrypt: %w", err)
 	}
@@ -167,8 +203,10 @@ func EncryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions,
 	if opts.Perm == 0 {
 		opts.Perm = st.Mode().Perm()
 	}
-	tmp := path + TmpSuffix
-	os.Remove(tmp) // a previous attempt's leftovers
+	tmp, err := temp(path)
+	if err != nil {
+		return fmt.Errorf("encrypt %s: %w", path, err)
+	}
 	dst, err := CreateContainer(tmp, dek, opts)
 	if err != nil {
 		return fmt.Errorf("encrypt %s: %w", path, err)
@@ -254,6 +292,10 @@ func replace(tmp, path string, st os.FileInfo) error {
 // DecryptFile converts the container at path back to a plain file. Units
 // that are holes in the container stay holes.
 func DecryptFile(ctx context.Context, path string, dek *DEK, progress ProgressFunc) error {
+	return decryptFile(ctx, path, dek, progress, randomTemp)
+}
+
+func decryptFile(ctx context.Context, path string, dek *DEK, progress ProgressFunc, temp TempFunc) error {
 	if _, err := checkSource(path); err != nil {
 		return fmt.Errorf("decrypt: %w", err)
 	}
@@ -266,8 +308,10 @@ func DecryptFile(ctx context.Context, path string, dek *DEK, progress ProgressFu
 	if err != nil {
 		return fmt.Errorf("decrypt %s: %w", path, err)
 	}
-	tmp := path + TmpSuffix
-	os.Remove(tmp)
+	tmp, err := temp(path)
+	if err != nil {
+		return fmt.Errorf("decrypt %s: %w", path, err)
+	}
 	dst, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fmt.Errorf("decrypt %s: %w", path, err)
@@ -305,6 +349,10 @@ func DecryptFile(ctx context.Context, path string, dek *DEK, progress ProgressFu
 
 // RekeyFile re-encrypts the container at path under newDEK (a deep rekey).
 func RekeyFile(ctx context.Context, path string, oldDEK, newDEK *DEK, opts CreateOptions, progress ProgressFunc) error {
+	return rekeyFile(ctx, path, oldDEK, newDEK, opts, progress, randomTemp)
+}
+
+func rekeyFile(ctx context.Context, path string, oldDEK, newDEK *DEK, opts CreateOptions, progress ProgressFunc, temp TempFunc) error {
 	if _, err := checkSource(path); err != nil {
 		return fmt.Errorf("rekey: %w", err)
 	}
@@ -327,8 +375,10 @@ func RekeyFile(ctx context.Context, path string, oldDEK, newDEK *DEK, opts Creat
 	if opts.Perm == 0 {
 		opts.Perm = st.Mode().Perm()
 	}
-	tmp := path + TmpSuffix
-	os.Remove(tmp)
+	tmp, err := temp(path)
+	if err != nil {
+		return fmt.Errorf("rekey %s: %w", path, err)
+	}
 	dst, err := CreateContainer(tmp, newDEK, opts)
 	if err != nil {
 		return fmt.Errorf("rekey %s: %w", path, err)

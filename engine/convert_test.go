@@ -58,9 +58,7 @@ func TestConvertRoundTrip(t *testing.T) {
 			if err := EncryptFile(ctx, path, dek, opts, func(n int64) { done += n }); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := os.Stat(path + TmpSuffix); !os.IsNotExist(err) {
-				t.Fatal("temporary file left behind")
-			}
+			noTemps(t, dir)
 			raw, _ := os.ReadFile(path)
 			if string(raw[:8]) != ContainerMagic {
 				t.Fatal("not a container after EncryptFile")
@@ -127,7 +125,16 @@ func TestConvertFailureKeepsOriginal(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("cancelled conversion changed the original")
 	}
-	if _, err := os.Stat(big + TmpSuffix); !os.IsNotExist(err) {
-		t.Fatal("temporary file left behind")
+	noTemps(t, dir)
+}
+
+// noTemps requires dir to hold no conversion temporary file.
+func noTemps(t *testing.T, dir string) {
+	t.Helper()
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if isTempName(e.Name()) {
+			t.Fatalf("temporary file %s left behind", e.Name())
+		}
 	}
 }

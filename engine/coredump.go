@@ -14,7 +14,7 @@ import (
 // has no text file to carry a keySafe.
 
 // encryptCoreDump converts one plain core dump.
-func (o *VMOps) encryptCoreDump(ctx context.Context, path string) error {
+func (o *VMOps) encryptCoreDump(ctx context.Context, path string, temp TempFunc) error {
 	if o.HostKEK == nil {
 		return fmt.Errorf("%s: core dumps are encrypted with the host key, and host encryption mode is off", path)
 	}
@@ -26,11 +26,11 @@ func (o *VMOps) encryptCoreDump(ctx context.Context, path string) error {
 		return fmt.Errorf("%s: %w", path, err)
 	}
 	defer dek.Destroy()
-	return EncryptFile(ctx, path, dek, CreateOptions{Kind: KindCoreDump, Binding: b, Impl: o.Impl, EmbeddedKeySafe: ks}, nil)
+	return encryptFile(ctx, path, dek, CreateOptions{Kind: KindCoreDump, Binding: b, Impl: o.Impl, EmbeddedKeySafe: ks}, nil, temp)
 }
 
 // decryptCoreDump converts an encrypted core dump back (no-op if plain).
-func (o *VMOps) decryptCoreDump(ctx context.Context, path string) error {
+func (o *VMOps) decryptCoreDump(ctx context.Context, path string, temp TempFunc) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -64,17 +64,17 @@ func (o *VMOps) decryptCoreDump(ctx context.Context, path string) error {
 		}
 		return err
 	}
-	return DecryptFile(ctx, path, dek, nil)
+	return decryptFile(ctx, path, dek, nil, temp)
 }
 
-func (o *VMOps) coreDumps(ctx context.Context, l *vmLayout, encrypt bool) error {
+func (o *VMOps) coreDumps(ctx context.Context, l *vmLayout, encrypt bool, temp TempFunc) error {
 	for _, c := range l.CoreDumps {
 		p := filepath.Join(l.Dir, c)
 		var err error
 		if encrypt {
-			err = o.encryptCoreDump(ctx, p)
+			err = o.encryptCoreDump(ctx, p, temp)
 		} else {
-			err = o.decryptCoreDump(ctx, p)
+			err = o.decryptCoreDump(ctx, p, temp)
 		}
 		if err != nil {
 			return err

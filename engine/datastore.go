@@ -245,9 +245,6 @@ func (d *Datastore) Classify(rel string) (FileState, string, error) {
 	if err != nil {
 		return 0, "", err
 	}
-	if _, err := PeekHeader(head); err != nil {
-		return FilePlain, "", nil
-	}
 	r := d.roleOf(path, head)
 	switch r.v {
 	case verdictPlain:
@@ -342,15 +339,22 @@ type role struct {
 	ks      string
 	owner   Binding
 	purpose Purpose
-	kind    Kind // for ks == "": the kind its header must have (0: any)
+	// kind is the kind its header must have (0: any): by the VM's text
+	// files, or for ks == "" by its name.
+	kind Kind
 }
 
 func suspect(format string, a ...any) role {
 	return role{v: verdictSuspect, why: fmt.Sprintf(format, a...)}
 }
 
-// roleOf decides, from the VM directory holding path, how a file whose
-// first bytes (head) parse as a container header is served. A header
+// roleOf decides, from the VM directory holding path, how a file is
+// served, given its first bytes (head). Where the VM's text files say a
+// file is encrypted, anything but a container in its place (a plain file,
+// both header slots damaged, an empty file) is refused, never served as
+// plain data; so is a container of a VM key where the vmx lost its key
+// lines (placeProblem, shared with vm status and the conversions).
+// Other files that do not start like a container are plain. A header
 // proves nothing by itself, and neither does a keySafe copy in it: a
 // guest can write anything into its own plain disks (and floppy images,
 // shared disks...), including another disk's whole container (ciphertext
@@ -399,7 +403,19 @@ func (d *Datastore) roleOf(path string, head []byte) role {
 // placeRole is roleOf before the hard-link check.
 func (d *Datastore) placeRole(path string, head []byte) role {
 	dir, name := filepath.Dir(path), filepath.Base(path)
+	_, perr := PeekHeader(head)
 	l, err := d.layout(dir)
+	if err != nil && perr != nil {
+		return role{v: verdictPlain} // as before its VM's files broke
+	}
+	if err == nil {
+		if p := placeProblem(l, name, head); p != "" {
+			return suspect("%s", p)
+		}
+		if perr != nil {
+			return role{v: verdictPlain}
+		}
+	}
 	if err != nil {
 		if _, ferr := vmdir.FindVMX(dir); !errors.Is(ferr, vmdir.ErrNoVMX) {
 			return suspect("its VM's files cannot be read: %v", err)
@@ -420,11 +436,13 @@ func (d *Datastore) placeRole(path string, head []byte) role {
 			return extentRole(l.Dir, dk)
 		}
 	}
-	if vmKindByName(name) != 0 {
+	// The kind is the one the vmx's reference gives (checkpoint.vmState
+	// naming a .vmsn is a vmsn), as the conversions write it.
+	if k := fileKindIn(l, name); k != 0 {
 		if !l.Encrypted {
 			return role{v: verdictPlain}
 		}
-		return role{v: verdictContainer, ks: l.KeySafe, owner: Binding{PurposeVM, l.VMID}}
+		return role{v: verdictContainer, ks: l.KeySafe, owner: Binding{PurposeVM, l.VMID}, kind: k}
 	}
 	for _, c := range l.CoreDumps {
 		if c == name {
@@ -478,7 +496,7 @@ func extentRole(dir string, dk *disk) role {
 	case dk.DiskID == "":
 		return suspect("disk %s has encryptionKeys but no %s line (see vmcryptd vm status)", dk.Name, DDBDiskID)
 	}
-	return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}}
+	return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}, kind: KindExtent}
 }
 
 // Open opens the container at rel with its DEK.
@@ -521,7 +539,7 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	// The authenticated kind must fit the name: files of one VM share a
 	// key, so without this check a swap file renamed over the nvram (by
 	// anyone who can write the datastore) would be served as the nvram.
-	want := vmKindByName(path)
+	want := r.kind
 	if want == 0 && isVMDKName(path) {
 		want = KindExtent
 	}
@@ -547,6 +565,31 @@ var ErrPlainByLayout = errors.New("looks like a container, but its VM's files sa
 // ErrKindMismatch is returned for a container whose authenticated kind
 // does not fit its file name.
 var ErrKindMismatch = errors.New("container kind does not match the file name")
+
+// vmxNamedKind is the kind of a VM-key file the vmx beside path names
+// with a name of its own (nvram = "firmware.bin"), so that the view
+// creates it as the container its place requires; 0 otherwise (and when
+// the directory's vmx cannot be read: such a VM's files are refused
+// anyway).
+func (d *Datastore) vmxNamedKind(path string) Kind {
+	l, err := d.placementLayout(filepath.Dir(path))
+	if err != nil || l == nil || !l.Encrypted {
+		return 0
+	}
+	name := filepath.Base(path)
+	if st := l.VMX.CheckpointVMState(); st != "" && filepath.Base(st) == name {
+		return kindFromDir[vmdir.CheckpointKind(st)]
+	}
+	for _, ref := range []struct {
+		v string
+		k Kind
+	}{{l.VMX.NVRAM(), KindNVRAM}, {l.VMX.SwapDerivedName(), KindVSWP}} {
+		if ref.v != "" && filepath.Base(ref.v) == name {
+			return ref.k
+		}
+	}
+	return 0
+}
 
 // vmKindByName picks the container kind of a VM-key file by its name; ""
 // means the file is not one the VM key protects.
@@ -582,7 +625,10 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	}
 	kind := vmKindByName(path)
 	if kind == 0 && !isVMDKName(path) {
-		return nil, false, nil
+		kind = d.vmxNamedKind(path)
+		if kind == 0 {
+			return nil, false, nil
+		}
 	}
 	l, err := d.placementLayout(filepath.Dir(path))
 	if err != nil {
@@ -612,7 +658,7 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if vmKindByName(path) == 0 && !isVMDKName(path) {
+	if vmKindByName(path) == 0 && !isVMDKName(path) && d.vmxNamedKind(path) == 0 {
 		return false, nil
 	}
 	l, err := d.placementLayout(filepath.Dir(path))

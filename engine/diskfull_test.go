@@ -41,11 +41,31 @@ func TestEncryptDiskFull(t *testing.T) {
 	if got, _ := os.ReadFile(filepath.Join(dir, "vm.vswp")); !bytes.Equal(got, swap) {
 		t.Fatal("swap file changed")
 	}
-	if _, err := os.Stat(filepath.Join(dir, "vm.vswp"+TmpSuffix)); !os.IsNotExist(err) {
-		t.Fatal("temporary file left behind")
-	}
+	noTemps(t, dir)
 	if got, _ := os.ReadFile(filepath.Join(dir, "vm.vmx")); !bytes.Equal(got, vmxText) {
 		t.Fatal("vmx changed")
+	}
+	// Issue 12 case 7: the disk is still full, and --abort rolls the
+	// half-done encryption (the nvram is a container now) back.
+	if raw, _ := os.ReadFile(filepath.Join(dir, "vm.nvram")); bytes.Equal(raw, nv) {
+		t.Fatal("nvram not converted before the disk filled up: the abort would test nothing")
+	}
+	if err := ops.Abort(context.Background(), dir, "encrypt"); err != nil {
+		t.Fatalf("abort on the full disk: %v", err)
+	}
+	for name, want := range map[string][]byte{"vm.nvram": nv, "vm.vswp": swap, "vm.vmx": vmxText} {
+		if got, _ := os.ReadFile(filepath.Join(dir, name)); !bytes.Equal(got, want) {
+			t.Fatalf("%s differs after abort", name)
+		}
+	}
+	if op, _ := InterruptedOp(dir); op != "" {
+		t.Fatalf("still interrupted (%s) after abort", op)
+	}
+	noTemps(t, dir)
+	// The same encryption then fails the same way, and resumes once
+	// there is room.
+	if err := ops.Encrypt(context.Background(), dir, kek); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("encrypt again on the full disk: %v", err)
 	}
 	// Make room (a bigger tmpfs) and run the same command: it resumes.
 	if err := unix.Mount("tmpfs", mnt, "tmpfs", unix.MS_REMOUNT, "size=64m"); err != nil {

@@ -124,13 +124,19 @@ func TestForeignCiphertextInPlainDisk(t *testing.T) {
 			if err := ops.RekeyShallow(ctx, encVM, kek); err != nil {
 				t.Fatal(err)
 			}
-			if err := ops.Decrypt(ctx, encVM); err != nil {
-				t.Fatal(err)
+			// A decrypt would leave a container behind (it cannot tell
+			// guest data from a disk that lost its key lines): refused,
+			// naming it, and nothing changes.
+			if err := ops.Decrypt(ctx, encVM); err == nil || !strings.Contains(err.Error(), "p-flat.vmdk: an encrypted container") {
+				t.Fatalf("decrypt of a VM whose plain disk holds a container: %v", err)
 			}
-		} else if err := ops.Encrypt(ctx, plainVM, kek); err != nil {
-			t.Fatal(err)
-		} else if err := ops.Decrypt(ctx, plainVM); err != nil {
-			t.Fatal(err)
+		} else if err := ops.Encrypt(ctx, plainVM, kek); err == nil || !strings.Contains(err.Error(), "vm-flat.vmdk: already encrypted") {
+			// A real container (its copy opens it) is never wrapped in
+			// another: it is what a disk that lost its key lines looks
+			// like, so the encryption is refused and nothing changes.
+			t.Fatalf("encrypt of a VM whose disk holds a real container: %v", err)
+		} else if _, err := os.Stat(filepath.Join(plainVM, JournalName)); err == nil {
+			t.Fatal("refused encrypt left a journal")
 		}
 		if got, _ := os.ReadFile(filepath.Join(root, rel)); !bytes.Equal(got, want) {
 			t.Errorf("%s: the guest's bytes changed through VM operations (victim plaintext: %v)", rel, bytes.HasPrefix(got, secret))

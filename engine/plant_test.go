@@ -279,7 +279,7 @@ func coreCipher(t *testing.T, ops *VMOps, kek KeyRef) ([]byte, []byte) {
 	src := filepath.Join(t.TempDir(), "vmware-vmx-1.core")
 	secret := bytes.Repeat([]byte("victim memory "), 1000)
 	os.WriteFile(src, secret, 0o600)
-	if err := ops.encryptCoreDump(context.Background(), src); err != nil {
+	if err := ops.encryptCoreDump(context.Background(), src, randomTemp); err != nil {
 		t.Fatal(err)
 	}
 	cipher, _ := os.ReadFile(src)

@@ -220,6 +220,15 @@ func TestViewDiskSettle(t *testing.T) {
 			t.Fatalf("%s: embedded keySafe not rewrapped (ok=%v err=%v)", e, ok, err)
 		}
 	}
+	// The forged descriptor is a container nothing names: a decrypt
+	// would leave it behind, so it changes nothing until it is moved away.
+	if err := ops.Decrypt(ctx, dir); err == nil || !strings.Contains(err.Error(), "forged.vmdk") {
+		t.Fatalf("decrypt with an unattached container: %v", err)
+	}
+	if raw, _ := os.ReadFile(filepath.Join(dir, "new-s001.vmdk")); bytes.Contains(raw, data[:4096]) {
+		t.Fatal("refused decrypt changed an extent")
+	}
+	os.Remove(filepath.Join(dir, "forged.vmdk"))
 	if err := ops.Decrypt(ctx, dir); err != nil {
 		t.Fatal(err)
 	}

@@ -317,7 +317,7 @@ func (o *VMOps) encryptNewDisk(ctx context.Context, l *vmLayout, name string) er
 		}
 	}
 	l.Disks = append(l.Disks, d)
-	return o.writeDescriptors(l, []journalDisk{{Name: name, DiskID: b.OwnerID, KeySafe: ks}}, true)
+	return o.writeDescriptors(l, []journalDisk{{Name: name, DiskID: b.OwnerID, KeySafe: ks}}, true, writeText)
 }
 
 // ErrEncryptedDiskOnPlainVM is vSphere's rule, with its wording.

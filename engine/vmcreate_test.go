@@ -131,6 +131,15 @@ func TestVMCreateAddAttach(t *testing.T) {
 	if found != 2 {
 		t.Fatalf("%d core dumps listed, want 2", found)
 	}
+	// The encrypted disk copied in (never attached) would be left behind
+	// by a decrypt: refused, naming it, until it is moved away.
+	if err := ops.Decrypt(ctx, plain); err == nil || !strings.Contains(err.Error(), "encvm_2-flat.vmdk") {
+		t.Fatalf("decrypt with an unattached encrypted disk: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(plain, JournalName)); err == nil {
+		t.Fatal("refused decrypt left a journal")
+	}
+	os.Remove(filepath.Join(plain, "encvm_2-flat.vmdk"))
 	if err := ops.Decrypt(ctx, plain); err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
@@ -180,7 +181,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 		}
 	}
 	for _, f := range scan.Files {
-		if inDisk[f.Name] || strings.HasSuffix(f.Name, TmpSuffix) {
+		if inDisk[f.Name] || isTempName(f.Name) {
 			continue
 		}
 		if k, ok := kindFromDir[f.Kind]; ok {
@@ -341,6 +342,12 @@ type journal struct {
 	OldKeySafe string        `json:"old_keysafe,omitempty"` // rekey-deep: the one being replaced
 	Disks      []journalDisk `json:"disks"`
 	Policy     string        `json:"policy,omitempty"`
+	// Temps are the temporary files this conversion may have created
+	// (base names, recorded before creation): the only files a later
+	// run removes.
+	Temps []string `json:"temps,omitempty"`
+	// Self is the temporary name this content was written under.
+	Self string `json:"self,omitempty"`
 }
 
 type journalDisk struct {
@@ -370,13 +377,73 @@ func loadJournal(dir string) (*journal, error) {
 	return &j, nil
 }
 
+// save replaces the journal atomically. Its temporary file names itself
+// in its content (Self), so a later run can tell a journal temporary a
+// kill left (removed) from any other file, whatever its name.
 func (j *journal) save(dir string) error {
 	j.Version = 1
+	n, err := tempBase()
+	if err != nil {
+		return err
+	}
+	j.Self = n
 	b, err := json.MarshalIndent(j, "", "  ")
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(journalPath(dir), b, 0o600)
+	return writeNew(filepath.Join(dir, n), journalPath(dir), b, 0o600)
+}
+
+// writeNew writes data to tmp (created with O_EXCL, never over a file),
+// fsyncs it and renames it over path, then fsyncs the directory.
+func writeNew(tmp, path string, data []byte, perm os.FileMode) error {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(perm); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("write %s: fsync: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	ok = true
+	return atomicfile.SyncDir(filepath.Dir(path))
+}
+
+// textWriter atomically replaces a text file.
+type textWriter func(path string, data []byte) error
+
+// writeText returns the textWriter of a conversion under j: its
+// temporary files are journaled like the data files' (see temp).
+func (j *journal) writeText(dir string) textWriter {
+	return func(path string, data []byte) error {
+		tmp, err := j.temp(dir)(path)
+		if err != nil {
+			return err
+		}
+		perm := os.FileMode(0o644)
+		if st, err := os.Stat(path); err == nil {
+			perm = st.Mode().Perm()
+		}
+		return writeNew(tmp, path, data, perm)
+	}
 }
 
 func removeJournal(dir string) error {
@@ -434,38 +501,71 @@ func keyStateOf(path string, dek *DEK) (fileKeyState, Kind, error) {
 	return stateUnderKey, h.Kind, nil
 }
 
-// cleanStaleTemps removes what a killed run left: conversion temporaries
-// ("<name>.vmcryptd-tmp") and atomic-write temporaries (".<name>.tmp-<n>")
-// of files that still exist. Their originals are intact by construction.
-func cleanStaleTemps(dir string) error {
+// cleanStaleTemps removes the temporary files a killed conversion left:
+// only those its journal j records (a name is recorded before the file is
+// created with O_EXCL), never a file matched by its name alone, so no
+// user file is ever removed. Their originals are intact by construction.
+func cleanStaleTemps(dir string, j *journal) error {
+	// A journal temporary names itself in its content.
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return err
 	}
 	for _, e := range ents {
-		n := e.Name()
-		orig := ""
-		switch {
-		case strings.HasSuffix(n, TmpSuffix):
-			orig = strings.TrimSuffix(n, TmpSuffix)
-		case strings.HasPrefix(n, ".") && strings.Contains(n, ".tmp-"):
-			i := strings.LastIndex(n, ".tmp-")
-			if strings.Trim(n[i+5:], "0123456789") != "" {
-				continue
+		if n := e.Name(); isTempName(n) && e.Type().IsRegular() && isJournalTemp(filepath.Join(dir, n)) {
+			if err := os.Remove(filepath.Join(dir, n)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("%s: %w", filepath.Join(dir, n), err)
 			}
-			orig = n[1:i]
-		default:
-			continue
 		}
-		if orig == "" {
-			continue
+	}
+	if j == nil {
+		return nil
+	}
+	for _, n := range j.Temps {
+		if !isTempName(n) || n != filepath.Base(n) {
+			continue // not a name this code records
 		}
-		if _, err := os.Stat(filepath.Join(dir, orig)); err != nil && orig != JournalName {
-			continue // not ours to judge
-		}
-		if err := os.Remove(filepath.Join(dir, n)); err != nil {
-			return err
+		if err := os.Remove(filepath.Join(dir, n)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("%s: %w", filepath.Join(dir, n), err)
 		}
 	}
 	return nil
+}
+
+// isJournalTemp reports whether p is a journal temporary: a small
+// regular file whose content is a journal naming p as its Self.
+func isJournalTemp(p string) bool {
+	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() || st.Size() > maxDescriptor {
+		return false
+	}
+	raw, err := io.ReadAll(io.LimitReader(f, maxDescriptor))
+	if err != nil {
+		return false
+	}
+	var j journal
+	return json.Unmarshal(raw, &j) == nil && j.Version == 1 && j.Self == filepath.Base(p)
+}
+
+// temp is the TempFunc of a conversion under journal j: each name is
+// recorded (and the journal made durable) before the file is created.
+func (j *journal) temp(dir string) TempFunc {
+	return func(path string) (string, error) {
+		if filepath.Dir(path) != filepath.Clean(dir) {
+			return "", fmt.Errorf("%s: not in the VM directory %s", path, dir)
+		}
+		n, err := tempBase()
+		if err != nil {
+			return "", err
+		}
+		j.Temps = append(j.Temps, n)
+		if err := j.save(dir); err != nil {
+			return "", err
+		}
+		return filepath.Join(dir, n), nil
+	}
 }

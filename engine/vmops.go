@@ -189,6 +189,11 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		if l.Encrypted {
 			return fmt.Errorf("%s: VM is already encrypted", dir)
 		}
+		// Nothing, not even the journal, is written before every file
+		// is known to be convertible.
+		if err := o.precheckEncrypt(ctx, l); err != nil {
+			return err
+		}
 		if j, err = o.newJournal(ctx, l, kekRef, "encrypt"); err != nil {
 			return err
 		}
@@ -215,20 +220,24 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 		case stateUnderKey:
 			continue // converted before a crash
 		case stateOtherKey:
-			// Not under our key, so not converted yet: a plain file whose
-			// bytes happen to start like a container (a guest can write
-			// anything at the start of its disk). Encrypting it as data
-			// loses nothing, even if it were someone's container.
+			// Not under our key, so not converted yet: bytes that start
+			// like a container, which a guest can write at the start of
+			// its disk, and are encrypted as data; but never a real
+			// container (see realContainer), which is what a disk that
+			// lost its key lines holds.
+			if _, real := o.realContainer(ctx, t.path); real {
+				return fmt.Errorf("%s: already encrypted (a container whose key lines are missing) and not converted by this encryption; move it away or restore its key lines", t.path)
+			}
 		}
 		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
-		if err := EncryptFile(ctx, t.path, t.dek, opts, prog(t.path)); err != nil {
+		if err := encryptFile(ctx, t.path, t.dek, opts, prog(t.path), j.temp(dir)); err != nil {
 			return err
 		}
 	}
-	if err := o.coreDumps(ctx, l, true); err != nil {
+	if err := o.coreDumps(ctx, l, true, j.temp(dir)); err != nil {
 		return err
 	}
-	if err := o.writeDescriptors(l, j.Disks, true); err != nil {
+	if err := o.writeDescriptors(l, j.Disks, true, j.writeText(dir)); err != nil {
 		return err
 	}
 	if err := o.writeEncryptedVMX(l, j, ks.vm); err != nil {
@@ -241,15 +250,15 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef KeyRef) error {
 // a killed run left, load the journal (refusing if another operation is
 // unfinished) and read the VM's layout.
 func begin(dir, op string, corePatterns []string) (*journal, *vmLayout, error) {
-	if err := cleanStaleTemps(dir); err != nil {
-		return nil, nil, err
-	}
 	j, err := loadJournal(dir)
 	if err != nil {
 		return nil, nil, err
 	}
 	if j != nil && j.Op != op {
-		return nil, nil, fmt.Errorf("%s: a %s was interrupted; run it again to finish first", dir, j.Op)
+		return nil, nil, fmt.Errorf("%s: a %s was interrupted; run it again to finish first, or abort it (--abort)", dir, j.Op)
+	}
+	if err := cleanStaleTemps(dir, j); err != nil {
+		return nil, nil, err
 	}
 	l, err := loadLayout(dir, corePatterns)
 	if err != nil {
@@ -352,7 +361,7 @@ func checkKind(t task, kind Kind) error {
 
 // writeDescriptors sets (or, for decrypt, removes) the encryption lines of
 // every text descriptor.
-func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool) error {
+func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool, w textWriter) error {
 	for _, jd := range disks {
 		var d *disk
 		for _, x := range l.Disks {
@@ -363,14 +372,14 @@ func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool)
 		if d == nil || d.Embedded {
 			continue
 		}
-		err := editDescriptor(filepath.Join(l.Dir, d.Name), func(desc *vmdk.Descriptor) error {
+		err := editDescriptorWith(filepath.Join(l.Dir, d.Name), func(desc *vmdk.Descriptor) error {
 			if !encrypt {
 				desc.Delete(DescKeySafe)
 				desc.Delete(DDBDiskID)
 				return nil
 			}
 			return setKeyLines(desc, jd.KeySafe, jd.DiskID)
-		})
+		}, w)
 		if err != nil {
 			return err
 		}
@@ -393,6 +402,11 @@ func settledLayout(dir string, corePatterns []string) (*vmLayout, error) {
 // editDescriptor rewrites the text descriptor at path, atomically, with
 // edit's changes.
 func editDescriptor(path string, edit func(*vmdk.Descriptor) error) error {
+	return editDescriptorWith(path, edit, writeText)
+}
+
+// editDescriptorWith is editDescriptor writing with w.
+func editDescriptorWith(path string, edit func(*vmdk.Descriptor) error, w textWriter) error {
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		return err
@@ -404,7 +418,7 @@ func editDescriptor(path string, edit func(*vmdk.Descriptor) error) error {
 	if err := edit(desc); err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	return writeText(path, desc.Bytes())
+	return w(path, desc.Bytes())
 }
 
 // setKeyLines sets a disk's two key lines (FORMAT.md 4.3).
@@ -456,7 +470,7 @@ func (o *VMOps) writeEncryptedVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 	if len(l.VMXText) > 0 && !bytes.HasSuffix(l.VMXText, []byte("\n")) {
 		out = bytes.TrimSuffix(out, []byte("\n"))
 	}
-	return writeText(l.VMXPath, out)
+	return j.writeText(l.Dir)(l.VMXPath, out)
 }
 
 // Decrypt turns an encrypted VM back into a plain one, byte for byte as it
@@ -471,7 +485,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		if !l.Encrypted {
 			return fmt.Errorf("%s: VM is not encrypted", dir)
 		}
-		j = &journal{Op: "decrypt", VMID: l.VMID, KeySafe: l.KeySafe}
+		j = &journal{Op: "decrypt", VMID: l.VMID, KeySafe: l.KeySafe, Policy: l.Policy}
 		for _, d := range l.Disks {
 			if d.KeySafe != "" {
 				j.Disks = append(j.Disks, journalDisk{Name: d.Name, DiskID: d.DiskID, KeySafe: d.KeySafe})
@@ -485,14 +499,22 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		return fmt.Errorf("%s: %w", dir, err)
 	}
 	defer ks.destroy()
-	if err := j.save(dir); err != nil {
-		return err
-	}
 	var ts []task
 	for _, t := range tasks(l, ks, j.VMID, j.Disks) {
 		if t.dek != nil { // plain disks of an encrypted VM stay as they are
 			ts = append(ts, t)
 		}
+	}
+	if !resumed {
+		if err := precheckConvert(l, "decrypt", ts); err != nil {
+			return err
+		}
+		if err := o.precheckCoreDumps(ctx, l); err != nil {
+			return err
+		}
+	}
+	if err := j.save(dir); err != nil {
+		return err
 	}
 	prog, err := o.progressor("decrypt", ts)
 	if err != nil {
@@ -518,14 +540,14 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		if err := checkKind(t, kind); err != nil {
 			return err
 		}
-		if err := DecryptFile(ctx, t.path, t.dek, prog(t.path)); err != nil {
+		if err := decryptFile(ctx, t.path, t.dek, prog(t.path), j.temp(dir)); err != nil {
 			return err
 		}
 	}
-	if err := o.coreDumps(ctx, l, false); err != nil {
+	if err := o.coreDumps(ctx, l, false, j.temp(dir)); err != nil {
 		return err
 	}
-	if err := o.writeDescriptors(l, j.Disks, false); err != nil {
+	if err := o.writeDescriptors(l, j.Disks, false, j.writeText(dir)); err != nil {
 		return err
 	}
 	if l.Encrypted {
@@ -547,7 +569,7 @@ func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 	for _, k := range []string{VMXVMID, VMXKeySafe, VMXData, VMXPolicy} {
 		l.VMX.Delete(k)
 	}
-	return writeText(l.VMXPath, restoreSensitive(l.VMX.Bytes(), moved))
+	return j.writeText(l.Dir)(l.VMXPath, restoreSensitive(l.VMX.Bytes(), moved))
 }
 
 // RekeyShallow rewraps every DEK of the VM under newKEK: only keySafes
@@ -555,15 +577,15 @@ func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 // keySafe is replaced atomically; until the last one is rewritten the old
 // KEK is still needed, which is why the keyring keeps it.
 func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) error {
-	if err := cleanStaleTemps(dir); err != nil {
-		return err
-	}
 	l, err := settledLayout(dir, o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
 	if !l.Encrypted {
 		return fmt.Errorf("%s: VM is not encrypted", dir)
+	}
+	if err := convertErr(dir, "shallow rekey", layoutProblems(l)); err != nil {
+		return err
 	}
 	rewrap := func(ks string, b Binding) (string, [16]byte, error) {
 		dek, _, err := o.unwrapFrom(ctx, ks, b)
@@ -659,7 +681,17 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		if err != nil {
 			return fmt.Errorf("%s: current keys: %w", dir, err)
 		}
+		var pts []task
+		for _, t := range tasks(l, probe, l.VMID, cur) {
+			if t.dek != nil {
+				pts = append(pts, t)
+			}
+		}
+		err = precheckConvert(l, "deep rekey", pts)
 		probe.destroy()
+		if err != nil {
+			return err
+		}
 		if j, err = o.newJournal(ctx, l, kekRef, "rekey-deep"); err != nil {
 			return err
 		}
@@ -708,11 +740,11 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 			}
 		}
 		opts := CreateOptions{Kind: t.kind, Binding: t.binding, Impl: o.Impl, EmbeddedKeySafe: t.embed}
-		if err := RekeyFile(ctx, t.path, t.old, t.dek, opts, prog(t.path)); err != nil {
+		if err := rekeyFile(ctx, t.path, t.old, t.dek, opts, prog(t.path), j.temp(dir)); err != nil {
 			return err
 		}
 	}
-	if err := o.writeDescriptors(l, j.Disks, true); err != nil {
+	if err := o.writeDescriptors(l, j.Disks, true, j.writeText(dir)); err != nil {
 		return err
 	}
 	// The vmx bundle moves from the old VM key to the new one.
@@ -733,7 +765,7 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		if err := l.VMX.Set(VMXKeySafe, j.KeySafe); err != nil {
 			return err
 		}
-		if err := writeText(l.VMXPath, l.VMX.Bytes()); err != nil {
+		if err := j.writeText(dir)(l.VMXPath, l.VMX.Bytes()); err != nil {
 			return err
 		}
 	}

@@ -76,8 +76,11 @@ func ReadVMStatus(dir string, corePatterns []string) (*VMStatus, error) {
 			return
 		}
 		defer f.Close()
-		region := make([]byte, 2*slotSize)
+		region := make([]byte, HeaderSize)
 		n, _ := io.ReadFull(f, region)
+		if p := placeProblem(l, name, region[:n]); p != "" {
+			st.Problems = append(st.Problems, fmt.Sprintf("%s: %s; views refuse it and conversions stop on it", name, p))
+		}
 		if h, err := PeekHeader(region[:n]); err == nil {
 			fs.Encrypted, fs.Size, fs.KEK = true, h.Size, kek
 			fs.Fingerprint = hex.EncodeToString(h.Fingerprint[:])

@@ -19,9 +19,9 @@ import (
 
 type vmCmd struct {
 	Create  vmCreateCmd  `cmd:"" help:"Create a new VM directory (vmx, nvram, disks), optionally encrypted from the first byte."`
-	Encrypt vmEncryptCmd `cmd:"" help:"Encrypt a plain VM in place (new KEK on the provider, fresh VM and disk DEKs). Re-run to resume after a crash."`
-	Decrypt vmDecryptCmd `cmd:"" help:"Decrypt an encrypted VM back to plain, byte for byte. Re-run to resume after a crash."`
-	Rekey   vmRekeyCmd   `cmd:"" help:"Shallow rekey (new KEK, keySafes rewritten) or --deep (new DEKs, all data re-encrypted)."`
+	Encrypt vmEncryptCmd `cmd:"" help:"Encrypt a plain VM in place (new KEK on the provider, fresh VM and disk DEKs). Re-run to resume after a crash, or --abort to roll back."`
+	Decrypt vmDecryptCmd `cmd:"" help:"Decrypt an encrypted VM back to plain, byte for byte. Re-run to resume after a crash, or --abort to roll back."`
+	Rekey   vmRekeyCmd   `cmd:"" help:"Shallow rekey (new KEK, keySafes rewritten) or --deep (new DEKs, all data re-encrypted; --abort rolls an interrupted one back)."`
 	Status  vmStatusCmd  `cmd:"" help:"Per-file encryption state, key ids, DEK fingerprints; per-VM policy and lock state."`
 	Check   vmCheckCmd   `cmd:"" help:"Verify every container's header slots, size, kind and key binding and every disk's key lines against the VM's text files; --repair fixes what needs no guess. Exit 3 when problems are found."`
 }
@@ -31,23 +31,39 @@ type progressOpts struct {
 	JSON bool `help:"Print progress and the result as JSON lines (the default when stdout is not a terminal)." name:"json"`
 }
 
+// abortOpt is shared by the converting commands.
+type abortOpt struct {
+	Abort bool `help:"Roll the VM's interrupted conversion of this kind back to the state before it started (same privilege as the operation, audited)."`
+}
+
 type vmEncryptCmd struct {
 	Dir      string `arg:"" help:"VM directory (inside a datastore)." type:"path"`
 	Provider string `help:"Key provider (default: the default provider)."`
 	KeyID    string `help:"Use this existing KEK instead of creating one." name:"key-id"`
+	abortOpt
 	progressOpts
 }
 
 func (c *vmEncryptCmd) Run(g *globals) error {
+	if c.Abort {
+		if c.Provider != "" || c.KeyID != "" {
+			return fmt.Errorf("--abort takes no --provider or --key-id: it goes back to the keys the VM had")
+		}
+		return g.convert("/vm/encrypt", api.VMRequest{Dir: c.Dir, Abort: true}, c.JSON, "encryption aborted, back to plain")
+	}
 	return g.convert("/vm/encrypt", api.VMRequest{Dir: c.Dir, Provider: c.Provider, KeyID: c.KeyID}, c.JSON, "encrypted")
 }
 
 type vmDecryptCmd struct {
 	Dir string `arg:"" help:"VM directory." type:"path"`
+	abortOpt
 	progressOpts
 }
 
 func (c *vmDecryptCmd) Run(g *globals) error {
+	if c.Abort {
+		return g.convert("/vm/decrypt", api.VMRequest{Dir: c.Dir, Abort: true}, c.JSON, "decryption aborted, back to encrypted")
+	}
 	return g.convert("/vm/decrypt", api.VMRequest{Dir: c.Dir}, c.JSON, "decrypted")
 }
 
@@ -56,10 +72,17 @@ type vmRekeyCmd struct {
 	Deep     bool   `help:"New DEKs and all data re-encrypted (refused while the VM has snapshots)."`
 	Provider string `help:"Key provider of the new KEK."`
 	KeyID    string `help:"Use this existing KEK." name:"key-id"`
+	abortOpt
 	progressOpts
 }
 
 func (c *vmRekeyCmd) Run(g *globals) error {
+	if c.Abort {
+		if c.Provider != "" || c.KeyID != "" {
+			return fmt.Errorf("--abort takes no --provider or --key-id: it goes back to the keys the VM had")
+		}
+		return g.convert("/vm/rekey", api.VMRequest{Dir: c.Dir, Deep: true, Abort: true}, c.JSON, "deep rekey aborted, back to the old keys")
+	}
 	what := "rekeyed (shallow: new KEK)"
 	if c.Deep {
 		what = "rekeyed (deep: new DEKs)"
@@ -90,7 +113,7 @@ func (c *vmStatusCmd) Run(g *globals) error {
 	}
 	fmt.Printf("VM %s (%s): %s, policy %q, keys %v, %s\n", st.Dir, st.Name, state, st.Policy, st.KEKs, lock)
 	if st.Interrupted != "" {
-		fmt.Printf("conversion interrupted: %s (run the same command again to finish)\n", st.Interrupted)
+		fmt.Printf("conversion interrupted: %s (run the same command again to finish, or with --abort to roll it back)\n", st.Interrupted)
 	}
 	for _, p := range st.Problems {
 		fmt.Println("problem:", p)

@@ -229,7 +229,7 @@ func (d *Dir) scanVMX(cfg *vmx.File) {
 		}
 	}
 	if st := cfg.CheckpointVMState(); st != "" {
-		d.ref(st, KindVMSS, "vmx "+vmx.KeyCheckpointVMState)
+		d.ref(st, CheckpointKind(st), "vmx "+vmx.KeyCheckpointVMState)
 	}
 	for _, disk := range cfg.Disks() {
 		if !disk.IsHardDisk() {
@@ -271,6 +271,16 @@ func (d *Dir) scanVMX(cfg *vmx.File) {
 			}
 		}
 	}
+}
+
+// CheckpointKind is the kind of the file checkpoint.vmState names: the
+// suspend state (vmss), or, after ESXi reverted to a memory snapshot, that
+// snapshot's state file (a .vmsn).
+func CheckpointKind(name string) Kind {
+	if strings.EqualFold(filepath.Ext(name), ".vmsn") {
+		return KindVMSN
+	}
+	return KindVMSS
 }
 
 // disk marks a descriptor and its extents, following parent links so that

@@ -111,6 +111,9 @@ type VMRequest struct {
 	KeyID    string `json:"key_id,omitempty"`
 	Deep     bool   `json:"deep,omitempty"`
 	Policy   string `json:"policy,omitempty"`
+	// Abort rolls the VM's interrupted conversion of this kind back
+	// instead (encrypt, decrypt, or deep rekey for /vm/rekey).
+	Abort bool `json:"abort,omitempty"`
 }
 
 // StreamLine is one line of a streamed (application/x-ndjson) answer:

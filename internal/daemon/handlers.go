@@ -161,6 +161,9 @@ func (d *Daemon) op(name string, priv Privilege, audited bool, h handler) http.H
 			if a, ok := resp.(auditable); ok {
 				e.Target, e.KeyIDs = a.audit()
 			}
+			if a, ok := resp.(interface{ auditOp() string }); ok && a.auditOp() != "" {
+				e.Op = a.auditOp() // vm.encrypt.abort, say
+			}
 			if err != nil {
 				e.Result, e.Detail = "error", err.Error()
 				var he *httpError

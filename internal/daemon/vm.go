@@ -112,9 +112,12 @@ func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
 // the audit log.
 type vmResult struct {
 	engine.VMStatus
+	op string // audited operation name, when not the route's (an abort)
 }
 
 func (v vmResult) audit() (string, []string) { return v.Dir, v.KEKs }
+
+func (v vmResult) auditOp() string { return v.op }
 
 // registerVM records an encrypted VM (or forgets a decrypted one) in the
 // state so its KEKs are fetched again after a restart.
@@ -191,7 +194,7 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 	d.ops.Add(1)
 	defer d.ops.Done()
 	// Converting files under a running VM would pull them from under it.
-	if rc.op != "vm.rekey" || req.Deep {
+	if rc.op != "vm.rekey" || req.Deep || req.Abort {
 		if open := d.openFilesUnder(dir); len(open) > 0 {
 			return nil, conflict("%s is in use: open through a decrypted view: %s", dir, strings.Join(open, ", "))
 		}
@@ -212,18 +215,29 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 	if rerr := d.registerVM(st); rerr != nil && err == nil {
 		err = rerr
 	}
-	if err != nil {
-		return vmResult{*st}, err
+	res := vmResult{VMStatus: *st}
+	if req.Abort {
+		res.op = rc.op + ".abort"
 	}
-	return vmResult{*st}, nil
+	if err != nil {
+		return res, err
+	}
+	return res, nil
 }
 
 func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
 	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+		if req.Abort {
+			return ops.Abort(ctx, dir, "encrypt")
+		}
 		var kek engine.KeyRef
 		if op, err := engine.InterruptedOp(dir); err != nil {
 			return err
 		} else if op == "" { // a resumed encryption already has its keys
+			// Refuse before a new KEK is made on the key server.
+			if err := ops.CheckEncrypt(ctx, dir); err != nil {
+				return err
+			}
 			var err error
 			if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
 				return err
@@ -235,12 +249,20 @@ func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
 
 func (d *Daemon) hVMDecrypt(rc *reqCtx) (any, error) {
 	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+		if req.Abort {
+			return ops.Abort(ctx, dir, "decrypt")
+		}
 		return ops.Decrypt(ctx, dir)
 	})
 }
 
 func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
 	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+		if req.Abort {
+			// Only a deep rekey converts data; a shallow one rewrites
+			// keySafes one by one and has nothing to roll back.
+			return ops.Abort(ctx, dir, "rekey-deep")
+		}
 		if req.Deep {
 			var kek engine.KeyRef
 			if op, err := engine.InterruptedOp(dir); err != nil {
@@ -489,7 +511,7 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 	if err := d.registerVM(st); err != nil {
 		return nil, err
 	}
-	return vmResult{*st}, nil
+	return vmResult{VMStatus: *st}, nil
 }
 
 // datastoreRoot accepts p when it is exactly a configured datastore.
