@@ -268,12 +268,21 @@ func TestContainerInterruptedHeaderUpdate(t *testing.T) {
 	f, _ := os.OpenFile(path, os.O_RDWR, 0)
 	f.WriteAt(b, slotSize) // slot 1 back to the older header
 	f.Close()
+	ro, err := OpenContainer(path, dek, true, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := ro.Health(); h.Degraded != "" || !h.Interrupted || ro.Size() != 11 {
+		t.Fatalf("health %+v size %d, want interrupted, size 11", h, ro.Size())
+	}
+	ro.Close()
+	// A writable open mirrors at once.
 	c2, err := OpenContainer(path, dek, false, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h := c2.Health(); h.Degraded != "" || !h.Interrupted || c2.Size() != 11 {
-		t.Fatalf("health %+v size %d, want interrupted, size 11", h, c2.Size())
+	if h := c2.Health(); h.Interrupted {
+		t.Fatalf("writable open left the slots different: %+v", h)
 	}
 	c2.WriteAt([]byte("!"), 11)
 	if err := c2.Sync(); err != nil {

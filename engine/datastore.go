@@ -689,18 +689,33 @@ func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
 // names, after checking that its header carries the binding (or, for a
 // header copy, the purpose and kind) the role allows.
 func (d *Datastore) dekFor(path string, head []byte, r role) (*DEK, error) {
-	h, err := PeekHeader(head)
-	if err != nil {
+	slots := peekSlots(head)
+	if len(slots) == 0 {
+		_, err := PeekHeader(head)
 		return nil, err
 	}
+	// Any slot that parses may name the key: a damaged field in one slot
+	// must leave the other to serve (degraded), and OpenContainer's MAC
+	// check decides which slot holds.
+	var h *Header
 	ks := r.ks
 	if ks != "" {
-		if h.Binding != r.owner {
-			return nil, fmt.Errorf("%s: %w: its header names %s %s, its VM's files %s %s", path, ErrWrongKey, h.Binding.Purpose, h.Binding.OwnerID, r.owner.Purpose, r.owner.OwnerID)
+		for _, s := range slots {
+			if s.Binding == r.owner && h == nil {
+				h = s
+			}
+		}
+		if h == nil {
+			return nil, fmt.Errorf("%s: %w: its header names %s %s, its VM's files %s %s", path, ErrWrongKey, slots[0].Binding.Purpose, slots[0].Binding.OwnerID, r.owner.Purpose, r.owner.OwnerID)
 		}
 	} else {
-		if h.Binding.Purpose != r.purpose || (r.kind != 0 && h.Kind != r.kind) {
-			return nil, fmt.Errorf("%s: %w: a %s container bound to a %s key where a %s is expected", path, ErrWrongKey, h.Kind, h.Binding.Purpose, r.purpose)
+		for _, s := range slots {
+			if s.Binding.Purpose == r.purpose && (r.kind == 0 || s.Kind == r.kind) && h == nil {
+				h = s
+			}
+		}
+		if h == nil {
+			return nil, fmt.Errorf("%s: %w: a %s container bound to a %s key where a %s is expected", path, ErrWrongKey, slots[0].Kind, slots[0].Binding.Purpose, r.purpose)
 		}
 		eks, ok := ReadEmbeddedKeySafe(head)
 		if !ok {
@@ -715,14 +730,20 @@ func (d *Datastore) dekFor(path string, head []byte, r role) (*DEK, error) {
 	if ok {
 		return dek, nil
 	}
-	dek, err = d.cachedDEK(dir, h.Binding, ks)
+	dek, err := d.cachedDEK(dir, h.Binding, ks)
 	if err != nil {
 		return nil, err
 	}
-	if fp, err := DEKFingerprint(dek); err != nil || fp != h.Fingerprint {
-		return nil, fmt.Errorf("%s: %w (its keySafe holds another DEK)", path, ErrWrongKey)
+	fp, err := DEKFingerprint(dek)
+	if err != nil {
+		return nil, err
 	}
-	return dek, nil
+	for _, s := range slots {
+		if s.Binding == h.Binding && s.Fingerprint == fp {
+			return dek, nil
+		}
+	}
+	return nil, fmt.Errorf("%s: %w (its keySafe holds another DEK)", path, ErrWrongKey)
 }
 
 // cachedDEK unwraps the DEK of ks and caches it (by fingerprint).

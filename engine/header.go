@@ -375,6 +375,26 @@ func judgeSlots(s [2]slotCheck) (int, HeaderHealth, error) {
 	return 0, HeaderHealth{}, ErrWrongKey
 }
 
+// peekSlots returns the slots of region that parse, newest first,
+// unauthenticated: a caller picking a key tries each, so one damaged
+// field in the newer slot leaves the other to name the key (the MAC
+// check at open decides).
+func peekSlots(region []byte) []*Header {
+	var out []*Header
+	for slot := 0; slot < 2; slot++ {
+		if len(region) < (slot+1)*slotSize {
+			break
+		}
+		if h, err := parseSlot(region[slot*slotSize:(slot+1)*slotSize], slot); err == nil {
+			out = append(out, h)
+		}
+	}
+	if len(out) == 2 && out[1].Seq > out[0].Seq {
+		out[0], out[1] = out[1], out[0]
+	}
+	return out
+}
+
 // verifyHeader authenticates the header region under keys and returns
 // the slot to use with the container's header health (judgeSlots).
 // Errors distinguish "not ours", "other key" and "tampered".
