@@ -33,6 +33,9 @@ type cli struct {
 	Inspect inspectCmd `cmd:"" help:"Describe a VM file or directory (formats, sizes, keys, encrypted containers) without any key or daemon."`
 	Bench   benchCmd   `cmd:"" help:"Measure sector-cipher throughput of every implementation against OpenSSL."`
 	Version versionCmd `cmd:"" help:"Print the version."`
+
+	Completion completionCmd `cmd:"" help:"Print a shell completion script (bash, zsh or fish)."`
+	Man        manCmd        `cmd:"" hidden:"" help:"Print the man page (roff), generated from this command line."`
 }
 
 // globals is what every Run method receives.
@@ -50,13 +53,19 @@ func (versionCmd) Run(g *globals) error {
 	return nil
 }
 
-func main() {
-	var c cli
-	ctx := kong.Parse(&c,
+// kongOptions are the parser options; the completion and man page tests
+// build the same model from them.
+func kongOptions() []kong.Option {
+	return []kong.Option{
 		kong.Name("vmcryptd"),
 		kong.Description("ESXi-style VM encryption for Linux: KMIP key servers, AES-XTS-256 at rest, FUSE decrypted views."),
 		kong.UsageOnError(),
-	)
+	}
+}
+
+func main() {
+	var c cli
+	ctx := kong.Parse(&c, kongOptions()...)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: c.LogLevel}))
 	if err := ctx.Run(&globals{log: log, socket: c.Socket}); err != nil {
 		var code exitCode
