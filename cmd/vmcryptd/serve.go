@@ -30,6 +30,16 @@ func (s *serveCmd) Run(g *globals) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP (systemctl reload) must never kill a daemon whose views are
+	// in use, which is Go's default for it.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			g.log.Error("SIGHUP: configuration reload is not supported by this version; nothing changed, restart the daemon to apply a new config", "config", s.Config)
+		}
+	}()
 	if err := d.Run(ctx); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}

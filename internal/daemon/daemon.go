@@ -254,6 +254,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 		defer bgWG.Done()
 		d.loadKeys(bg)
 		d.restoreMounts(bg)
+		d.notifyReady() // systemd Type=notify: API listening, mounts restored
 		t := time.NewTicker(d.retry)
 		defer t.Stop()
 		for {
