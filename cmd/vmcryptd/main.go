@@ -34,6 +34,8 @@ type cli struct {
 	Bench   benchCmd   `cmd:"" help:"Measure sector-cipher throughput of every implementation against OpenSSL."`
 	Version versionCmd `cmd:"" help:"Print the version."`
 
+	Lock       lockCmd       `cmd:"" help:"Zero every key in the daemon now: views answer EACCES, nothing is fetched until unlock (needs Cryptographer.ManageKeys)."`
+	Unlock     unlockCmd     `cmd:"" help:"Let the daemon fetch its keys again after a lock, and fetch them now (needs Cryptographer.ManageKeys)."`
 	Completion completionCmd `cmd:"" help:"Print a shell completion script (bash, zsh or fish)."`
 	Man        manCmd        `cmd:"" hidden:"" help:"Print the man page (roff), generated from this command line."`
 }

@@ -178,6 +178,9 @@ func (d *Daemon) neededKeys() []engine.KeyRef {
 // time, and records per-key errors for status. The keyring de-duplicates
 // concurrent fetches of one key.
 func (d *Daemon) loadKeys(ctx context.Context) {
+	if d.keyring.Locked() {
+		return // vmcryptd lock: nothing is fetched until unlock (lock.go)
+	}
 	refs := d.neededKeys()
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
@@ -401,6 +404,7 @@ func (d *Daemon) status(id identity) api.Status {
 		Caller:     api.Caller{UID: id.UID, User: id.User, Role: id.Role, Privileges: d.auth.privileges(id.Role)},
 		CachedKeys: len(d.keyring.Refs()),
 		KeysLocked: d.keyring.AllMemoryLocked(),
+		Locked:     d.keyring.Locked(),
 		VMs:        []api.VMLockState{},
 		Providers:  []api.ProviderInfo{},
 		Datastores: []api.DatastoreState{},
