@@ -16,8 +16,9 @@ import (
 // cli is the whole command line. Each subcommand is a struct with a Run
 // method; kong binds flags and dispatches.
 type cli struct {
-	LogLevel slog.Level `help:"Log level (debug, info, warn, error)." default:"info" name:"log-level"`
-	Socket   string     `help:"Daemon socket." env:"VMCRYPTD_SOCKET" default:"/run/vmcryptd/vmcryptd.sock" type:"path"`
+	LogLevel  slog.Level `help:"Log level (debug, info, warn, error)." default:"info" name:"log-level"`
+	LogFormat string     `help:"Log format: text, json, or auto (text on a terminal, JSON otherwise, e.g. under systemd for journald)." enum:"auto,json,text" default:"auto" name:"log-format"`
+	Socket    string     `help:"Daemon socket." env:"VMCRYPTD_SOCKET" default:"/run/vmcryptd/vmcryptd.sock" type:"path"`
 
 	Serve   serveCmd   `cmd:"" help:"Run the daemon (as root)."`
 	Status  statusCmd  `cmd:"" help:"Show the daemon's providers, host encryption mode and per-VM key state."`
@@ -68,7 +69,7 @@ func kongOptions() []kong.Option {
 func main() {
 	var c cli
 	ctx := kong.Parse(&c, kongOptions()...)
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: c.LogLevel}))
+	log := newLogger(os.Stderr, c.LogFormat, isTerminal(os.Stderr), c.LogLevel)
 	if err := ctx.Run(&globals{log: log, socket: c.Socket}); err != nil {
 		var code exitCode
 		if errors.As(err, &code) {
