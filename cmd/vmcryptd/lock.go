@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/vmcryptd/vmcryptd/internal/api"
 )
@@ -53,5 +54,20 @@ func (c *unlockCmd) Run(g *globals) error {
 		// Unlocked, but not every VM has its key back: not a plain success.
 		return exitCode(exitError)
 	}
+	return nil
+}
+
+type reloadCmd struct{}
+
+func (reloadCmd) Run(g *globals) error {
+	var res api.ReloadResult
+	if err := g.call("POST", "/reload", struct{}{}, &res); err != nil {
+		return err
+	}
+	if len(res.Applied) == 0 {
+		fmt.Printf("reloaded %s: nothing changed\n", res.Config)
+		return nil
+	}
+	fmt.Printf("reloaded %s: %s applied\n", res.Config, strings.Join(res.Applied, ", "))
 	return nil
 }

@@ -30,3 +30,10 @@ type KeyFailure struct {
 	Key   string `json:"key"`
 	Error string `json:"error"`
 }
+
+// ReloadResult answers POST /v1/reload (vmcryptd reload, SIGHUP).
+type ReloadResult struct {
+	Config string `json:"config"`
+	// Applied lists the sections that changed and now run ("roles").
+	Applied []string `json:"applied"`
+}

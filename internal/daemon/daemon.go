@@ -36,11 +36,14 @@ type Options struct {
 	// RetryInterval is how often keys that could not be fetched are tried
 	// again (default 10s).
 	RetryInterval time.Duration
+	// ConfigPath is the file Config came from; Reload reads it again.
+	ConfigPath string
 }
 
 // Daemon is one running vmcryptd.
 type Daemon struct {
 	cfg     *config.Config
+	cfgPath string // see Reload (reload.go)
 	log     *slog.Logger
 	version string
 	retry   time.Duration
@@ -106,7 +109,7 @@ func New(opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{
-		cfg: cfg, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval, readTimeout: 30 * time.Second,
+		cfg: cfg, cfgPath: opts.ConfigPath, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval, readTimeout: 30 * time.Second,
 		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
 		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{},

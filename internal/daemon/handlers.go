@@ -86,6 +86,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.Handle("POST "+p+"/keys", d.op("key.create", PrivManageKeys, true, d.hKeyCreate))
 	mux.Handle("POST "+p+"/lock", d.op("lock", PrivManageKeys, true, d.hLock))
 	mux.Handle("POST "+p+"/unlock", d.op("unlock", PrivManageKeys, true, d.hUnlock))
+	mux.Handle("POST "+p+"/reload", d.op("reload", PrivManageKeyServers, true, d.hReload))
 	mux.Handle("POST "+p+"/vm/encrypt", d.op("vm.encrypt", PrivEncrypt, true, d.hVMEncrypt))
 	mux.Handle("POST "+p+"/vm/decrypt", d.op("vm.decrypt", PrivDecrypt, true, d.hVMDecrypt))
 	mux.Handle("POST "+p+"/vm/rekey", d.op("vm.rekey", PrivRecrypt, true, d.hVMRekey))
