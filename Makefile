@@ -7,12 +7,54 @@ PKGS     := ./...
 TEST_TIMEOUT ?= 20m
 FUZZTIME ?= 3m
 
-.PHONY: all build test vet deps bench demo fuzz crash generate clean
+# Install layout (make install PREFIX=/usr DESTDIR=/tmp/stage). The config
+# stays under /etc whatever the prefix, as vmcryptd.service expects.
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+BINDIR     ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+MANDIR     ?= $(PREFIX)/share/man
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/site-functions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
+VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+
+.PHONY: all build test vet deps bench demo fuzz crash generate clean install deb
 
 all: build
 
 build:
-	$(GO) build -o $(BIN) ./cmd/vmcryptd
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/vmcryptd
+
+# The man page and completions come from the built binary (generated from
+# its command line definition). An existing config is never overwritten.
+install: build
+	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
+		$(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
+	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/vmcryptd
+	install -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/vmcryptd
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+		packaging/systemd/vmcryptd.service.in > $(DESTDIR)$(UNITDIR)/vmcryptd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/vmcryptd.service
+	$(BIN) man | gzip -9n > $(DESTDIR)$(MANDIR)/man8/vmcryptd.8.gz
+	$(BIN) completion bash > $(DESTDIR)$(BASHCOMPDIR)/vmcryptd
+	$(BIN) completion zsh > $(DESTDIR)$(ZSHCOMPDIR)/_vmcryptd
+	$(BIN) completion fish > $(DESTDIR)$(FISHCOMPDIR)/vmcryptd.fish
+	chmod 0644 $(DESTDIR)$(MANDIR)/man8/vmcryptd.8.gz $(DESTDIR)$(BASHCOMPDIR)/vmcryptd \
+		$(DESTDIR)$(ZSHCOMPDIR)/_vmcryptd $(DESTDIR)$(FISHCOMPDIR)/vmcryptd.fish
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/vmcryptd/vmcryptd.toml ]; then \
+		echo "install: keeping existing $(DESTDIR)$(SYSCONFDIR)/vmcryptd/vmcryptd.toml; example at $(DESTDIR)$(SYSCONFDIR)/vmcryptd/vmcryptd.toml.example"; \
+		install -m 0644 etc/vmcryptd/vmcryptd.toml $(DESTDIR)$(SYSCONFDIR)/vmcryptd/vmcryptd.toml.example; \
+	else \
+		install -m 0644 etc/vmcryptd/vmcryptd.toml $(DESTDIR)$(SYSCONFDIR)/vmcryptd/vmcryptd.toml; \
+	fi
+
+# A Debian package in $(DEBDIR), built with dpkg-deb
+# (packaging/debian/build-deb.sh); the version comes from git describe.
+DEBDIR ?= bin
+deb: build
+	./packaging/debian/build-deb.sh "$(VERSION)" "$(DEBDIR)"
 
 deps:
 	./scripts/install-deps.sh

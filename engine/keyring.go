@@ -25,6 +25,7 @@ type Keyring struct {
 	providers map[string]KeyServer
 	keys      map[KeyRef]*KEK
 	inflight  map[KeyRef]*fetch
+	locked    bool // see Lock (keyring_lock.go)
 }
 
 type fetch struct {
@@ -60,6 +61,9 @@ func (r *Keyring) provider(name string) (KeyServer, error) {
 
 // Create makes a new KEK on provider and caches it.
 func (r *Keyring) Create(ctx context.Context, provider, name string) (*KEK, error) {
+	if r.Locked() {
+		return nil, fmt.Errorf("create key on provider %q: %w", provider, ErrLocked)
+	}
 	ks, err := r.provider(provider)
 	if err != nil {
 		return nil, err
@@ -76,6 +80,10 @@ func (r *Keyring) Create(ctx context.Context, provider, name string) (*KEK, erro
 func (r *Keyring) Get(ctx context.Context, ref KeyRef) (*KEK, error) {
 	for {
 		r.mu.Lock()
+		if r.locked {
+			r.mu.Unlock()
+			return nil, fmt.Errorf("kek %s: %w", ref, ErrLocked)
+		}
 		if k, ok := r.keys[ref]; ok {
 			r.mu.Unlock()
 			return k, nil
@@ -104,6 +112,10 @@ func (r *Keyring) Get(ctx context.Context, ref KeyRef) (*KEK, error) {
 		kek, err := r.fetch(ctx, ks, ref)
 		r.mu.Lock()
 		delete(r.inflight, ref)
+		if err == nil && r.locked { // locked while the fetch ran
+			kek.Destroy()
+			kek, err = nil, fmt.Errorf("kek %s: %w", ref, ErrLocked)
+		}
 		if err == nil {
 			r.keys[ref] = kek
 		}

@@ -55,6 +55,9 @@ func (n *node) addWriter(d int) {
 // (all page-cache and O_DIRECT traffic) the Container decrypts in place,
 // with no copy and no allocation.
 func (h *encHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if h.es.locked.Load() {
+		return nil, syscall.EACCES
+	}
 	k, err := h.c.ReadAt(dest, off)
 	if err != nil && err != io.EOF {
 		h.n.st.log.Error("read failed", "path", h.n.rel(), "off", off, "len", len(dest), "err", err)
@@ -66,6 +69,9 @@ func (h *encHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.Read
 // Write encrypts in place in data, which is go-fuse's request buffer:
 // nothing reads it after we return (the reply carries only a count).
 func (h *encHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	if h.es.locked.Load() {
+		return 0, syscall.EACCES
+	}
 	if h.es.readOnly {
 		return 0, syscall.EBADF
 	}
@@ -99,6 +105,9 @@ func ioErrno(err error) syscall.Errno {
 // Flush settles a written file with its last close (see Settler); for
 // everything else it has nothing to do: durability is fsync's business.
 func (h *encHandle) Flush(ctx context.Context) syscall.Errno {
+	if h.es.locked.Load() {
+		return 0 // sealed: nothing to settle with
+	}
 	if h.write {
 		h.n.settle(h.es)
 	}
@@ -106,6 +115,9 @@ func (h *encHandle) Flush(ctx context.Context) syscall.Errno {
 }
 
 func (h *encHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	if h.es.locked.Load() {
+		return syscall.EACCES
+	}
 	if h.es.readOnly {
 		return 0
 	}
@@ -129,6 +141,9 @@ func (h *encHandle) Release(ctx context.Context) syscall.Errno {
 }
 
 func (h *encHandle) truncate(size int64) syscall.Errno {
+	if h.es.locked.Load() {
+		return syscall.EACCES
+	}
 	return h.n.truncateEnc(h.es, size)
 }
 
@@ -138,6 +153,9 @@ func (h *encHandle) truncate(size int64) syscall.Errno {
 // there. Results are rounded to whole units, data down and holes up, so
 // a reported hole is always all zeros.
 func (h *encHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	if h.es.locked.Load() {
+		return 0, syscall.EACCES
+	}
 	if whence != unix.SEEK_DATA && whence != unix.SEEK_HOLE {
 		return 0, syscall.EINVAL
 	}
@@ -180,6 +198,9 @@ func (h *encHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint6
 // zeros); PUNCH_HOLE frees whole units and zeroes partial ones;
 // ZERO_RANGE does the same and may extend.
 func (h *encHandle) Allocate(ctx context.Context, off uint64, length uint64, mode uint32) syscall.Errno {
+	if h.es.locked.Load() {
+		return syscall.EACCES
+	}
 	if h.es.readOnly {
 		return syscall.EBADF
 	}

@@ -44,6 +44,8 @@ type state struct {
 	// kernel may read through a write-only handle, so plain files are
 	// opened O_RDWR instead.
 	writeback bool
+	// rootNode is the view's root inode; Lock walks the tree from it.
+	rootNode *node
 
 	mu     sync.Mutex
 	nextID uint64
@@ -151,6 +153,7 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 		st.gate = g
 	}
 	rootNode := &node{st: st}
+	st.rootNode = rootNode
 
 	timeout := func(d time.Duration) *time.Duration {
 		switch {

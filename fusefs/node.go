@@ -55,6 +55,9 @@ type encState struct {
 	// while this state was still referenced: reads still see the old
 	// content, writes fail, since they would land in an unlinked file.
 	retired atomic.Bool
+	// locked is set by View.Lock: the Container is sealed and every
+	// handle on it answers EACCES (lock.go).
+	locked atomic.Bool
 	// writes counts data-changing requests started; inflight those not
 	// finished. A settle replaces the file only if neither moved.
 	writes, inflight atomic.Int64

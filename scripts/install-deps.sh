@@ -13,6 +13,11 @@ declare -A need=(
 	[gocryptfs]=gocryptfs
 	[fusermount3]=fuse3
 	[openssl]=openssl
+	[zsh]=zsh
+	[fish]=fish
+	[systemd-analyze]=systemd
+	[groff]=groff-base
+	[dpkg-deb]=dpkg
 )
 
 missing=()

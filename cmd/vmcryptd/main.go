@@ -16,8 +16,9 @@ import (
 // cli is the whole command line. Each subcommand is a struct with a Run
 // method; kong binds flags and dispatches.
 type cli struct {
-	LogLevel slog.Level `help:"Log level (debug, info, warn, error)." default:"info" name:"log-level"`
-	Socket   string     `help:"Daemon socket." env:"VMCRYPTD_SOCKET" default:"/run/vmcryptd/vmcryptd.sock" type:"path"`
+	LogLevel  slog.Level `help:"Log level (debug, info, warn, error)." default:"info" name:"log-level"`
+	LogFormat string     `help:"Log format: text, json, or auto (text on a terminal, JSON otherwise, e.g. under systemd for journald)." enum:"auto,json,text" default:"auto" name:"log-format"`
+	Socket    string     `help:"Daemon socket." env:"VMCRYPTD_SOCKET" default:"/run/vmcryptd/vmcryptd.sock" type:"path"`
 
 	Serve   serveCmd   `cmd:"" help:"Run the daemon (as root)."`
 	Status  statusCmd  `cmd:"" help:"Show the daemon's providers, host encryption mode and per-VM key state."`
@@ -33,6 +34,12 @@ type cli struct {
 	Inspect inspectCmd `cmd:"" help:"Describe a VM file or directory (formats, sizes, keys, encrypted containers) without any key or daemon."`
 	Bench   benchCmd   `cmd:"" help:"Measure sector-cipher throughput of every implementation against OpenSSL."`
 	Version versionCmd `cmd:"" help:"Print the version."`
+
+	Lock       lockCmd       `cmd:"" help:"Zero every key in the daemon now: views answer EACCES, nothing is fetched until unlock (needs Cryptographer.ManageKeys)."`
+	Unlock     unlockCmd     `cmd:"" help:"Let the daemon fetch its keys again after a lock, and fetch them now (needs Cryptographer.ManageKeys)."`
+	Reload     reloadCmd     `cmd:"" help:"Re-read the daemon's config file ([[roles]]); a file that does not load, or changes what needs a restart, is refused and nothing changes (same as SIGHUP)."`
+	Completion completionCmd `cmd:"" help:"Print a shell completion script (bash, zsh or fish)."`
+	Man        manCmd        `cmd:"" hidden:"" help:"Print the man page (roff), generated from this command line."`
 }
 
 // globals is what every Run method receives.
@@ -50,14 +57,20 @@ func (versionCmd) Run(g *globals) error {
 	return nil
 }
 
-func main() {
-	var c cli
-	ctx := kong.Parse(&c,
+// kongOptions are the parser options; the completion and man page tests
+// build the same model from them.
+func kongOptions() []kong.Option {
+	return []kong.Option{
 		kong.Name("vmcryptd"),
 		kong.Description("ESXi-style VM encryption for Linux: KMIP key servers, AES-XTS-256 at rest, FUSE decrypted views."),
 		kong.UsageOnError(),
-	)
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: c.LogLevel}))
+	}
+}
+
+func main() {
+	var c cli
+	ctx := kong.Parse(&c, kongOptions()...)
+	log := newLogger(os.Stderr, c.LogFormat, isTerminal(os.Stderr), c.LogLevel)
 	if err := ctx.Run(&globals{log: log, socket: c.Socket}); err != nil {
 		var code exitCode
 		if errors.As(err, &code) {

@@ -24,12 +24,24 @@ func (s *serveCmd) Run(g *globals) error {
 	if err != nil {
 		return err
 	}
-	d, err := daemon.New(daemon.Options{Config: cfg, Logger: g.log, Version: version, RetryInterval: cfg.KeyRetryInterval.Duration})
+	d, err := daemon.New(daemon.Options{Config: cfg, ConfigPath: s.Config, Logger: g.log, Version: version, RetryInterval: cfg.KeyRetryInterval.Duration})
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP (systemctl reload) reloads the configuration; it must never
+	// kill a daemon whose views are in use, which is Go's default for it.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			if _, err := d.Reload(); err != nil {
+				g.log.Error("SIGHUP", "err", err)
+			}
+		}
+	}()
 	if err := d.Run(ctx); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}

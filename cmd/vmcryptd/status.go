@@ -38,6 +38,9 @@ func (s *statusCmd) Run(g *globals) error {
 		locked = "NOT mlocked (raise RLIMIT_MEMLOCK)"
 	}
 	fmt.Printf("keys in memory: %d (%s)\n", st.CachedKeys, locked)
+	if st.Locked {
+		fmt.Println("LOCKED by vmcryptd lock: no key is fetched until vmcryptd unlock")
+	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "\nPROVIDER\tDEFAULT\tSOURCE\tSERVERS")
 	for _, p := range st.Providers {

@@ -26,18 +26,21 @@ type Error struct {
 
 // Status is GET /v1/status.
 type Status struct {
-	Version        string           `json:"version"`
-	PID            int              `json:"pid"`
-	Started        time.Time        `json:"started"`
-	Caller         Caller           `json:"caller"`
-	HostEncryption HostEncryption   `json:"host_encryption"`
-	Providers      []ProviderInfo   `json:"providers"`
-	DefaultKMS     string           `json:"default_provider,omitempty"`
-	CachedKeys     int              `json:"cached_keys"`
-	KeysLocked     bool             `json:"keys_mlocked"`
-	VMs            []VMLockState    `json:"vms"`
-	Mounts         []MountInfo      `json:"mounts"`
-	Datastores     []DatastoreState `json:"datastores"`
+	Version        string         `json:"version"`
+	PID            int            `json:"pid"`
+	Started        time.Time      `json:"started"`
+	Caller         Caller         `json:"caller"`
+	HostEncryption HostEncryption `json:"host_encryption"`
+	Providers      []ProviderInfo `json:"providers"`
+	DefaultKMS     string         `json:"default_provider,omitempty"`
+	CachedKeys     int            `json:"cached_keys"`
+	KeysLocked     bool           `json:"keys_mlocked"`
+	// Locked is set while `vmcryptd lock` is in force: no key is in
+	// memory or fetched until `vmcryptd unlock`.
+	Locked     bool             `json:"locked"`
+	VMs        []VMLockState    `json:"vms"`
+	Mounts     []MountInfo      `json:"mounts"`
+	Datastores []DatastoreState `json:"datastores"`
 }
 
 // Caller is who the daemon thinks is asking (from SO_PEERCRED).

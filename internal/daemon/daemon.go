@@ -35,11 +35,14 @@ type Options struct {
 	// RetryInterval is how often keys that could not be fetched are tried
 	// again (default 10s).
 	RetryInterval time.Duration
+	// ConfigPath is the file Config came from; Reload reads it again.
+	ConfigPath string
 }
 
 // Daemon is one running vmcryptd.
 type Daemon struct {
 	cfg     *config.Config
+	cfgPath string // see Reload (reload.go)
 	log     *slog.Logger
 	version string
 	retry   time.Duration
@@ -107,7 +110,7 @@ func New(opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{
-		cfg: cfg, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval, readTimeout: 30 * time.Second,
+		cfg: cfg, cfgPath: opts.ConfigPath, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval, readTimeout: 30 * time.Second,
 		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
 		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{},
@@ -179,6 +182,9 @@ func (d *Daemon) neededKeys() []engine.KeyRef {
 // time, and records per-key errors for status. The keyring de-duplicates
 // concurrent fetches of one key.
 func (d *Daemon) loadKeys(ctx context.Context) {
+	if d.keyring.Locked() {
+		return // vmcryptd lock: nothing is fetched until unlock (lock.go)
+	}
 	var refs []engine.KeyRef
 	for _, ref := range d.neededKeys() {
 		if !d.keyring.Cached(ref) {
@@ -252,6 +258,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	go func() {
 		defer bgWG.Done()
 		d.restoreMounts(bg)
+		d.notifyReady() // systemd Type=notify: API listening, mounts restored
 	}()
 	go func() {
 		defer bgWG.Done()
@@ -417,6 +424,7 @@ func (d *Daemon) status(id identity) api.Status {
 		Caller:     api.Caller{UID: id.UID, User: id.User, Role: id.Role, Privileges: d.auth.privileges(id.Role)},
 		CachedKeys: len(d.keyring.Refs()),
 		KeysLocked: d.keyring.AllMemoryLocked(),
+		Locked:     d.keyring.Locked(),
 		VMs:        []api.VMLockState{},
 		Providers:  []api.ProviderInfo{},
 		Datastores: []api.DatastoreState{},

@@ -5,6 +5,7 @@ import (
 	"os/user"
 	"sort"
 	"strconv"
+	"sync"
 
 	"github.com/vmcryptd/vmcryptd/internal/config"
 )
@@ -69,6 +70,7 @@ func builtinRoles() map[string]map[Privilege]bool {
 // authorizer maps a peer uid to a role.
 type authorizer struct {
 	roles    map[string]map[Privilege]bool
+	mu       sync.RWMutex // guards bindings, which a reload replaces
 	bindings []config.RoleBinding
 	// lookup resolves uid -> user name and group names; replaceable in tests.
 	lookup func(uid int) (name string, groups []string, err error)
@@ -122,7 +124,10 @@ func (a *authorizer) resolve(uid int) identity {
 		id.Role = RoleAdministrator
 		return id
 	}
-	for _, b := range a.bindings {
+	a.mu.RLock()
+	bindings := a.bindings
+	a.mu.RUnlock()
+	for _, b := range bindings {
 		switch {
 		case b.UID != nil && *b.UID == uid,
 			b.User != "" && b.User == name,

@@ -1,0 +1,117 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/vmcryptd/vmcryptd/internal/api"
+)
+
+type lockResult struct {
+	api.LockResult
+	refs []string
+}
+
+func (l lockResult) audit() (string, []string) { return "all keys", l.refs }
+
+type unlockResult struct{ api.UnlockResult }
+
+func (u unlockResult) audit() (string, []string) { return "all keys", u.Loaded }
+
+// busyOps lists the VM operations in progress ("dir (op)"), sorted.
+// The caller holds l.mu.
+func (l *vmLocks) busyOpsLocked() []string {
+	var out []string
+	for dir, op := range l.busy {
+		out = append(out, dir+" ("+op+")")
+	}
+	sort.Strings(out)
+	return out
+}
+
+// hLock is `vmcryptd lock`: every KEK and DEK in the daemon is zeroed at
+// once, views seal their open encrypted files and drop the kernel's
+// cached plaintext, and no key is fetched again until hUnlock. Refused,
+// with nothing changed, while a VM operation runs: a conversion holds
+// its own copies of keys and must reach its end (it is resumable; stopping
+// the daemon also zeroes every key).
+func (d *Daemon) hLock(rc *reqCtx) (any, error) {
+	d.vmLocks.mu.Lock()
+	if busy := d.vmLocks.busyOpsLocked(); len(busy) > 0 {
+		d.vmLocks.mu.Unlock()
+		return nil, conflict("lock refused, nothing changed: operation in progress on %s; wait for it to finish, or stop the daemon (which zeroes every key too)", strings.Join(busy, ", "))
+	}
+	already := d.keyring.Locked()
+	// Under vmLocks.mu, so no operation starts between the check and the
+	// lock; one starting afterwards finds the keyring locked.
+	zeroed := d.keyring.Lock()
+	d.vmLocks.mu.Unlock()
+
+	res := lockResult{LockResult: api.LockResult{KEKsZeroed: zeroed, AlreadyLocked: already}}
+	reason := fmt.Sprintf("locked by vmcryptd lock (user %s, %s): run vmcryptd unlock", rc.id.User, time.Now().UTC().Format(time.RFC3339))
+	refs := d.neededKeys()
+	d.mu.Lock()
+	for _, ref := range refs {
+		d.keyErrs[ref] = reason
+		res.refs = append(res.refs, ref.String())
+	}
+	mounts := make([]*activeMount, 0, len(d.mounts))
+	for _, m := range d.mounts {
+		mounts = append(mounts, m)
+	}
+	d.mu.Unlock()
+
+	var errs []error
+	for _, m := range mounts {
+		m.ds.Forget("") // every cached DEK of the view, zeroed
+		vr, err := m.view.Lock()
+		res.Views++
+		res.FilesSealed += vr.Sealed
+		res.PagesInvalidated += vr.Invalidated
+		if err != nil {
+			errs = append(errs, fmt.Errorf("view %s: %w", m.rec.Mountpoint, err))
+		}
+	}
+	d.log.Warn("keys locked", "user", rc.id.User, "keks_zeroed", zeroed, "views", res.Views, "files_sealed", res.FilesSealed)
+	if len(errs) > 0 {
+		// Every key is zeroed whatever happened; say what did not close
+		// cleanly instead of reporting plain success.
+		return res, fmt.Errorf("locked (every key zeroed), but: %w", errors.Join(errs...))
+	}
+	return res, nil
+}
+
+// hUnlock is `vmcryptd unlock`: key fetching resumes and every needed KEK
+// is fetched now; the answer lists the ones that could not be had.
+func (d *Daemon) hUnlock(rc *reqCtx) (any, error) {
+	res := unlockResult{api.UnlockResult{WasLocked: d.keyring.Locked(), Loaded: []string{}, Failed: []api.KeyFailure{}}}
+	d.keyring.Unlock()
+	refs := d.neededKeys()
+	d.mu.Lock()
+	for _, ref := range refs {
+		delete(d.keyErrs, ref) // the lock's reason; loadKeys records real ones
+	}
+	d.mu.Unlock()
+	ctx, cancel := context.WithTimeout(rc.r.Context(), 2*time.Minute)
+	defer cancel()
+	d.loadKeys(ctx)
+	d.mu.Lock()
+	for _, ref := range refs {
+		if d.keyring.Cached(ref) {
+			res.Loaded = append(res.Loaded, ref.String())
+		} else {
+			msg := d.keyErrs[ref]
+			if msg == "" {
+				msg = "not fetched"
+			}
+			res.Failed = append(res.Failed, api.KeyFailure{Key: ref.String(), Error: msg})
+		}
+	}
+	d.mu.Unlock()
+	d.log.Info("keys unlocked", "user", rc.id.User, "loaded", len(res.Loaded), "failed", len(res.Failed))
+	return res, nil
+}

@@ -1,0 +1,123 @@
+package daemon
+
+import (
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vmcryptd/vmcryptd/internal/config"
+)
+
+// Every configuration key is classified for reload: a new key must be
+// added to configSections, or a change to it would be ignored silently.
+func TestConfigSectionsCoverConfig(t *testing.T) {
+	var names []string
+	rt := reflect.TypeOf(config.Config{})
+	for i := 0; i < rt.NumField(); i++ {
+		names = append(names, strings.Split(rt.Field(i).Tag.Get("toml"), ",")[0])
+	}
+	var have []string
+	for _, s := range configSections {
+		have = append(have, s.name)
+	}
+	slices.Sort(names)
+	slices.Sort(have)
+	if !slices.Equal(names, have) {
+		t.Fatalf("config keys %v, reload knows %v", names, have)
+	}
+}
+
+func TestReloadPlan(t *testing.T) {
+	base := func() *config.Config {
+		uid := 1001
+		return &config.Config{Socket: "/run/s", Datastores: []config.Datastore{{Name: "a", Path: "/a"}},
+			Roles: []config.RoleBinding{{UID: &uid, Role: RoleReadOnly}}}
+	}
+	tests := []struct {
+		name           string
+		change         func(c *config.Config)
+		apply, restart []string
+	}{
+		{"nothing", func(c *config.Config) {}, nil, nil},
+		{"role", func(c *config.Config) { c.Roles[0].Role = RoleNoCryptoAdmin }, []string{"roles"}, nil},
+		{"same uid, new pointer", func(c *config.Config) { u := 1001; c.Roles[0].UID = &u }, nil, nil},
+		{"datastore", func(c *config.Config) { c.Datastores[0].Path = "/b" }, nil, []string{"datastores"}},
+		{"role and socket", func(c *config.Config) { c.Roles = nil; c.Socket = "/run/t" }, []string{"roles"}, []string{"socket"}},
+	}
+	for _, tt := range tests {
+		next := base()
+		tt.change(next)
+		apply, restart := reloadPlan(base(), next)
+		if !slices.Equal(apply, tt.apply) || !slices.Equal(restart, tt.restart) {
+			t.Errorf("%s: apply %v restart %v, want %v %v", tt.name, apply, restart, tt.apply, tt.restart)
+		}
+	}
+}
+
+// Reload applies a role change; a broken file or a change that needs a
+// restart is refused whole, with the line or the section named, and the
+// running roles stay.
+func TestReload(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "vmcryptd.toml")
+	head := `socket = "` + filepath.Join(dir, "d.sock") + `"
+state_dir = "` + filepath.Join(dir, "state") + `"
+audit_log = "` + filepath.Join(dir, "audit.log") + `"
+[[datastores]]
+name = "ds"
+path = "` + dir + `"
+`
+	write := func(s string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(head + "[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\n")
+	cfg, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := New(Options{Config: cfg, ConfigPath: path, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	d.auth.lookup = func(uid int) (string, []string, error) { return "u", nil, nil }
+	role := func() string { return d.auth.resolve(4242).Role }
+	if role() != RoleReadOnly {
+		t.Fatalf("role at start %q", role())
+	}
+	steps := []struct {
+		name     string
+		file     string
+		wantErr  string // "" for success
+		wantRole string
+	}{
+		{"unchanged", head + "[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\n", "", RoleReadOnly},
+		{"role changed", head + "[[roles]]\nuid = 4242\nrole = \"NoCryptoAdmin\"\n", "", RoleNoCryptoAdmin},
+		{"syntax error", head + "[[roles]]\nuid = 4242\nrole = ReadOnly\n", "line 9 ", RoleNoCryptoAdmin},
+		{"unknown role", head + "[[roles]]\nuid = 4242\nrole = \"Root\"\n", `unknown role "Root"`, RoleNoCryptoAdmin},
+		{"unknown key", head + "[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\ncolour = 1\n", `unknown key "roles.colour"`, RoleNoCryptoAdmin},
+		{"datastore changed too", strings.Replace(head, `name = "ds"`, `name = "ds2"`, 1) + "[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\n", "changes datastores", RoleNoCryptoAdmin},
+		{"role removed", head, "", ""},
+	}
+	for _, s := range steps {
+		write(s.file)
+		_, err := d.Reload()
+		switch {
+		case s.wantErr == "" && err != nil:
+			t.Errorf("%s: %v", s.name, err)
+		case s.wantErr != "" && (err == nil || !strings.Contains(err.Error(), s.wantErr) || !strings.Contains(err.Error(), "running configuration kept")):
+			t.Errorf("%s: err %v, want one containing %q", s.name, err, s.wantErr)
+		}
+		if role() != s.wantRole {
+			t.Errorf("%s: role %q, want %q", s.name, role(), s.wantRole)
+		}
+	}
+}
