@@ -33,8 +33,8 @@ type Opener func(path string) (File, error)
 // Options configures Open. The zero value is ready to use.
 type Options struct {
 	// Open opens extent files. When nil, files are opened read-only
-	// through an os.Root on the descriptor's directory, so a symlink
-	// inside the VM directory cannot lead outside it either.
+	// beneath the descriptor's directory with OpenIn: a symbolic link is
+	// never followed, a FIFO or device is refused without blocking.
 	Open Opener
 }
 
@@ -432,30 +432,17 @@ type osFile struct {
 
 func (f *osFile) Size() int64 { return f.size }
 
-// defaultOpener opens files read-only beneath dir through os.Root.
+// defaultOpener opens regular files read-only beneath dir with OpenIn:
+// no symbolic link is followed and a FIFO never blocks.
 func defaultOpener(dir string) Opener {
 	return func(path string) (File, error) {
 		rel, err := filepath.Rel(dir, path)
 		if err != nil {
 			return nil, err
 		}
-		root, err := os.OpenRoot(dir)
+		f, st, err := OpenIn(dir, rel)
 		if err != nil {
 			return nil, err
-		}
-		defer root.Close()
-		f, err := root.Open(rel)
-		if err != nil {
-			return nil, err
-		}
-		st, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return nil, err
-		}
-		if !st.Mode().IsRegular() {
-			f.Close()
-			return nil, fmt.Errorf("%s: not a regular file", path)
 		}
 		return &osFile{File: f, size: st.Size()}, nil
 	}

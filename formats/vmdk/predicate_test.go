@@ -1,0 +1,130 @@
+package vmdk
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const flatText = "# Disk DescriptorFile\nversion=1\nCID=13d58050\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\nRW 2048 FLAT \"d-flat.vmdk\" 0\n\nddb.adapterType = \"ide\"\n"
+
+func pad(s string, n int) []byte { return append([]byte(s), make([]byte, n-len(s))...) }
+
+func TestIsDescriptorText(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		head []byte
+		want bool
+	}{
+		{"plain text", []byte(flatText), true},
+		{"magic only", []byte(DescriptorMagic), true},
+		{"NUL padded to 512", pad(flatText, 512), true},
+		{"NUL padded to 4096", pad(flatText, 4096), true},
+		{"CRLF", []byte(strings.ReplaceAll(flatText, "\n", "\r\n")), true},
+		{"empty", nil, false},
+		{"short prefix of the magic", []byte("# Disk Desc"), false},
+		{"no magic", []byte("version=1\ncreateType=\"monolithicFlat\"\n"), false},
+		{"magic not at offset 0", []byte("\n" + flatText), false},
+		{"all zeros", make([]byte, 512), false},
+		{"text after NUL", append(pad(flatText, 300), []byte("RW 1 FLAT \"x\"\n")...), false},
+		{"one byte after padding", append(pad(flatText, 511), 1), false},
+		{"sparse magic", []byte("KDMV\x01\x00\x00\x00"), false},
+		{"container magic", []byte("VMCRYPTD" + DescriptorMagic), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := IsDescriptorText(tc.head); got != tc.want {
+				t.Errorf("IsDescriptorText(%q) = %v, want %v", tc.head[:min(len(tc.head), 40)], got, tc.want)
+			}
+		})
+	}
+}
+
+// TestDescriptorNULPadding parses descriptors as QEMU pads them: the text
+// is understood, the padding comes back at the end, and a line set later
+// goes into the text, not after the padding.
+func TestDescriptorNULPadding(t *testing.T) {
+	for _, n := range []int{512, 4096} {
+		b := pad(flatText, n)
+		d, err := ParseDescriptor(b)
+		if err != nil {
+			t.Fatalf("%d: %v", n, err)
+		}
+		if !bytes.Equal(d.Bytes(), b) {
+			t.Fatalf("%d: round trip differs", n)
+		}
+		if x := d.Extents(); len(x) != 1 || x[0].Filename != "d-flat.vmdk" || x[0].Sectors != 2048 {
+			t.Fatalf("%d: extents %+v", n, x)
+		}
+		if err := d.Set("ddb.new", "v"); err != nil {
+			t.Fatal(err)
+		}
+		out := d.Bytes()
+		if !bytes.HasSuffix(out, make([]byte, n-len(flatText))) || bytes.IndexByte(bytes.TrimRight(out, "\x00"), 0) >= 0 {
+			t.Fatalf("%d: after Set the padding is not at the end: %q", n, out)
+		}
+		d2, err := ParseDescriptor(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v, _ := d2.Get("ddb.new"); v != "v" {
+			t.Fatalf("ddb.new = %q", v)
+		}
+	}
+}
+
+func TestDescriptorLimits(t *testing.T) {
+	ext := "RW 1 FLAT \"x.vmdk\" 0\n"
+	for _, tc := range []struct {
+		name, text, err string
+	}{
+		{"NUL inside", flatText[:40] + "\x00" + flatText[40:], "NUL byte at offset 40"},
+		{"too many lines", strings.Repeat("\n", MaxDescriptorLines+1), "more than 65536 lines"},
+		{"too many extents", DescriptorMagic + "\n" + strings.Repeat(ext, MaxDescriptorExtents+1), "more than 32768 extents"},
+		{"too large", strings.Repeat("#", MaxDescriptorSize+1), "exceeds limit"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseDescriptor([]byte(tc.text))
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("err = %v, want %q", err, tc.err)
+			}
+		})
+	}
+	// At the limits: accepted.
+	if _, err := ParseDescriptor([]byte(DescriptorMagic + "\n" + strings.Repeat(ext, MaxDescriptorExtents))); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ParseDescriptor([]byte(strings.Repeat("\n", MaxDescriptorLines))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestOpenQemuPaddedDescriptor opens what qemu-img convert writes for a
+// monolithicFlat target: a descriptor NUL-padded to 512 bytes.
+func TestOpenQemuPaddedDescriptor(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	run(t, dir, "qemu-img", "create", "-q", "-f", "raw", "r.img", "1M")
+	run(t, dir, "qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", "r.img")
+	run(t, dir, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", "r.img", "d.vmdk")
+	b, err := os.ReadFile(filepath.Join(dir, "d.vmdk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.IndexByte(b, 0) < 0 {
+		t.Fatalf("qemu-img no longer pads the descriptor (%d bytes); the test needs a padded one", len(b))
+	}
+	if !IsDescriptorText(b) {
+		t.Fatalf("qemu's descriptor not recognised: %q", b)
+	}
+	d, err := Open(filepath.Join(dir, "d.vmdk"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	got := make([]byte, 64<<10)
+	if _, err := d.ReadAt(got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{0xab}, 64<<10)) {
+		t.Fatalf("read through the padded descriptor: %v", err)
+	}
+}
