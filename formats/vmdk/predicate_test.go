@@ -128,3 +128,45 @@ func TestOpenQemuPaddedDescriptor(t *testing.T) {
 		t.Fatalf("read through the padded descriptor: %v", err)
 	}
 }
+
+// TestDiskGrainDirectoryBudget names one sparse extent with an 8 MiB
+// grain directory (the most one extent may have) several times: the disk
+// refuses to hold more than twice that, instead of loading it per line.
+func TestDiskGrainDirectoryBudget(t *testing.T) {
+	dir := t.TempDir()
+	h := SparseHeader{Version: 1, Flags: 3, Capacity: 1 << 37, GrainSize: 128, NumGTEsPerGT: 512, GDOffset: 1, RGDOffset: 1, OverHead: 1,
+		SingleEndLineChar: '\n', NonEndLineChar: ' ', DoubleEndLineChar1: '\r', DoubleEndLineChar2: '\n'}
+	if h.GDEntries() != maxGDEntries {
+		t.Fatalf("test header has %d directory entries", h.GDEntries())
+	}
+	b, _ := h.MarshalBinary()
+	f, err := os.Create(filepath.Join(dir, "s.vmdk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write(b)
+	f.Truncate(SectorSize + maxGDEntries*4) // holes: an empty directory
+	f.Close()
+	one := "RW 137438953472 SPARSE \"s.vmdk\"\n"
+	for _, tc := range []struct {
+		n  int
+		ok bool
+	}{{1, true}, {2, true}, {3, false}, {100, false}} {
+		os.WriteFile(filepath.Join(dir, "d.vmdk"), []byte(DescriptorMagic+"\ncreateType=\"twoGbMaxExtentSparse\"\n"+strings.Repeat(one, tc.n)), 0o644)
+		d, err := Open(filepath.Join(dir, "d.vmdk"), nil)
+		if tc.ok {
+			if err != nil {
+				t.Errorf("%d extents: %v", tc.n, err)
+			} else {
+				d.Close()
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), "exceed 4194304 entries in all") || !strings.Contains(err.Error(), "s.vmdk") {
+			t.Errorf("%d extents: err = %v", tc.n, err)
+		}
+		if d != nil {
+			d.Close()
+		}
+	}
+}

@@ -18,8 +18,13 @@ import (
 	"strings"
 )
 
-// MaxSize bounds the input; real .vmx files are a few KiB.
-const MaxSize = 16 << 20
+// MaxSize bounds the input; real .vmx files are a few KiB, a .vmsd of 32
+// snapshots some tens of KiB.
+const MaxSize = 4 << 20
+
+// MaxLines bounds the lines of the input, so that parsing costs a bounded
+// amount of memory whatever the input (each line is a small struct).
+const MaxLines = 1 << 17
 
 // lineKind classifies a line.
 type lineKind int
@@ -60,6 +65,9 @@ func Parse(b []byte) (*File, error) {
 	f := &File{}
 	s := string(b)
 	for len(s) > 0 {
+		if len(f.lines) == MaxLines {
+			return nil, fmt.Errorf("vmx: more than %d lines", MaxLines)
+		}
 		var text, eol string
 		if i := strings.IndexByte(s, '\n'); i >= 0 {
 			text, s, eol = s[:i], s[i+1:], "\n"
