@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"syscall"
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/formats/vmx"
@@ -85,7 +86,9 @@ const (
 // readDir lists dir, refusing one with more than MaxEntries entries
 // without reading them all.
 func readDir(dir string) ([]os.DirEntry, error) {
-	f, err := os.Open(dir)
+	// O_DIRECTORY: a FIFO put in the directory's place fails at once
+	// instead of blocking the open.
+	f, err := os.OpenFile(dir, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
 	}
