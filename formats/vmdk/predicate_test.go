@@ -2,6 +2,7 @@ package vmdk
 
 import (
 	"bytes"
+	"encoding/binary"
 	"os"
 	"path/filepath"
 	"strings"
@@ -168,5 +169,66 @@ func TestDiskGrainDirectoryBudget(t *testing.T) {
 		if d != nil {
 			d.Close()
 		}
+	}
+}
+
+// TestGrainCountsMatchesTables checks the batched walk of GrainCounts
+// against the tables one by one, for directories with adjacent runs,
+// repeated, overlapping and empty entries.
+func TestGrainCountsMatchesTables(t *testing.T) {
+	const gtSectors = 4 // 512 entries
+	for _, tc := range []struct {
+		name string
+		gd   func(i int) uint32
+	}{
+		{"adjacent", func(i int) uint32 { return uint32(64 + i*gtSectors) }},
+		{"all the same", func(int) uint32 { return 64 }},
+		{"alternating", func(i int) uint32 { return uint32(64 + (i%2)*gtSectors) }},
+		{"overlapping", func(i int) uint32 { return uint32(64 + i) }},
+		{"gaps and holes", func(i int) uint32 {
+			if i%3 == 0 {
+				return 0
+			}
+			return uint32(64 + i*2*gtSectors)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const entries = 40
+			h := SparseHeader{Version: 1, Flags: 1 | FlagZeroedGrainGTE, Capacity: entries * 512 * 128, GrainSize: 128, NumGTEsPerGT: 512, GDOffset: 1, OverHead: 1,
+				SingleEndLineChar: '\n', NonEndLineChar: ' ', DoubleEndLineChar1: '\r', DoubleEndLineChar2: '\n'}
+			img, _ := h.MarshalBinary()
+			img = append(img, make([]byte, (64+entries*2*gtSectors+8)*SectorSize)...)
+			for i := range entries {
+				binary.LittleEndian.PutUint32(img[SectorSize+4*i:], tc.gd(i))
+			}
+			// Table area: a pattern of holes, zeroed and allocated grains.
+			for off := 64 * SectorSize; off+4 <= len(img); off += 4 {
+				binary.LittleEndian.PutUint32(img[off:], uint32(off/4%5)) // 0, 1 (zeroed), 2..4
+			}
+			s, err := OpenSparse(bytes.NewReader(img), int64(len(img)), "x.vmdk")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var wantA, wantZ int64
+			for i := range entries {
+				gt, err := s.GrainTable(i)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, gte := range gt {
+					switch gte {
+					case 0:
+					case 1:
+						wantZ++
+					default:
+						wantA++
+					}
+				}
+			}
+			a, z, err := s.GrainCounts()
+			if err != nil || a != wantA || z != wantZ {
+				t.Fatalf("GrainCounts = %d, %d, %v; tables say %d, %d", a, z, err, wantA, wantZ)
+			}
+		})
 	}
 }
