@@ -30,5 +30,9 @@ done
 # Peak RSS and time of inspect on the known-bad whole files (1 GiB sparse
 # files with every magic, limits reached), each in a child process,
 # without -race: the measurable form of the memory bound.
+# The corpus FuzzInspectFile built is replayed there too.
 echo "== inspect memory and time bounds"
-go test -count=1 -run '^TestInspectMemoryBound$' -v ./internal/inspect/ | grep -E 'peak RSS|largest|^(ok|FAIL|---)'
+corpus="$(go env GOCACHE)/fuzz/$(go list ./internal/inspect/)/FuzzInspectFile"
+[ -d "$corpus" ] || corpus=
+VMCRYPTD_INSPECT_CORPUS="$corpus" go test -count=1 -run '^TestInspectMemoryBound$' -v ./internal/inspect/ |
+	grep -E 'peak RSS|corpus|largest|^(ok|FAIL|---)'

@@ -124,13 +124,17 @@ func ParseDescriptor(b []byte) (*Descriptor, error) {
 	if i := bytes.IndexByte(text, 0); i >= 0 {
 		return nil, fmt.Errorf("descriptor: NUL byte at offset %d inside the text (only trailing NUL padding is allowed)", i)
 	}
-	d := &Descriptor{pad: len(b) - len(text)}
+	lines := bytes.Count(text, []byte("\n"))
+	if len(text) > 0 && text[len(text)-1] != '\n' {
+		lines++ // a last line without terminator
+	}
+	if lines > MaxDescriptorLines {
+		return nil, fmt.Errorf("descriptor: more than %d lines", MaxDescriptorLines)
+	}
+	d := &Descriptor{pad: len(b) - len(text), lines: make([]line, 0, lines)}
 	s := string(text)
 	extents := 0
 	for n := 1; len(s) > 0; n++ {
-		if n > MaxDescriptorLines {
-			return nil, fmt.Errorf("descriptor: more than %d lines", MaxDescriptorLines)
-		}
 		var text, eol string
 		if i := strings.IndexByte(s, '\n'); i >= 0 {
 			text, s = s[:i], s[i+1:]

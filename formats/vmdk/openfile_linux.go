@@ -95,14 +95,17 @@ func ReadRegular(path string, max int64) ([]byte, error) {
 	if info.Size() > max {
 		return nil, fmt.Errorf("%s: %d bytes exceeds the limit of %d for this kind of file; not read", path, info.Size(), max)
 	}
-	b, err := io.ReadAll(io.LimitReader(f, max+1))
-	if err != nil {
+	// One buffer of the size fstat gave, and one byte more to notice a
+	// file that grew meanwhile.
+	b := make([]byte, info.Size()+1)
+	n, err := io.ReadFull(f, b)
+	switch {
+	case err == nil:
+		return nil, fmt.Errorf("%s: grew while read; not read", path)
+	case err != io.ErrUnexpectedEOF && err != io.EOF:
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	if int64(len(b)) > max {
-		return nil, fmt.Errorf("%s: grew beyond the limit of %d bytes while read; not read", path, max)
-	}
-	return b, nil
+	return b[:n], nil
 }
 
 // ReadHead reads up to n leading bytes of the file at path (opened as

@@ -62,12 +62,16 @@ func Parse(b []byte) (*File, error) {
 	if len(b) > MaxSize {
 		return nil, fmt.Errorf("vmx: %d bytes exceeds limit of %d", len(b), MaxSize)
 	}
-	f := &File{}
+	n := bytes.Count(b, []byte("\n"))
+	if len(b) > 0 && b[len(b)-1] != '\n' {
+		n++ // a last line without terminator
+	}
+	if n > MaxLines {
+		return nil, fmt.Errorf("vmx: more than %d lines", MaxLines)
+	}
+	f := &File{lines: make([]line, 0, n)}
 	s := string(b)
 	for len(s) > 0 {
-		if len(f.lines) == MaxLines {
-			return nil, fmt.Errorf("vmx: more than %d lines", MaxLines)
-		}
 		var text, eol string
 		if i := strings.IndexByte(s, '\n'); i >= 0 {
 			text, s, eol = s[:i], s[i+1:], "\n"

@@ -346,7 +346,85 @@ func TestInspectMemoryBound(t *testing.T) {
 			}
 		})
 	}
+	// The corpus FuzzInspectFile built (scripts/fuzz-all.sh passes its
+	// directory): every input again, in a child, under the RSS bound.
+	if dir := os.Getenv("VMCRYPTD_INSPECT_CORPUS"); dir != "" {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var slowest time.Duration
+		for _, e := range ents {
+			name, data, hole, err := decodeCorpusEntry(filepath.Join(dir, e.Name()))
+			if err != nil {
+				t.Fatalf("%s: %v", e.Name(), err)
+			}
+			fd := t.TempDir()
+			p := filepath.Join(fd, fuzzNames[int(name)%len(fuzzNames)])
+			sparseFile(t, fd, filepath.Base(p), data, int64(len(data))+int64(hole)<<15)
+			r := inspectInChild(t, p, limit, tcap)
+			worst, slowest = max(worst, r.peakRSS-baseline.peakRSS), max(slowest, r.elapsed)
+			if r.killed != "" || r.peakRSS > limit {
+				t.Errorf("corpus %s: peak RSS %d MiB, %v, killed: %q", e.Name(), r.peakRSS>>20, r.elapsed, r.killed)
+			}
+		}
+		t.Logf("corpus of %d inputs: slowest child %v", len(ents), slowest.Round(time.Millisecond))
+	}
 	t.Logf("largest RSS increase: %d MiB", worst>>20)
+}
+
+// decodeCorpusEntry reads a "go test fuzz v1" file of FuzzInspectFile's
+// arguments: byte(...), []byte("..."), uint16(...).
+func decodeCorpusEntry(path string) (name uint8, data []byte, hole uint16, err error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, nil, 0, err
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 4 || lines[0] != "go test fuzz v1" {
+		return 0, nil, 0, fmt.Errorf("not a corpus file of three values")
+	}
+	arg := func(l, typ string) (string, error) {
+		v, ok := strings.CutPrefix(l, typ+"(")
+		if !ok || !strings.HasSuffix(v, ")") {
+			return "", fmt.Errorf("%q is not a %s", l, typ)
+		}
+		return v[:len(v)-1], nil
+	}
+	v, err := arg(lines[1], "byte")
+	if err != nil {
+		if v, err = arg(lines[1], "uint8"); err != nil {
+			return 0, nil, 0, err
+		}
+	}
+	if strings.HasPrefix(v, "'") {
+		c, uerr := strconv.Unquote(v)
+		if uerr != nil || len([]rune(c)) != 1 {
+			return 0, nil, 0, fmt.Errorf("%s: bad byte literal", v)
+		}
+		name = uint8([]rune(c)[0])
+	} else {
+		n, perr := strconv.ParseUint(v, 0, 8)
+		if perr != nil {
+			return 0, nil, 0, perr
+		}
+		name = uint8(n)
+	}
+	if v, err = arg(lines[2], "[]byte"); err != nil {
+		return 0, nil, 0, err
+	}
+	str, err := strconv.Unquote(v)
+	if err != nil {
+		return 0, nil, 0, err
+	}
+	if v, err = arg(lines[3], "uint16"); err != nil {
+		return 0, nil, 0, err
+	}
+	n, err := strconv.ParseUint(v, 0, 16)
+	if err != nil {
+		return 0, nil, 0, err
+	}
+	return name, []byte(str), uint16(n), nil
 }
 
 func firstLine(s string) string {
