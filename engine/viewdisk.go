@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -68,9 +67,6 @@ type pendingDisk struct {
 	// names), so its own key lines are never adopted.
 	recovered bool
 }
-
-// descriptorMagic starts every text descriptor VMware and qemu write.
-var descriptorMagic = []byte("# Disk DescriptorFile")
 
 // createDiskFile makes path, a .vmdk file inside the encrypted VM of l, as
 // a container of its disk (an existing encrypted disk of the VM, the
@@ -156,7 +152,7 @@ func diskOfDescriptorFile(p string) (b Binding, ks string, plain bool, err error
 		return b, "", false, err
 	}
 	desc, err := vmdk.ParseDescriptor(raw)
-	if err != nil || !bytes.HasPrefix(raw, descriptorMagic) {
+	if err != nil || !vmdk.IsDescriptorText(raw) {
 		return b, "", false, nil // not a descriptor: a disk of its own
 	}
 	ks, _ = desc.Get(DescKeySafe)
@@ -265,7 +261,7 @@ func describedBy(l *vmLayout, name string) (dk *disk, found bool, err error) {
 		if info, err := e.Info(); err != nil || info.Size() > maxDescriptor {
 			continue
 		}
-		if head, err := readHead(filepath.Join(l.Dir, n)); err != nil || !bytes.HasPrefix(head, descriptorMagic) {
+		if head, err := readHead(filepath.Join(l.Dir, n)); err != nil || !vmdk.IsDescriptorText(head) {
 			continue
 		}
 		cand, _, err := loadDisk(l.Dir, n)
@@ -327,10 +323,10 @@ func (d *Datastore) recoverPending(descPath string) {
 	if err != nil {
 		return
 	}
-	magic := make([]byte, len(descriptorMagic))
+	magic := make([]byte, len(vmdk.DescriptorMagic))
 	_, err = c.ReadAt(magic, 0)
 	c.Close()
-	if err != nil || !bytes.Equal(magic, descriptorMagic) {
+	if err != nil || !vmdk.IsDescriptorText(magic) {
 		return // a sparse disk (its own descriptor inside), or not a disk
 	}
 	d.mu.Lock()
@@ -516,7 +512,7 @@ func readDescriptorText(c *Container) ([]byte, error) {
 	if _, err := c.ReadAt(text, 0); err != nil && err != io.EOF {
 		return nil, err
 	}
-	if !bytes.HasPrefix(text, descriptorMagic) {
+	if !vmdk.IsDescriptorText(text) {
 		return nil, errors.New("not a text descriptor")
 	}
 	return text, nil

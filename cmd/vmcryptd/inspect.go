@@ -9,7 +9,7 @@ import (
 
 // inspect runs locally, with no daemon and no key: it only reads.
 type inspectCmd struct {
-	Path string `arg:"" help:"A file or a VM directory." type:"path"`
+	Path string `arg:"" help:"A file or a VM directory (not followed if a symlink; FIFOs, sockets and devices are named, not read)." type:"path"`
 	JSON bool   `help:"Print JSON." name:"json"`
 }
 

@@ -37,6 +37,16 @@ const Magic = "MRVN"
 // and the size New produces by default.
 const DefaultSize = 8684
 
+// Limits that bound what Parse allocates whatever the input. Real files
+// are 8,684 bytes (BIOS and older EFI) to a few hundred KiB (EFI with
+// Secure Boot databases), with a handful of entries and a few hundred
+// variables.
+const (
+	MaxSize      = 4 << 20
+	MaxEntries   = 1024
+	MaxVariables = 1 << 14
+)
+
 const (
 	fileHeaderSize  = 8
 	entryHeaderSize = 12
@@ -94,15 +104,23 @@ type Variable struct {
 	Value   []byte
 }
 
-// Parse parses an nvram image. Only a missing magic is an error: entries
-// that cannot be understood are kept opaque.
+// Parse parses an nvram image. A missing magic, an input larger than
+// MaxSize or more than MaxEntries entries is an error; entries that cannot
+// be understood are kept opaque (a variable store of more than
+// MaxVariables records too, with StoreErr saying so).
 func Parse(b []byte) (*File, error) {
 	if len(b) < fileHeaderSize || string(b[:4]) != Magic {
 		return nil, errors.New("nvram: missing MRVN magic")
 	}
+	if len(b) > MaxSize {
+		return nil, fmt.Errorf("nvram: %d bytes exceeds limit of %d", len(b), MaxSize)
+	}
 	f := &File{Version: binary.LittleEndian.Uint32(b[4:])}
 	rest := b[fileHeaderSize:]
 	for len(rest) >= entryHeaderSize {
+		if len(f.Entries) == MaxEntries {
+			return nil, fmt.Errorf("nvram: more than %d entries", MaxEntries)
+		}
 		n := binary.LittleEndian.Uint32(rest[8:])
 		if uint64(n) > uint64(len(rest)-entryHeaderSize) {
 			break
@@ -153,6 +171,9 @@ func parseStore(b []byte) (*VarStore, error) {
 	}
 	pos := storeHeaderSize
 	for end := int(used); pos < end; {
+		if len(s.Vars) == MaxVariables {
+			return nil, fmt.Errorf("nvram: EFI_/NV: more than %d variable records", MaxVariables)
+		}
 		if end-pos < recordHeader {
 			return nil, fmt.Errorf("nvram: EFI_/NV: record at %d: %d bytes left, header needs %d", pos, end-pos, recordHeader)
 		}

@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"syscall"
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/formats/vmx"
@@ -63,6 +64,7 @@ type Dir struct {
 
 	byName  map[string]int
 	missing map[string]bool
+	budget  int64 // descriptor bytes Scan may still read
 }
 
 // ErrNoVMX means a directory holds no .vmx: it is not a VM directory
@@ -70,9 +72,48 @@ type Dir struct {
 // be read).
 var ErrNoVMX = errors.New("no .vmx file")
 
+// Limits that bound the work of Scan whatever the directory holds.
+const (
+	// MaxEntries bounds the entries of a VM directory (a VM has tens of
+	// files; a twoGbMaxExtent disk of 62 TB has 31,745).
+	MaxEntries = 1 << 16
+	// maxScanBytes bounds the descriptor bytes one Scan reads in all.
+	maxScanBytes = 64 << 20
+	// headSize is how much of a file is read to classify it.
+	headSize = 4096
+)
+
+// readDir lists dir, refusing one with more than MaxEntries entries
+// without reading them all.
+func readDir(dir string) ([]os.DirEntry, error) {
+	// O_DIRECTORY: a FIFO put in the directory's place fails at once
+	// instead of blocking the open.
+	f, err := os.OpenFile(dir, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []os.DirEntry
+	for {
+		ents, err := f.ReadDir(1024)
+		out = append(out, ents...)
+		if len(out) > MaxEntries {
+			return nil, fmt.Errorf("%s: more than %d entries; not read as a VM directory", dir, MaxEntries)
+		}
+		if err == io.EOF || (err == nil && len(ents) == 0) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name() < out[j].Name() })
+	return out, nil
+}
+
 // FindVMX returns the path of the only .vmx in dir.
 func FindVMX(dir string) (string, error) {
-	ents, err := os.ReadDir(dir)
+	ents, err := readDir(dir)
 	if err != nil {
 		return "", err
 	}
@@ -98,13 +139,18 @@ func Scan(dir string) (*Dir, error) {
 	if err != nil {
 		return nil, err
 	}
-	ents, err := os.ReadDir(dir)
+	ents, err := readDir(dir)
 	if err != nil {
 		return nil, err
 	}
-	d := &Dir{Path: dir, VMX: filepath.Base(vmxPath), byName: map[string]int{}, missing: map[string]bool{}}
+	d := &Dir{Path: dir, VMX: filepath.Base(vmxPath), byName: map[string]int{}, missing: map[string]bool{}, budget: maxScanBytes}
 	for _, e := range ents {
 		if !e.Type().IsRegular() {
+			// Never opened: a FIFO would block, a symlink may lead
+			// anywhere. Subdirectories are simply not part of the VM.
+			if what := otherType(e.Type()); what != "" {
+				d.Problems = append(d.Problems, fmt.Sprintf("%s: is %s, not a regular file; not read", e.Name(), what))
+			}
 			continue
 		}
 		info, err := e.Info()
@@ -115,7 +161,7 @@ func Scan(dir string) (*Dir, error) {
 		d.Files = append(d.Files, File{Name: e.Name(), Size: info.Size()})
 	}
 	d.mark(d.VMX, KindConfig, "", "")
-	text, err := os.ReadFile(vmxPath)
+	text, err := vmdk.ReadRegular(vmxPath, vmx.MaxSize)
 	if err != nil {
 		return nil, err
 	}
@@ -253,7 +299,7 @@ func (d *Dir) scanVMX(cfg *vmx.File) {
 	vmsd := base + ".vmsd"
 	if _, ok := d.byName[vmsd]; ok {
 		d.mark(vmsd, KindVMSD, "", "vmx")
-		text, err := os.ReadFile(filepath.Join(d.Path, vmsd))
+		text, err := vmdk.ReadRegular(filepath.Join(d.Path, vmsd), vmx.MaxSize)
 		if err != nil {
 			d.Problems = append(d.Problems, err.Error())
 			return
@@ -297,7 +343,7 @@ func (d *Dir) disk(ref, by string) {
 		if i, seen := d.byName[name]; seen && d.Files[i].Disk != "" {
 			return // already walked
 		}
-		desc, embedded, err := readDescriptor(filepath.Join(d.Path, name))
+		desc, embedded, err := d.readDescriptor(name)
 		if err != nil {
 			if _, here := d.byName[name]; here {
 				d.Problems = append(d.Problems, fmt.Sprintf("%s: %v", name, err))
@@ -336,42 +382,82 @@ func (d *Dir) disk(ref, by string) {
 	}
 }
 
-// readDescriptor reads the descriptor at path, embedded or not.
-func readDescriptor(path string) (*vmdk.Descriptor, bool, error) {
-	f, err := os.Open(path)
+// readDescriptor reads the descriptor of the file name, embedded (in a
+// sparse extent) or not. It reads at most what the descriptor needs: the
+// head, the embedded descriptor area, or a text file of at most
+// vmdk.MaxDescriptorSize bytes, and no more than the scan's budget in all.
+func (d *Dir) readDescriptor(name string) (*vmdk.Descriptor, bool, error) {
+	f, st, err := vmdk.OpenIn(d.Path, name)
 	if err != nil {
 		return nil, false, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, false, err
-	}
-	head := make([]byte, min(st.Size(), vmdk.SectorSize))
+	head := make([]byte, min(st.Size(), headSize))
 	if _, err := io.ReadFull(f, head); err != nil {
 		return nil, false, err
 	}
 	if vmdk.IsSparse(head) {
-		s, err := vmdk.OpenSparse(f, st.Size(), path)
+		text, err := vmdk.ReadEmbeddedDescriptor(f, st.Size(), f.Name())
 		if err != nil {
 			return nil, true, err
 		}
-		text, err := s.EmbeddedDescriptor()
-		if err != nil {
+		if err := d.spend(int64(len(text))); err != nil {
 			return nil, true, err
 		}
 		desc, err := vmdk.ParseDescriptor(text)
 		return desc, true, err
 	}
-	if st.Size() > vmdk.MaxDescriptorSize || !looksLikeText(head) {
+	if st.Size() > vmdk.MaxDescriptorSize || !vmdk.IsDescriptorText(head) {
 		return nil, false, fmt.Errorf("not a descriptor")
 	}
-	text, err := os.ReadFile(path)
-	if err != nil {
-		return nil, false, err
+	text := head
+	if bytes.IndexByte(head, 0) < 0 && st.Size() > int64(len(head)) {
+		// No NUL padding in sight: the text goes on past the head.
+		if err := d.spend(st.Size()); err != nil {
+			return nil, false, err
+		}
+		text = make([]byte, st.Size())
+		if _, err := io.ReadFull(io.NewSectionReader(f, 0, st.Size()), text); err != nil {
+			return nil, false, fmt.Errorf("%s: %w", f.Name(), err)
+		}
+	}
+	// A padded descriptor ends in its head: qemu reads up to the first
+	// NUL too, whatever follows the head.
+	if i := bytes.IndexByte(text, 0); i >= 0 {
+		text = text[:i]
 	}
 	desc, err := vmdk.ParseDescriptor(text)
 	return desc, false, err
+}
+
+// spend takes n bytes from the scan's read budget.
+func (d *Dir) spend(n int64) error {
+	if n > d.budget {
+		d.budget = 0
+		return fmt.Errorf("not read: the scan already read %d MiB of descriptors", maxScanBytes>>20)
+	}
+	d.budget -= n
+	return nil
+}
+
+// otherType names a directory entry type that Scan reports and never
+// opens; "" for regular files and directories.
+func otherType(t os.FileMode) string {
+	switch {
+	case t.IsRegular(), t.IsDir():
+		return ""
+	case t&os.ModeSymlink != 0:
+		return "a symbolic link"
+	case t&os.ModeNamedPipe != 0:
+		return "a FIFO (named pipe)"
+	case t&os.ModeSocket != 0:
+		return "a socket"
+	case t&os.ModeCharDevice != 0:
+		return "a character device"
+	case t&os.ModeDevice != 0:
+		return "a block device"
+	}
+	return "of another type"
 }
 
 // coreName is the name a Linux core dump gets: core or core.<pid>.
@@ -387,12 +473,8 @@ func IsCoreDumpName(name string) bool {
 	return ext == ".zdump" || strings.HasPrefix(lower, "vmware-vmx-") && ext == ".core" || coreName.MatchString(lower)
 }
 
-func looksLikeText(b []byte) bool {
-	return !bytes.ContainsRune(b, 0)
-}
-
 // guess classifies an unreferenced file by its name, and for .vmdk files
-// by a glance at the first sector.
+// by a glance at its head (never the whole file).
 func (d *Dir) guess(name string) Kind {
 	lower := strings.ToLower(name)
 	ext := filepath.Ext(lower)
@@ -416,7 +498,7 @@ func (d *Dir) guess(name string) Kind {
 	case IsCoreDumpName(name):
 		return KindCoreDump
 	case ext == ".vmdk":
-		if _, embedded, err := readDescriptor(filepath.Join(d.Path, name)); err == nil && !embedded {
+		if head, err := vmdk.ReadHead(filepath.Join(d.Path, name), headSize); err == nil && vmdk.IsDescriptorText(head) {
 			return KindDescriptor
 		}
 		return KindExtent

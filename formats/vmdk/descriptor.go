@@ -14,7 +14,42 @@ import (
 // MaxDescriptorSize bounds how much descriptor text is read. Real
 // descriptors are a few hundred bytes; a twoGbMaxExtent descriptor of a
 // 62 TB disk is about 2 MB.
-const MaxDescriptorSize = 16 << 20
+const MaxDescriptorSize = 4 << 20
+
+// Limits on the content of a descriptor, so that parsing costs a bounded
+// amount of memory whatever the input: a twoGbMaxExtent descriptor of a
+// 62 TB disk has 31,744 extent lines and about 30 others.
+const (
+	MaxDescriptorLines   = 1 << 16
+	MaxDescriptorExtents = 1 << 15
+)
+
+// DescriptorMagic starts every text descriptor VMware and qemu write.
+const DescriptorMagic = "# Disk DescriptorFile"
+
+// IsDescriptorText reports whether head, the first bytes of a file (or the
+// whole file), is a text descriptor as VMware and qemu write it:
+// DescriptorMagic at offset 0, then text without NUL bytes, optionally
+// followed by NUL padding to the end (QEMU pads the descriptor it
+// rewrites, and the one qemu-img convert writes, to 512 bytes, or to
+// 4 KiB through a cache=none view). A NUL followed by anything but NULs
+// is binary data, not a descriptor.
+func IsDescriptorText(head []byte) bool {
+	if !bytes.HasPrefix(head, []byte(DescriptorMagic)) {
+		return false
+	}
+	i := bytes.IndexByte(head, 0)
+	return i < 0 || isZero(head[i:])
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
 
 // lineKind classifies one line of a descriptor.
 type lineKind int
@@ -71,17 +106,34 @@ type line struct {
 // only that line differs.
 type Descriptor struct {
 	lines []line
+	pad   int // trailing NUL bytes (QEMU's padding), kept after the text
 }
 
 // ParseDescriptor parses descriptor text. Comments, blank and unknown lines
 // are kept in order. A malformed extent line is an error because reading
-// the disk would otherwise silently use the wrong layout.
+// the disk would otherwise silently use the wrong layout. Trailing NUL
+// padding is kept apart from the text (Bytes gives it back at the end); a
+// NUL anywhere else is an error, since qemu stops reading at the first
+// one and would see a different disk. More than MaxDescriptorLines lines
+// or MaxDescriptorExtents extents is an error.
 func ParseDescriptor(b []byte) (*Descriptor, error) {
 	if len(b) > MaxDescriptorSize {
 		return nil, fmt.Errorf("descriptor: %d bytes exceeds limit of %d", len(b), MaxDescriptorSize)
 	}
-	d := &Descriptor{}
-	s := string(b)
+	text := bytes.TrimRight(b, "\x00")
+	if i := bytes.IndexByte(text, 0); i >= 0 {
+		return nil, fmt.Errorf("descriptor: NUL byte at offset %d inside the text (only trailing NUL padding is allowed)", i)
+	}
+	lines := bytes.Count(text, []byte("\n"))
+	if len(text) > 0 && text[len(text)-1] != '\n' {
+		lines++ // a last line without terminator
+	}
+	if lines > MaxDescriptorLines {
+		return nil, fmt.Errorf("descriptor: more than %d lines", MaxDescriptorLines)
+	}
+	d := &Descriptor{pad: len(b) - len(text), lines: make([]line, 0, lines)}
+	s := string(text)
+	extents := 0
 	for n := 1; len(s) > 0; n++ {
 		var text, eol string
 		if i := strings.IndexByte(s, '\n'); i >= 0 {
@@ -99,6 +151,11 @@ func ParseDescriptor(b []byte) (*Descriptor, error) {
 			return nil, fmt.Errorf("descriptor: line %d: %w", n, err)
 		}
 		l.eol = eol
+		if l.kind == lineExtent {
+			if extents++; extents > MaxDescriptorExtents {
+				return nil, fmt.Errorf("descriptor: more than %d extents", MaxDescriptorExtents)
+			}
+		}
 		d.lines = append(d.lines, l)
 	}
 	return d, nil
@@ -231,11 +288,19 @@ func (d *Descriptor) Bytes() []byte {
 // String returns the descriptor text.
 func (d *Descriptor) String() string { return string(d.Bytes()) }
 
-// WriteTo writes the descriptor text to w.
+// WriteTo writes the descriptor text to w, then the NUL padding it was
+// read with, if any.
 func (d *Descriptor) WriteTo(w io.Writer) (int64, error) {
 	var n int64
 	for _, l := range d.lines {
 		k, err := io.WriteString(w, l.text+l.eol)
+		n += int64(k)
+		if err != nil {
+			return n, err
+		}
+	}
+	if d.pad > 0 {
+		k, err := w.Write(make([]byte, d.pad))
 		n += int64(k)
 		if err != nil {
 			return n, err

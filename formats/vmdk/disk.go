@@ -33,13 +33,18 @@ type Opener func(path string) (File, error)
 // Options configures Open. The zero value is ready to use.
 type Options struct {
 	// Open opens extent files. When nil, files are opened read-only
-	// through an os.Root on the descriptor's directory, so a symlink
-	// inside the VM directory cannot lead outside it either.
+	// beneath the descriptor's directory with OpenIn: a symbolic link is
+	// never followed, a FIFO or device is refused without blocking.
 	Open Opener
 }
 
 // maxParentDepth bounds delta-disk chains (VMware allows 32 snapshots).
 const maxParentDepth = 32
+
+// maxDiskGDEntries bounds the grain directory entries a Disk holds over
+// all its sparse extents and parents (16 MiB), so that a descriptor
+// naming one hostile extent thousands of times cannot multiply it.
+const maxDiskGDEntries = 2 * maxGDEntries
 
 // Disk is a virtual disk: a descriptor and its extents, readable as one
 // flat byte range. It is safe for concurrent ReadAt calls.
@@ -51,6 +56,7 @@ type Disk struct {
 	size     int64
 	parent   *Disk
 	files    []File
+	gdLeft   *int64 // grain directory entries the disk chain may still load
 }
 
 type extent struct {
@@ -96,16 +102,17 @@ func ResolveExtentPath(dir, name string) (string, error) {
 // monolithicSparse or streamOptimized file with an embedded descriptor, or
 // a single sparse extent without one.
 func Open(path string, opts *Options) (*Disk, error) {
-	return open(path, opts, 0)
+	left := int64(maxDiskGDEntries)
+	return open(path, opts, 0, &left)
 }
 
-func open(path string, opts *Options, depth int) (_ *Disk, err error) {
+func open(path string, opts *Options, depth int, gdLeft *int64) (_ *Disk, err error) {
 	dir := filepath.Dir(path)
 	opener := defaultOpener(dir)
 	if opts != nil && opts.Open != nil {
 		opener = opts.Open
 	}
-	d := &Disk{path: path}
+	d := &Disk{path: path, gdLeft: gdLeft}
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -141,7 +148,7 @@ func open(path string, opts *Options, depth int) (_ *Disk, err error) {
 }
 
 func (d *Disk) openEmbedded(f File) error {
-	s, err := OpenSparse(f, f.Size(), d.path)
+	s, err := d.openSparse(f, d.path)
 	if err != nil {
 		return err
 	}
@@ -213,12 +220,25 @@ func (d *Disk) openDescriptor(f File, dir string, opener Opener) error {
 		d.files = append(d.files, ef)
 		e.file = ef
 		if strings.EqualFold(x.Type, ExtentSparse) {
-			if e.sparse, err = OpenSparse(ef, ef.Size(), p); err != nil {
+			if e.sparse, err = d.openSparse(ef, p); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// openSparse opens a sparse extent and charges its grain directory to
+// the disk chain's budget.
+func (d *Disk) openSparse(f File, name string) (*SparseExtent, error) {
+	s, err := OpenSparse(f, f.Size(), name)
+	if err != nil {
+		return nil, err
+	}
+	if *d.gdLeft -= int64(len(s.gd)); *d.gdLeft < 0 {
+		return nil, fmt.Errorf("%s: grain directories of the disk's sparse extents exceed %d entries in all", name, maxDiskGDEntries)
+	}
+	return s, nil
 }
 
 func (d *Disk) openParent(dir string, opts *Options, depth int) error {
@@ -236,7 +256,7 @@ func (d *Disk) openParent(dir string, opts *Options, depth int) error {
 	if err != nil {
 		return fmt.Errorf("%s: parentFileNameHint: %w", d.path, err)
 	}
-	parent, err := open(p, opts, depth+1)
+	parent, err := open(p, opts, depth+1, d.gdLeft)
 	if err != nil {
 		return fmt.Errorf("%s: parent: %w", d.path, err)
 	}
@@ -432,30 +452,17 @@ type osFile struct {
 
 func (f *osFile) Size() int64 { return f.size }
 
-// defaultOpener opens files read-only beneath dir through os.Root.
+// defaultOpener opens regular files read-only beneath dir with OpenIn:
+// no symbolic link is followed and a FIFO never blocks.
 func defaultOpener(dir string) Opener {
 	return func(path string) (File, error) {
 		rel, err := filepath.Rel(dir, path)
 		if err != nil {
 			return nil, err
 		}
-		root, err := os.OpenRoot(dir)
+		f, st, err := OpenIn(dir, rel)
 		if err != nil {
 			return nil, err
-		}
-		defer root.Close()
-		f, err := root.Open(rel)
-		if err != nil {
-			return nil, err
-		}
-		st, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return nil, err
-		}
-		if !st.Mode().IsRegular() {
-			f.Close()
-			return nil, fmt.Errorf("%s: not a regular file", path)
 		}
 		return &osFile{File: f, size: st.Size()}, nil
 	}

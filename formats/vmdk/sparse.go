@@ -43,7 +43,7 @@ const (
 	maxGrainSize = 1 << 14 // sectors (8 MiB); VMware and qemu use 128 (64 KiB)
 	maxGTEsPerGT = 512     // the format fixes 512; qemu refuses more
 	maxCachedGTs = 4096    // 8 MiB of grain tables per extent
-	maxGDEntries = 1 << 25 // 128 MiB of directory; a 62 TB disk needs ~2^21
+	maxGDEntries = 1 << 21 // 8 MiB of directory: 64 TiB at 64 KiB grains (VMware's limit is 62 TB)
 )
 
 // SparseHeader is the 512-byte header of a hosted sparse extent ("KDMV").
@@ -268,13 +268,8 @@ func (s *SparseExtent) validate() error {
 	if h.Flags&FlagRedundantGT != 0 && !s.fits(h.RGDOffset, gdBytes) {
 		return fmt.Errorf("%s: sparse header: redundant grain directory at sector %d beyond file size %d", s.name, h.RGDOffset, s.size)
 	}
-	if h.DescriptorSize > 0 {
-		if h.DescriptorOffset == 0 || h.DescriptorSize > MaxDescriptorSize/SectorSize {
-			return fmt.Errorf("%s: sparse header: descriptor at sector %d size %d invalid", s.name, h.DescriptorOffset, h.DescriptorSize)
-		}
-		if !s.fits(h.DescriptorOffset, int64(h.DescriptorSize)*SectorSize) {
-			return fmt.Errorf("%s: sparse header: descriptor at sector %d beyond file size %d", s.name, h.DescriptorOffset, s.size)
-		}
+	if err := s.checkDescriptorArea(); err != nil {
+		return err
 	}
 	if !s.fits(h.OverHead, 0) {
 		return fmt.Errorf("%s: sparse header: overhead %d sectors beyond file size %d", s.name, h.OverHead, s.size)
@@ -282,20 +277,42 @@ func (s *SparseExtent) validate() error {
 	return nil
 }
 
-func (s *SparseExtent) loadGD() error {
-	n := s.hdr.GDEntries()
-	b := make([]byte, n*4)
-	if _, err := s.r.ReadAt(b, int64(s.hdr.GDOffset)*SectorSize); err != nil {
-		return fmt.Errorf("%s: grain directory: %w", s.name, err)
+// checkDescriptorArea checks that the embedded descriptor area is
+// bounded and inside the file.
+func (s *SparseExtent) checkDescriptorArea() error {
+	h := &s.hdr
+	if h.DescriptorSize == 0 {
+		return nil
 	}
+	if h.DescriptorOffset == 0 || h.DescriptorSize > MaxDescriptorSize/SectorSize {
+		return fmt.Errorf("%s: sparse header: descriptor at sector %d size %d invalid", s.name, h.DescriptorOffset, h.DescriptorSize)
+	}
+	if !s.fits(h.DescriptorOffset, int64(h.DescriptorSize)*SectorSize) {
+		return fmt.Errorf("%s: sparse header: descriptor at sector %d beyond file size %d", s.name, h.DescriptorOffset, s.size)
+	}
+	return nil
+}
+
+func (s *SparseExtent) loadGD() error {
+	n := int(s.hdr.GDEntries()) // ≤ maxGDEntries
 	s.gd = make([]uint32, n)
+	// Read in pieces: the directory is held once, as []uint32.
+	b := make([]byte, min(n*4, 64<<10))
 	gtBytes := int64(s.hdr.NumGTEsPerGT) * 4
-	for i := range s.gd {
-		v := binary.LittleEndian.Uint32(b[4*i:])
-		if v != 0 && !s.fits(uint64(v), gtBytes) {
-			return fmt.Errorf("%s: grain directory: entry %d: grain table at sector %d beyond file size %d", s.name, i, v, s.size)
+	base := int64(s.hdr.GDOffset) * SectorSize
+	for i := 0; i < n; {
+		k := min(n-i, len(b)/4)
+		if _, err := s.r.ReadAt(b[:4*k], base+4*int64(i)); err != nil {
+			return fmt.Errorf("%s: grain directory: %w", s.name, err)
 		}
-		s.gd[i] = v
+		for j := range k {
+			v := binary.LittleEndian.Uint32(b[4*j:])
+			if v != 0 && !s.fits(uint64(v), gtBytes) {
+				return fmt.Errorf("%s: grain directory: entry %d: grain table at sector %d beyond file size %d", s.name, i+j, v, s.size)
+			}
+			s.gd[i+j] = v
+		}
+		i += k
 	}
 	return nil
 }
@@ -325,6 +342,29 @@ func (s *SparseExtent) EmbeddedDescriptor() ([]byte, error) {
 		b = b[:i]
 	}
 	return b, nil
+}
+
+// ReadEmbeddedDescriptor returns the descriptor text embedded in the
+// sparse extent r of size bytes (up to the first NUL; nil if it has none),
+// reading only the header and the descriptor area: unlike OpenSparse it
+// does not load the grain directory. name is used in error messages.
+func ReadEmbeddedDescriptor(r io.ReaderAt, size int64, name string) ([]byte, error) {
+	if size < SectorSize {
+		return nil, fmt.Errorf("%s: sparse header: file size %d smaller than one sector", name, size)
+	}
+	buf := make([]byte, SectorSize)
+	if _, err := r.ReadAt(buf, 0); err != nil {
+		return nil, fmt.Errorf("%s: sparse header: %w", name, err)
+	}
+	h, err := ParseSparseHeader(buf)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	s := &SparseExtent{r: r, size: size, name: name, hdr: *h}
+	if err := s.checkDescriptorArea(); err != nil {
+		return nil, err
+	}
+	return s.EmbeddedDescriptor()
 }
 
 // WriteEmbeddedDescriptor replaces the descriptor embedded in a sparse
@@ -588,27 +628,65 @@ func inflateGrain(c []byte, grainBytes int64) ([]byte, error) {
 	return out, nil
 }
 
+// maxTableReads bounds the reads of one GrainCounts walk: 2^18 reads of
+// up to 1 MiB of adjacent tables, or of one table each when they are
+// scattered (stream-optimized files of up to 8 TiB; a hostile directory
+// of overlapping tables).
+const maxTableReads = 1 << 18
+
 // GrainCounts walks every grain table and counts allocated and zeroed
-// grains.
+// grains. It reads runs of adjacent tables (the layout qemu and VMware
+// write) in one call, reuses one buffer, and counts a table that the
+// previous directory entry also named only once. More than maxTableReads
+// reads is an error, so its cost is bounded whatever the directory says.
 func (s *SparseExtent) GrainCounts() (allocated, zeroed int64, err error) {
-	for i, off := range s.gd {
-		if off == 0 {
+	gtBytes := int(s.hdr.NumGTEsPerGT) * 4
+	step := uint32(0) // sectors per table, when tables can be adjacent
+	if gtBytes%SectorSize == 0 {
+		step = uint32(gtBytes / SectorSize)
+	}
+	buf := make([]byte, max(1, (1<<20)/gtBytes)*gtBytes)
+	maxRun := len(buf) / gtBytes
+	zeroedGTE := s.hdr.Flags&FlagZeroedGrainGTE != 0
+	var last uint32
+	var lastA, lastZ int64
+	reads := 0
+	for i := 0; i < len(s.gd); {
+		off := s.gd[i]
+		switch {
+		case off == 0:
+			i++
+			continue
+		case off == last:
+			allocated, zeroed, i = allocated+lastA, zeroed+lastZ, i+1
 			continue
 		}
-		// Read directly: a full walk must not churn the lookup cache.
-		t, err := s.readGT(uint32(i))
-		if err != nil {
-			return 0, 0, err
+		n := 1
+		for step != 0 && n < maxRun && i+n < len(s.gd) && uint64(s.gd[i+n]) == uint64(off)+uint64(n)*uint64(step) {
+			n++
 		}
-		for _, gte := range t {
-			switch {
-			case gte == 0:
-			case gte == gteZeroed && s.hdr.Flags&FlagZeroedGrainGTE != 0:
-				zeroed++
-			default:
-				allocated++
+		if reads++; reads > maxTableReads {
+			return 0, 0, fmt.Errorf("%s: grain tables scattered over more than %d places; allocation not counted", s.name, maxTableReads)
+		}
+		b := buf[:n*gtBytes]
+		if _, err := s.r.ReadAt(b, int64(off)*SectorSize); err != nil {
+			return 0, 0, fmt.Errorf("%s: grain table %d at sector %d: %w", s.name, i, off, err)
+		}
+		for k := range n {
+			var a, z int64
+			for t := b[k*gtBytes : (k+1)*gtBytes]; len(t) >= 4; t = t[4:] {
+				switch gte := binary.LittleEndian.Uint32(t); {
+				case gte == 0:
+				case gte == gteZeroed && zeroedGTE:
+					z++
+				default:
+					a++
+				}
 			}
+			allocated, zeroed = allocated+a, zeroed+z
+			last, lastA, lastZ = s.gd[i+k], a, z
 		}
+		i += n
 	}
 	return allocated, zeroed, nil
 }

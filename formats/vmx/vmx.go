@@ -18,8 +18,13 @@ import (
 	"strings"
 )
 
-// MaxSize bounds the input; real .vmx files are a few KiB.
-const MaxSize = 16 << 20
+// MaxSize bounds the input; real .vmx files are a few KiB, a .vmsd of 32
+// snapshots some tens of KiB.
+const MaxSize = 4 << 20
+
+// MaxLines bounds the lines of the input, so that parsing costs a bounded
+// amount of memory whatever the input (each line is a small struct).
+const MaxLines = 1 << 17
 
 // lineKind classifies a line.
 type lineKind int
@@ -57,7 +62,14 @@ func Parse(b []byte) (*File, error) {
 	if len(b) > MaxSize {
 		return nil, fmt.Errorf("vmx: %d bytes exceeds limit of %d", len(b), MaxSize)
 	}
-	f := &File{}
+	n := bytes.Count(b, []byte("\n"))
+	if len(b) > 0 && b[len(b)-1] != '\n' {
+		n++ // a last line without terminator
+	}
+	if n > MaxLines {
+		return nil, fmt.Errorf("vmx: more than %d lines", MaxLines)
+	}
+	f := &File{lines: make([]line, 0, n)}
 	s := string(b)
 	for len(s) > 0 {
 		var text, eol string

@@ -165,20 +165,26 @@ type DirFile struct {
 // Inspect describes the file or VM directory at path.
 func Inspect(path string) (*Report, error) { return InspectWith(path, Options{}) }
 
-// InspectWith is Inspect with options.
+// InspectWith is Inspect with options. It never follows a symbolic link
+// (path itself may not be one) and never blocks: every file is opened
+// with O_NOFOLLOW|O_NONBLOCK and its type checked on the descriptor; a
+// FIFO, socket or device is refused with one line naming it. What it
+// reads and allocates is bounded whatever the size of the files.
 func InspectWith(path string, opts Options) (*Report, error) {
-	st, err := os.Stat(path)
+	lst, err := os.Lstat(path)
 	if err != nil {
 		return nil, err
 	}
-	if st.IsDir() {
+	if lst.IsDir() {
 		return inspectDir(path, opts)
 	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file or directory", path)
+	f, st, err := vmdk.OpenRegular(path)
+	if err != nil {
+		return nil, err
 	}
 	r := &Report{Path: path, Size: st.Size(), Kind: KindUnknown}
-	head, err := readHead(path)
+	head, err := readAll(f, HeaderSize)
+	f.Close()
 	if err != nil {
 		return nil, err
 	}
@@ -190,7 +196,7 @@ func InspectWith(path string, opts Options) (*Report, error) {
 		}
 	}
 	switch {
-	case vmdk.IsSparse(head), isDescriptor(head):
+	case vmdk.IsSparse(head), vmdk.IsDescriptorText(head):
 		r.Kind = KindVMDK
 		err = inspectVMDK(r, opts)
 	case bytes.HasPrefix(head, []byte(nvram.Magic)):
@@ -211,18 +217,17 @@ func InspectWith(path string, opts Options) (*Report, error) {
 	return r, nil
 }
 
-func readHead(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b := make([]byte, HeaderSize)
-	n, err := io.ReadFull(f, b)
+// readHead reads the first HeaderSize bytes of a regular file, never
+// following a symlink nor blocking on a FIFO.
+func readHead(path string) ([]byte, error) { return vmdk.ReadHead(path, HeaderSize) }
+
+func readAll(f *os.File, n int) ([]byte, error) {
+	b := make([]byte, n)
+	k, err := io.ReadFull(f, b)
 	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, fmt.Errorf("%s: %w", f.Name(), err)
 	}
-	return b[:n], nil
+	return b[:k], nil
 }
 
 func hasExt(path, ext string) bool { return strings.EqualFold(filepath.Ext(path), ext) }
@@ -239,15 +244,6 @@ func kindByName(path string) string {
 	return KindUnknown
 }
 
-// isDescriptor recognises descriptor text: VMware and qemu start it with
-// "# Disk DescriptorFile"; otherwise a createType line must appear.
-func isDescriptor(head []byte) bool {
-	if bytes.IndexByte(head, 0) >= 0 {
-		return false
-	}
-	return bytes.HasPrefix(head, []byte("# Disk DescriptorFile")) || bytes.Contains(head, []byte("\ncreateType=")) || bytes.HasPrefix(head, []byte("createType="))
-}
-
 func inspectVMDK(r *Report, opts Options) error {
 	d, err := vmdk.Open(r.Path, opts.VMDK)
 	if err != nil {
@@ -257,8 +253,8 @@ func inspectVMDK(r *Report, opts Options) error {
 		if herr != nil || vmdk.IsSparse(head) {
 			return err
 		}
-		text, rerr := os.ReadFile(r.Path)
-		if rerr != nil || len(text) > vmdk.MaxDescriptorSize {
+		text, rerr := vmdk.ReadRegular(r.Path, vmdk.MaxDescriptorSize)
+		if rerr != nil {
 			return err
 		}
 		desc, perr := vmdk.ParseDescriptor(text)
@@ -380,7 +376,7 @@ func KeyRefs(kl *crypto.KeyLocator) []KeyRef {
 }
 
 func inspectNVRAM(r *Report) error {
-	b, err := os.ReadFile(r.Path)
+	b, err := vmdk.ReadRegular(r.Path, nvram.MaxSize)
 	if err != nil {
 		return err
 	}
@@ -409,7 +405,7 @@ func inspectNVRAM(r *Report) error {
 }
 
 func readConfig(path string) (*vmx.File, error) {
-	b, err := os.ReadFile(path)
+	b, err := vmdk.ReadRegular(path, vmx.MaxSize)
 	if err != nil {
 		return nil, err
 	}
