@@ -163,7 +163,7 @@ func OpenContainer(path string, dek *DEK, readOnly bool, impl xts.Impl) (*Contai
 	if readOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := os.OpenFile(path, flag, 0)
+	f, err := openRegular(path, flag)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}

@@ -175,9 +175,9 @@ func (d *Datastore) placementLayout(dir string) (*vmLayout, error) {
 	if ferr != nil {
 		return nil, ferr // several .vmx files, say: fail closed
 	}
-	text, err := os.ReadFile(vmxPath)
+	text, err := readRegular(vmxPath, maxVMXText)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", vmxPath, err)
+		return nil, err
 	}
 	cfg, err := vmx.Parse(text)
 	if err != nil {
@@ -221,7 +221,7 @@ func (d *Datastore) abs(rel string) (string, error) {
 }
 
 func readHead(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := openRegular(path, os.O_RDONLY)
 	if err != nil {
 		return nil, err
 	}
@@ -298,7 +298,7 @@ func (d *Datastore) MayTruncate(rel string) error {
 	if err := unix.Lstat(path, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size > maxDescriptor {
 		return nil
 	}
-	raw, err := os.ReadFile(path)
+	raw, err := readRegular(path, maxDescriptor)
 	if err != nil {
 		return nil
 	}

@@ -344,7 +344,7 @@ func sharesKEK(a, b string) bool {
 
 // keyStateOfAny reports whether path is a vmcryptd container (any key).
 func keyStateOfAny(path string) (bool, error) {
-	f, err := os.Open(path)
+	f, err := openRegular(path, os.O_RDONLY)
 	if err != nil {
 		return false, err
 	}

@@ -393,7 +393,7 @@ func settledLayout(dir string, corePatterns []string) (*vmLayout, error) {
 // editDescriptor rewrites the text descriptor at path, atomically, with
 // edit's changes.
 func editDescriptor(path string, edit func(*vmdk.Descriptor) error) error {
-	raw, err := os.ReadFile(path)
+	raw, err := readRegular(path, maxDescriptor)
 	if err != nil {
 		return err
 	}

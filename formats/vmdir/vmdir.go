@@ -63,6 +63,24 @@ type Dir struct {
 
 	byName  map[string]int
 	missing map[string]bool
+	open    Opener
+}
+
+// Opener opens a file of the directory for reading. It must refuse what
+// is not a regular file without blocking (a FIFO named as a descriptor
+// would stall a plain open forever): vmcryptd passes its safeopen funnel.
+type Opener func(path string) (*os.File, error)
+
+func osOpen(path string) (*os.File, error) { return os.Open(path) }
+
+// readAll reads the file at path through the Dir's Opener.
+func (d *Dir) readAll(path string) ([]byte, error) {
+	f, err := d.open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(f)
 }
 
 // ErrNoVMX means a directory holds no .vmx: it is not a VM directory
@@ -92,8 +110,17 @@ func FindVMX(dir string) (string, error) {
 }
 
 // Scan reads dir: its .vmx, the snapshot descriptor and every disk
-// descriptor they name, and classifies each regular file.
+// descriptor they name, and classifies each regular file. It opens files
+// with os.Open; ScanWith takes the Opener to use instead.
 func Scan(dir string) (*Dir, error) {
+	return ScanWith(dir, nil)
+}
+
+// ScanWith is Scan opening every file through open (nil: os.Open).
+func ScanWith(dir string, open Opener) (*Dir, error) {
+	if open == nil {
+		open = osOpen
+	}
 	vmxPath, err := FindVMX(dir)
 	if err != nil {
 		return nil, err
@@ -102,7 +129,7 @@ func Scan(dir string) (*Dir, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Dir{Path: dir, VMX: filepath.Base(vmxPath), byName: map[string]int{}, missing: map[string]bool{}}
+	d := &Dir{Path: dir, VMX: filepath.Base(vmxPath), byName: map[string]int{}, missing: map[string]bool{}, open: open}
 	for _, e := range ents {
 		if !e.Type().IsRegular() {
 			continue
@@ -115,7 +142,7 @@ func Scan(dir string) (*Dir, error) {
 		d.Files = append(d.Files, File{Name: e.Name(), Size: info.Size()})
 	}
 	d.mark(d.VMX, KindConfig, "", "")
-	text, err := os.ReadFile(vmxPath)
+	text, err := d.readAll(vmxPath)
 	if err != nil {
 		return nil, err
 	}
@@ -253,7 +280,7 @@ func (d *Dir) scanVMX(cfg *vmx.File) {
 	vmsd := base + ".vmsd"
 	if _, ok := d.byName[vmsd]; ok {
 		d.mark(vmsd, KindVMSD, "", "vmx")
-		text, err := os.ReadFile(filepath.Join(d.Path, vmsd))
+		text, err := d.readAll(filepath.Join(d.Path, vmsd))
 		if err != nil {
 			d.Problems = append(d.Problems, err.Error())
 			return
@@ -287,7 +314,7 @@ func (d *Dir) disk(ref, by string) {
 		if i, seen := d.byName[name]; seen && d.Files[i].Disk != "" {
 			return // already walked
 		}
-		desc, embedded, err := readDescriptor(filepath.Join(d.Path, name))
+		desc, embedded, err := d.readDescriptor(filepath.Join(d.Path, name))
 		if err != nil {
 			if _, here := d.byName[name]; here {
 				d.Problems = append(d.Problems, fmt.Sprintf("%s: %v", name, err))
@@ -327,8 +354,8 @@ func (d *Dir) disk(ref, by string) {
 }
 
 // readDescriptor reads the descriptor at path, embedded or not.
-func readDescriptor(path string) (*vmdk.Descriptor, bool, error) {
-	f, err := os.Open(path)
+func (d *Dir) readDescriptor(path string) (*vmdk.Descriptor, bool, error) {
+	f, err := d.open(path)
 	if err != nil {
 		return nil, false, err
 	}
@@ -356,7 +383,10 @@ func readDescriptor(path string) (*vmdk.Descriptor, bool, error) {
 	if st.Size() > vmdk.MaxDescriptorSize || !looksLikeText(head) {
 		return nil, false, fmt.Errorf("not a descriptor")
 	}
-	text, err := os.ReadFile(path)
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return nil, false, err
+	}
+	text, err := io.ReadAll(io.LimitReader(f, vmdk.MaxDescriptorSize))
 	if err != nil {
 		return nil, false, err
 	}
@@ -406,7 +436,7 @@ func (d *Dir) guess(name string) Kind {
 	case IsCoreDumpName(name):
 		return KindCoreDump
 	case ext == ".vmdk":
-		if _, embedded, err := readDescriptor(filepath.Join(d.Path, name)); err == nil && !embedded {
+		if _, embedded, err := d.readDescriptor(filepath.Join(d.Path, name)); err == nil && !embedded {
 			return KindDescriptor
 		}
 		return KindExtent
