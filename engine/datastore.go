@@ -585,6 +585,7 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	if l == nil || !l.Encrypted {
 		return nil, false, nil // not a VM directory, or a plain VM
 	}
+	perm = EncryptedFilePerm(perm)
 	if kind == 0 {
 		return d.createDiskFile(l, path, perm)
 	}
