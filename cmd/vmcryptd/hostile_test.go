@@ -559,7 +559,10 @@ func TestHostileFiles(t *testing.T) {
 			if ents, err := os.ReadDir(viewDir); err != nil {
 				fail("view: list: %v", err)
 			} else {
-				for _, e := range ents {
+				for i, e := range ents {
+					if i == 64 {
+						break // enough of a 10,000-extent directory
+					}
 					b, err := viewRead(filepath.Join(viewDir, e.Name()), 64<<20)
 					if err != nil && strings.HasSuffix(err.Error(), "blocked") {
 						fail("view: %v", err)
