@@ -180,7 +180,7 @@ func openContainer(path string, dek *DEK, readOnly, allowDegraded bool, impl xts
 	if readOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := os.OpenFile(path, flag, 0)
+	f, err := openRegular(path, flag)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}

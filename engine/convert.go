@@ -191,7 +191,7 @@ func encryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions,
 	if _, err := checkSource(path); err != nil {
 		return fmt.Errorf("encrypt: %w", err)
 	}
-	src, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	src, err := openRegular(path, os.O_RDONLY)
 	if err != nil {
 		return fmt.Errorf("encrypt %s: %w", path, err)
 	}

@@ -31,7 +31,7 @@ func (o *VMOps) encryptCoreDump(ctx context.Context, path string, temp TempFunc)
 
 // decryptCoreDump converts an encrypted core dump back (no-op if plain).
 func (o *VMOps) decryptCoreDump(ctx context.Context, path string, temp TempFunc) error {
-	f, err := os.Open(path)
+	f, err := openRegular(path, os.O_RDONLY)
 	if err != nil {
 		return err
 	}

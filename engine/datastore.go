@@ -175,9 +175,9 @@ func (d *Datastore) placementLayout(dir string) (*vmLayout, error) {
 	if ferr != nil {
 		return nil, ferr // several .vmx files, say: fail closed
 	}
-	text, err := os.ReadFile(vmxPath)
+	text, err := readRegular(vmxPath, maxVMXText)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", vmxPath, err)
+		return nil, err
 	}
 	cfg, err := vmx.Parse(text)
 	if err != nil {
@@ -221,7 +221,7 @@ func (d *Datastore) abs(rel string) (string, error) {
 }
 
 func readHead(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := openRegular(path, os.O_RDONLY)
 	if err != nil {
 		return nil, err
 	}
@@ -295,7 +295,7 @@ func (d *Datastore) MayTruncate(rel string) error {
 	if err := unix.Lstat(path, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size > maxDescriptor {
 		return nil
 	}
-	raw, err := os.ReadFile(path)
+	raw, err := readRegular(path, maxDescriptor)
 	if err != nil {
 		return nil
 	}
@@ -637,6 +637,7 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	if l == nil || !l.Encrypted {
 		return nil, false, nil // not a VM directory, or a plain VM
 	}
+	perm = EncryptedFilePerm(perm)
 	if kind == 0 {
 		return d.createDiskFile(l, path, perm)
 	}

@@ -147,7 +147,7 @@ func diskOfDescriptorFile(p string) (b Binding, ks string, plain bool, err error
 	if st.Size() > maxDescriptor {
 		return b, "", false, nil
 	}
-	raw, err := os.ReadFile(p)
+	raw, err := readRegular(p, maxDescriptor)
 	if err != nil {
 		return b, "", false, err
 	}

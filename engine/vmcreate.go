@@ -77,6 +77,16 @@ func CheckDiskSize(n int64) error {
 
 var safeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9 ._-]{0,79}$`)
 
+// EncryptedFilePerm is the permission of a file created for an encrypted
+// VM (by vm create --encrypt or through the view): what was asked, less
+// every group and other bit and the special bits, so 0600 at most. A view
+// mounted with allow_other applies the backing file's mode to the
+// decrypted file (default_permissions): a group- or world-readable
+// container would be a readable plaintext there.
+func EncryptedFilePerm(requested os.FileMode) os.FileMode {
+	return requested & 0o600
+}
+
 // Create makes a new VM directory: vmx, nvram and disks. It is built in a
 // staging directory beside dir and renamed into place when complete (and,
 // with Encrypt, already encrypted), so dir never exists half-made and
@@ -115,7 +125,13 @@ func (o *VMOps) Create(ctx context.Context, dir string, spec CreateSpec) error {
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(staging, spec.Name+".nvram"), nv, 0o644); err != nil {
+	// Files of an encrypted VM are 0600; they are made by this process
+	// in the directory it made, so they have its owner and group.
+	perm := os.FileMode(0o644)
+	if spec.Encrypt {
+		perm = EncryptedFilePerm(perm)
+	}
+	if err := os.WriteFile(filepath.Join(staging, spec.Name+".nvram"), nv, perm); err != nil {
 		return err
 	}
 	var b strings.Builder
@@ -135,9 +151,14 @@ func (o *VMOps) Create(ctx context.Context, dir string, spec CreateSpec) error {
 		if err := makeDisk(ctx, staging, name, d); err != nil {
 			return err
 		}
+		if spec.Encrypt {
+			if err := restrictDiskFiles(staging, name); err != nil {
+				return err
+			}
+		}
 		fmt.Fprintf(&b, "scsi0:%d.present = \"TRUE\"\nscsi0:%d.fileName = \"%s\"\nscsi0:%d.deviceType = \"scsi-hardDisk\"\n", i, i, name, i)
 	}
-	if err := os.WriteFile(filepath.Join(staging, spec.Name+".vmx"), []byte(b.String()), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(staging, spec.Name+".vmx"), []byte(b.String()), perm); err != nil {
 		return err
 	}
 	if spec.Encrypt {
@@ -153,6 +174,28 @@ func (o *VMOps) Create(ctx context.Context, dir string, spec CreateSpec) error {
 	}
 	ok = true
 	return atomicfile.SyncDir(filepath.Dir(dir))
+}
+
+// restrictDiskFiles gives the descriptor and extents of a disk just made
+// in dir (by makeDisk: ours or qemu-img's, which makes them 0644) the
+// permission of an encrypted VM's files, before they are encrypted (the
+// containers keep the mode of the file they replace).
+func restrictDiskFiles(dir, name string) error {
+	d, _, err := loadDisk(dir, name)
+	if err != nil {
+		return err
+	}
+	for _, f := range append([]string{name}, d.Extents...) {
+		p := filepath.Join(dir, f)
+		st, err := os.Lstat(p)
+		if err != nil {
+			return err
+		}
+		if err := os.Chmod(p, EncryptedFilePerm(st.Mode().Perm())); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func diskFileName(vm string, i int) string {
@@ -397,7 +440,7 @@ func sharesKEK(a, b string) bool {
 
 // keyStateOfAny reports whether path is a vmcryptd container (any key).
 func keyStateOfAny(path string) (bool, error) {
-	f, err := os.Open(path)
+	f, err := openRegular(path, os.O_RDONLY)
 	if err != nil {
 		return false, err
 	}

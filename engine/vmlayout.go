@@ -91,7 +91,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	if err != nil {
 		return nil, err
 	}
-	text, err := os.ReadFile(vmxPath)
+	text, err := readRegular(vmxPath, maxVMXText)
 	if err != nil {
 		return nil, err
 	}
@@ -105,7 +105,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	l.VMID, _ = cfg.Get(VMXVMID)
 	l.Policy, _ = cfg.Get(VMXPolicy)
 
-	scan, err := vmdir.Scan(dir)
+	scan, err := vmdir.Scan(dir) // reads through vmdk.OpenIn: no symlink, no FIFO, bounded
 	if err != nil {
 		return nil, err
 	}
@@ -127,7 +127,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	for _, f := range scan.Files {
 		if f.Kind == vmdir.KindVMSD {
 			l.Sources = append(l.Sources, filepath.Join(dir, f.Name))
-			raw, err := os.ReadFile(filepath.Join(dir, f.Name))
+			raw, err := readRegular(filepath.Join(dir, f.Name), maxVMXText)
 			if err != nil {
 				return nil, err
 			}
@@ -205,7 +205,7 @@ func loadDisk(dir, name string) (*disk, string, error) {
 	} else if !st.Mode().IsRegular() {
 		return nil, "", fmt.Errorf("disk %s: not a regular file (%s)", path, st.Mode().Type())
 	}
-	f, err := os.Open(path)
+	f, err := openRegular(path, os.O_RDONLY)
 	if err != nil {
 		return nil, "", fmt.Errorf("disk %s: %w", path, err)
 	}
@@ -233,7 +233,7 @@ func loadDisk(dir, name string) (*disk, string, error) {
 	}
 	if vmdk.IsSparse(head) {
 		// The parent of a delta disk is named in its embedded descriptor.
-		d, err := vmdk.Open(path, nil)
+		d, err := vmdk.Open(path, &vmdk.Options{Open: vmdkOpenerIn(dir)})
 		if err != nil {
 			return nil, "", fmt.Errorf("disk %s: %w", path, err)
 		}
@@ -316,6 +316,38 @@ func extentCopies(dir string, d *disk) (Binding, string, bool) {
 
 const maxDescriptor = 1 << 20
 
+// maxVMXText bounds the vmx, vmsd and journal files read into memory.
+const maxVMXText = 16 << 20
+
+// vmdkFile is a read-only regular file for formats/vmdk.
+type vmdkFile struct {
+	*os.File
+	size int64
+}
+
+func (f *vmdkFile) Size() int64 { return f.size }
+
+// vmdkOpenerIn is the vmdk.Opener of loadDisk: the safeopen funnel, for
+// files of dir itself only (vmcryptd supports no disk files in
+// subdirectories; a delta disk's parent lives beside it).
+func vmdkOpenerIn(dir string) vmdk.Opener {
+	return func(path string) (vmdk.File, error) {
+		if filepath.Dir(path) != filepath.Clean(dir) {
+			return nil, fmt.Errorf("%s: files in subdirectories are not supported", path)
+		}
+		f, err := openRead(path)
+		if err != nil {
+			return nil, err
+		}
+		st, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		return &vmdkFile{File: f, size: st.Size()}, nil
+	}
+}
+
 func exists(p string) bool {
 	_, err := os.Lstat(p)
 	return err == nil
@@ -360,7 +392,7 @@ type journalDisk struct {
 func journalPath(dir string) string { return filepath.Join(dir, JournalName) }
 
 func loadJournal(dir string) (*journal, error) {
-	raw, err := os.ReadFile(journalPath(dir))
+	raw, err := readRegular(journalPath(dir), maxVMXText)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -476,7 +508,7 @@ const (
 // authenticated header slot records (PeekHeader's newest slot may be a
 // forgery that does not verify).
 func keyStateOf(path string, dek *DEK) (fileKeyState, Kind, error) {
-	f, err := os.Open(path)
+	f, err := openRead(path)
 	if err != nil {
 		return 0, 0, err
 	}

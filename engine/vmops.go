@@ -407,7 +407,7 @@ func editDescriptor(path string, edit func(*vmdk.Descriptor) error) error {
 
 // editDescriptorWith is editDescriptor writing with w.
 func editDescriptorWith(path string, edit func(*vmdk.Descriptor) error, w textWriter) error {
-	raw, err := os.ReadFile(path)
+	raw, err := readRegular(path, maxDescriptor)
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -71,8 +72,11 @@ func ReadVMStatus(dir string, corePatterns []string) (*VMStatus, error) {
 	}
 	add := func(name, kind, diskName, kek string) {
 		fs := FileStatus{Name: name, Kind: kind, Disk: diskName}
-		f, err := os.Open(filepath.Join(l.Dir, name))
+		f, err := openRegular(filepath.Join(l.Dir, name), os.O_RDONLY)
 		if err != nil {
+			if !errors.Is(err, os.ErrNotExist) {
+				st.Problems = append(st.Problems, err.Error())
+			}
 			return
 		}
 		defer f.Close()

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // node is one file, directory or symlink of the view. It mirrors the
@@ -153,7 +154,7 @@ func (s *state) stableAttr(st *syscall.Stat_t, gen uint64) fs.StableAttr {
 // headerSize reads the logical size from an unopened container's header
 // without a key (engine.PeekHeader: unauthenticated, display only).
 func headerSize(abs string) (int64, error) {
-	f, err := os.Open(abs)
+	f, err := safeopen.Open(abs, os.O_RDONLY)
 	if err != nil {
 		return 0, err
 	}
@@ -705,8 +706,11 @@ func (n *node) openPlain(rel string, flags uint32) (fs.FileHandle, uint32, sysca
 			return nil, 0, errno
 		}
 	}
-	fd, err := unix.Open(filepath.Join(n.st.root, rel), n.st.backingFlags(flags), 0)
+	fd, err := safeopen.OpenFD(filepath.Join(n.st.root, rel), n.st.backingFlags(flags), 0)
 	if err != nil {
+		if errors.Is(err, safeopen.ErrNotRegular) {
+			n.st.log.Warn("refused open", "path", rel, "err", err)
+		}
 		return nil, 0, errnoOf(err)
 	}
 	return n.newPlainFile(fd, isWrite(flags)), fuseFlags(flags, false), 0
@@ -753,8 +757,11 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		return nil, nil, 0, errnoOf(err)
 	}
 	if !encrypted {
-		fd, err := unix.Open(abs, n.st.backingFlags(flags)|syscall.O_CREAT|int(flags&syscall.O_EXCL), mode&07777)
+		fd, err := safeopen.OpenFD(abs, n.st.backingFlags(flags)|syscall.O_CREAT|int(flags&syscall.O_EXCL), mode&07777)
 		if err != nil {
+			if errors.Is(err, safeopen.ErrNotRegular) {
+				n.st.log.Warn("refused open", "path", rel, "err", err)
+			}
 			return nil, nil, 0, errnoOf(err)
 		}
 		preserveOwner(ctx, abs)
@@ -774,7 +781,9 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		c.Close()
 		return nil, nil, 0, errnoOf(err)
 	}
-	exactMode(abs, &st, mode)
+	// The backend chose the container's mode (engine: 0600 at most in an
+	// encrypted VM); never widen it to what the caller asked.
+	exactMode(abs, &st, mode&st.Mode&07777)
 	st.Size = c.Size()
 	ch := n.newChild(ctx, &st, gen)
 	cn := nodeOf(ch)

@@ -151,7 +151,7 @@ type mountCmd struct {
 	Datastore  string `arg:"" help:"Datastore name (from the config) or path."`
 	Mountpoint string `arg:"" help:"Where to mount the decrypted view (outside the datastore; a dead view left there by a killed daemon is detached first)." type:"path"`
 	ReadOnly   bool   `help:"Read-only view."`
-	AllowOther bool   `help:"Let other users use the view (file modes still apply)."`
+	AllowOther bool   `help:"Let every local user use the view, not only root. Decrypted files keep their backing file's mode and owner, so any user whom that mode lets read a file reads its plaintext; files of encrypted VMs are made 0600, but check modes you set yourself."`
 }
 
 func (c *mountCmd) Run(g *globals) error {

@@ -133,7 +133,8 @@ func FindVMX(dir string) (string, error) {
 }
 
 // Scan reads dir: its .vmx, the snapshot descriptor and every disk
-// descriptor they name, and classifies each regular file.
+// descriptor they name, and classifies each regular file. Every file is
+// read through vmdk.OpenIn/ReadRegular (no symlink, never a FIFO, bounded).
 func Scan(dir string) (*Dir, error) {
 	vmxPath, err := FindVMX(dir)
 	if err != nil {
