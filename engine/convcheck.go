@@ -102,7 +102,10 @@ func (e *ConvertError) Error() string {
 		lines[i] = err.Error()
 	}
 	sort.Strings(lines)
-	return fmt.Sprintf("%s: %s refused, nothing changed; %d file(s) cannot be converted:\n%s", e.Dir, e.Op, len(lines), strings.Join(lines, "\n"))
+	if len(lines) == 1 { // the usual case: one line naming the file
+		return fmt.Sprintf("%s refused, nothing changed: %s", e.Op, lines[0])
+	}
+	return fmt.Sprintf("%s: %s refused, nothing changed; %d files cannot be converted (one line each):\n%s", e.Dir, e.Op, len(lines), strings.Join(lines, "\n"))
 }
 
 func (e *ConvertError) Unwrap() []error { return e.Errs }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -374,10 +375,13 @@ type journal struct {
 	OldKeySafe string        `json:"old_keysafe,omitempty"` // rekey-deep: the one being replaced
 	Disks      []journalDisk `json:"disks"`
 	Policy     string        `json:"policy,omitempty"`
-	// Temps are the temporary files this conversion may have created
-	// (base names, recorded before creation): the only files a later
-	// run removes.
-	Temps []string `json:"temps,omitempty"`
+	// TempTag is a random tag, recorded before the first temporary file
+	// is created: this conversion's temporaries are named
+	// TmpPrefix+TempTag+"-"+<random>, and they are the only files a later
+	// run removes. (One save per conversion, not one per file: a list of
+	// names saved before each creation cost O(files^2) on a VM of
+	// 10,000 extents.)
+	TempTag string `json:"temp_tag,omitempty"`
 	// Self is the temporary name this content was written under.
 	Self string `json:"self,omitempty"`
 }
@@ -553,16 +557,21 @@ func cleanStaleTemps(dir string, j *journal) error {
 	if j == nil {
 		return nil
 	}
-	for _, n := range j.Temps {
-		if !isTempName(n) || n != filepath.Base(n) {
-			continue // not a name this code records
-		}
-		if err := os.Remove(filepath.Join(dir, n)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("%s: %w", filepath.Join(dir, n), err)
+	if len(j.TempTag) != 32 || strings.Trim(j.TempTag, "0123456789abcdef") != "" {
+		return nil // no temporary was created under this journal
+	}
+	prefix := j.tempPrefix()
+	for _, e := range ents {
+		if n := e.Name(); strings.HasPrefix(n, prefix) && e.Type().IsRegular() {
+			if err := os.Remove(filepath.Join(dir, n)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("%s: %w", filepath.Join(dir, n), err)
+			}
 		}
 	}
 	return nil
 }
+
+func (j *journal) tempPrefix() string { return TmpPrefix + j.TempTag + "-" }
 
 // isJournalTemp reports whether p is a journal temporary: a small
 // regular file whose content is a journal naming p as its Self.
@@ -583,21 +592,29 @@ func isJournalTemp(p string) bool {
 	return json.Unmarshal(raw, &j) == nil && j.Version == 1 && j.Self == filepath.Base(p)
 }
 
-// temp is the TempFunc of a conversion under journal j: each name is
-// recorded (and the journal made durable) before the file is created.
+// temp is the TempFunc of a conversion under journal j: the journal's
+// TempTag is made durable before the first file is created, and every
+// name carries it.
 func (j *journal) temp(dir string) TempFunc {
 	return func(path string) (string, error) {
 		if filepath.Dir(path) != filepath.Clean(dir) {
 			return "", fmt.Errorf("%s: not in the VM directory %s", path, dir)
 		}
-		n, err := tempBase()
-		if err != nil {
-			return "", err
+		if j.TempTag == "" {
+			var b [16]byte
+			if _, err := rand.Read(b[:]); err != nil {
+				return "", fmt.Errorf("crypto/rand: %w", err)
+			}
+			j.TempTag = hex.EncodeToString(b[:])
+			if err := j.save(dir); err != nil {
+				j.TempTag = ""
+				return "", err
+			}
 		}
-		j.Temps = append(j.Temps, n)
-		if err := j.save(dir); err != nil {
-			return "", err
+		var b [8]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return "", fmt.Errorf("crypto/rand: %w", err)
 		}
-		return filepath.Join(dir, n), nil
+		return filepath.Join(dir, j.tempPrefix()+hex.EncodeToString(b[:])), nil
 	}
 }
