@@ -508,6 +508,11 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !readOnly {
+		if err := d.writableUnder(r.ks); err != nil { // revoked KEK: read-only
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+	}
 	c, err := OpenContainer(path, dek, readOnly, d.Impl)
 	if err != nil {
 		return nil, err
@@ -584,6 +589,9 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	}
 	if l == nil || !l.Encrypted {
 		return nil, false, nil // not a VM directory, or a plain VM
+	}
+	if err := d.writableUnder(l.KeySafe); err != nil { // revoked KEK: read-only
+		return nil, false, fmt.Errorf("%s: %w", path, err)
 	}
 	if kind == 0 {
 		return d.createDiskFile(l, path, perm)
