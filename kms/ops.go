@@ -233,15 +233,8 @@ func (p *Provider) tag(ctx context.Context, s *session, id, name string) {
 // symmetric key. The returned slice is the only copy this package keeps a
 // reference to; the caller must zero it after use.
 func (p *Provider) GetKey(ctx context.Context, id string) ([]byte, error) {
-	key, st, err := p.GetKeyState(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	if err := stateError(st); err != nil {
-		clear(key)
-		return nil, &Error{Provider: p.cfg.Name, Op: fmt.Sprintf("get key %q", id), Err: err}
-	}
-	return key, nil
+	key, _, err := p.getKey(ctx, id, stateError)
+	return key, err
 }
 
 // FetchKEK is GetKeyState with the state spelled as KMIP names it
@@ -262,6 +255,12 @@ func (p *Provider) FetchKEK(ctx context.Context, id string) ([]byte, string, err
 // every other (Pre-Active, Destroyed, Destroyed Compromised). The caller
 // owns and must zero the returned slice.
 func (p *Provider) GetKeyState(ctx context.Context, id string) ([]byte, KeyState, error) {
+	return p.getKey(ctx, id, unwrapStateError)
+}
+
+// getKey fetches key id and its state; allowed refuses the states the
+// caller may not use (stateError or unwrapStateError).
+func (p *Provider) getKey(ctx context.Context, id string, allowed func(KeyState) error) ([]byte, KeyState, error) {
 	var key []byte
 	var state KeyState
 	err := p.run(ctx, fmt.Sprintf("get key %q", id), func(ctx context.Context, s *session) error {
@@ -282,7 +281,7 @@ func (p *Provider) GetKeyState(ctx context.Context, id string) ([]byte, KeyState
 			clear(k)
 			return err
 		}
-		if err := unwrapStateError(st); err != nil {
+		if err := allowed(st); err != nil {
 			clear(k)
 			return err
 		}

@@ -95,6 +95,8 @@ type VMLockState struct {
 	Reason string   `json:"reason,omitempty"`
 	Keys   []string `json:"keys"`
 	State  string   `json:"state,omitempty"` // e.g. "conversion interrupted"
+	// Warning names a KEK of the VM held in a revoked state (unwrap only).
+	Warning string `json:"warning,omitempty"`
 }
 
 // DatastoreState is a configured datastore.
@@ -127,6 +129,8 @@ type VMStatusReply struct {
 	engine.VMStatus
 	Locked     bool   `json:"locked"`
 	LockReason string `json:"lock_reason,omitempty"`
+	// Warning names a KEK of the VM held in a revoked state (unwrap only).
+	Warning string `json:"warning,omitempty"`
 }
 
 // Policy is a storage policy (GET /v1/policies).
