@@ -616,7 +616,7 @@ func TestPersistenceAtRest(t *testing.T) {
 	for id := range keys {
 		ids = append(ids, id)
 	}
-	st, err := openStore(PathsFor(dir).Store, mustMaster(t, dir))
+	st, err := openStore(PathsFor(dir).Store, mustMaster(t, dir), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
