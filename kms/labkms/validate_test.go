@@ -56,7 +56,7 @@ func TestStoreValidatesInput(t *testing.T) {
 		{"register", &payloads.RegisterRequestPayload{ObjectType: kmip.ObjectTypeSymmetricKey,
 			TemplateAttribute: kmip.TemplateAttribute{Attribute: []kmip.Attribute{zero}},
 			Object: &kmip.SymmetricKey{KeyBlock: kmip.KeyBlock{KeyFormatType: kmip.KeyFormatTypeRaw,
-				KeyValue: &kmip.KeyValue{Plain: &kmip.PlainKeyValue{KeyMaterial: kmip.KeyMaterial{Bytes: ptr(bytes.Repeat([]byte{7}, 32))}}},
+				KeyValue:               &kmip.KeyValue{Plain: &kmip.PlainKeyValue{KeyMaterial: kmip.KeyMaterial{Bytes: ptr(bytes.Repeat([]byte{7}, 32))}}},
 				CryptographicAlgorithm: kmip.CryptographicAlgorithmAES, CryptographicLength: 256}}}},
 		{"modify", &payloads.ModifyAttributeRequestPayload{UniqueIdentifier: good, Attribute: zero}},
 	} {
