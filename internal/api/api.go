@@ -79,6 +79,8 @@ type ProviderAdd struct {
 	CertFile string   `json:"cert_file"`
 	KeyFile  string   `json:"key_file"`
 	Default  bool     `json:"default"`
+	// TLSCipherSuites: kms.Config.TLSCipherSuites.
+	TLSCipherSuites []string `json:"tls_cipher_suites,omitempty"`
 }
 
 // ProviderStatus is the status of one provider.

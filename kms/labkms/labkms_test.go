@@ -182,7 +182,7 @@ func TestInit(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, pair := range []*pki.Pair{ca, srv, cli} {
-		if pair.Key.Curve != elliptic.P256() {
+		if k, ok := pair.Key.(*ecdsa.PrivateKey); !ok || k.Curve != elliptic.P256() {
 			t.Fatalf("%s: not P-256", pair.Cert.Subject)
 		}
 		if _, ok := pair.Cert.PublicKey.(*ecdsa.PublicKey); !ok {
