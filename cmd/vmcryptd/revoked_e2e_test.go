@@ -2,10 +2,17 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -68,6 +75,7 @@ var revokeCases = []struct {
 // an active key, after which it is an ordinary VM.
 func revokedKEKCase(t *testing.T, cfg kms.Config, reason kms.RevocationReason, state string) {
 	d := newPKDaemon(t, cfg, "10s")
+	metrics := withMetrics(t, d)
 	d.start()
 	d.must("host", "encryption", "enable")
 	vmA, wantA := makeVM(t, d.ds, "vma")
@@ -117,6 +125,9 @@ func revokedKEKCase(t *testing.T, cfg kms.Config, reason kms.RevocationReason, s
 	if out := d.must("vm", "status", vmA); !strings.Contains(out, "warning: key "+refA+" is "+state) {
 		t.Errorf("vm status shows no warning line:\n%s", out)
 	}
+	if got := scrape(t, metrics, "vmcryptd_revoked_keys_in_use"); got != "2" {
+		t.Errorf("vmcryptd_revoked_keys_in_use = %q, want 2", got)
+	}
 	audit, err := os.ReadFile(filepath.Join(d.dir, "audit.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -165,6 +176,8 @@ func revokedKEKCase(t *testing.T, cfg kms.Config, reason kms.RevocationReason, s
 	}
 	checkRestored(t, plain, wantPlain)
 
+	checkRevokedView(t, d, vmA, wantA)
+
 	// Decrypt under the revoked key: the VM is back, byte for byte.
 	d.must("vm", "decrypt", vmA)
 	checkRestored(t, vmA, wantA)
@@ -184,6 +197,9 @@ func revokedKEKCase(t *testing.T, cfg kms.Config, reason kms.RevocationReason, s
 		v, ok := vmState(st, vmB)
 		return ok && !v.Locked && v.Warning == "" && !strings.Contains(v.Reason, "not fetched yet")
 	})
+	if got := scrape(t, metrics, "vmcryptd_revoked_keys_in_use"); got != "0" {
+		t.Errorf("after the restart, vmcryptd_revoked_keys_in_use = %q, want 0", got)
+	}
 	d.must("vm", "decrypt", vmB)
 	got := hashFiles(t, vmB)
 	for name, h := range wantB {
@@ -194,4 +210,100 @@ func revokedKEKCase(t *testing.T, cfg kms.Config, reason kms.RevocationReason, s
 			t.Errorf("%s differs after rekey away from the revoked key and decrypt", name)
 		}
 	}
+}
+
+// checkRevokedView mounts the datastore's view: the files of a VM under a
+// revoked KEK read back as the originals, and nothing new may be written
+// under that key (opening one for writing, creating an nvram, a swap
+// file or a disk: EROFS); no file of the VM changes.
+func checkRevokedView(t *testing.T, d *pkDaemon, vm string, plain map[string][32]byte) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("/dev/fuse missing")
+		}
+		t.Log("/dev/fuse missing: view part skipped")
+		return
+	}
+	before := hashFiles(t, vm)
+	mp := filepath.Join(d.dir, "view")
+	d.must("mount", "ds", mp)
+	t.Cleanup(func() { d.run("unmount", "--force", mp) })
+	view := filepath.Join(mp, filepath.Base(vm))
+	name := filepath.Base(vm)
+	for _, f := range []string{"disk-flat.vmdk", name + ".nvram"} {
+		raw, err := os.ReadFile(filepath.Join(view, f))
+		if err != nil {
+			t.Fatalf("read %s through the view: %v", f, err)
+		}
+		if sha256.Sum256(raw) != plain[f] {
+			t.Errorf("%s through the view differs from the original", f)
+		}
+	}
+	if f, err := os.OpenFile(filepath.Join(view, name+".nvram"), os.O_WRONLY, 0); !errors.Is(err, syscall.EROFS) {
+		if f != nil {
+			f.Close()
+		}
+		t.Errorf("open for writing under a revoked key: %v, want EROFS", err)
+	}
+	for _, f := range []string{name + ".vswp", "new.vmdk"} {
+		err := os.WriteFile(filepath.Join(view, f), []byte("x"), 0o600)
+		if !errors.Is(err, syscall.EROFS) {
+			t.Errorf("create %s under a revoked key: %v, want EROFS", f, err)
+		}
+	}
+	d.must("unmount", mp)
+	after := hashFiles(t, vm)
+	for f, h := range before {
+		if after[f] != h {
+			t.Errorf("the view changed %s", f)
+		}
+	}
+	for f := range after {
+		if _, ok := before[f]; !ok {
+			t.Errorf("the view left %s", f)
+		}
+	}
+}
+
+// withMetrics makes d serve /metrics on a free loopback port and returns
+// its address.
+func withMetrics(t *testing.T, d *pkDaemon) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	conf, err := os.ReadFile(d.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf = append([]byte(fmt.Sprintf("metrics_listen = %q\n", addr)), conf...)
+	if err := os.WriteFile(d.cfg, conf, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return addr
+}
+
+// scrape returns the value of an unlabelled series on the daemon's
+// /metrics, or "" if it is absent.
+func scrape(t *testing.T, addr, series string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(l, series+" "); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
 }
