@@ -509,7 +509,7 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 		return nil, err
 	}
 	if !readOnly {
-		if err := d.writableUnder(r.ks); err != nil { // revoked KEK: read-only
+		if err := d.writableFile(r, head); err != nil { // revoked KEK: read-only
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}
 	}

@@ -120,3 +120,14 @@ func (d *Datastore) writableUnder(ks string) error {
 	}
 	return nil
 }
+
+// writableFile is writableUnder for the keySafe that holds the DEK of a
+// file of role r: the one the VM's files name, or the file's own header
+// copy (core dumps, disks made through a view not yet named).
+func (d *Datastore) writableFile(r role, head []byte) error {
+	ks := r.ks
+	if ks == "" {
+		ks, _ = ReadEmbeddedKeySafe(head)
+	}
+	return d.writableUnder(ks)
+}

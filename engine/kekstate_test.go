@@ -133,3 +133,56 @@ func TestRevokedKEKUnwrapsButNeverWraps(t *testing.T) {
 		})
 	}
 }
+
+// TestWritableUnder: the view's write gate refuses a keySafe one of whose
+// KEKs in memory is revoked, naming it, and lets others through.
+func TestWritableUnder(t *testing.T) {
+	ctx := context.Background()
+	ks := &stateKeyServer{state: map[string]string{}}
+	active, _ := ks.CreateKey(ctx, "a")
+	revoked, _ := ks.CreateKey(ctx, "r")
+	ks.state[revoked] = KEKCompromised
+	r := NewKeyring()
+	r.SetProvider("p", ks)
+	defer r.Close()
+	ref := func(id string) KeyRef { return KeyRef{"p", id} }
+	for _, id := range []string{active, revoked} {
+		if _, err := r.Get(ctx, ref(id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	keySafe := func(ids ...string) string {
+		var es []KeySafeEntry
+		for _, id := range ids {
+			es = append(es, KeySafeEntry{KEK: ref(id), Locked: make([]byte, lockedDataLen)})
+		}
+		s, err := EncodeKeySafe(es)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	d := &Datastore{Keys: r}
+	for _, tc := range []struct {
+		name   string
+		ks     string
+		refuse bool
+	}{
+		{"no keySafe", "", false},
+		{"active KEK", keySafe(active), false},
+		{"revoked KEK", keySafe(revoked), true},
+		{"active and revoked", keySafe(active, revoked), true},
+		{"KEK not in memory", keySafe("absent"), false}, // the unwrap that follows refuses it
+	} {
+		err := d.writableUnder(tc.ks)
+		if !tc.refuse {
+			if err != nil {
+				t.Errorf("%s: %v", tc.name, err)
+			}
+			continue
+		}
+		if !errors.Is(err, syscall.EROFS) || !errors.Is(err, ErrKeyRevoked) || !strings.Contains(err.Error(), "p/"+revoked+" is Compromised") {
+			t.Errorf("%s: err = %v, want EROFS naming p/%s", tc.name, err, revoked)
+		}
+	}
+}
