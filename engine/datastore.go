@@ -526,6 +526,11 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !readOnly {
+		if err := d.writableFile(r, head); err != nil { // revoked KEK: read-only
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+	}
 	// A reader may have a degraded container (one header slot damaged,
 	// FORMAT.md 3.1) as its surviving slot records it; a writer may not.
 	open := func() (*Container, error) { return OpenContainer(path, dek, false, d.Impl) }
@@ -636,6 +641,9 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	}
 	if l == nil || !l.Encrypted {
 		return nil, false, nil // not a VM directory, or a plain VM
+	}
+	if err := d.writableUnder(l.KeySafe); err != nil { // revoked KEK: read-only
+		return nil, false, fmt.Errorf("%s: %w", path, err)
 	}
 	perm = EncryptedFilePerm(perm)
 	if kind == 0 {

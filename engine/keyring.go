@@ -127,11 +127,27 @@ func (r *Keyring) Get(ctx context.Context, ref KeyRef) (*KEK, error) {
 }
 
 func (r *Keyring) fetch(ctx context.Context, ks KeyServer, ref KeyRef) (*KEK, error) {
-	raw, err := ks.GetKey(ctx, ref.KeyID)
+	var raw []byte
+	var state string
+	var err error
+	if kss, ok := ks.(KeyStateServer); ok {
+		raw, state, err = kss.FetchKEK(ctx, ref.KeyID)
+	} else {
+		raw, err = ks.GetKey(ctx, ref.KeyID)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("kek %s: %w", ref, err)
 	}
-	return NewKEK(ref, raw)
+	if unwrap, _ := kekUse(state); !unwrap {
+		clear(raw)
+		return nil, fmt.Errorf("kek %s: key server returned it in state %q", ref, state)
+	}
+	kek, err := NewKEK(ref, raw)
+	if err != nil {
+		return nil, err
+	}
+	kek.state = state
+	return kek, nil
 }
 
 // Peek returns the KEK if it is in memory now, without fetching it.

@@ -39,6 +39,9 @@ type KEK struct {
 	// freed under another that is wrapping with it.
 	mu  sync.RWMutex
 	buf *secmem.Buffer
+	// state is the KMIP state at fetch time ("" or KEKActive: may wrap;
+	// see kekUse). Set before the KEK is shared, never changed.
+	state string
 }
 
 // with runs fn on the key bytes, or fails if the key was destroyed.
@@ -202,6 +205,9 @@ func WrapDEK(kek *KEK, dek *DEK, b Binding) ([]byte, error) {
 }
 
 func wrapDEKWithSalt(kek *KEK, dek *DEK, b Binding, salt []byte) ([]byte, error) {
+	if err := kek.mayWrap(); err != nil {
+		return nil, err
+	}
 	if err := checkADFields(kek, b); err != nil {
 		return nil, err
 	}

@@ -47,9 +47,14 @@ type Config struct {
 	// ServerName overrides the name checked against the server certificates
 	// (default: the host part of each server address).
 	ServerName string `toml:"server_name"`
-	// TLSCipherSuites adds TLS 1.2 suites by Go name, for servers with RSA
-	// certificates that only speak CBC suites (PyKMIP's TLS1.2 suite), e.g.
-	// "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256". Empty keeps Go's defaults.
+	// TLSCipherSuites adds TLS 1.2 suites by Go name (tls.CipherSuiteName),
+	// for servers with RSA certificates that only speak CBC-SHA256 or RSA
+	// key exchange suites (PyKMIP's TLS1.2 suite), e.g.
+	// "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256". They are offered after Go's
+	// defaults. Suites of tls.InsecureCipherSuites are allowed only by
+	// being listed here (a warning is logged); unknown names are a config
+	// error. Empty keeps Go's defaults. TLS 1.3 suites are not
+	// configurable.
 	TLSCipherSuites []string `toml:"tls_cipher_suites"`
 
 	// KMIPVersions limits the protocol versions offered in Discover
@@ -115,6 +120,9 @@ func (c Config) withDefaults() (Config, error) {
 		errs = append(errs, "cert_file and key_file are required (KMIP servers authenticate clients by certificate)")
 	}
 	if _, err := parseVersions(c.KMIPVersions); err != nil {
+		errs = append(errs, err.Error())
+	}
+	if err := CheckCipherSuites(c.TLSCipherSuites); err != nil {
 		errs = append(errs, err.Error())
 	}
 	if c.Timeout < 0 || c.ConnectTimeout < 0 || c.RetryBackoff < 0 || c.IdleTimeout < 0 || c.PoolSize < 0 {

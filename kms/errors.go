@@ -215,6 +215,9 @@ func classifyTransport(err error) error {
 		if isCertAlert(opErr.Err.Error()) {
 			return cause(ErrClientCertRejected, "", opErr)
 		}
+		if strings.Contains(opErr.Err.Error(), "handshake failure") {
+			return cause(ErrServer, handshakeHint, opErr)
+		}
 		return cause(ErrServer, "TLS alert from server", opErr)
 	case strings.Contains(err.Error(), authFailedText):
 		// kmipclient reports a refused Discover Versions as text only.
@@ -233,6 +236,11 @@ func classifyTransport(err error) error {
 	}
 	return err
 }
+
+// handshakeHint explains a TLS handshake_failure alert: mostly no cipher
+// suite in common (PyKMIP with an RSA certificate offers only CBC-SHA256
+// and RSA key exchange suites, which Go does not enable by default).
+const handshakeHint = "TLS handshake failure: the server may accept no cipher suite this client offers (a server with an RSA certificate may need tls_cipher_suites, e.g. TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256)"
 
 // unwrapTLSVerify drops Go's "tls: failed to verify certificate: " wrapper
 // so the message reads "server certificate rejected: x509: ...".

@@ -190,6 +190,14 @@ func TestKeyLifecycle(t *testing.T) {
 	}
 	checkOneLine(t, err, `kms provider "lab"`, "server "+l.addr, "key is revoked", "Deactivated", id)
 	t.Logf("revoked: %v", err)
+	// A revoked key may still unwrap: GetKeyState hands it out with its
+	// state (issue 11 item 5).
+	if k, st, err := p.GetKeyState(ctx, id); err != nil || st != kms.StateDeactivated || !bytes.Equal(k, key) {
+		t.Fatalf("GetKeyState on a Deactivated key = %v, %v; want the key and Deactivated", st, err)
+	}
+	if _, st, err := p.FetchKEK(ctx, id); err != nil || st != "Deactivated" {
+		t.Fatalf("FetchKEK on a Deactivated key = %q, %v", st, err)
+	}
 
 	if err := p.Destroy(ctx, id); err != nil {
 		t.Fatal(err)
@@ -202,6 +210,9 @@ func TestKeyLifecycle(t *testing.T) {
 		t.Fatalf("GetKey on destroyed key: %v, want ErrKeyDestroyed", err)
 	}
 	checkOneLine(t, err, "key is destroyed")
+	if k, _, err := p.GetKeyState(ctx, id); !errors.Is(err, kms.ErrKeyDestroyed) || k != nil {
+		t.Fatalf("GetKeyState on a destroyed key: %v", err)
+	}
 	// Destroying twice is fine.
 	if err := p.Destroy(ctx, id); err != nil {
 		t.Fatalf("second Destroy: %v", err)
@@ -225,6 +236,9 @@ func TestKeyLifecycle(t *testing.T) {
 	}
 	if _, err := p.GetKey(ctx, id3); !errors.Is(err, kms.ErrKeyRevoked) || !strings.Contains(err.Error(), "Compromised") {
 		t.Fatalf("GetKey on compromised key: %v", err)
+	}
+	if k, st, err := p.GetKeyState(ctx, id3); err != nil || st != kms.StateCompromised || len(k) != kms.KEKBits/8 {
+		t.Fatalf("GetKeyState on a Compromised key = %v, %v", st, err)
 	}
 	if err := p.Destroy(ctx, id3); err != nil {
 		t.Fatal(err)

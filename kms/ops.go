@@ -76,6 +76,19 @@ func stateFromKMIP(s kmip.State) KeyState {
 	return StateUnknown
 }
 
+// unwrapStateError explains why a key in state st may not even be used to
+// unwrap (decrypt), or nil. KMIP (1.4 §3.22) lets a Deactivated or
+// Compromised key process cryptographically protected information
+// (decrypt, unwrap); only Active keys may protect new information, which
+// is the caller's check (engine: kekUse).
+func unwrapStateError(st KeyState) error {
+	switch st {
+	case StateActive, StateDeactivated, StateCompromised:
+		return nil
+	}
+	return stateError(st)
+}
+
 // stateError explains why a key in state st cannot be used, or nil if it
 // is Active.
 func stateError(st KeyState) error {
@@ -220,7 +233,36 @@ func (p *Provider) tag(ctx context.Context, s *session, id, name string) {
 // symmetric key. The returned slice is the only copy this package keeps a
 // reference to; the caller must zero it after use.
 func (p *Provider) GetKey(ctx context.Context, id string) ([]byte, error) {
+	key, _, err := p.getKey(ctx, id, stateError)
+	return key, err
+}
+
+// FetchKEK is GetKeyState with the state spelled as KMIP names it
+// ("Active", "Deactivated", "Compromised"): the engine's keyring uses it
+// to keep the state with the KEK (engine.KeyStateServer).
+func (p *Provider) FetchKEK(ctx context.Context, id string) ([]byte, string, error) {
+	key, st, err := p.GetKeyState(ctx, id)
+	if err != nil {
+		return nil, "", err
+	}
+	return key, st.String(), nil
+}
+
+// GetKeyState fetches key id, a 256-bit AES symmetric key, with its
+// life-cycle state. It returns the key material for an Active,
+// Deactivated or Compromised key (the last two may only unwrap: the caller
+// must not protect new data with them) and an error naming the state for
+// every other (Pre-Active, Destroyed, Destroyed Compromised). The caller
+// owns and must zero the returned slice.
+func (p *Provider) GetKeyState(ctx context.Context, id string) ([]byte, KeyState, error) {
+	return p.getKey(ctx, id, unwrapStateError)
+}
+
+// getKey fetches key id and its state; allowed refuses the states the
+// caller may not use (stateError or unwrapStateError).
+func (p *Provider) getKey(ctx context.Context, id string, allowed func(KeyState) error) ([]byte, KeyState, error) {
 	var key []byte
+	var state KeyState
 	err := p.run(ctx, fmt.Sprintf("get key %q", id), func(ctx context.Context, s *session) error {
 		resp, err := s.call(ctx, &payloads.GetRequestPayload{UniqueIdentifier: id})
 		if err != nil {
@@ -239,17 +281,17 @@ func (p *Provider) GetKey(ctx context.Context, id string) ([]byte, error) {
 			clear(k)
 			return err
 		}
-		if err := stateError(st); err != nil {
+		if err := allowed(st); err != nil {
 			clear(k)
 			return err
 		}
-		key = k
+		key, state = k, st
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, StateUnknown, err
 	}
-	return key, nil
+	return key, state, nil
 }
 
 // symmetricKey extracts and validates the key material.

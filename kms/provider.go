@@ -21,6 +21,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -89,11 +91,22 @@ func New(cfg Config, logger *slog.Logger) (*Provider, error) {
 			return fail(err)
 		}
 		// Go's defaults plus the requested ones: setting CipherSuites
-		// replaces the default list, so start from it.
+		// replaces the default list, so start from it. Go's default list
+		// is its secure list without RSA key exchange (Go 1.22+): keep
+		// those out unless listed too.
 		for _, s := range tls.CipherSuites() {
-			tlsCfg.CipherSuites = append(tlsCfg.CipherSuites, s.ID)
+			if !strings.HasPrefix(s.Name, "TLS_RSA_") {
+				tlsCfg.CipherSuites = append(tlsCfg.CipherSuites, s.ID)
+			}
 		}
-		tlsCfg.CipherSuites = append(tlsCfg.CipherSuites, ids...)
+		for _, id := range ids {
+			if !slices.Contains(tlsCfg.CipherSuites, id) {
+				tlsCfg.CipherSuites = append(tlsCfg.CipherSuites, id)
+			}
+		}
+		if bad := insecureSuites(cfg.TLSCipherSuites); len(bad) > 0 {
+			logger.Warn("kms provider allows TLS cipher suites Go deems insecure, because tls_cipher_suites lists them", "kms_provider", cfg.Name, "suites", strings.Join(bad, ","))
+		}
 	}
 	versions, _ := parseVersions(cfg.KMIPVersions) // validated in withDefaults
 	p := &Provider{
@@ -110,6 +123,24 @@ func New(cfg Config, logger *slog.Logger) (*Provider, error) {
 		})
 	}
 	return p, nil
+}
+
+// CheckCipherSuites validates tls_cipher_suites names: each must be a
+// TLS suite Go implements, by its tls.CipherSuiteName.
+func CheckCipherSuites(names []string) error {
+	_, err := cipherSuiteIDs(names)
+	return err
+}
+
+// insecureSuites lists the names among names that Go deems insecure.
+func insecureSuites(names []string) []string {
+	var out []string
+	for _, s := range tls.InsecureCipherSuites() {
+		if slices.Contains(names, s.Name) {
+			out = append(out, s.Name)
+		}
+	}
+	return out
 }
 
 func cipherSuiteIDs(names []string) ([]uint16, error) {

@@ -2,6 +2,7 @@ package kms_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -185,4 +186,58 @@ func issueWithoutEKU(ca *pki.Pair, cn string) (*pki.Pair, error) {
 		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
 	}, nil
+}
+
+// TestPyKMIPRSACipherSuites: issue 11 item 10. A pykmip-server whose CA
+// and server certificate are RSA-2048 offers only CBC-SHA256 and RSA key
+// exchange suites: with Go's defaults the handshake fails with an error
+// pointing at tls_cipher_suites; with the suite listed, keys are created
+// and fetched.
+func TestPyKMIPRSACipherSuites(t *testing.T) {
+	srv := kmstest.StartPyKMIPWith(t, kmstest.Options{RSA: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, tc := range []struct {
+		name    string
+		suites  []string
+		wantErr string
+	}{
+		{"go defaults", nil, "tls_cipher_suites"},
+		{"ECDHE-RSA CBC-SHA256", []string{"TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256"}, ""},
+		{"RSA key exchange", []string{"TLS_RSA_WITH_AES_128_CBC_SHA256"}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := srv.Config("rsa")
+			cfg.TLSCipherSuites = tc.suites
+			cfg.Retries = -1
+			p, err := kms.New(cfg, quietLogger())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			id, err := p.CreateKey(ctx, "rsa-"+strings.ReplaceAll(tc.name, " ", "-"))
+			if tc.wantErr != "" {
+				if err == nil {
+					t.Fatal("CreateKey succeeded with Go's default cipher suites against an RSA PyKMIP")
+				}
+				checkOneLine(t, err, "server "+srv.Addr, "handshake failure", tc.wantErr)
+				t.Logf("without tls_cipher_suites: %v", err)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			k, err := p.GetKey(ctx, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(k) != kms.KEKBits/8 {
+				t.Fatalf("key is %d bytes", len(k))
+			}
+			st := p.Status(ctx)
+			if len(st) != 1 || !st[0].TLSOK || st[0].CipherSuite != tc.suites[0] {
+				t.Fatalf("status: %+v, want the handshake on %s", st, tc.suites[0])
+			}
+		})
+	}
 }

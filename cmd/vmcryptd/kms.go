@@ -33,11 +33,14 @@ type kmsAddCmd struct {
 	Cert    string   `help:"PEM client certificate." required:"" type:"existingfile"`
 	Key     string   `help:"PEM client private key." required:"" type:"existingfile"`
 	Default bool     `help:"Make it the default provider."`
+	// Singular flag name, repeated like --server.
+	TLSCipherSuite []string `name:"tls-cipher-suite" help:"Also offer this TLS 1.2 cipher suite, by Go name (repeatable), e.g. TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256 for servers with RSA certificates that only speak CBC-SHA256; insecure suites only when listed."`
 }
 
 func (c *kmsAddCmd) Run(g *globals) error {
 	var info api.ProviderInfo
-	req := api.ProviderAdd{Name: c.Name, Servers: c.Server, CAFile: c.CA, CertFile: c.Cert, KeyFile: c.Key, Default: c.Default}
+	req := api.ProviderAdd{Name: c.Name, Servers: c.Server, CAFile: c.CA, CertFile: c.Cert, KeyFile: c.Key, Default: c.Default,
+		TLSCipherSuites: c.TLSCipherSuite}
 	if err := g.call("POST", "/kms", req, &info); err != nil {
 		return err
 	}

@@ -62,6 +62,11 @@ func (s *statusCmd) Run(g *globals) error {
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", vm.Dir, state, strings.Join(vm.Keys, ","), vm.Reason)
 		}
+		for _, vm := range st.VMs {
+			if vm.Warning != "" {
+				fmt.Fprintf(tw, "warning: VM %s: %s\n", vm.Dir, vm.Warning)
+			}
+		}
 	}
 	if len(st.Mounts) > 0 {
 		fmt.Fprintln(tw, "\nMOUNTPOINT\tDATASTORE\tMODE\tOPEN FILES")

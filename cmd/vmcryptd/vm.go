@@ -112,6 +112,9 @@ func (c *vmStatusCmd) Run(g *globals) error {
 		lock = "LOCKED: " + st.LockReason
 	}
 	fmt.Printf("VM %s (%s): %s, policy %q, keys %v, %s\n", st.Dir, st.Name, state, st.Policy, st.KEKs, lock)
+	if st.Warning != "" {
+		fmt.Println("warning:", st.Warning)
+	}
 	if st.Interrupted != "" {
 		fmt.Printf("conversion interrupted: %s (run the same command again to finish, or with --abort to roll it back)\n", st.Interrupted)
 	}

@@ -82,6 +82,8 @@ type ProviderAdd struct {
 	CertFile string   `json:"cert_file"`
 	KeyFile  string   `json:"key_file"`
 	Default  bool     `json:"default"`
+	// TLSCipherSuites: kms.Config.TLSCipherSuites.
+	TLSCipherSuites []string `json:"tls_cipher_suites,omitempty"`
 }
 
 // ProviderStatus is the status of one provider.
@@ -98,6 +100,8 @@ type VMLockState struct {
 	Reason string   `json:"reason,omitempty"`
 	Keys   []string `json:"keys"`
 	State  string   `json:"state,omitempty"` // e.g. "conversion interrupted"
+	// Warning names a KEK of the VM held in a revoked state (unwrap only).
+	Warning string `json:"warning,omitempty"`
 }
 
 // DatastoreState is a configured datastore.
@@ -133,6 +137,8 @@ type VMStatusReply struct {
 	engine.VMStatus
 	Locked     bool   `json:"locked"`
 	LockReason string `json:"lock_reason,omitempty"`
+	// Warning names a KEK of the VM held in a revoked state (unwrap only).
+	Warning string `json:"warning,omitempty"`
 }
 
 // Policy is a storage policy (GET /v1/policies).

@@ -140,6 +140,9 @@ func Load(path string) (*Config, error) {
 		if names[k.Name] {
 			return nil, fmt.Errorf("config %s: key provider %q defined twice", path, k.Name)
 		}
+		if err := kms.CheckCipherSuites(k.TLSCipherSuites); err != nil {
+			return nil, fmt.Errorf("config %s: key provider %q: %w", path, k.Name, err)
+		}
 		names[k.Name] = true
 	}
 	if c.DefaultProvider == "" && len(c.KMS) == 1 {

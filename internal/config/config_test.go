@@ -26,6 +26,7 @@ ca_file = "kms/ca.pem"
 cert_file = "/abs/client.pem"
 key_file = "kms/client-key.pem"
 timeout = "3s"
+tls_cipher_suites = ["TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256", "TLS_RSA_WITH_AES_128_CBC_SHA256"]
 [[datastores]]
 name = "ds"
 path = "ds"
@@ -36,6 +37,9 @@ role = "NoCryptoAdmin"
 	c, err := Load(write(good))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if len(c.KMS[0].TLSCipherSuites) != 2 || c.KMS[0].TLSCipherSuites[1] != "TLS_RSA_WITH_AES_128_CBC_SHA256" {
+		t.Fatalf("tls_cipher_suites: %q", c.KMS[0].TLSCipherSuites)
 	}
 	if c.Socket != filepath.Join(dir, "run/v.sock") || c.KMS[0].CAFile != filepath.Join(dir, "kms/ca.pem") || c.KMS[0].CertFile != "/abs/client.pem" {
 		t.Fatalf("relative paths not resolved: %+v", c)
@@ -52,7 +56,7 @@ role = "NoCryptoAdmin"
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c2.KeyRetryInterval != c.KeyRetryInterval || c2.KMS[0].Timeout != c.KMS[0].Timeout || c2.Socket != c.Socket {
+	if c2.KeyRetryInterval != c.KeyRetryInterval || c2.KMS[0].Timeout != c.KMS[0].Timeout || c2.Socket != c.Socket || len(c2.KMS[0].TLSCipherSuites) != 2 {
 		t.Fatalf("round trip: %+v", c2)
 	}
 
@@ -63,6 +67,7 @@ role = "NoCryptoAdmin"
 		{"role without subject", "[[roles]]\nrole = \"ReadOnly\"\n", "exactly one of"},
 		{"bad duration", "key_retry_interval = \"soon\"\n", "soon"},
 		{"datastore without path", "[[datastores]]\nname = \"x\"\n", "needs name and path"},
+		{"unknown cipher suite", "[[kms]]\nname=\"a\"\ntls_cipher_suites = [\"TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256\", \"TLS_NOPE\"]\n", `key provider "a": tls_cipher_suites: unknown suite "TLS_NOPE"`},
 	}
 	for _, b := range bad {
 		if _, err := Load(write(b.body)); err == nil || !strings.Contains(err.Error(), b.want) {

@@ -211,6 +211,7 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 			d.log.Warn("key not available", "key", ref.String(), "err", err)
 		} else {
 			d.log.Info("key loaded", "key", ref.String())
+			d.noteKeyLoaded(ref, kek)
 		}
 	}, func(ref engine.KeyRef) {
 		d.log.Warn("key fetch still running past its deadline; not waiting for it", "key", ref.String())
@@ -479,8 +480,10 @@ func (d *Daemon) statusMemory(s *api.Status) {
 	sort.Slice(s.Providers, func(i, j int) bool { return s.Providers[i].Name < s.Providers[j].Name })
 	for _, vm := range d.st.VMs {
 		vs := api.VMLockState{Dir: vm.Dir, Name: vm.Name, Keys: []string{}}
+		var refs []engine.KeyRef
 		for _, k := range vm.Keys {
 			ref := engine.KeyRef{Provider: k.Provider, KeyID: k.KeyID}
+			refs = append(refs, ref)
 			vs.Keys = append(vs.Keys, ref.String())
 			if !d.keyring.Cached(ref) {
 				vs.Locked = true
@@ -491,6 +494,7 @@ func (d *Daemon) statusMemory(s *api.Status) {
 				vs.Reason = reason
 			}
 		}
+		vs.Warning = revokedWarning(d.keyring, refs)
 		s.VMs = append(s.VMs, vs)
 	}
 }

@@ -338,7 +338,8 @@ func (d *Daemon) hKMSAdd(rc *reqCtx) (any, error) {
 	if strings.TrimSpace(req.Name) == "" || strings.ContainsAny(req.Name, "/\n") {
 		return nil, badRequest("provider name must be non-empty and contain no '/' or newline")
 	}
-	kc := kms.Config{Name: req.Name, Servers: req.Servers, CAFile: req.CAFile, CertFile: req.CertFile, KeyFile: req.KeyFile}
+	kc := kms.Config{Name: req.Name, Servers: req.Servers, CAFile: req.CAFile, CertFile: req.CertFile, KeyFile: req.KeyFile,
+		TLSCipherSuites: req.TLSCipherSuites}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if _, dup := d.providers[req.Name]; dup {

@@ -19,6 +19,7 @@ type metrics struct {
 	requests   *prometheus.CounterVec
 	keysCached prometheus.GaugeFunc
 	keyErrors  prometheus.GaugeFunc
+	revoked    prometheus.GaugeFunc
 	converted  *prometheus.CounterVec
 }
 
@@ -37,10 +38,13 @@ func newMetrics(d *Daemon) *metrics {
 		defer d.mu.Unlock()
 		return float64(len(d.keyErrs))
 	})
+	m.revoked = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "vmcryptd_revoked_keys_in_use", Help: "KEKs held in a revoked KMIP state (Deactivated, Compromised): they unwrap only.",
+	}, func() float64 { return float64(len(d.keyring.Revoked())) })
 	m.converted = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "vmcryptd_converted_bytes_total", Help: "Bytes converted by VM operations.",
 	}, []string{"op"})
-	m.reg.MustRegister(m.requests, m.keysCached, m.keyErrors, m.converted,
+	m.reg.MustRegister(m.requests, m.keysCached, m.keyErrors, m.revoked, m.converted,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }

@@ -361,7 +361,8 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 			}
 		}
 	}
-	return api.VMStatusReply{VMStatus: *st, Locked: locked, LockReason: reason}, nil
+	return api.VMStatusReply{VMStatus: *st, Locked: locked, LockReason: reason,
+		Warning: revokedWarning(d.keyring, engine.KEKRefs(st.KEKs))}, nil
 }
 
 func (d *Daemon) hPolicyList(rc *reqCtx) (any, error) {

@@ -98,17 +98,33 @@ type pykmipProc struct {
 //
 // The server (its whole process group: PyKMIP forks a policy monitor) is
 // killed in t.Cleanup whatever the test outcome.
-func StartPyKMIP(t testing.TB) *PyKMIP {
+func StartPyKMIP(t testing.TB) *PyKMIP { return StartPyKMIPWith(t, Options{}) }
+
+// Options changes how StartPyKMIPWith sets the server up.
+type Options struct {
+	// RSA gives the CA and the server RSA-2048 keys instead of ECDSA
+	// P-256, as many commercial KMS deployments have. PyKMIP's TLS 1.2
+	// suite list then leaves only CBC-SHA256 and RSA key exchange suites,
+	// none of which Go's client offers by default (tls_cipher_suites).
+	RSA bool
+}
+
+// StartPyKMIPWith is StartPyKMIP with options.
+func StartPyKMIPWith(t testing.TB, opts Options) *PyKMIP {
 	t.Helper()
 	bin := PyKMIPServerPath(t)
 	dir := t.TempDir()
 	j := func(n string) string { return filepath.Join(dir, n) }
 
-	ca, err := pki.NewCA("pykmip test CA")
+	kt := pki.ECDSAP256
+	if opts.RSA {
+		kt = pki.RSA2048
+	}
+	ca, err := pki.NewCAWith("pykmip test CA", kt)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := ca.IssueServer("pykmip test server", []string{"127.0.0.1", "localhost"})
+	srv, err := ca.IssueServerWith("pykmip test server", []string{"127.0.0.1", "localhost"}, kt)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -171,7 +171,32 @@ func checkClientAttr(a kmip.Attribute) error {
 	if a.AttributeValue == nil {
 		return kmipserver.Errorf(kmip.ResultReasonInvalidField, "attribute %q has no value", name)
 	}
+	if why := badValue(a); why != "" {
+		return kmipserver.Errorf(kmip.ResultReasonInvalidField, "attribute %q: %s", name, why)
+	}
 	return nil
+}
+
+// badValue says why the store must not keep attribute a, or "". Whatever
+// the store keeps must load again at the next start: the value has to come
+// back from the store's encoding (KMIP JSON) as it went in. A zero
+// Cryptographic Usage Mask (PyKMIP's register() without masks) does not:
+// it is written as "" and read back as an error, which once kept the
+// whole store from loading.
+func badValue(a kmip.Attribute) string {
+	if m, ok := a.AttributeValue.(kmip.CryptographicUsageMask); ok && m == 0 {
+		return "a usage mask of 0 permits no use"
+	}
+	in := kmip.TemplateAttribute{Attribute: []kmip.Attribute{{AttributeName: a.AttributeName, AttributeValue: a.AttributeValue}}}
+	enc := ttlv.MarshalJSON(&in)
+	var back kmip.TemplateAttribute
+	if err := ttlv.UnmarshalJSON(enc, &back); err != nil {
+		return fmt.Sprintf("value cannot be stored (%v)", err)
+	}
+	if len(back.Attribute) != 1 || !bytes.Equal(ttlv.MarshalJSON(&back), enc) {
+		return "value does not read back as written"
+	}
+	return ""
 }
 
 // applyTemplate adds client attributes from a Create/Register template.

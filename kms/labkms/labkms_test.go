@@ -182,7 +182,7 @@ func TestInit(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, pair := range []*pki.Pair{ca, srv, cli} {
-		if pair.Key.Curve != elliptic.P256() {
+		if k, ok := pair.Key.(*ecdsa.PrivateKey); !ok || k.Curve != elliptic.P256() {
 			t.Fatalf("%s: not P-256", pair.Cert.Subject)
 		}
 		if _, ok := pair.Cert.PublicKey.(*ecdsa.PublicKey); !ok {
@@ -616,7 +616,7 @@ func TestPersistenceAtRest(t *testing.T) {
 	for id := range keys {
 		ids = append(ids, id)
 	}
-	st, err := openStore(PathsFor(dir).Store, mustMaster(t, dir))
+	st, err := openStore(PathsFor(dir).Store, mustMaster(t, dir), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -62,6 +62,15 @@ with client:
         client.destroy(args[1])
         _, attrs = client.get_attributes(args[1], ["State"])
         print("RETIRED", args[1], attrs[0].attribute_value.value.name)
+    elif mode == "register":
+        # No usage mask: what once poisoned the store (issue 11 item 6).
+        import os
+        from kmip.pie import objects
+        try:
+            uid = client.register(objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 256, os.urandom(32)))
+            print("REGISTERED", uid)
+        except Exception as e:
+            print("REFUSED", type(e).__name__, str(e).replace("\n", " "))
     else:
         sys.exit("unknown mode " + mode)
 `
@@ -171,5 +180,27 @@ func TestPyKMIPClient(t *testing.T) {
 	t.Logf("PyKMIP read our key %s, revoked and destroyed its key %s", ours, uid)
 	if st, err := prov.KeyState(ctx, uid); err != nil || st != kms.StateDestroyed {
 		t.Fatalf("state after PyKMIP destroy: %v %v", st, err)
+	}
+
+	// PyKMIP's register() without a usage mask sends a mask of 0: refused
+	// with a KMIP error, and the store still loads at the next start.
+	out = run("register")
+	reg := out[len(out)-1]
+	t.Logf("PyKMIP register without usage mask: %v", reg)
+	if len(reg) < 2 || reg[0] != "REFUSED" || !strings.Contains(strings.Join(reg, " "), "usage mask of 0") {
+		t.Fatalf("register without usage mask: %v, want a refusal naming the mask", reg)
+	}
+	prov.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2 := start(t, p.Dir)
+	prov2, err := kms.New(p.ProviderConfig("lab", s2.Addr()), quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prov2.Close()
+	if k, err := prov2.GetKey(ctx, ours); err != nil || fingerprint(k) != fingerprint(ourKey) {
+		t.Fatalf("our key after restart: %v", err)
 	}
 }

@@ -99,7 +99,7 @@ func Listen(dir, listenAddr string, logger *slog.Logger) (*Server, error) {
 	if err != nil {
 		return fail(err)
 	}
-	st, err := openStore(p.Store, master)
+	st, err := openStore(p.Store, master, logger)
 	clear(master)
 	if err != nil {
 		return fail(err)

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"slices"
 	"strings"
@@ -140,7 +141,10 @@ type objectFile struct {
 	Key []byte `json:"sealed_key,omitempty"`
 }
 
-func openStore(path string, masterKey []byte) (*store, error) {
+func openStore(path string, masterKey []byte, logger *slog.Logger) (*store, error) {
+	if logger == nil {
+		logger = slog.Default()
+	}
 	block, err := aes.NewCipher(masterKey)
 	if err != nil {
 		return nil, fmt.Errorf("master key: %w", err)
@@ -157,35 +161,116 @@ func openStore(path string, masterKey []byte) (*store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read object store: %w", err)
 	}
-	var f storeFile
+	var f struct {
+		Format  string            `json:"format"`
+		Objects []json.RawMessage `json:"objects"`
+	}
 	if err := json.Unmarshal(data, &f); err != nil {
 		return nil, fmt.Errorf("object store %s: %w", path, err)
 	}
 	if f.Format != storeFormat {
 		return nil, fmt.Errorf("object store %s: format %q, want %q", path, f.Format, storeFormat)
 	}
-	for _, of := range f.Objects {
-		var ta kmip.TemplateAttribute
-		if err := ttlv.UnmarshalJSON(of.Attributes, &ta); err != nil {
-			return nil, fmt.Errorf("object store %s: object %s: attributes: %w", path, of.UID, err)
+	var bad []quarantined
+	var sealErr error
+	sealed, opened := 0, 0
+	for i, raw := range f.Objects {
+		o, err := s.loadObject(raw)
+		if errors.Is(err, errSealed) {
+			sealed++
+			sealErr = cmp.Or(sealErr, err)
+		} else if o != nil && o.sealed != nil {
+			sealed++
+			opened++
 		}
-		if _, dup := s.objs[of.UID]; dup || of.UID == "" {
-			return nil, fmt.Errorf("object store %s: duplicate or empty uid %q", path, of.UID)
+		if err != nil {
+			bad = append(bad, quarantined{Index: i, Reason: err.Error(), Object: raw})
+			continue
 		}
-		o := &object{uid: of.UID, seq: of.Seq, owner: of.Owner, attrs: ta.Attribute, sealed: of.Key}
 		s.lastSeq = max(s.lastSeq, o.seq)
-		if o.sealed != nil {
-			// Check now that the master key opens it: a wrong master key
-			// should stop the server at start, not fail a Get hours later.
-			k, err := s.unseal(o)
-			if err != nil {
-				return nil, fmt.Errorf("object store %s: object %s: %w", path, of.UID, err)
-			}
-			clear(k)
-		}
 		s.objs[o.uid] = o
 	}
+	if sealed > 0 && opened == 0 {
+		// Not one key opens: the master key is wrong, not the objects.
+		return nil, fmt.Errorf("object store %s: %w", path, sealErr)
+	}
+	if len(bad) > 0 {
+		// Moved aside before anything is served, so the next save (which
+		// rewrites the store without them) loses nothing.
+		qpath, err := writeQuarantine(path, bad)
+		if err != nil {
+			return nil, fmt.Errorf("object store %s: quarantine %d bad objects: %w", path, len(bad), err)
+		}
+		for _, q := range bad {
+			logger.Error("lab kms: stored object quarantined; every other object is served", "store", path, "quarantine", qpath, "index", q.Index, "reason", q.Reason)
+		}
+		if err := s.saveLocked(); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
+}
+
+// errSealed marks an object whose sealed key does not open.
+var errSealed = errors.New("sealed key")
+
+// loadObject parses and checks one stored object. Its errors name the
+// object (its uid, when it has one).
+func (s *store) loadObject(raw json.RawMessage) (*object, error) {
+	var of objectFile
+	if err := json.Unmarshal(raw, &of); err != nil {
+		return nil, fmt.Errorf("object: %w", err)
+	}
+	if of.UID == "" {
+		return nil, errors.New("object with an empty uid")
+	}
+	if _, dup := s.objs[of.UID]; dup {
+		return nil, fmt.Errorf("object %s: duplicate uid", of.UID)
+	}
+	var ta kmip.TemplateAttribute
+	if err := ttlv.UnmarshalJSON(of.Attributes, &ta); err != nil {
+		return nil, fmt.Errorf("object %s: attributes: %w", of.UID, err)
+	}
+	o := &object{uid: of.UID, seq: of.Seq, owner: of.Owner, attrs: ta.Attribute, sealed: of.Key}
+	if o.sealed != nil {
+		// Check now that the master key opens it: a wrong master key
+		// should stop the server at start, not fail a Get hours later.
+		k, err := s.unseal(o)
+		if err != nil {
+			return nil, fmt.Errorf("object %s: %w: %w", of.UID, errSealed, err)
+		}
+		clear(k)
+	}
+	return o, nil
+}
+
+// quarantined is a stored object the store could not load, kept verbatim.
+type quarantined struct {
+	Index  int             `json:"index"`
+	Reason string          `json:"reason"`
+	Object json.RawMessage `json:"object"`
+}
+
+// writeQuarantine adds bad to the store's quarantine file (PATH.quarantine,
+// JSON lines), durably, and returns its path. Key material in it stays
+// sealed as it was in the store.
+func writeQuarantine(path string, bad []quarantined) (string, error) {
+	qpath := path + ".quarantine"
+	old, err := os.ReadFile(qpath)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return qpath, err
+	}
+	var buf bytes.Buffer
+	buf.Write(old)
+	for _, q := range bad {
+		line, err := json.Marshal(q)
+		if err != nil {
+			return qpath, err
+		}
+		buf.Write(line)
+		buf.WriteByte('\n')
+	}
+	return qpath, atomicfile.Write(qpath, buf.Bytes(), 0o600)
 }
 
 func (s *store) seal(uid string, key []byte) ([]byte, error) {

@@ -1,5 +1,6 @@
 // Package pki makes the small X.509 hierarchies that KMIP needs for mutual
-// TLS: a CA, a server certificate and client certificates, all ECDSA P-256.
+// TLS: a CA, a server certificate and client certificates, ECDSA P-256
+// unless RSA-2048 is asked for (tests of servers with RSA certificates).
 //
 // P-256 is chosen on purpose: PyKMIP's TLS 1.2 suite list only offers GCM
 // with ECDHE-ECDSA, and Go's client refuses the CBC suites by default, so an
@@ -7,9 +8,11 @@
 package pki
 
 import (
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha1"
 	"crypto/tls"
 	"crypto/x509"
@@ -33,10 +36,19 @@ const (
 	LeafValidity = 5 * 365 * 24 * time.Hour
 )
 
+// KeyType is the key algorithm of a new certificate.
+type KeyType int
+
+const (
+	ECDSAP256 KeyType = iota // the default
+	RSA2048
+)
+
 // Pair is a certificate with its private key, in parsed and PEM form.
 type Pair struct {
-	Cert    *x509.Certificate
-	Key     *ecdsa.PrivateKey
+	Cert *x509.Certificate
+	// Key is an *ecdsa.PrivateKey or an *rsa.PrivateKey.
+	Key     crypto.Signer
 	CertPEM []byte
 	KeyPEM  []byte
 }
@@ -46,8 +58,11 @@ func (p *Pair) TLSCertificate() (tls.Certificate, error) {
 	return tls.X509KeyPair(p.CertPEM, p.KeyPEM)
 }
 
-// NewCA creates a self-signed CA.
-func NewCA(commonName string) (*Pair, error) {
+// NewCA creates a self-signed ECDSA P-256 CA.
+func NewCA(commonName string) (*Pair, error) { return NewCAWith(commonName, ECDSAP256) }
+
+// NewCAWith creates a self-signed CA with a key of type kt.
+func NewCAWith(commonName string, kt KeyType) (*Pair, error) {
 	tpl := &x509.Certificate{
 		Subject:               pkix.Name{CommonName: commonName, Organization: []string{"vmcryptd"}},
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
@@ -55,16 +70,25 @@ func NewCA(commonName string) (*Pair, error) {
 		IsCA:                  true,
 		MaxPathLenZero:        true,
 	}
-	return issue(tpl, nil, CAValidity)
+	return issue(tpl, nil, CAValidity, kt)
 }
 
-// IssueServer issues a TLS server certificate for the given host names and
-// IP addresses (strings that parse as IPs become IP SANs).
+// IssueServer issues an ECDSA P-256 TLS server certificate for the given
+// host names and IP addresses (strings that parse as IPs become IP SANs).
 func (ca *Pair) IssueServer(commonName string, hosts []string) (*Pair, error) {
+	return ca.IssueServerWith(commonName, hosts, ECDSAP256)
+}
+
+// IssueServerWith is IssueServer with a key of type kt. RSA server
+// certificates also allow key encipherment (the TLS_RSA_* suites).
+func (ca *Pair) IssueServerWith(commonName string, hosts []string, kt KeyType) (*Pair, error) {
 	tpl := &x509.Certificate{
 		Subject:     pkix.Name{CommonName: commonName, Organization: []string{"vmcryptd"}},
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if kt == RSA2048 {
+		tpl.KeyUsage |= x509.KeyUsageKeyEncipherment
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
@@ -73,7 +97,7 @@ func (ca *Pair) IssueServer(commonName string, hosts []string) (*Pair, error) {
 			tpl.DNSNames = append(tpl.DNSNames, h)
 		}
 	}
-	return issue(tpl, ca, LeafValidity)
+	return issue(tpl, ca, LeafValidity, kt)
 }
 
 // IssueClient issues a TLS client certificate. KMIP servers identify the
@@ -85,13 +109,31 @@ func (ca *Pair) IssueClient(commonName string) (*Pair, error) {
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
-	return issue(tpl, ca, LeafValidity)
+	return issue(tpl, ca, LeafValidity, ECDSAP256)
 }
 
-func issue(tpl *x509.Certificate, parent *Pair, validity time.Duration) (*Pair, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+func newKey(kt KeyType) (crypto.Signer, error) {
+	switch kt {
+	case ECDSAP256:
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("generate P-256 key: %w", err)
+		}
+		return k, nil
+	case RSA2048:
+		k, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			return nil, fmt.Errorf("generate RSA-2048 key: %w", err)
+		}
+		return k, nil
+	}
+	return nil, fmt.Errorf("unknown key type %d", kt)
+}
+
+func issue(tpl *x509.Certificate, parent *Pair, validity time.Duration, kt KeyType) (*Pair, error) {
+	key, err := newKey(kt)
 	if err != nil {
-		return nil, fmt.Errorf("generate P-256 key: %w", err)
+		return nil, err
 	}
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
@@ -103,7 +145,7 @@ func issue(tpl *x509.Certificate, parent *Pair, validity time.Duration) (*Pair, 
 	now := time.Now()
 	tpl.NotBefore = now.Add(-1 * time.Hour)
 	tpl.NotAfter = now.Add(validity)
-	pub, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	pub, err := x509.MarshalPKIXPublicKey(key.Public())
 	if err != nil {
 		return nil, fmt.Errorf("marshal public key: %w", err)
 	}
@@ -115,7 +157,7 @@ func issue(tpl *x509.Certificate, parent *Pair, validity time.Duration) (*Pair, 
 		signer, parentCert = parent.Key, parent.Cert
 		tpl.AuthorityKeyId = parent.Cert.SubjectKeyId
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tpl, parentCert, &key.PublicKey, signer)
+	der, err := x509.CreateCertificate(rand.Reader, tpl, parentCert, key.Public(), signer)
 	if err != nil {
 		return nil, fmt.Errorf("create certificate %q: %w", tpl.Subject.CommonName, err)
 	}
@@ -145,7 +187,7 @@ func (p *Pair) Write(certPath, keyPath string) error {
 	return atomicfile.Write(certPath, p.CertPEM, 0o644)
 }
 
-// Load reads a certificate and its ECDSA private key from PEM files.
+// Load reads a certificate and its ECDSA or RSA private key from PEM files.
 func Load(certPath, keyPath string) (*Pair, error) {
 	certPEM, err := os.ReadFile(certPath)
 	if err != nil {
@@ -159,9 +201,14 @@ func Load(certPath, keyPath string) (*Pair, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s / %s: %w", certPath, keyPath, err)
 	}
-	key, ok := tc.PrivateKey.(*ecdsa.PrivateKey)
-	if !ok {
-		return nil, fmt.Errorf("%s: private key is %T, want ECDSA", keyPath, tc.PrivateKey)
+	var key crypto.Signer
+	switch k := tc.PrivateKey.(type) {
+	case *ecdsa.PrivateKey:
+		key = k
+	case *rsa.PrivateKey:
+		key = k
+	default:
+		return nil, fmt.Errorf("%s: private key is %T, want ECDSA or RSA", keyPath, tc.PrivateKey)
 	}
 	cert, err := x509.ParseCertificate(tc.Certificate[0])
 	if err != nil {
