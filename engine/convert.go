@@ -132,11 +132,18 @@ func runChunks(ctx context.Context, pieces [][2]int64, logical int64, read func(
 		mu.Unlock()
 		failed.Store(true)
 	}
+	// Buffers as large as the largest piece, not always a whole chunk: a
+	// VM of thousands of small extents spent most of its conversion
+	// clearing 4 MiB buffers it never filled.
+	var biggest int64
+	for _, p := range pieces {
+		biggest = max(biggest, p[1])
+	}
 	for w := 0; w < workers; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, convChunk+int(HeaderSize))
+			buf := make([]byte, biggest)
 			for !failed.Load() {
 				i := next.Add(1) - 1
 				if i >= int64(len(pieces)) {
