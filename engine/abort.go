@@ -198,23 +198,7 @@ func (o *VMOps) abortRekey(ctx context.Context, l *vmLayout, j *journal) error {
 		}
 	}
 	if cur, _ := l.VMX.Get(VMXKeySafe); cur == j.KeySafe {
-		if data, ok := l.VMX.Get(VMXData); ok && data != "" {
-			moved, err := openVMXData(newKeys.vm, j.VMID, data)
-			if err != nil {
-				return fmt.Errorf("%s: %w", l.VMXPath, err)
-			}
-			sealed, err := sealVMXData(oldKeys.vm, j.VMID, moved)
-			if err != nil {
-				return err
-			}
-			if err := l.VMX.Set(VMXData, sealed); err != nil {
-				return err
-			}
-		}
-		if err := l.VMX.Set(VMXKeySafe, j.OldKeySafe); err != nil {
-			return err
-		}
-		return j.writeText(l.Dir)(l.VMXPath, l.VMX.Bytes())
+		return rekeyVMX(l, j.VMID, newKeys.vm, oldKeys.vm, j.OldKeySafe, j.writeText(l.Dir))
 	}
 	return nil
 }

@@ -433,34 +433,7 @@ func (j *journal) save(dir string) error {
 // writeNew writes data to tmp (created with O_EXCL, never over a file),
 // fsyncs it and renames it over path, then fsyncs the directory.
 func writeNew(tmp, path string, data []byte, perm os.FileMode) error {
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(perm); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("write %s: fsync: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	ok = true
-	return atomicfile.SyncDir(filepath.Dir(path))
+	return atomicfile.WriteVia(tmp, path, data, perm)
 }
 
 // textWriter atomically replaces a text file.

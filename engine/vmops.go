@@ -749,23 +749,7 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 	}
 	// The vmx bundle moves from the old VM key to the new one.
 	if cur, _ := l.VMX.Get(VMXKeySafe); cur != j.KeySafe {
-		if data, ok := l.VMX.Get(VMXData); ok && data != "" {
-			moved, err := openVMXData(oldKeys.vm, j.VMID, data)
-			if err != nil {
-				return fmt.Errorf("%s: %w", l.VMXPath, err)
-			}
-			sealed, err := sealVMXData(newKeys.vm, j.VMID, moved)
-			if err != nil {
-				return err
-			}
-			if err := l.VMX.Set(VMXData, sealed); err != nil {
-				return err
-			}
-		}
-		if err := l.VMX.Set(VMXKeySafe, j.KeySafe); err != nil {
-			return err
-		}
-		if err := j.writeText(dir)(l.VMXPath, l.VMX.Bytes()); err != nil {
+		if err := rekeyVMX(l, j.VMID, oldKeys.vm, newKeys.vm, j.KeySafe, j.writeText(dir)); err != nil {
 			return err
 		}
 	}

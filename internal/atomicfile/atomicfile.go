@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 )
 
 // Write atomically replaces path with data, created with perm.
@@ -18,11 +19,29 @@ func Write(path string, data []byte, perm os.FileMode) error {
 // creator's), set before the rename so the file never appears with the
 // wrong owner, even after a crash.
 func WriteAs(path string, data []byte, perm os.FileMode, uid, gid int) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
+	return finish(f, path, data, perm, uid, gid)
+}
+
+// WriteVia is Write through the temporary file tmp, which the caller
+// named (and may have recorded, to clean up after a crash): it is created
+// with O_EXCL|O_NOFOLLOW, so it never writes over or through an existing
+// file.
+func WriteVia(tmp, path string, data []byte, perm os.FileMode) error {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return finish(f, path, data, perm, -1, -1)
+}
+
+// finish writes data to the new temporary file f, makes it durable,
+// renames it over path and makes the rename durable; on failure it
+// removes f.
+func finish(f *os.File, path string, data []byte, perm os.FileMode, uid, gid int) error {
 	tmp := f.Name()
 	ok := false
 	defer func() {
@@ -52,7 +71,7 @@ func WriteAs(path string, data []byte, perm os.FileMode, uid, gid int) error {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	ok = true
-	return SyncDir(dir)
+	return SyncDir(filepath.Dir(path))
 }
 
 // SyncDir fsyncs a directory so a rename or create in it is durable.
