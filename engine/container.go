@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"runtime"
 	"sync"
@@ -205,7 +206,7 @@ func openContainer(path string, dek *DEK, readOnly, allowDegraded bool, impl xts
 	}
 	if health.Degraded != "" {
 		if end, ok := dataBeyond(f, h.MinBackingSize()); ok {
-			health.Degraded += fmt.Sprintf(", but the file holds data up to byte %d past the %d logical bytes that slot records (the damaged slot was newer)", end-h.PayloadOff, h.Size)
+			health.Degraded += fmt.Sprintf(", but the file holds data up to byte %d past the %d logical bytes that slot records (the damaged slot may have been newer)", end-h.PayloadOff, h.Size)
 		}
 		if !allowDegraded {
 			keys.destroy()
@@ -230,6 +231,18 @@ func openContainer(path string, dek *DEK, readOnly, allowDegraded bool, impl xts
 		return nil, err
 	}
 	c.health = health
+	if !readOnly && health.Degraded == "" && st.Size() > h.MinBackingSize() {
+		// Units past what the header covers are leftovers: a shrink
+		// whose cut a crash prevented (growing again would bring the old
+		// data back instead of zeros), or growth that was never synced.
+		if err := f.Truncate(h.MinBackingSize()); err == nil {
+			err = unix.Fdatasync(int(f.Fd()))
+		}
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("open %s: cut units past the header's size: %w", path, err)
+		}
+	}
 	if health.Interrupted && !readOnly {
 		// The newer slot was written after the data it covers was made
 		// durable: mirroring it now restores the redundancy a killed
@@ -326,6 +339,9 @@ func (c *Container) writeHeaderLocked() error {
 	if c.health.Degraded != "" {
 		return fmt.Errorf("%w: %s", ErrDegraded, c.health.Degraded)
 	}
+	if c.hdr.Seq == math.MaxUint64 {
+		return errors.New("header sequence number exhausted")
+	}
 	next := c.hdr
 	next.Seq++
 	for slot := 0; slot < 2; slot++ {
@@ -334,6 +350,10 @@ func (c *Container) writeHeaderLocked() error {
 		if err != nil {
 			return err
 		}
+		// Once a slot may hold next.Seq, it is never written again with
+		// other fields: a retry after a failed write takes the number
+		// after it (two slots with one number must be equal).
+		c.hdr.Seq = next.Seq
 		if _, err := c.f.WriteAt(b, int64(slot*slotSize)); err != nil {
 			return fmt.Errorf("write header slot %d: %w", slot, err)
 		}
@@ -772,6 +792,7 @@ func (c *Container) Truncate(size int64) error {
 		}
 		c.hdr.Size = size
 		if err := c.writeHeaderLocked(); err != nil {
+			c.hdr.Size = old // the file was not cut: its units stay covered
 			return fmt.Errorf("truncate %s: %w", c.path, err)
 		}
 		if err := c.f.Truncate(c.payloadOff + units*c.unit); err != nil {

@@ -705,52 +705,59 @@ func (d *Datastore) dekFor(path string, head []byte, r role) (*DEK, error) {
 	}
 	// Any slot that parses may name the key: a damaged field in one slot
 	// must leave the other to serve (degraded), and OpenContainer's MAC
-	// check decides which slot holds.
-	var h *Header
+	// check decides which slot holds. Each candidate binding is tried.
 	ks := r.ks
-	if ks != "" {
-		for _, s := range slots {
-			if s.Binding == r.owner && h == nil {
-				h = s
-			}
+	var cands []*Header
+	for _, s := range slots {
+		ok := s.Binding == r.owner
+		if ks == "" {
+			ok = s.Binding.Purpose == r.purpose && (r.kind == 0 || s.Kind == r.kind)
 		}
-		if h == nil {
+		if ok && (len(cands) == 0 || cands[0].Binding != s.Binding) {
+			cands = append(cands, s)
+		}
+	}
+	if len(cands) == 0 {
+		if ks != "" {
 			return nil, fmt.Errorf("%s: %w: its header names %s %s, its VM's files %s %s", path, ErrWrongKey, slots[0].Binding.Purpose, slots[0].Binding.OwnerID, r.owner.Purpose, r.owner.OwnerID)
 		}
-	} else {
-		for _, s := range slots {
-			if s.Binding.Purpose == r.purpose && (r.kind == 0 || s.Kind == r.kind) && h == nil {
-				h = s
-			}
-		}
-		if h == nil {
-			return nil, fmt.Errorf("%s: %w: a %s container bound to a %s key where a %s is expected", path, ErrWrongKey, slots[0].Kind, slots[0].Binding.Purpose, r.purpose)
-		}
+		return nil, fmt.Errorf("%s: %w: a %s container bound to a %s key where a %s is expected", path, ErrWrongKey, slots[0].Kind, slots[0].Binding.Purpose, r.purpose)
+	}
+	if ks == "" {
 		eks, ok := ReadEmbeddedKeySafe(head)
 		if !ok {
-			return nil, fmt.Errorf("%s: no keySafe for %s %s", path, h.Binding.Purpose, h.Binding.OwnerID)
+			return nil, fmt.Errorf("%s: no keySafe for %s %s", path, cands[0].Binding.Purpose, cands[0].Binding.OwnerID)
 		}
 		ks = eks
 	}
 	dir := filepath.Dir(path)
-	d.mu.Lock()
-	dek, ok := d.deks[dekKey{dir, h.Binding, h.Fingerprint}]
-	d.mu.Unlock()
-	if ok {
-		return dek, nil
-	}
-	dek, err := d.cachedDEK(dir, h.Binding, ks)
-	if err != nil {
-		return nil, err
-	}
-	fp, err := DEKFingerprint(dek)
-	if err != nil {
-		return nil, err
-	}
-	for _, s := range slots {
-		if s.Binding == h.Binding && s.Fingerprint == fp {
+	var firstErr error
+	for _, h := range cands {
+		d.mu.Lock()
+		dek, ok := d.deks[dekKey{dir, h.Binding, h.Fingerprint}]
+		d.mu.Unlock()
+		if ok {
 			return dek, nil
 		}
+		dek, err := d.cachedDEK(dir, h.Binding, ks)
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		fp, err := DEKFingerprint(dek)
+		if err != nil {
+			return nil, err
+		}
+		for _, s := range slots {
+			if s.Binding == h.Binding && s.Fingerprint == fp {
+				return dek, nil
+			}
+		}
+	}
+	if firstErr != nil {
+		return nil, firstErr
 	}
 	return nil, fmt.Errorf("%s: %w (its keySafe holds another DEK)", path, ErrWrongKey)
 }

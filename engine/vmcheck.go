@@ -4,12 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 )
@@ -226,13 +223,8 @@ func flatSizes(dir string, d *disk) map[string]int64 {
 	if d.Embedded {
 		return out
 	}
-	f, err := os.Open(filepath.Join(dir, d.Name))
+	raw, err := readRegular(filepath.Join(dir, d.Name), maxDescriptor)
 	if err != nil {
-		return out
-	}
-	defer f.Close()
-	raw, err := io.ReadAll(io.LimitReader(f, maxDescriptor+1))
-	if err != nil || len(raw) > maxDescriptor {
 		return out
 	}
 	desc, err := vmdk.ParseDescriptor(raw)
@@ -255,7 +247,7 @@ func flatSizes(dir string, d *disk) map[string]int64 {
 // extent's size from its descriptor) covers it; then the size becomes
 // sizeHint. It never changes a byte of the payload.
 func RepairHeader(path string, dek *DEK, sizeHint int64) (string, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOFOLLOW, 0)
+	f, err := openRegular(path, os.O_RDWR)
 	if err != nil {
 		return "", fmt.Errorf("repair %s: %w", path, err)
 	}
@@ -280,19 +272,16 @@ func RepairHeader(path string, dek *DEK, sizeHint int64) (string, error) {
 		f.Close()
 		return "both header slots are intact and equal; nothing to repair", nil
 	}
+	// The next sequence number follows the authenticated slot's only: a
+	// damaged slot's number is anybody's (2^64-1 would wrap to 0).
 	hdr := *h
-	for slot := 0; slot < 2; slot++ { // above any slot's sequence, damaged or not
-		if p, err := parseSlot(region[slot*slotSize:(slot+1)*slotSize], slot); err == nil && p.Seq > hdr.Seq {
-			hdr.Seq = p.Seq
-		}
-	}
 	what := fmt.Sprintf("header slots rewritten from slot %d (logical size %d)", h.slot, h.Size)
 	if end, beyond := dataBeyond(f, h.MinBackingSize()); beyond && health.Degraded != "" {
 		need := end - h.PayloadOff
 		if sizeHint <= 0 || ceilTo(sizeHint, int64(h.UnitSize)) < need {
 			keys.destroy()
 			f.Close()
-			return "", fmt.Errorf("repair %s: the surviving header slot records %d logical bytes but the file holds data up to %d: the damaged slot was newer and its size is lost; restore the file from a backup (nothing was changed)", path, h.Size, need)
+			return "", fmt.Errorf("repair %s: the surviving header slot records %d logical bytes but the file holds data up to %d: the damaged slot may have been newer and its size is lost; restore the file from a backup (nothing was changed)", path, h.Size, need)
 		}
 		hdr.Size = sizeHint
 		what = fmt.Sprintf("header slots rewritten from slot %d with the size its descriptor gives (%d bytes; the surviving slot said %d)", h.slot, sizeHint, h.Size)

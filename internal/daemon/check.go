@@ -69,6 +69,12 @@ func (d *Daemon) hVMCheck(rc *reqCtx) (any, error) {
 }
 
 func (d *Daemon) checkOne(ctx context.Context, rc *reqCtx, dir string, repair bool) (*engine.CheckReport, error) {
+	if !repair {
+		// Reading only: no VM lock, so a check never makes the views
+		// refuse a running VM's opens (a conversion in progress shows
+		// as an interrupted one).
+		return d.vmOps(nil).Check(ctx, dir, false)
+	}
 	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
 		return nil, err
 	}
