@@ -587,30 +587,51 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 	if err := convertErr(dir, "shallow rekey", layoutProblems(l)); err != nil {
 		return err
 	}
-	rewrap := func(ks string, b Binding) (string, [16]byte, error) {
+	// Every DEK unwrapped here is destroyed when the rekey returns: the
+	// header copies are only rewritten in containers it authenticates.
+	var deks []*DEK
+	defer func() {
+		for _, d := range deks {
+			d.Destroy()
+		}
+	}()
+	rewrap := func(ks string, b Binding) (string, [16]byte, *DEK, error) {
 		dek, _, err := o.unwrapFrom(ctx, ks, b)
 		if err != nil {
-			return "", [16]byte{}, err
+			return "", [16]byte{}, nil, err
 		}
-		defer dek.Destroy()
+		deks = append(deks, dek)
 		fp, err := DEKFingerprint(dek)
 		if err != nil {
-			return "", fp, err
+			return "", fp, nil, err
 		}
 		nks, err := o.wrapInto(ctx, newKEK, dek, b)
-		return nks, fp, err
+		return nks, fp, dek, err
+	}
+	// healthy refuses, before its keySafe copy is rewritten, a container
+	// that does not authenticate under dek or is degraded (FORMAT.md 3.1:
+	// every writer refuses a degraded container).
+	healthy := func(path string, dek *DEK) error {
+		c, err := OpenContainer(path, dek, true, o.Impl)
+		if err != nil {
+			return err
+		}
+		return c.Close()
 	}
 	for _, d := range l.Disks {
 		if d.KeySafe == "" {
 			continue
 		}
 		b := Binding{PurposeDisk, d.DiskID}
-		nks, fp, err := rewrap(d.KeySafe, b)
+		nks, fp, dek, err := rewrap(d.KeySafe, b)
 		if err != nil {
 			return fmt.Errorf("disk %s: %w", d.Name, err)
 		}
 		path := filepath.Join(dir, d.Name)
 		if d.Embedded {
+			if err := healthy(path, dek); err != nil {
+				return fmt.Errorf("disk %s: %w", d.Name, err)
+			}
 			if err := WriteEmbeddedKeySafe(path, nks); err != nil {
 				return err
 			}
@@ -636,6 +657,9 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 			if h.Binding != b || h.Fingerprint != fp {
 				return fmt.Errorf("disk %s: extent %s holds another disk's key; not rekeyed", d.Name, e)
 			}
+			if err := healthy(ep, dek); err != nil {
+				return fmt.Errorf("disk %s: %w", d.Name, err)
+			}
 			// An extent encrypted before extents carried a copy gets
 			// one now (FORMAT.md 3.4).
 			if err := WriteEmbeddedKeySafe(ep, nks); err != nil {
@@ -646,7 +670,7 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK KeyRef) err
 			return err
 		}
 	}
-	nks, _, err := rewrap(l.KeySafe, Binding{PurposeVM, l.VMID})
+	nks, _, _, err := rewrap(l.KeySafe, Binding{PurposeVM, l.VMID})
 	if err != nil {
 		return fmt.Errorf("VM key: %w", err)
 	}
