@@ -51,7 +51,12 @@ type node struct {
 type encState struct {
 	c        *engine.Container
 	readOnly bool
-	refs     int
+	// roErrno is why a writable open failed when this state was opened
+	// read-only for a reader (EROFS for a degraded container or a revoked
+	// key, EACCES for a backing file we may not write): a writer that
+	// finds this state open gets the same answer as if it came first.
+	roErrno syscall.Errno
+	refs    int
 	// retired is set when the backend replaced the file on disk (Settle)
 	// while this state was still referenced: reads still see the old
 	// content, writes fail, since they would land in an unlinked file.
@@ -448,17 +453,21 @@ func (n *node) acquire(rel string, write bool) (*encState, syscall.Errno) {
 			// Only happens when the backing file could not be opened for
 			// writing at first open; it would fail again now.
 			n.st.log.Warn("encrypted file is open read-only", "path", rel)
+			if es.roErrno != 0 {
+				return nil, es.roErrno
+			}
 			return nil, syscall.EACCES
 		}
 		es.refs++
 		return es, 0
 	}
 	ro := n.st.readOnly
+	var roErrno syscall.Errno
 	c, err := n.st.backend.Open(rel, ro)
 	if err != nil && !ro && !write && (errors.Is(err, os.ErrPermission) || errors.Is(err, syscall.EROFS) || errors.Is(err, engine.ErrDegraded)) {
 		// A reader of a file we may not write (read-only backing store,
-		// or a degraded container): serve it read-only.
-		ro = true
+		// a degraded container, a revoked key): serve it read-only.
+		ro, roErrno = true, errnoOf(err)
 		c, err = n.st.backend.Open(rel, true)
 	}
 	if err == nil && c.Health().Degraded != "" {
@@ -476,7 +485,7 @@ func (n *node) acquire(rel string, write bool) (*encState, syscall.Errno) {
 		}
 		return nil, syscall.EIO
 	}
-	n.enc = &encState{c: c, readOnly: ro, refs: 1}
+	n.enc = &encState{c: c, readOnly: ro, roErrno: roErrno, refs: 1}
 	return n.enc, 0
 }
 

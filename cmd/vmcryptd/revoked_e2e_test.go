@@ -240,6 +240,13 @@ func checkRevokedView(t *testing.T, d *pkDaemon, vm string, plain map[string][32
 			t.Errorf("%s through the view differs from the original", f)
 		}
 	}
+	// A reader holding the file open (its container then open read-only
+	// in the view) must not change what a writer is told.
+	reader, err := os.Open(filepath.Join(view, name+".nvram"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close()
 	if f, err := os.OpenFile(filepath.Join(view, name+".nvram"), os.O_WRONLY, 0); !errors.Is(err, syscall.EROFS) {
 		if f != nil {
 			f.Close()
@@ -252,6 +259,7 @@ func checkRevokedView(t *testing.T, d *pkDaemon, vm string, plain map[string][32
 			t.Errorf("create %s under a revoked key: %v, want EROFS", f, err)
 		}
 	}
+	reader.Close()
 	d.must("unmount", mp)
 	after := hashFiles(t, vm)
 	for f, h := range before {
