@@ -69,5 +69,8 @@ func (reloadCmd) Run(g *globals) error {
 		return nil
 	}
 	fmt.Printf("reloaded %s: %s applied\n", res.Config, strings.Join(res.Applied, ", "))
+	for _, c := range res.Changes {
+		fmt.Printf("  %s\n", c)
+	}
 	return nil
 }

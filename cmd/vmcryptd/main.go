@@ -37,7 +37,7 @@ type cli struct {
 
 	Lock       lockCmd       `cmd:"" help:"Zero every key in the daemon now: views answer EACCES, nothing is fetched until unlock (needs Cryptographer.ManageKeys)."`
 	Unlock     unlockCmd     `cmd:"" help:"Let the daemon fetch its keys again after a lock, and fetch them now (needs Cryptographer.ManageKeys)."`
-	Reload     reloadCmd     `cmd:"" help:"Re-read the daemon's config file ([[roles]]); a file that does not load, or changes what needs a restart, is refused and nothing changes (same as SIGHUP)."`
+	Reload     reloadCmd     `cmd:"" help:"Re-read the daemon's config file and apply it whole (roles, key providers, datastores, mounts, mount roots, key retry interval, metrics address); a file that does not load, changes what needs a restart (socket, socket group, state dir, audit log, core dump patterns) or cannot be applied is refused and nothing changes (same as SIGHUP)."`
 	Completion completionCmd `cmd:"" help:"Print a shell completion script (bash, zsh or fish)."`
 	Man        manCmd        `cmd:"" hidden:"" help:"Print the man page (roff), generated from this command line."`
 }

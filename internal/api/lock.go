@@ -34,6 +34,10 @@ type KeyFailure struct {
 // ReloadResult answers POST /v1/reload (vmcryptd reload, SIGHUP).
 type ReloadResult struct {
 	Config string `json:"config"`
-	// Applied lists the sections that changed and now run ("roles").
+	// Applied lists the sections that changed and now run ("roles",
+	// "datastores", ...), in the order of the file's reference.
 	Applied []string `json:"applied"`
+	// Changes says what the reload did, one line per change ("datastore
+	// ds2 (/srv/ds2) added", "view of /srv/ds2 mounted on /mnt/ds2", ...).
+	Changes []string `json:"changes"`
 }

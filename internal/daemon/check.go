@@ -41,7 +41,7 @@ func (d *Daemon) hVMCheck(rc *reqCtx) (any, error) {
 		dirs = []string{dir}
 	case req.Datastore != "":
 		root := ""
-		for _, ds := range d.cfg.Datastores {
+		for _, ds := range d.config().Datastores {
 			if ds.Name == req.Datastore || ds.Path == req.Datastore {
 				root = ds.Path
 			}

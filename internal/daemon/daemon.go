@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -41,11 +42,18 @@ type Options struct {
 
 // Daemon is one running vmcryptd.
 type Daemon struct {
-	cfg     *config.Config
-	cfgPath string // see Reload (reload.go)
-	log     *slog.Logger
-	version string
-	retry   time.Duration
+	// conf is the running configuration, an immutable snapshot that
+	// Reload replaces whole (reload.go); read it with config().
+	conf     atomic.Pointer[config.Config]
+	cfgPath  string     // see Reload (reload.go)
+	reloadMu sync.Mutex // one reload at a time
+	log      *slog.Logger
+	version  string
+	// retry is how often keys that could not be fetched are tried again
+	// (a time.Duration; a reload may change it).
+	retry atomic.Int64
+	// retryReset wakes the key-retry loop so a new interval applies now.
+	retryReset chan struct{}
 	// readTimeout bounds reading a request (headers and body).
 	readTimeout time.Duration
 	auth        *authorizer
@@ -60,11 +68,15 @@ type Daemon struct {
 	keyErrs   map[engine.KeyRef]string
 	vmLocks   vmLocks
 	metrics   *metrics
-	mounts    map[string]*activeMount      // by mountpoint
-	stopping  bool                         // shutdown began: no new views
-	reading   map[string]bool              // VM dirs whose status read has not returned (see registerDatastoreVMs)
-	made      map[string]*engine.MadeFiles // disks made through views, by datastore root
-	ops       sync.WaitGroup               // conversions in progress
+	mounts    map[string]*activeMount // by mountpoint
+	stopping  bool                    // shutdown began: no new views
+	serving   bool                    // Run is serving (a reload manages the metrics listener)
+	// metricsSrv is the running metrics listener (nil when off); a
+	// reload that changes metrics_listen replaces it (metrics.go).
+	metricsSrv *metricsListener
+	reading    map[string]bool              // VM dirs whose status read has not returned (see registerDatastoreVMs)
+	made       map[string]*engine.MadeFiles // disks made through views, by datastore root
+	ops        sync.WaitGroup               // conversions in progress
 }
 
 // HardenProcess makes the process undumpable (no core dumps, no ptrace
@@ -110,11 +122,13 @@ func New(opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{
-		cfg: cfg, cfgPath: opts.ConfigPath, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval, readTimeout: 30 * time.Second,
+		cfgPath: opts.ConfigPath, log: opts.Logger, version: opts.Version, readTimeout: 30 * time.Second, retryReset: make(chan struct{}, 1),
 		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
 		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{},
 	}
+	d.conf.Store(cfg)
+	d.retry.Store(int64(opts.RetryInterval))
 	d.metrics = newMetrics(d)
 	for _, kc := range cfg.KMS {
 		if err := d.addProviderLocked(kc, "config"); err != nil {
@@ -131,7 +145,11 @@ func New(opts Options) (*Daemon, error) {
 	return d, nil
 }
 
-func (d *Daemon) statePath() string { return filepath.Join(d.cfg.StateDir, "state.json") }
+// config is the running configuration. Callers that read several fields
+// that must agree take one snapshot and read it.
+func (d *Daemon) config() *config.Config { return d.conf.Load() }
+
+func (d *Daemon) statePath() string { return filepath.Join(d.config().StateDir, "state.json") }
 
 func (d *Daemon) addProviderLocked(kc kms.Config, source string) error {
 	if _, dup := d.providers[kc.Name]; dup {
@@ -151,7 +169,7 @@ func (d *Daemon) defaultProvider() string {
 	if d.st.DefaultProvider != "" {
 		return d.st.DefaultProvider
 	}
-	return d.cfg.DefaultProvider
+	return d.config().DefaultProvider
 }
 
 // neededKeys lists every KEK the registered state refers to.
@@ -222,12 +240,12 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 // shuts down: stops serving, zeroes every key, closes providers.
 func (d *Daemon) Run(ctx context.Context) (err error) {
 	gid := -1
-	if g := d.cfg.SocketGroup; g != "" {
+	if g := d.config().SocketGroup; g != "" {
 		if gid, err = lookupGroup(g); err != nil {
 			return err
 		}
 	}
-	ln, err := listenSocket(d.cfg.Socket, gid)
+	ln, err := listenSocket(d.config().Socket, gid)
 	if err != nil {
 		return err
 	}
@@ -249,7 +267,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 		ConnContext:    connContext,
 		ErrorLog:       slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
-	d.log.Info("vmcryptd serving", "socket", d.cfg.Socket, "pid", os.Getpid())
+	d.log.Info("vmcryptd serving", "socket", d.config().Socket, "pid", os.Getpid())
 
 	bg, cancelBG := context.WithCancel(ctx)
 	var bgWG sync.WaitGroup
@@ -264,35 +282,37 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	go func() {
 		defer bgWG.Done()
 		d.loadKeys(bg)
-		t := time.NewTicker(d.retry)
-		defer t.Stop()
 		for {
+			// Re-armed each round: a reload may change the interval.
+			t := time.NewTimer(time.Duration(d.retry.Load()))
 			select {
 			case <-bg.Done():
+				t.Stop()
 				return
+			case <-d.retryReset:
+				t.Stop()
+				d.loadKeys(bg)
 			case <-t.C:
 				d.loadKeys(bg)
 			}
 		}
 	}()
 
-	if addr := d.cfg.MetricsListen; addr != "" {
+	if addr := d.config().MetricsListen; addr != "" {
 		// Bound before the API answers, so a scraper started after the
 		// daemon reports ready finds it, and a taken port is logged at
 		// once.
-		mln, err := net.Listen("tcp", addr)
-		if err != nil {
+		if ml, err := d.listenMetrics(addr); err != nil {
 			d.log.Error("metrics listener failed", "addr", addr, "err", err)
 		} else {
-			bgWG.Add(1)
-			go func() {
-				defer bgWG.Done()
-				if err := d.metrics.serve(bg, mln); err != nil {
-					d.log.Error("metrics listener failed", "addr", addr, "err", err)
-				}
-			}()
+			d.mu.Lock()
+			d.metricsSrv = ml
+			d.mu.Unlock()
 		}
 	}
+	d.mu.Lock()
+	d.serving = true
+	d.mu.Unlock()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {
@@ -331,7 +351,12 @@ func (d *Daemon) shutdown(srv *http.Server, cancelBG context.CancelFunc, bgWG *s
 		d.log.Warn("start-up mounts, key fetches or conversions still running at shutdown; not waiting for them (a conversion resumes when its command is run again)")
 	}
 	d.unmountAll()
-	os.Remove(d.cfg.Socket)
+	d.mu.Lock()
+	ml := d.metricsSrv
+	d.metricsSrv = nil
+	d.mu.Unlock()
+	ml.stop()
+	os.Remove(d.config().Socket)
 	d.Close()
 }
 
@@ -445,7 +470,7 @@ func (d *Daemon) status(id identity) api.Status {
 		registered[s.VMs[i].Dir] = true
 		s.VMs[i].State = interrupted(s.VMs[i].Dir)
 	}
-	for _, ds := range d.cfg.Datastores {
+	for _, ds := range d.config().Datastores {
 		s.Datastores = append(s.Datastores, api.DatastoreState{Name: ds.Name, Path: ds.Path})
 		// A conversion killed before the VM was registered is found by its
 		// journal in the datastore.

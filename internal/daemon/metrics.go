@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"time"
@@ -65,4 +66,38 @@ func (m *metrics) serve(ctx context.Context, ln net.Listener) error {
 		return err
 	}
 	return nil
+}
+
+// metricsListener is one running metrics HTTP listener.
+type metricsListener struct {
+	addr   string
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// listenMetrics binds addr at once (so a taken port is an error now, not
+// later) and serves the metrics there until stop.
+func (d *Daemon) listenMetrics(addr string) (*metricsListener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics_listen %s: %w", addr, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ml := &metricsListener{addr: addr, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(ml.done)
+		if err := d.metrics.serve(ctx, ln); err != nil {
+			d.log.Error("metrics listener failed", "addr", addr, "err", err)
+		}
+	}()
+	return ml, nil
+}
+
+// stop closes the listener and waits for its server to end; nil is off.
+func (ml *metricsListener) stop() {
+	if ml == nil {
+		return
+	}
+	ml.cancel()
+	<-ml.done
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/fusefs"
 	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/internal/config"
 )
 
 // viewBackend adapts engine.Datastore to fusefs.Backend: the engine knows
@@ -73,8 +74,11 @@ type mountRecord struct {
 }
 
 // datastorePath resolves a datastore given by name or path.
-func (d *Daemon) datastorePath(s string) (string, error) {
-	for _, ds := range d.cfg.Datastores {
+func (d *Daemon) datastorePath(s string) (string, error) { return datastorePath(d.config(), s) }
+
+// datastorePath resolves a datastore of cfg given by name or path.
+func datastorePath(cfg *config.Config, s string) (string, error) {
+	for _, ds := range cfg.Datastores {
 		if ds.Name == s {
 			real, err := filepath.EvalSymlinks(ds.Path)
 			if err != nil {
@@ -86,7 +90,7 @@ func (d *Daemon) datastorePath(s string) (string, error) {
 	if !filepath.IsAbs(s) {
 		return "", badRequest("no datastore named %q", s)
 	}
-	if len(d.cfg.Datastores) == 0 {
+	if len(cfg.Datastores) == 0 {
 		// Resolved, so paths compare equal to the resolved VM dirs.
 		real, err := filepath.EvalSymlinks(s)
 		if err != nil {
@@ -94,7 +98,7 @@ func (d *Daemon) datastorePath(s string) (string, error) {
 		}
 		return real, nil
 	}
-	return d.datastoreRoot(s)
+	return datastoreRoot(cfg, s)
 }
 
 // registerDatastoreVMs records every encrypted VM directly under root so
@@ -119,7 +123,7 @@ func (d *Daemon) registerDatastoreVMs(ctx context.Context, root string) {
 			return
 		}
 		defer d.endRead(dir)
-		st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
+		st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err == nil && st.Encrypted {
 			if err := d.registerVM(st); err != nil {
 				d.log.Warn("register VM", "dir", st.Dir, "err", err)
@@ -166,7 +170,7 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 	ds := engine.NewDatastore(rec.Datastore, d.keyring, impl)
 	ds.Made = d.madeFiles(rec.Datastore)
 	ds.Busy = d.vmLocks.isBusy
-	ds.CoreDumpPatterns = d.cfg.CoreDumpPatterns
+	ds.CoreDumpPatterns = d.config().CoreDumpPatterns
 	ds.KeyErr = func(r engine.KeyRef) string {
 		d.mu.Lock()
 		defer d.mu.Unlock()
@@ -327,7 +331,7 @@ func (d *Daemon) saveMounts() error {
 }
 
 func (d *Daemon) configMount(mp string) bool {
-	for _, m := range d.cfg.Mounts {
+	for _, m := range d.config().Mounts {
 		if filepath.Clean(m.Mountpoint) == mp {
 			return true
 		}
@@ -341,7 +345,7 @@ func (d *Daemon) configMount(mp string) bool {
 // no other.
 func (d *Daemon) restoreMounts(ctx context.Context) {
 	var recs []mountRecord
-	for _, m := range d.cfg.Mounts {
+	for _, m := range d.config().Mounts {
 		root, err := d.datastorePath(m.Datastore)
 		if err != nil {
 			d.log.Error("configured mount", "datastore", m.Datastore, "err", err)
@@ -430,12 +434,12 @@ func (d *Daemon) mountAllowed(id identity, mp string) error {
 	if id.UID == 0 {
 		return nil
 	}
-	if len(d.cfg.MountRoots) == 0 {
+	if len(d.config().MountRoots) == 0 {
 		return forbidden("only root may mount views here: no mount_roots are configured")
 	}
 	mp = filepath.Clean(mp)
 	parent := filepath.Dir(mp)
-	for _, r := range d.cfg.MountRoots {
+	for _, r := range d.config().MountRoots {
 		if filepath.Clean(r) != parent {
 			continue
 		}
@@ -451,7 +455,7 @@ func (d *Daemon) mountAllowed(id identity, mp string) error {
 		}
 		return nil
 	}
-	return forbidden("mountpoint %s is not a directory directly inside a configured mount root (%s)", mp, strings.Join(d.cfg.MountRoots, ", "))
+	return forbidden("mountpoint %s is not a directory directly inside a configured mount root (%s)", mp, strings.Join(d.config().MountRoots, ", "))
 }
 
 // safeMountRoot requires every component of dir, from / down, to be a

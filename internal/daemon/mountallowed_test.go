@@ -18,12 +18,12 @@ func TestMountAllowed(t *testing.T) {
 	// A symlink inside the root that leads out of it.
 	os.Symlink(filepath.Join(base, "etc"), filepath.Join(roots, "escape"))
 	user := identity{UID: 1000, User: "u", Role: "Administrator"}
-	with := &Daemon{cfg: &config.Config{MountRoots: []string{roots}}}
-	without := &Daemon{cfg: &config.Config{}}
+	with := daemonWithConfig(&config.Config{MountRoots: []string{roots}})
+	without := daemonWithConfig(&config.Config{})
 	shared := filepath.Join(base, "shared")
 	os.Mkdir(shared, 0o755)
 	os.Chmod(shared, 0o777)
-	open := &Daemon{cfg: &config.Config{MountRoots: []string{shared}}}
+	open := daemonWithConfig(&config.Config{MountRoots: []string{shared}})
 	for _, tc := range []struct {
 		name string
 		d    *Daemon
@@ -52,4 +52,10 @@ func TestMountAllowed(t *testing.T) {
 			t.Errorf("%s: %v is not a 403 or 400", tc.name, err)
 		}
 	}
+}
+
+func daemonWithConfig(c *config.Config) *Daemon {
+	d := &Daemon{}
+	d.conf.Store(c)
+	return d
 }

@@ -32,9 +32,9 @@ func sdNotify(state string) error {
 // (each either mounted or its failure logged). A failure to notify is
 // logged, not fatal: systemd then times the start out on its own.
 func (d *Daemon) notifyReady() {
-	if err := sdNotify("READY=1\nSTATUS=serving " + d.cfg.Socket); err != nil {
+	if err := sdNotify("READY=1\nSTATUS=serving " + d.config().Socket); err != nil {
 		d.log.Error("readiness notification failed", "err", err)
 		return
 	}
-	d.log.Info("vmcryptd ready", "socket", d.cfg.Socket)
+	d.log.Info("vmcryptd ready", "socket", d.config().Socket)
 }

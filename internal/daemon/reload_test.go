@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"io"
 	"log/slog"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmcryptd/vmcryptd/internal/config"
 )
@@ -46,8 +48,18 @@ func TestReloadPlan(t *testing.T) {
 		{"nothing", func(c *config.Config) {}, nil, nil},
 		{"role", func(c *config.Config) { c.Roles[0].Role = RoleNoCryptoAdmin }, []string{"roles"}, nil},
 		{"same uid, new pointer", func(c *config.Config) { u := 1001; c.Roles[0].UID = &u }, nil, nil},
-		{"datastore", func(c *config.Config) { c.Datastores[0].Path = "/b" }, nil, []string{"datastores"}},
-		{"role and socket", func(c *config.Config) { c.Roles = nil; c.Socket = "/run/t" }, []string{"roles"}, []string{"socket"}},
+		{"datastore", func(c *config.Config) { c.Datastores[0].Path = "/b" }, []string{"datastores"}, nil},
+		{"metrics and retry", func(c *config.Config) {
+			c.MetricsListen = "127.0.0.1:1"
+			c.KeyRetryInterval = config.Duration{Duration: time.Minute}
+		}, []string{"key_retry_interval", "metrics_listen"}, nil},
+		{"mounts and roots", func(c *config.Config) {
+			c.Mounts = []config.Mount{{Datastore: "a", Mountpoint: "/m"}}
+			c.MountRoots = []string{"/mnt"}
+		}, []string{"mounts", "mount_roots"}, nil},
+		{"role and socket", func(c *config.Config) { c.Roles = nil; c.Socket = "/run/t" }, []string{"roles"}, []string{"socket (the API socket is made at start)"}},
+		{"core dump patterns", func(c *config.Config) { c.CoreDumpPatterns = []string{"*.dmp"} }, nil,
+			[]string{"core_dump_patterns (which files a mounted view decrypts under the host key is fixed when it mounts)"}},
 	}
 	for _, tt := range tests {
 		next := base()
@@ -104,12 +116,14 @@ path = "` + dir + `"
 		{"syntax error", head + "[[roles]]\nuid = 4242\nrole = ReadOnly\n", "line 9 ", RoleNoCryptoAdmin},
 		{"unknown role", head + "[[roles]]\nuid = 4242\nrole = \"Root\"\n", `unknown role "Root"`, RoleNoCryptoAdmin},
 		{"unknown key", head + "[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\ncolour = 1\n", `unknown key "roles.colour"`, RoleNoCryptoAdmin},
-		{"datastore changed too", strings.Replace(head, `name = "ds"`, `name = "ds2"`, 1) + "[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\n", "changes datastores", RoleNoCryptoAdmin},
+		{"socket changed too", strings.Replace(head, `d.sock`, `e.sock`, 1) + "[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\n", "changes socket (the API socket is made at start), which this version applies only at start", RoleNoCryptoAdmin},
+		{"missing datastore", head + "[[datastores]]\nname = \"gone\"\npath = \"" + filepath.Join(dir, "nope") + "\"\n[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\n", `datastore "gone": stat ` + filepath.Join(dir, "nope"), RoleNoCryptoAdmin},
+		{"datastore renamed, role changed", strings.Replace(head, `name = "ds"`, `name = "ds2"`, 1) + "[[roles]]\nuid = 4242\nrole = \"ReadOnly\"\n", "", RoleReadOnly},
 		{"role removed", head, "", ""},
 	}
 	for _, s := range steps {
 		write(s.file)
-		_, err := d.Reload()
+		_, err := d.Reload(context.Background())
 		switch {
 		case s.wantErr == "" && err != nil:
 			t.Errorf("%s: %v", s.name, err)

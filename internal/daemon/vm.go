@@ -13,6 +13,7 @@ import (
 
 	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/internal/config"
 )
 
 // vmLocks serialises operations on one VM directory.
@@ -68,10 +69,11 @@ func (d *Daemon) vmDir(p string) (string, error) {
 	if st, err := os.Stat(real); err != nil || !st.IsDir() {
 		return "", badRequest("%s is not a directory", p)
 	}
-	if len(d.cfg.Datastores) == 0 {
+	cfg := d.config()
+	if len(cfg.Datastores) == 0 {
 		return real, nil
 	}
-	for _, ds := range d.cfg.Datastores {
+	for _, ds := range cfg.Datastores {
 		root, err := filepath.EvalSymlinks(ds.Path)
 		if err != nil {
 			continue
@@ -84,7 +86,7 @@ func (d *Daemon) vmDir(p string) (string, error) {
 }
 
 func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
-	ops := &engine.VMOps{Keys: d.keyring, Log: d.log, CoreDumpPatterns: d.cfg.CoreDumpPatterns}
+	ops := &engine.VMOps{Keys: d.keyring, Log: d.log, CoreDumpPatterns: d.config().CoreDumpPatterns}
 	d.mu.Lock()
 	if h := d.st.HostKey; h != nil {
 		ops.HostKEK = &engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
@@ -205,7 +207,7 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 	ctx := context.WithoutCancel(rc.r.Context())
 	emit := rc.stream()
 	err = run(ctx, dir, req, d.vmOps(emit))
-	st, serr := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
+	st, serr := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if serr != nil {
 		if err == nil {
 			err = serr
@@ -268,7 +270,7 @@ func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
 			if op, err := engine.InterruptedOp(dir); err != nil {
 				return err
 			} else if op == "" {
-				cur, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
+				cur, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 				if err != nil {
 					return err
 				}
@@ -292,7 +294,7 @@ func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
 
 func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
 	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
-		cur, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
+		cur, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err != nil {
 			return err
 		}
@@ -333,7 +335,7 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
+	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -394,7 +396,7 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
+	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -412,7 +414,7 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 	}
 	defer d.vmLocks.release(dir)
 	// Re-check under the lock: the VM may have been encrypted meanwhile.
-	if st2, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns); err != nil || st2.Encrypted != st.Encrypted {
+	if st2, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns); err != nil || st2.Encrypted != st.Encrypted {
 		return nil, conflict("%s changed while the request waited; try again", dir)
 	}
 	name, err := d.vmOps(nil).AddDisk(context.WithoutCancel(rc.r.Context()), dir, engine.DiskSpec{Size: req.Size, Subformat: req.Subformat})
@@ -473,9 +475,9 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 		return nil, badRequest("VM directory must be an absolute path")
 	}
 	parent, err := d.vmDir(filepath.Dir(req.Dir))
-	if err != nil && len(d.cfg.Datastores) > 0 {
+	if err != nil && len(d.config().Datastores) > 0 {
 		// The parent may be a datastore root itself.
-		parent, err = d.datastoreRoot(filepath.Dir(req.Dir))
+		parent, err = datastoreRoot(d.config(), filepath.Dir(req.Dir))
 	}
 	if err != nil {
 		return nil, err
@@ -505,7 +507,7 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 	if err := d.vmOps(nil).Create(context.WithoutCancel(rc.r.Context()), dir, spec); err != nil {
 		return nil, badRequest("%v", err)
 	}
-	st, err := engine.ReadVMStatus(dir, d.cfg.CoreDumpPatterns)
+	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, err
 	}
@@ -515,13 +517,13 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 	return vmResult{VMStatus: *st}, nil
 }
 
-// datastoreRoot accepts p when it is exactly a configured datastore.
-func (d *Daemon) datastoreRoot(p string) (string, error) {
+// datastoreRoot accepts p when it is exactly a datastore of cfg.
+func datastoreRoot(cfg *config.Config, p string) (string, error) {
 	real, err := filepath.EvalSymlinks(p)
 	if err != nil {
 		return "", badRequest("%s: %v", p, err)
 	}
-	for _, ds := range d.cfg.Datastores {
+	for _, ds := range cfg.Datastores {
 		if root, err := filepath.EvalSymlinks(ds.Path); err == nil && root == real {
 			return real, nil
 		}
