@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -28,13 +29,7 @@ func OpenIn(dir, name string) (*os.File, os.FileInfo, error) {
 		Flags:   unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_NOCTTY | unix.O_CLOEXEC,
 		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
 	}
-	var fd int
-	for {
-		fd, err = unix.Openat2(dfd, name, &how)
-		if err != unix.EINTR {
-			break
-		}
-	}
+	fd, err := openBeneath(dfd, name, &how, true)
 	switch {
 	case errors.Is(err, unix.ELOOP):
 		return nil, nil, fmt.Errorf("%s: is a symbolic link (or passes through one); not followed", path)
@@ -74,6 +69,79 @@ func OpenIn(dir, name string) (*os.File, os.FileInfo, error) {
 		return nil, nil, err
 	}
 	return f, info, nil
+}
+
+// openBeneath opens name under dfd as openat2(2) with how does. Where
+// openat2 is not available (ENOSYS: kernels before 5.6, and seccomp
+// filters that cannot inspect its arguments, such as systemd's
+// RestrictSUIDSGID= or container runtimes' default profiles), or when
+// useOpenat2 is false (tests), it walks name one component at a time
+// with openat(2) and O_NOFOLLOW from dfd, refusing "..", absolute names
+// and any symbolic link with the errors openat2 gives: EXDEV for a name
+// that would leave dfd, ELOOP for a symlink.
+func openBeneath(dfd int, name string, how *unix.OpenHow, useOpenat2 bool) (int, error) {
+	retry := func(f func() (int, error)) (int, error) {
+		for {
+			fd, err := f()
+			if err != unix.EINTR {
+				return fd, err
+			}
+		}
+	}
+	if useOpenat2 {
+		fd, err := retry(func() (int, error) { return unix.Openat2(dfd, name, how) })
+		if err != unix.ENOSYS {
+			return fd, err
+		}
+	}
+	if name == "" || filepath.IsAbs(name) {
+		return -1, unix.EXDEV
+	}
+	// Not cleaned: "a/../b" would drop a component that may be a
+	// symlink. Every ".." is refused (stricter than openat2, which allows
+	// one that stays beneath).
+	var parts []string
+	for _, p := range strings.Split(name, "/") {
+		if p != "" && p != "." {
+			parts = append(parts, p)
+		}
+	}
+	if len(parts) == 0 {
+		parts = []string{"."}
+	}
+	cur := dfd
+	defer func() {
+		if cur != dfd {
+			unix.Close(cur)
+		}
+	}()
+	for i, p := range parts {
+		if p == ".." {
+			return -1, unix.EXDEV
+		}
+		flags := int(how.Flags) | unix.O_NOFOLLOW
+		if i < len(parts)-1 {
+			flags = unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NOFOLLOW | unix.O_CLOEXEC
+		}
+		fd, err := retry(func() (int, error) { return unix.Openat(cur, p, flags, uint32(how.Mode)) })
+		if err == unix.ENOTDIR && i < len(parts)-1 {
+			// O_DIRECTORY|O_NOFOLLOW on a symlink says ENOTDIR.
+			var st unix.Stat_t
+			if unix.Fstatat(cur, p, &st, unix.AT_SYMLINK_NOFOLLOW) == nil && st.Mode&unix.S_IFMT == unix.S_IFLNK {
+				err = unix.ELOOP
+			}
+		}
+		if err != nil {
+			return -1, err
+		}
+		if cur != dfd {
+			unix.Close(cur)
+		}
+		cur = fd
+	}
+	fd := cur
+	cur = dfd // not closed by the defer: it is the result
+	return fd, nil
 }
 
 // OpenRegular is OpenIn(filepath.Dir(path), filepath.Base(path)): it

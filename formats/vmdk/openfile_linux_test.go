@@ -93,3 +93,76 @@ func TestOpenInRefuses(t *testing.T) {
 		t.Errorf("ReadRegular: %q %v", b, err)
 	}
 }
+
+// TestOpenBeneathFallbackAgrees: where openat2 is refused (ENOSYS under
+// systemd's RestrictSUIDSGID= and container seccomp profiles), the
+// component walk opens the same files and refuses the same names with
+// the same errors; and the fallback itself never blocks on a FIFO.
+func TestOpenBeneathFallbackAgrees(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "f"), []byte("data"), 0o644)
+	os.MkdirAll(filepath.Join(dir, "sub", "deeper"), 0o755)
+	os.WriteFile(filepath.Join(dir, "sub", "deeper", "g"), []byte("data"), 0o644)
+	if err := syscall.Mkfifo(filepath.Join(dir, "fifo"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Symlink("f", filepath.Join(dir, "link"))
+	os.Symlink("sub", filepath.Join(dir, "sublink"))
+	os.Symlink("deeper", filepath.Join(dir, "sub", "dl"))
+	os.Symlink("/etc/passwd", filepath.Join(dir, "abslink"))
+	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(dfd)
+	how := unix.OpenHow{
+		Flags:   unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_NOCTTY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	}
+	ident := func(fd int) uint64 {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Ino
+	}
+	for _, tc := range []struct {
+		name     string
+		want     error // nil: opens
+		fallback error // when it differs: the walk refuses every ".."
+	}{
+		{"f", nil, nil},
+		{"sub/deeper/g", nil, nil},
+		{"./sub//deeper/g", nil, nil},
+		{"fifo", nil, nil}, // opened (O_NONBLOCK), refused by OpenIn's type check
+		{"sub", nil, nil},
+		{"link", unix.ELOOP, nil},
+		{"sublink/deeper/g", unix.ELOOP, nil},
+		{"sub/dl/g", unix.ELOOP, nil},
+		{"abslink", unix.ELOOP, nil},
+		{"../" + filepath.Base(dir) + "/f", unix.EXDEV, nil},
+		{"sub/../f", nil, unix.EXDEV},
+		{"sublink/../f", unix.ELOOP, nil},
+		{"/etc/passwd", unix.EXDEV, nil},
+		{"missing", unix.ENOENT, nil},
+		{"f/x", unix.ENOTDIR, nil},
+	} {
+		a, aerr := openBeneath(dfd, tc.name, &how, true)
+		b, berr := openBeneath(dfd, tc.name, &how, false)
+		wantB := tc.want
+		if tc.fallback != nil {
+			wantB = tc.fallback
+		}
+		if aerr != tc.want || berr != wantB {
+			t.Errorf("%s: openat2 %v, fallback %v, want %v, %v", tc.name, aerr, berr, tc.want, wantB)
+		}
+		if aerr == nil && berr == nil && ident(a) != ident(b) {
+			t.Errorf("%s: openat2 and fallback opened different files", tc.name)
+		}
+		for _, fd := range []int{a, b} {
+			if fd >= 0 {
+				unix.Close(fd)
+			}
+		}
+	}
+}
