@@ -20,7 +20,7 @@ ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/site-functions
 FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: all build test vet deps bench demo fuzz crash generate clean install deb
+.PHONY: all build test vet deps bench demo fuzz crash generate clean install deb systemd-e2e
 
 all: build
 
@@ -73,6 +73,13 @@ bench: build
 # Regenerate the assembly from its avo generator.
 generate:
 	$(GO) generate ./engine/xts/
+
+# vmcryptd.service under a real systemd as PID 1 (opt-in: root, builds a
+# Debian root file system once; see packaging/systemd/e2e/run.sh).
+systemd-e2e:
+	rm -rf bin/e2e
+	$(MAKE) deb DEBDIR=bin/e2e
+	./packaging/systemd/e2e/run.sh bin/e2e/vmcryptd_*.deb
 
 # Long fuzzing campaign (opt-in, not part of `make test`).
 fuzz:

@@ -149,6 +149,7 @@ func TestSystemdUnitDirectives(t *testing.T) {
 		"Type=notify\n", "ExecReload=/bin/kill -HUP $MAINPID\n", "LimitMEMLOCK=infinity\n",
 		"RuntimeDirectory=vmcryptd\n", "StateDirectory=vmcryptd\n", "LogsDirectory=vmcryptd\n",
 		"NoNewPrivileges=yes\n", "DeviceAllow=/dev/fuse rw\n", "SystemCallFilter=@system-service @mount\n",
+		"ProtectClock=yes\n", "ProtectHostname=yes\n",
 	} {
 		if !strings.Contains(unit, "\n"+want) {
 			t.Errorf("unit lacks %q", want)
@@ -159,7 +160,7 @@ func TestSystemdUnitDirectives(t *testing.T) {
 	for _, bad := range []string{"ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ReadWritePaths",
 		"ReadOnlyPaths", "InaccessiblePaths", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
 		"ProtectControlGroups", "ProtectProc", "ProcSubset", "PrivateMounts", "MountFlags", "BindPaths", "TemporaryFileSystem",
-		"ProtectHostname", "ProtectClock", "DynamicUser"} {
+		"DynamicUser"} {
 		if regexp.MustCompile(`(?m)^` + bad + `=`).MatchString(unit) {
 			t.Errorf("unit sets %s=, which would hide the views from the host", bad)
 		}
@@ -187,7 +188,7 @@ func TestDebPackage(t *testing.T) {
 		t.Fatalf("make deb printed %q", deb)
 	}
 	info := run(t, nil, "dpkg-deb", "--info", deb)
-	for _, want := range []string{"Package: vmcryptd", "Depends: fuse3", " conffiles", " postinst"} {
+	for _, want := range []string{"Package: vmcryptd", "Depends: fuse3, procps", " conffiles", " postinst"} {
 		if !strings.Contains(info, want) {
 			t.Errorf("dpkg-deb --info lacks %q:\n%s", want, info)
 		}
