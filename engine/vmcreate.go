@@ -257,28 +257,9 @@ func makeFlatDisk(dir, name string, size int64) error {
 	extent := strings.TrimSuffix(name, ".vmdk") + "-flat.vmdk"
 	var cid [4]byte
 	rand.Read(cid[:])
-	sectors := size / 512
-	cyl := min(sectors/(255*63), 65535)
-	desc := fmt.Sprintf(`# Disk DescriptorFile
-version=1
-CID=%08x
-parentCID=ffffffff
-createType="monolithicFlat"
-
-# Extent description
-RW %d FLAT "%s" 0
-
-# The Disk Data Base
-#DDB
-
-ddb.virtualHWVersion = "19"
-ddb.geometry.cylinders = "%d"
-ddb.geometry.heads = "255"
-ddb.geometry.sectors = "63"
-ddb.adapterType = "lsilogic"
-`, binary.BigEndian.Uint32(cid[:]), sectors, extent, cyl)
-	if _, err := vmdk.ParseDescriptor([]byte(desc)); err != nil {
-		return fmt.Errorf("disk %s: generated descriptor does not parse: %w", name, err)
+	desc, err := vmdk.NewFlatDescriptor(extent, size, binary.BigEndian.Uint32(cid[:]))
+	if err != nil {
+		return fmt.Errorf("disk %s: %w", name, err)
 	}
 	f, err := os.OpenFile(filepath.Join(dir, extent), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -291,7 +272,7 @@ ddb.adapterType = "lsilogic"
 	if err := f.Close(); err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, name), []byte(desc), 0o644)
+	return os.WriteFile(filepath.Join(dir, name), desc, 0o644)
 }
 
 // AddDisk creates a new disk in an existing VM and attaches it at the
