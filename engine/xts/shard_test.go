@@ -4,6 +4,7 @@ import (
 	"runtime"
 	"sync/atomic"
 	"testing"
+	"unsafe"
 )
 
 // Two goroutines running at the same time take different read shards:
@@ -45,5 +46,17 @@ func TestShardFor(t *testing.T) {
 		if got := shardFor(tc.p); got != tc.want {
 			t.Errorf("shardFor(%d) = %d, want %d", tc.p, got, tc.want)
 		}
+	}
+}
+
+// No read shard shares the Cipher's first cache line (the malloc header's),
+// and each has a line to itself.
+func TestShardLayout(t *testing.T) {
+	var c Cipher
+	base := uintptr(unsafe.Pointer(&c))
+	first := uintptr(unsafe.Pointer(&c.mu.shards[0])) - base
+	stride := uintptr(unsafe.Pointer(&c.mu.shards[1])) - uintptr(unsafe.Pointer(&c.mu.shards[0]))
+	if first < 64 || stride < 64 {
+		t.Fatalf("shard 0 at offset %d, shards %d bytes apart; want >= 64 for both", first, stride)
 	}
 }
