@@ -55,10 +55,14 @@ func (n *node) addWriter(d int) {
 // (all page-cache and O_DIRECT traffic) the Container decrypts in place,
 // with no copy and no allocation.
 func (h *encHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	st := h.n.st
+	defer st.done(OpRead, st.now())
 	if h.es.locked.Load() {
 		return nil, syscall.EACCES
 	}
+	t := st.now()
 	k, err := h.c.ReadAt(dest, off)
+	st.ioDone(IORead, t)
 	if err != nil && err != io.EOF {
 		h.n.st.log.Error("read failed", "path", h.n.rel(), "off", off, "len", len(dest), "err", err)
 		return nil, ioErrno(err)
@@ -69,6 +73,8 @@ func (h *encHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.Read
 // Write encrypts in place in data, which is go-fuse's request buffer:
 // nothing reads it after we return (the reply carries only a count).
 func (h *encHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	st := h.n.st
+	defer st.done(OpWrite, st.now())
 	if h.es.locked.Load() {
 		return 0, syscall.EACCES
 	}
@@ -81,7 +87,9 @@ func (h *encHandle) Write(ctx context.Context, data []byte, off int64) (uint32, 
 		h.n.st.log.Error("write to a file replaced on disk; reopen it", "path", h.n.rel())
 		return 0, syscall.EIO
 	}
+	t := st.now()
 	k, err := h.c.WriteAtInPlace(data, off)
+	st.ioDone(IOWrite, t)
 	if err != nil {
 		h.n.st.log.Error("write failed", "path", h.n.rel(), "off", off, "len", len(data), "err", err)
 		return uint32(k), ioErrno(err)
@@ -105,6 +113,7 @@ func ioErrno(err error) syscall.Errno {
 // Flush settles a written file with its last close (see Settler); for
 // everything else it has nothing to do: durability is fsync's business.
 func (h *encHandle) Flush(ctx context.Context) syscall.Errno {
+	defer h.n.st.done(OpFlush, h.n.st.now())
 	if h.es.locked.Load() {
 		return 0 // sealed: nothing to settle with
 	}
@@ -115,13 +124,18 @@ func (h *encHandle) Flush(ctx context.Context) syscall.Errno {
 }
 
 func (h *encHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	st := h.n.st
+	defer st.done(OpFsync, st.now())
 	if h.es.locked.Load() {
 		return syscall.EACCES
 	}
 	if h.es.readOnly {
 		return 0
 	}
-	if err := h.c.Sync(); err != nil {
+	t := st.now()
+	err := h.c.Sync()
+	st.ioDone(IOFsync, t)
+	if err != nil {
 		h.n.st.log.Error("fsync failed", "path", h.n.rel(), "err", err)
 		return ioErrno(err)
 	}
@@ -132,6 +146,7 @@ func (h *encHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 // changed size into the header), and only then leaves the registry, so
 // an empty registry means every container is closed.
 func (h *encHandle) Release(ctx context.Context) syscall.Errno {
+	defer h.n.st.done(OpRelease, h.n.st.now())
 	if h.write {
 		h.n.addWriter(-1)
 	}
@@ -153,6 +168,7 @@ func (h *encHandle) truncate(size int64) syscall.Errno {
 // there. Results are rounded to whole units, data down and holes up, so
 // a reported hole is always all zeros.
 func (h *encHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	defer h.n.st.done(OpLseek, h.n.st.now())
 	if h.es.locked.Load() {
 		return 0, syscall.EACCES
 	}
@@ -198,6 +214,7 @@ func (h *encHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint6
 // zeros); PUNCH_HOLE frees whole units and zeroes partial ones;
 // ZERO_RANGE does the same and may extend.
 func (h *encHandle) Allocate(ctx context.Context, off uint64, length uint64, mode uint32) syscall.Errno {
+	defer h.n.st.done(OpFallocate, h.n.st.now())
 	if h.es.locked.Load() {
 		return syscall.EACCES
 	}
@@ -272,6 +289,7 @@ func (n *node) newPlainFile(fd int, write bool) *plainFile {
 }
 
 func (pf *plainFile) Release(ctx context.Context) syscall.Errno {
+	defer pf.n.st.done(OpRelease, pf.n.st.now())
 	if pf.write {
 		pf.n.addWriter(-1)
 	}
@@ -283,10 +301,33 @@ func (pf *plainFile) Release(ctx context.Context) syscall.Errno {
 // Lseek is LoopbackFile's, after making the backing file current (see
 // settleForSeek).
 func (pf *plainFile) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	defer pf.n.st.done(OpLseek, pf.n.st.now())
 	if whence == unix.SEEK_DATA || whence == unix.SEEK_HOLE {
 		pf.n.settleForSeek(int64(off))
 	}
 	return pf.LoopbackFile.Lseek(ctx, off, whence)
+}
+
+// Read, Write, Flush and Fsync are LoopbackFile's, observed. (With
+// kernel passthrough, reads and writes never reach the view.)
+func (pf *plainFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	defer pf.n.st.done(OpRead, pf.n.st.now())
+	return pf.LoopbackFile.Read(ctx, dest, off)
+}
+
+func (pf *plainFile) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	defer pf.n.st.done(OpWrite, pf.n.st.now())
+	return pf.LoopbackFile.Write(ctx, data, off)
+}
+
+func (pf *plainFile) Flush(ctx context.Context) syscall.Errno {
+	defer pf.n.st.done(OpFlush, pf.n.st.now())
+	return pf.LoopbackFile.Flush(ctx)
+}
+
+func (pf *plainFile) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	defer pf.n.st.done(OpFsync, pf.n.st.now())
+	return pf.LoopbackFile.Fsync(ctx, flags)
 }
 
 func (pf *plainFile) Ioctl(ctx context.Context, cmd uint32, arg uint64, input []byte, output []byte) (int32, syscall.Errno) {

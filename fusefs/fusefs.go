@@ -130,8 +130,21 @@ type Options struct {
 	// files never use it.
 	Passthrough bool
 	// MaxBackground is how many asynchronous requests (readahead,
-	// writeback) the kernel keeps in flight; 0 means DefaultMaxBackground.
+	// writeback, and with asynchronous direct I/O the O_DIRECT requests
+	// of aio and io_uring callers) the kernel keeps in flight; 0 means
+	// DefaultMaxBackground.
 	MaxBackground int
+	// CongestionThreshold is the number of asynchronous requests in
+	// flight at which the kernel reports the mount congested; 0 means
+	// 3/4 of MaxBackground (the kernel's convention).
+	CongestionThreshold int
+	// NoAsyncDIO keeps the kernel from sending the O_DIRECT requests of
+	// one aio or io_uring submission (and the pieces of one large
+	// O_DIRECT request) to the view concurrently. On (the default), a
+	// caller with 32 requests queued (QEMU with aio=native or io_uring)
+	// has up to MaxBackground of them served at once instead of one at a
+	// time.
+	NoAsyncDIO bool
 	// MaxReadAhead caps kernel readahead in bytes; 0 means the kernel's
 	// maximum for the mount (MaxWrite).
 	MaxReadAhead int
@@ -155,6 +168,9 @@ type Options struct {
 	// MaxInflightBytes bounds the request buffers go-fuse holds at once
 	// (memory); 0 means DefaultMaxInflightBytes.
 	MaxInflightBytes int
+	// Observer, if set, receives the latency of every request (see
+	// Observer); the daemon exports them as Prometheus histograms.
+	Observer Observer
 	// Debug logs every FUSE request (very verbose).
 	Debug bool
 }

@@ -39,6 +39,7 @@ type state struct {
 	settler  Settler // backend as Settler, or nil
 	gate     Gate    // backend as Gate, or nil
 	log      *slog.Logger
+	obs      Observer // nil: nobody observes latencies
 	readOnly bool
 	// writeback mirrors Options: with the kernel writeback cache the
 	// kernel may read through a write-only handle, so plain files are
@@ -139,6 +140,7 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 		dev:       uint64(rootSt.Dev),
 		backend:   b,
 		log:       logger,
+		obs:       opts.Observer,
 		readOnly:  opts.ReadOnly,
 		writeback: !opts.NoWritebackCache && !opts.ReadOnly,
 		open:      map[uint64]*node{},
@@ -175,6 +177,7 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 		Options:                 []string{"default_permissions"},
 		MaxWrite:                opts.MaxWrite,
 		MaxBackground:           opts.MaxBackground,
+		CongestionThreshold:     opts.CongestionThreshold,
 		MaxReadAhead:            opts.MaxReadAhead,
 		MaxInflightRequestBytes: opts.MaxInflightBytes,
 		Debug:                   opts.Debug,
@@ -200,6 +203,14 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 	}
 	if st.writeback {
 		mo.ExtraCapabilities |= fuse.CAP_WRITEBACK_CACHE
+	}
+	if !opts.NoAsyncDIO {
+		// The kernel then sends the requests of an asynchronous O_DIRECT
+		// caller as background requests, many at once; Container locks
+		// per unit range, so they run in parallel. Extending writes stay
+		// synchronous in the kernel (fuse_direct_IO), which keeps the
+		// size it caches right.
+		mo.ExtraCapabilities |= fuse.CAP_ASYNC_DIO
 	}
 	if !opts.Passthrough || st.writeback {
 		// Plain LoopbackFiles offer passthrough; turn it off for the mount
@@ -242,7 +253,8 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 		server.Wait()
 		m.finish()
 	}()
-	logger.Info("mounted", "datastore", absRoot, "writeback", st.writeback, "max_write", mo.MaxWrite)
+	logger.Info("mounted", "datastore", absRoot, "writeback", st.writeback, "async_dio", !opts.NoAsyncDIO,
+		"max_write", mo.MaxWrite, "max_background", mo.MaxBackground)
 	return m, nil
 }
 

@@ -222,6 +222,7 @@ func nodeOf(in *fs.Inode) *node {
 }
 
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	defer n.st.done(OpLookup, n.st.now())
 	return n.entry(ctx, n.childRel(name), n.childAbs(name), out)
 }
 
@@ -245,6 +246,7 @@ func (n *node) entry(ctx context.Context, rel, abs string, out *fuse.EntryOut) (
 // Getattr reports the backing file's attributes with the logical size;
 // st_blocks stays the backing file's (what the data really occupies).
 func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	defer n.st.done(OpGetattr, n.st.now())
 	var st syscall.Stat_t
 	n.mu.Lock()
 	if es := n.enc; es != nil {
@@ -282,6 +284,7 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 // stops asking): a plain LoopbackFile would otherwise answer statx for
 // its node, and the size rules live in Getattr only.
 func (n *node) Statx(ctx context.Context, f fs.FileHandle, flags uint32, mask uint32, out *fuse.StatxOut) syscall.Errno {
+	defer n.st.done(OpGetattr, n.st.now())
 	return syscall.ENOSYS
 }
 
@@ -309,6 +312,7 @@ func futimens(fd int, ts *[2]unix.Timespec) error {
 }
 
 func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	defer n.st.done(OpSetattr, n.st.now())
 	abs := n.abs()
 	fd := n.fdFor(f)
 	if mode, ok := in.GetMode(); ok {
@@ -651,6 +655,7 @@ func fuseFlags(flags uint32, encrypted bool) uint32 {
 }
 
 func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	defer n.st.done(OpOpen, n.st.now())
 	rel := n.rel()
 	class, reason, err := n.st.backend.Classify(rel)
 	if err != nil {
@@ -743,6 +748,7 @@ func exactMode(p string, st *syscall.Stat_t, mode uint32) {
 }
 
 func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
+	defer n.st.done(OpCreate, n.st.now())
 	rel, abs := n.childRel(name), n.childAbs(name)
 	var st syscall.Stat_t
 	if _, err := lstatPath(abs, &st); err == nil {
@@ -815,6 +821,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 }
 
 func (n *node) Mknod(ctx context.Context, name string, mode, rdev uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	defer n.st.done(OpMknod, n.st.now())
 	if mode&syscall.S_IFMT == syscall.S_IFREG || mode&syscall.S_IFMT == 0 {
 		// A regular file made by mknod(2) must follow the same placement
 		// rule as one made by open(O_CREAT).
@@ -853,6 +860,7 @@ func (n *node) madeEntry(ctx context.Context, abs string, out *fuse.EntryOut) (*
 }
 
 func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	defer n.st.done(OpMkdir, n.st.now())
 	abs := n.childAbs(name)
 	if err := unix.Mkdir(abs, mode&07777); err != nil {
 		return nil, errnoOf(err)
@@ -870,10 +878,12 @@ func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.En
 }
 
 func (n *node) Rmdir(ctx context.Context, name string) syscall.Errno {
+	defer n.st.done(OpRmdir, n.st.now())
 	return errnoOf(unix.Rmdir(n.childAbs(name)))
 }
 
 func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
+	defer n.st.done(OpUnlink, n.st.now())
 	if errno := n.st.gated("unlink", n.childRel(name)); errno != 0 {
 		return errno
 	}
@@ -951,6 +961,7 @@ func (s *state) moveCheck(oldRel, oldAbs, newRel string) syscall.Errno {
 }
 
 func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
+	defer n.st.done(OpRename, n.st.now())
 	np, ok := newParent.(*node)
 	if !ok || np.st != n.st {
 		return syscall.EXDEV
@@ -975,6 +986,7 @@ func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedd
 }
 
 func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	defer n.st.done(OpLink, n.st.now())
 	tn, ok := target.(*node)
 	if !ok || tn.st != n.st {
 		return nil, syscall.EXDEV
@@ -1006,6 +1018,7 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 }
 
 func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	defer n.st.done(OpSymlink, n.st.now())
 	if errno := n.st.gated("symlink", n.childRel(name)); errno != 0 {
 		return nil, errno
 	}
@@ -1017,6 +1030,7 @@ func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.Entry
 }
 
 func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	defer n.st.done(OpReadlink, n.st.now())
 	abs := n.abs()
 	for size := 256; ; size *= 2 {
 		buf := make([]byte, size)
@@ -1031,6 +1045,7 @@ func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 }
 
 func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	defer n.st.done(OpStatfs, n.st.now())
 	var s syscall.Statfs_t
 	if err := syscall.Statfs(n.st.root, &s); err != nil {
 		return errnoOf(err)
@@ -1040,11 +1055,13 @@ func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
 }
 
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	defer n.st.done(OpOpendir, n.st.now())
 	ds, errno := fs.NewLoopbackDirStream(n.abs())
 	return ds, 0, errno
 }
 
 func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	defer n.st.done(OpReaddir, n.st.now())
 	return fs.NewLoopbackDirStream(n.abs())
 }
 

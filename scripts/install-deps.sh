@@ -20,7 +20,17 @@ declare -A need=(
 	[dpkg-deb]=dpkg
 )
 
+# `install-deps.sh guest` adds what the opt-in QEMU guest boot test
+# (make guest) needs: a system emulator, a static busybox and a kernel.
+if [ "${1:-}" = guest ]; then
+	need[qemu-system-x86_64]=qemu-system-x86
+	need[busybox]=busybox-static
+fi
+
 missing=()
+if [ "${1:-}" = guest ] && ! compgen -G '/boot/vmlinuz-*' >/dev/null; then
+	missing+=(linux-image-cloud-amd64)
+fi
 for cmd in "${!need[@]}"; do
 	command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done

@@ -78,7 +78,31 @@ func (s *statusCmd) Run(g *globals) error {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", m.Mountpoint, m.Datastore, mode, len(m.OpenFiles))
 		}
 	}
+	if len(st.ViewLatency) > 0 {
+		fmt.Fprintln(tw, "\nVIEW LATENCY (since start)\tCOUNT\tMEAN\tP50 <=\tP99 <=")
+		for _, l := range st.ViewLatency {
+			what := "fuse " + l.Op
+			if l.Kind == "io" {
+				what = "encrypted " + l.Op
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", what, l.Count, fmtMicros(l.MeanMicros), fmtMicros(l.P50Micros), fmtMicros(l.P99Micros))
+		}
+	}
 	return tw.Flush()
+}
+
+// fmtMicros shows a latency in microseconds as 12µs, 3.4ms or 1.20s; a
+// negative one is beyond the histograms' largest bucket.
+func fmtMicros(us float64) string {
+	switch {
+	case us < 0:
+		return ">1s"
+	case us < 1000:
+		return fmt.Sprintf("%.0fµs", us)
+	case us < 1e6:
+		return fmt.Sprintf("%.1fms", us/1000)
+	}
+	return fmt.Sprintf("%.2fs", us/1e6)
 }
 
 func orNone(s string) string {

@@ -55,6 +55,22 @@ func TestViewThroughDaemon(t *testing.T) {
 	// A write through the view lands encrypted at rest.
 	runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "write -P 0xcd 4M 1M", "d-monolithicFlat.vmdk")
 	runCmd(t, view, "qemu-io", "-f", "vmdk", "-c", "read -P 0xcd 4M 1M", "d-monolithicFlat.vmdk")
+	// The reads and writes just made show in the status's latency summary.
+	seen := map[string]uint64{}
+	for _, l := range labStatus(t, dir).ViewLatency {
+		seen[l.Kind+" "+l.Op] = l.Count
+		if l.Count == 0 || l.MeanMicros <= 0 || (l.P99Micros >= 0 && l.P99Micros < l.P50Micros) {
+			t.Errorf("view latency %+v", l)
+		}
+	}
+	for _, k := range []string{"io read", "io write", "op read", "op write", "op lookup"} {
+		if seen[k] == 0 {
+			t.Errorf("status view latency lacks %q: %v", k, seen)
+		}
+	}
+	if out := mustRun(t, "--socket", sock, "status"); !strings.Contains(out, "VIEW LATENCY") || !strings.Contains(out, "encrypted read") {
+		t.Errorf("status text lacks the latency summary:\n%s", out)
+	}
 	raw, _ := os.ReadFile(filepath.Join(vm, "d-monolithicFlat-flat.vmdk"))
 	if bytes.Contains(raw, bytes.Repeat([]byte{0xcd}, 64)) || bytes.Contains(raw, bytes.Repeat([]byte{0x3c}, 64)) {
 		t.Fatal("plaintext pattern found at rest")

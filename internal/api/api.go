@@ -41,6 +41,23 @@ type Status struct {
 	VMs        []VMLockState    `json:"vms"`
 	Mounts     []MountInfo      `json:"mounts"`
 	Datastores []DatastoreState `json:"datastores"`
+	// ViewLatency summarises the views' latency histograms since the
+	// daemon started (docs/METRICS.md): data paths first, then FUSE
+	// operations; only those seen at least once.
+	ViewLatency []ViewLatency `json:"view_latency,omitempty"`
+}
+
+// ViewLatency is one latency histogram of the views, summarised. P50 and
+// P99 are the upper bounds of the histogram buckets holding those
+// quantiles (the quantile is at most that); -1 means beyond the largest
+// bucket (about 1 s).
+type ViewLatency struct {
+	Kind       string  `json:"kind"` // "io": encrypted data path; "op": FUSE operation
+	Op         string  `json:"op"`
+	Count      uint64  `json:"count"`
+	MeanMicros float64 `json:"mean_us"`
+	P50Micros  float64 `json:"p50_us"`
+	P99Micros  float64 `json:"p99_us"`
 }
 
 // Caller is who the daemon thinks is asking (from SO_PEERCRED).

@@ -456,6 +456,9 @@ func (d *Daemon) status(id identity) api.Status {
 		Datastores: []api.DatastoreState{},
 		Mounts:     d.mountInfos(),
 	}
+	if d.metrics != nil {
+		s.ViewLatency = d.metrics.view.summary()
+	}
 	d.statusMemory(&s)
 	// Journals are read without the daemon lock: file I/O must not stall
 	// the views' key lookups (they take the lock for KeyErr).

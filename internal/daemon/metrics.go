@@ -22,6 +22,7 @@ type metrics struct {
 	keyErrors  prometheus.GaugeFunc
 	revoked    prometheus.GaugeFunc
 	converted  *prometheus.CounterVec
+	view       *viewMetrics
 }
 
 func newMetrics(d *Daemon) *metrics {
@@ -45,7 +46,8 @@ func newMetrics(d *Daemon) *metrics {
 	m.converted = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "vmcryptd_converted_bytes_total", Help: "Bytes converted by VM operations.",
 	}, []string{"op"})
-	m.reg.MustRegister(m.requests, m.keysCached, m.keyErrors, m.revoked, m.converted,
+	m.view = newViewMetrics()
+	m.reg.MustRegister(m.requests, m.keysCached, m.keyErrors, m.revoked, m.converted, m.view.ops, m.view.ios,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }

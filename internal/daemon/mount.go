@@ -177,7 +177,7 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		return d.keyErrs[r]
 	}
 	view, err := fusefs.Mount(rec.Datastore, rec.Mountpoint, viewBackend{ds}, fusefs.Options{
-		ReadOnly: rec.ReadOnly, AllowOther: rec.AllowOther, Logger: d.log,
+		ReadOnly: rec.ReadOnly, AllowOther: rec.AllowOther, Logger: d.log, Observer: d.metrics.view,
 	})
 	if err != nil {
 		ds.Close()

@@ -67,6 +67,8 @@ func run() error {
 	flag.IntVar(&opts.MaxWrite, "max-write", 0, "MaxWrite in bytes (0: default)")
 	flag.BoolVar(&opts.NoWritebackCache, "no-writeback", false, "disable the kernel writeback cache")
 	flag.IntVar(&opts.MaxBackground, "max-background", 0, "MaxBackground (0: default)")
+	flag.IntVar(&opts.CongestionThreshold, "congestion", 0, "CongestionThreshold (0: 3/4 of MaxBackground)")
+	flag.BoolVar(&opts.NoAsyncDIO, "no-async-dio", false, "do not negotiate asynchronous direct I/O")
 	flag.IntVar(&opts.MaxReadAhead, "max-readahead", 0, "MaxReadAhead in bytes (0: default)")
 	flag.IntVar(&opts.MaxInflightBytes, "max-inflight", 0, "go-fuse in-flight request bytes (0: default)")
 	flag.DurationVar(&opts.AttrTimeout, "attr-timeout", 0, "attribute timeout (0: default, <0: none)")
