@@ -78,7 +78,14 @@ func (s *statusCmd) Run(g *globals) error {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", m.Mountpoint, m.Datastore, mode, len(m.OpenFiles))
 		}
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(st.Exports) > 0 {
+		fmt.Println()
+		printExports(st.Exports)
+	}
+	return nil
 }
 
 func orNone(s string) string {

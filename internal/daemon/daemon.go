@@ -61,6 +61,7 @@ type Daemon struct {
 	vmLocks   vmLocks
 	metrics   *metrics
 	mounts    map[string]*activeMount      // by mountpoint
+	exports   map[string]*activeExport     // NBD exports, by listener (export.go)
 	stopping  bool                         // shutdown began: no new views
 	reading   map[string]bool              // VM dirs whose status read has not returned (see registerDatastoreVMs)
 	made      map[string]*engine.MadeFiles // disks made through views, by datastore root
@@ -113,7 +114,7 @@ func New(opts Options) (*Daemon, error) {
 		cfg: cfg, cfgPath: opts.ConfigPath, log: opts.Logger, version: opts.Version, retry: opts.RetryInterval, readTimeout: 30 * time.Second,
 		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
-		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{},
+		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{}, exports: map[string]*activeExport{},
 	}
 	d.metrics = newMetrics(d)
 	for _, kc := range cfg.KMS {
@@ -259,6 +260,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	go func() {
 		defer bgWG.Done()
 		d.restoreMounts(bg)
+		d.restoreExports(bg)
 		d.notifyReady() // systemd Type=notify: API listening, mounts restored
 	}()
 	go func() {
@@ -329,6 +331,9 @@ func (d *Daemon) shutdown(srv *http.Server, cancelBG context.CancelFunc, bgWG *s
 	d.mu.Unlock()
 	if !waitBounded(shutdownWork, func() { bgWG.Wait(); d.ops.Wait() }) {
 		d.log.Warn("start-up mounts, key fetches or conversions still running at shutdown; not waiting for them (a conversion resumes when its command is run again)")
+	}
+	for _, err := range d.suspendExports("daemon stopped") {
+		d.log.Error("NBD export at shutdown", "err", err)
 	}
 	d.unmountAll()
 	os.Remove(d.cfg.Socket)
@@ -430,6 +435,7 @@ func (d *Daemon) status(id identity) api.Status {
 		Providers:  []api.ProviderInfo{},
 		Datastores: []api.DatastoreState{},
 		Mounts:     d.mountInfos(),
+		Exports:    d.exportInfos(),
 	}
 	d.statusMemory(&s)
 	// Journals are read without the daemon lock: file I/O must not stall
