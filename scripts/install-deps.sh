@@ -8,6 +8,10 @@ set -euo pipefail
 declare -A need=(
 	[qemu-img]=qemu-utils
 	[qemu-io]=qemu-utils
+	[qemu-nbd]=qemu-utils
+	[nbdinfo]=libnbd-bin
+	[nbdcopy]=libnbd-bin
+	[nbdkit]=nbdkit
 	[pykmip-server]=python3-pykmip
 	[fio]=fio
 	[gocryptfs]=gocryptfs

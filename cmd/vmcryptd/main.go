@@ -31,6 +31,7 @@ type cli struct {
 	Disk    diskCmd    `cmd:"" help:"Add or attach virtual disks; restore a disk's lost key lines."`
 	Mount   mountCmd   `cmd:"" help:"Mount a decrypted FUSE view of a datastore (needs Cryptographer.Access)."`
 	Unmount unmountCmd `cmd:"" help:"Unmount a view (refused while files are open, unless --force)."`
+	Export  exportCmd  `cmd:"" help:"Serve virtual disks decrypted over NBD to QEMU, qemu-img, nbdcopy (unix socket, or TCP with mutual TLS)."`
 	Inspect inspectCmd `cmd:"" help:"Describe a VM file or directory (formats, sizes, keys, encrypted containers) without any key or daemon."`
 	Bench   benchCmd   `cmd:"" help:"Measure sector-cipher throughput of every implementation against OpenSSL."`
 	Version versionCmd `cmd:"" help:"Print the version."`

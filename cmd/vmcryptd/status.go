@@ -88,7 +88,14 @@ func (s *statusCmd) Run(g *globals) error {
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", what, l.Count, fmtMicros(l.MeanMicros), fmtMicros(l.P50Micros), fmtMicros(l.P99Micros))
 		}
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(st.Exports) > 0 {
+		fmt.Println()
+		printExports(st.Exports)
+	}
+	return nil
 }
 
 // fmtMicros shows a latency in microseconds as 12µs, 3.4ms or 1.20s; a

@@ -40,6 +40,7 @@ type Status struct {
 	Locked     bool             `json:"locked"`
 	VMs        []VMLockState    `json:"vms"`
 	Mounts     []MountInfo      `json:"mounts"`
+	Exports    []ExportInfo     `json:"exports"`
 	Datastores []DatastoreState `json:"datastores"`
 	// ViewLatency summarises the views' latency histograms since the
 	// daemon started (docs/METRICS.md): data paths first, then FUSE
@@ -217,6 +218,43 @@ type MountInfo struct {
 	Mountpoint string   `json:"mountpoint"`
 	ReadOnly   bool     `json:"read_only"`
 	OpenFiles  []string `json:"open_files,omitempty"`
+}
+
+// ExportRequest is POST /v1/exports: serve a virtual disk over NBD on a
+// unix socket or, with mutual TLS, on TCP.
+type ExportRequest struct {
+	Disk     string `json:"disk"` // absolute path of the .vmdk descriptor
+	Unix     string `json:"unix,omitempty"`
+	TCP      string `json:"tcp,omitempty"` // host:port
+	Name     string `json:"name,omitempty"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+	// TLS files (PEM) for TCP: the server's certificate and key, and the
+	// CA that client certificates must chain to.
+	TLSCert string `json:"tls_cert,omitempty"`
+	TLSKey  string `json:"tls_key,omitempty"`
+	TLSCA   string `json:"tls_ca,omitempty"`
+}
+
+// ExportStopRequest is POST /v1/exports/stop: by name, socket path, TCP
+// address or disk path.
+type ExportStopRequest struct {
+	Target string `json:"target"`
+}
+
+// ExportInfo describes one NBD export.
+type ExportInfo struct {
+	Name        string `json:"name"`
+	Disk        string `json:"disk"`
+	Unix        string `json:"unix,omitempty"`
+	TCP         string `json:"tcp,omitempty"`
+	ReadOnly    bool   `json:"read_only"`
+	Size        int64  `json:"size"`
+	CreateType  string `json:"create_type,omitempty"`
+	Connections int    `json:"connections"`
+	URI         string `json:"uri"`
+	// Error is set for a remembered export that could not be
+	// re-established after a restart (it is retried by export start).
+	Error string `json:"error,omitempty"`
 }
 
 // CheckRequest is POST /v1/vm/check: one VM directory, or every VM

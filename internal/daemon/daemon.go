@@ -68,9 +68,10 @@ type Daemon struct {
 	keyErrs   map[engine.KeyRef]string
 	vmLocks   vmLocks
 	metrics   *metrics
-	mounts    map[string]*activeMount // by mountpoint
-	stopping  bool                    // shutdown began: no new views
-	serving   bool                    // Run is serving (a reload manages the metrics listener)
+	mounts    map[string]*activeMount  // by mountpoint
+	exports   map[string]*activeExport // NBD exports, by listener (export.go)
+	stopping  bool                     // shutdown began: no new views
+	serving   bool                     // Run is serving (a reload manages the metrics listener)
 	// metricsSrv is the running metrics listener (nil when off); a
 	// reload that changes metrics_listen replaces it (metrics.go).
 	metricsSrv *metricsListener
@@ -125,7 +126,7 @@ func New(opts Options) (*Daemon, error) {
 		cfgPath: opts.ConfigPath, log: opts.Logger, version: opts.Version, readTimeout: 30 * time.Second, retryReset: make(chan struct{}, 1),
 		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
-		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{},
+		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{}, exports: map[string]*activeExport{},
 	}
 	d.conf.Store(cfg)
 	d.retry.Store(int64(opts.RetryInterval))
@@ -277,6 +278,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	go func() {
 		defer bgWG.Done()
 		d.restoreMounts(bg)
+		d.restoreExports(bg)
 		d.notifyReady() // systemd Type=notify: API listening, mounts restored
 	}()
 	go func() {
@@ -349,6 +351,9 @@ func (d *Daemon) shutdown(srv *http.Server, cancelBG context.CancelFunc, bgWG *s
 	d.mu.Unlock()
 	if !waitBounded(shutdownWork, func() { bgWG.Wait(); d.ops.Wait() }) {
 		d.log.Warn("start-up mounts, key fetches or conversions still running at shutdown; not waiting for them (a conversion resumes when its command is run again)")
+	}
+	for _, err := range d.suspendExports("daemon stopped") {
+		d.log.Error("NBD export at shutdown", "err", err)
 	}
 	d.unmountAll()
 	d.mu.Lock()
@@ -455,6 +460,7 @@ func (d *Daemon) status(id identity) api.Status {
 		Providers:  []api.ProviderInfo{},
 		Datastores: []api.DatastoreState{},
 		Mounts:     d.mountInfos(),
+		Exports:    d.exportInfos(),
 	}
 	if d.metrics != nil {
 		s.ViewLatency = d.metrics.view.summary()

@@ -102,6 +102,9 @@ func (d *Daemon) routes() http.Handler {
 	mux.Handle("POST "+p+"/disk/restore-keys", d.op("disk.restore-keys", PrivAddDisk, true, d.hDiskRestoreKeys))
 	mux.Handle("POST "+p+"/mounts", d.op("mount", PrivAccess, true, d.hMount))
 	mux.Handle("POST "+p+"/unmount", d.op("unmount", PrivAccess, true, d.hUnmount))
+	mux.Handle("POST "+p+"/exports", d.op("export.start", PrivAccess, true, d.hExportStart))
+	mux.Handle("POST "+p+"/exports/stop", d.op("export.stop", PrivAccess, true, d.hExportStop))
+	mux.Handle("GET "+p+"/exports", d.op("export.list", PrivRead, false, d.hExportList))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, api.Error{Error: fmt.Sprintf("no such API endpoint: %s %s", r.Method, r.URL.Path)})
 	})

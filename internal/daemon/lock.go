@@ -76,6 +76,9 @@ func (d *Daemon) hLock(rc *reqCtx) (any, error) {
 			errs = append(errs, fmt.Errorf("view %s: %w", m.rec.Mountpoint, err))
 		}
 	}
+	for _, err := range d.suspendExports("keys locked by vmcryptd lock: run vmcryptd unlock") {
+		errs = append(errs, err)
+	}
 	d.log.Warn("keys locked", "user", rc.id.User, "keks_zeroed", zeroed, "views", res.Views, "files_sealed", res.FilesSealed)
 	if len(errs) > 0 {
 		// Every key is zeroed whatever happened; say what did not close
@@ -99,6 +102,7 @@ func (d *Daemon) hUnlock(rc *reqCtx) (any, error) {
 	ctx, cancel := context.WithTimeout(rc.r.Context(), 2*time.Minute)
 	defer cancel()
 	d.loadKeys(ctx)
+	d.restoreExports(ctx)
 	d.mu.Lock()
 	for _, ref := range refs {
 		if d.keyring.Cached(ref) {

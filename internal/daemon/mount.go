@@ -291,7 +291,8 @@ func (d *Daemon) forgetDEKs(dir string) {
 	}
 }
 
-// openFilesUnder lists files of dir that are open through a view.
+// openFilesUnder lists files of dir that are open through a view or
+// held by an NBD export.
 func (d *Daemon) openFilesUnder(dir string) []string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -307,6 +308,7 @@ func (d *Daemon) openFilesUnder(dir string) []string {
 			}
 		}
 	}
+	out = append(out, d.exportedFilesUnderLocked(dir)...)
 	sort.Strings(out)
 	return out
 }

@@ -25,6 +25,9 @@ type state struct {
 	VMs []vmRecord `json:"vms,omitempty"`
 	// Mounts made through the API, re-established after a restart.
 	Mounts []mountRecord `json:"mounts,omitempty"`
+	// Exports (NBD) started through the API, re-established after a
+	// restart.
+	Exports []exportRecord `json:"exports,omitempty"`
 }
 
 type keyRefJSON struct {
