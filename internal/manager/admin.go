@@ -271,7 +271,9 @@ func (m *Manager) vmInfos() []VMInfo {
 		}
 		out = append(out, vi)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Host+"/"+out[i].Dir+out[i].ID < out[j].Host+"/"+out[j].Dir+out[j].ID })
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].Host+"/"+out[i].Dir+out[i].ID < out[j].Host+"/"+out[j].Dir+out[j].ID
+	})
 	return out
 }
 

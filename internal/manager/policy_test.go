@@ -75,10 +75,10 @@ func TestMayRegister(t *testing.T) {
 		vm   mgrproto.VM
 		want string
 	}{
-		{"host1", vm("vm1", "k1"), ""},        // again: idempotent
-		{"host1", vm("vm3", "pending1"), ""},  // its own new key
-		{"host1", vm("vm3", "k1"), ""},        // a key one of its VMs uses
-		{"host2", vm("vm3", "orphan"), ""},    // a key nobody holds
+		{"host1", vm("vm1", "k1"), ""},       // again: idempotent
+		{"host1", vm("vm3", "pending1"), ""}, // its own new key
+		{"host1", vm("vm3", "k1"), ""},       // a key one of its VMs uses
+		{"host2", vm("vm3", "orphan"), ""},   // a key nobody holds
 		{"host2", vm("vm1", "k1"), `registered to host "host1"`},
 		{"host2", vm("vm3", "k1"), `belongs to host "host1"`}, // forged VM id, host1's key
 		{"host2", vm("vm3", "pending1"), `belongs to host "host1"`},

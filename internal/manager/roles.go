@@ -10,13 +10,13 @@ import (
 
 // Privileges on the admin socket, named as the daemon's (and vSphere's).
 const (
-	PrivRead         = "System.Read"                  // status, host list
-	PrivRegisterHost = "Cryptographer.RegisterHost"   // host add / remove
-	PrivManageKeys   = "Cryptographer.ManageKeys"     // reserved
-	privHostKey      = "Cryptographer.Access"         // host channel: get_key
-	privHostCreate   = "Cryptographer.EncryptNew"     // host channel: create_key
-	privHostRegister = "Cryptographer.RegisterVM"     // host channel: (un)register_vm
-	privHostHello    = "Host.Config.Connection"       // host channel: hello
+	PrivRead         = "System.Read"                // status, host list
+	PrivRegisterHost = "Cryptographer.RegisterHost" // host add / remove
+	PrivManageKeys   = "Cryptographer.ManageKeys"   // reserved
+	privHostKey      = "Cryptographer.Access"       // host channel: get_key
+	privHostCreate   = "Cryptographer.EncryptNew"   // host channel: create_key
+	privHostRegister = "Cryptographer.RegisterVM"   // host channel: (un)register_vm
+	privHostHello    = "Host.Config.Connection"     // host channel: hello
 )
 
 // rolePrivileges are the daemon's built-in roles as the manager's admin
