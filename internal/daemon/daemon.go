@@ -24,6 +24,7 @@ import (
 	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/config"
+	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
 	"github.com/vmcryptd/vmcryptd/kms"
 )
 
@@ -52,6 +53,10 @@ type Daemon struct {
 	audit       *auditLog
 	keyring     *engine.Keyring
 	started     time.Time
+	// mgr is the manager client when the manager is the key source
+	// ([manager] in the config); nil for a trusted host (manager.go).
+	mgr *mgrproto.Client
+	mgrState
 
 	mu        sync.Mutex
 	st        *state
@@ -116,6 +121,12 @@ func New(opts Options) (*Daemon, error) {
 		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{},
 	}
 	d.metrics = newMetrics(d)
+	if cfg.Manager != nil {
+		if err := d.useManager(*cfg.Manager); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
 	for _, kc := range cfg.KMS {
 		if err := d.addProviderLocked(kc, "config"); err != nil {
 			d.Close()
@@ -134,6 +145,9 @@ func New(opts Options) (*Daemon, error) {
 func (d *Daemon) statePath() string { return filepath.Join(d.cfg.StateDir, "state.json") }
 
 func (d *Daemon) addProviderLocked(kc kms.Config, source string) error {
+	if d.mgr != nil {
+		return badRequest("this host's key source is the manager at %s ([manager] in its config): it holds no KMS credentials; add key providers on the manager", d.mgr.Address())
+	}
 	if _, dup := d.providers[kc.Name]; dup {
 		return fmt.Errorf("key provider %q already exists", kc.Name)
 	}
@@ -150,6 +164,9 @@ func (d *Daemon) addProviderLocked(kc kms.Config, source string) error {
 func (d *Daemon) defaultProvider() string {
 	if d.st.DefaultProvider != "" {
 		return d.st.DefaultProvider
+	}
+	if d.cfg.DefaultProvider == "" && d.mgr != nil {
+		return d.mgr.LastHello().DefaultProvider
 	}
 	return d.cfg.DefaultProvider
 }
@@ -184,6 +201,10 @@ func (d *Daemon) neededKeys() []engine.KeyRef {
 func (d *Daemon) loadKeys(ctx context.Context) {
 	if d.keyring.Locked() {
 		return // vmcryptd lock: nothing is fetched until unlock (lock.go)
+	}
+	if d.mgr != nil {
+		d.heartbeat(ctx) // before the keys: tells the manager what is missing
+		defer d.syncRegistrations(ctx)
 	}
 	var refs []engine.KeyRef
 	for _, ref := range d.neededKeys() {
@@ -468,6 +489,7 @@ func (d *Daemon) statusMemory(s *api.Status) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	s.DefaultKMS = d.defaultProvider()
+	s.KeySource = d.keySource()
 	if h := d.st.HostKey; h != nil {
 		ref := engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
 		s.HostEncryption = api.HostEncryption{Enabled: true, Provider: h.Provider, KeyID: h.KeyID,

@@ -25,6 +25,7 @@ var configSections = []struct {
 	{"audit_log", false, func(c *config.Config) any { return c.AuditLog }},
 	{"default_provider", false, func(c *config.Config) any { return c.DefaultProvider }},
 	{"kms", false, func(c *config.Config) any { return c.KMS }},
+	{"manager", false, func(c *config.Config) any { return c.Manager }},
 	{"datastores", false, func(c *config.Config) any { return c.Datastores }},
 	{"mounts", false, func(c *config.Config) any { return c.Mounts }},
 	{"core_dump_patterns", false, func(c *config.Config) any { return c.CoreDumpPatterns }},
