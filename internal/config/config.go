@@ -40,18 +40,18 @@ type Config struct {
 	Socket string `toml:"socket"`
 	// SocketGroup (name or numeric gid) owns the socket and its directory,
 	// so members can reach the daemon; their role decides what they may do.
-	SocketGroup     string        `toml:"socket_group"`
-	StateDir        string        `toml:"state_dir"`
-	AuditLog        string        `toml:"audit_log"`
-	DefaultProvider string        `toml:"default_provider"`
-	KMS             []kms.Config  `toml:"kms"`
+	SocketGroup     string       `toml:"socket_group"`
+	StateDir        string       `toml:"state_dir"`
+	AuditLog        string       `toml:"audit_log"`
+	DefaultProvider string       `toml:"default_provider"`
+	KMS             []kms.Config `toml:"kms"`
 	// Manager makes the manager this host's only key source: the host
 	// holds no KMS address or credential, and KEKs come over the host
 	// channel for the VMs registered to it. Exclusive with [[kms]].
-	Manager *mgrproto.Config `toml:"manager,omitempty"`
-	Datastores      []Datastore   `toml:"datastores"`
-	Roles           []RoleBinding `toml:"roles"`
-	Mounts          []Mount       `toml:"mounts"`
+	Manager    *mgrproto.Config `toml:"manager,omitempty"`
+	Datastores []Datastore      `toml:"datastores"`
+	Roles      []RoleBinding    `toml:"roles"`
+	Mounts     []Mount          `toml:"mounts"`
 	// CoreDumpPatterns adds file-name patterns (path.Match syntax) of core
 	// dumps in VM directories, which are encrypted with the host key; the
 	// built-in ones are *.zdump, vmware-vmx-*.core and core*.
