@@ -216,13 +216,8 @@ func (d *Daemon) hVMRegister(rc *reqCtx) (any, error) {
 	if !st.Encrypted {
 		return nil, badRequest("%s is not encrypted: only encrypted VMs are registered", dir)
 	}
-	d.mgrMu.Lock()
-	delete(d.mgrSynced, dir)
-	d.mgrMu.Unlock()
-	if _, err := d.registerLocal(st); err != nil {
-		return nil, err
-	}
 	res := registerResult{api.VMRegisterReply{Dir: dir, VMID: st.VMID, Keys: st.KEKs, Registered: true}}
+	// The manager first: a refused VM is not recorded here either.
 	if d.mgr != nil {
 		ctx, cancel := context.WithTimeout(rc.r.Context(), 30*time.Second)
 		defer cancel()
@@ -242,6 +237,9 @@ func (d *Daemon) hVMRegister(rc *reqCtx) (any, error) {
 		d.mgrSynced[dir] = true
 		d.mgrMu.Unlock()
 		res.Manager = "registered"
+	}
+	if _, err := d.registerLocal(st); err != nil {
+		return nil, err
 	}
 	go d.loadKeys(context.WithoutCancel(rc.r.Context()))
 	return res, nil
