@@ -37,27 +37,26 @@ func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
-func startLab(t *testing.T) *lab {
+func startLab(t *testing.T) *lab { return startLabWith(t, nil) }
+
+// startLabWith uses provider as the manager's KMS (nil: a lab KMS).
+func startLabWith(t *testing.T, provider *kms.Config) *lab {
 	t.Helper()
 	dir := t.TempDir()
-	kmsDir := filepath.Join(dir, "kms")
-	if err := labkms.Init(kmsDir); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := labkms.Listen(kmsDir, "127.0.0.1:0", quietLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve()
-	t.Cleanup(func() { srv.Close() })
 	mdir := filepath.Join(dir, "manager")
 	if err := Init(mdir, nil); err != nil {
 		t.Fatal(err)
 	}
+	var srv *labkms.Server
+	if provider == nil {
+		srv = startLabKMS(t, filepath.Join(dir, "kms"))
+		c := labkms.PathsFor(filepath.Join(dir, "kms")).ProviderConfig("lab", srv.Addr())
+		provider = &c
+	}
 	cfgPath := filepath.Join(mdir, "manager.toml")
 	if err := WriteConfig(cfgPath, &Config{
 		Listen: "127.0.0.1:0", Socket: filepath.Join(mdir, "manager.sock"), StateDir: filepath.Join(mdir, "state"),
-		KMS: []kms.Config{labkms.PathsFor(kmsDir).ProviderConfig("lab", srv.Addr())},
+		KMS: []kms.Config{*provider},
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -69,6 +68,20 @@ func startLab(t *testing.T) *lab {
 	l.start()
 	t.Cleanup(l.stop)
 	return l
+}
+
+func startLabKMS(t *testing.T, kmsDir string) *labkms.Server {
+	t.Helper()
+	if err := labkms.Init(kmsDir); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := labkms.Listen(kmsDir, "127.0.0.1:0", quietLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	t.Cleanup(func() { srv.Close() })
+	return srv
 }
 
 func (l *lab) start() {
