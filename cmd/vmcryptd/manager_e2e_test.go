@@ -207,3 +207,58 @@ func TestManagerLab(t *testing.T) {
 		t.Fatalf("manager status after removal: hosts %+v vms %+v", ms.Hosts, ms.VMs)
 	}
 }
+
+// TestManagerOutage: with the manager down a host keeps serving the keys
+// it holds, new unlocks fail with "manager unreachable", and the host
+// recovers by itself once the manager is back.
+func TestManagerOutage(t *testing.T) {
+	dir := startLab(t, "--hosts", "1", "--key-retry", "1s")
+	h1 := hostSock(dir, 1)
+	vm1 := filepath.Join(dir, "host1", "datastore", "vm1")
+	mustRun(t, "--socket", h1, "vm", "create", "--name", "vm1", "--disk", "1M", "--encrypt", vm1)
+	waitVM(t, h1, vm1, "")
+	if err := stopPID(filepath.Join(dir, "manager", "manager.pid")); err != nil {
+		t.Fatal(err)
+	}
+	// Cached keys keep serving.
+	if st := hostStatus(t, h1); st.VMs[0].Locked {
+		t.Fatalf("VM locked while its key is cached: %+v", st.VMs[0])
+	}
+	r := vmcryptd(t, nil, nil, "--socket", h1, "vm", "create", "--name", "vm2", "--disk", "1M", "--encrypt", filepath.Join(dir, "host1", "datastore", "vm2"))
+	if r.code == 0 || !strings.Contains(r.err, "manager unreachable") || strings.Count(strings.TrimSpace(r.err), "\n") > 0 {
+		t.Fatalf("new key with the manager down: exit %d, %s", r.code, r.err)
+	}
+	// A restarted host cannot unlock, and says why.
+	syscall.Kill(readPID(filepath.Join(dir, "host1", "daemon.pid")), syscall.SIGKILL)
+	for deadline := time.Now().Add(10 * time.Second); alive(filepath.Join(dir, "host1", "daemon.pid")) && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	os.Setenv(asMainEnv, "1")
+	err := spawn(mustExe(t), filepath.Join(dir, "host1", "daemon.log"), filepath.Join(dir, "host1", "daemon.pid"), "--socket", h1, "serve", "--config", filepath.Join(dir, "host1", "vmcryptd.toml"))
+	os.Unsetenv(asMainEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := waitDaemon(&globals{socket: h1}, 15*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitVM(t, h1, vm1, "manager unreachable")
+	if ks := hostStatus(t, h1).KeySource; ks.Reachable || !strings.Contains(ks.Error, "manager unreachable") {
+		t.Fatalf("key source with the manager down: %+v", ks)
+	}
+	// The manager comes back (same port): the host unlocks by itself.
+	mustRun(t, "lab", "up", "--dir", dir, "--hosts", "1", "--key-retry", "1s")
+	waitVM(t, h1, vm1, "")
+	if ks := hostStatus(t, h1).KeySource; !ks.Reachable {
+		t.Fatalf("key source after recovery: %+v", ks)
+	}
+}
+
+func mustExe(t *testing.T) string {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return self
+}
