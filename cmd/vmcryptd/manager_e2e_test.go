@@ -157,6 +157,23 @@ func TestManagerLab(t *testing.T) {
 		t.Fatal("host2 read host1's VM through its view")
 	}
 	waitVM(t, h2, vm1, `belongs to host "host1"`)
+	// The key loop (every second here) does not ask again for a key the
+	// manager refused: one audited denial, not one per retry.
+	denials := func() int {
+		b, _ := os.ReadFile(filepath.Join(dir, "manager", "audit.log"))
+		n := 0
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, `"host":"host2","op":"host.get_key"`) && strings.Contains(line, `"result":"denied"`) {
+				n++
+			}
+		}
+		return n
+	}
+	n0 := denials()
+	time.Sleep(3 * time.Second)
+	if n := denials(); n != n0 {
+		t.Errorf("host2 asked again for a refused key: %d denials, then %d 3 s later", n0, n)
+	}
 	audit, err := os.ReadFile(filepath.Join(dir, "manager", "audit.log"))
 	if err != nil {
 		t.Fatal(err)

@@ -208,7 +208,7 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 	}
 	var refs []engine.KeyRef
 	for _, ref := range d.neededKeys() {
-		if !d.keyring.Cached(ref) {
+		if !d.keyring.Cached(ref) && !d.deniedRecently(ref) {
 			refs = append(refs, ref)
 		}
 	}
@@ -228,6 +228,7 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 			delete(d.keyErrs, ref)
 		}
 		d.mu.Unlock()
+		d.noteDenied(ref, err)
 		if err != nil {
 			d.log.Warn("key not available", "key", ref.String(), "err", err)
 		} else {

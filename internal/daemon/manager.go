@@ -24,6 +24,38 @@ type mgrState struct {
 	// (accepted or refused) since this daemon started; the others are
 	// (re)sent by the key loop.
 	mgrSynced map[string]bool
+	// mgrDenied are keys the manager refused to this host, and when: the
+	// key loop asks for them again only after deniedBackoff (each ask is
+	// an audited denial at the manager); vm register asks at once.
+	mgrDenied map[engine.KeyRef]time.Time
+}
+
+// deniedBackoff is how long the key loop leaves a refused key alone.
+const deniedBackoff = 5 * time.Minute
+
+func (d *Daemon) deniedRecently(ref engine.KeyRef) bool {
+	if d.mgr == nil {
+		return false
+	}
+	d.mgrMu.Lock()
+	defer d.mgrMu.Unlock()
+	at, ok := d.mgrDenied[ref]
+	return ok && time.Since(at) < deniedBackoff
+}
+
+// noteDenied records (or clears) a manager refusal of ref.
+func (d *Daemon) noteDenied(ref engine.KeyRef, err error) {
+	if d.mgr == nil {
+		return
+	}
+	var re *mgrproto.RefusedError
+	d.mgrMu.Lock()
+	defer d.mgrMu.Unlock()
+	if errors.As(err, &re) && re.Code == mgrproto.CodeDenied {
+		d.mgrDenied[ref] = time.Now()
+	} else {
+		delete(d.mgrDenied, ref)
+	}
 }
 
 // useManager makes the manager the key source: every provider name is
@@ -35,6 +67,7 @@ func (d *Daemon) useManager(c mgrproto.Config) error {
 	}
 	d.mgr = cl
 	d.mgrSynced = map[string]bool{}
+	d.mgrDenied = map[engine.KeyRef]time.Time{}
 	d.keyring.SetResolver(func(provider string) engine.KeyServer {
 		return mgrKeyServer{d: d, ks: mgrproto.KeyServer{C: cl, Provider: provider}}
 	})
@@ -241,6 +274,11 @@ func (d *Daemon) hVMRegister(rc *reqCtx) (any, error) {
 	if _, err := d.registerLocal(st); err != nil {
 		return nil, err
 	}
+	d.mgrMu.Lock()
+	for _, r := range engine.KEKRefs(st.KEKs) {
+		delete(d.mgrDenied, r) // entitled now, perhaps: ask at once
+	}
+	d.mgrMu.Unlock()
 	go d.loadKeys(context.WithoutCancel(rc.r.Context()))
 	return res, nil
 }
