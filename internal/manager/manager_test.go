@@ -372,3 +372,35 @@ func TestHostChannelBadInput(t *testing.T) {
 		t.Errorf("audit has %d bad-request denials, want %d", n, len(cases))
 	}
 }
+
+// TestKMSDownCachedKeysServed: with the KMS gone the manager keeps
+// handing out keys it holds; a key it does not hold and a new key are
+// refused as unavailable, one line each, audited as errors.
+func TestKMSDownCachedKeysServed(t *testing.T) {
+	l := startLab(t)
+	ctx := context.Background()
+	h1, _ := l.addHost("host1")
+	k1, err := h1.CreateKey(ctx, "", "cached")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, err := h1.CreateKey(ctx, "", "not-cached")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h1.GetKey(ctx, k1, ""); err != nil {
+		t.Fatal(err)
+	}
+	l.kms.Close()
+	if raw, _, err := h1.GetKey(ctx, k1, ""); err != nil || len(raw) != 32 {
+		t.Fatalf("cached key with the KMS down: %v", err)
+	}
+	_, _, err = h1.GetKey(ctx, k2, "")
+	refusal(t, err, mgrproto.CodeUnavailable, "fetch key "+k2.String()+" from the KMS")
+	_, err = h1.CreateKey(ctx, "", "new")
+	refusal(t, err, mgrproto.CodeUnavailable, `create key on provider "lab"`)
+	audit, _ := os.ReadFile(l.cfg.AuditLog)
+	if !strings.Contains(string(audit), `"key_ids":["`+k2.String()+`"],"privilege":"Cryptographer.Access","result":"error"`) {
+		t.Error("the unavailable key is not audited as an error")
+	}
+}
