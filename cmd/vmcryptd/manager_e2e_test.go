@@ -279,3 +279,49 @@ func mustExe(t *testing.T) string {
 	}
 	return self
 }
+
+func managerVMs(t *testing.T, dir string) map[string]manager.VMInfo {
+	t.Helper()
+	var ms manager.Status
+	if err := json.Unmarshal([]byte(mustRun(t, "--socket", filepath.Join(dir, "manager", "manager.sock"), "status", "--json")), &ms); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]manager.VMInfo{}
+	for _, vm := range ms.VMs {
+		out[vm.Dir] = vm
+	}
+	return out
+}
+
+// TestManagerRegistrationFollowsConversions: encrypting a VM registers
+// it with the manager under its new key, a shallow rekey re-registers it
+// under the new key, decrypting unregisters it, and vm unregister /
+// register move it out of and back into the inventory.
+func TestManagerRegistrationFollowsConversions(t *testing.T) {
+	dir := startLab(t, "--hosts", "1", "--key-retry", "1s")
+	h1 := hostSock(dir, 1)
+	vm := filepath.Join(dir, "host1", "datastore", "vm1")
+	mustRun(t, "--socket", h1, "vm", "create", "--name", "vm1", "--disk", "1M", vm)
+	if _, ok := managerVMs(t, dir)[vm]; ok {
+		t.Fatal("a plain VM is in the manager's inventory")
+	}
+	mustRun(t, "--socket", h1, "vm", "encrypt", vm)
+	rec, ok := managerVMs(t, dir)[vm]
+	if !ok || rec.Host != "host1" || len(rec.Keys) != 1 {
+		t.Fatalf("after encrypt: %+v", rec)
+	}
+	mustRun(t, "--socket", h1, "vm", "rekey", vm)
+	if rec2 := managerVMs(t, dir)[vm]; len(rec2.Keys) != 1 || rec2.Keys[0] == rec.Keys[0] || rec2.ID != rec.ID {
+		t.Fatalf("after shallow rekey: %+v (before %+v)", rec2, rec)
+	}
+	mustRun(t, "--socket", h1, "vm", "unregister", vm)
+	if _, ok := managerVMs(t, dir)[vm]; ok {
+		t.Fatal("still in the inventory after vm unregister")
+	}
+	mustRun(t, "--socket", h1, "vm", "register", vm)
+	waitVM(t, h1, vm, "")
+	mustRun(t, "--socket", h1, "vm", "decrypt", vm)
+	if _, ok := managerVMs(t, dir)[vm]; ok {
+		t.Fatal("a decrypted VM is still in the manager's inventory")
+	}
+}
