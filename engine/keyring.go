@@ -26,6 +26,10 @@ type Keyring struct {
 	keys      map[KeyRef]*KEK
 	inflight  map[KeyRef]*fetch
 	locked    bool // see Lock (keyring_lock.go)
+	// resolve serves provider names that are not registered with
+	// SetProvider: a key source such as the manager, which brokers every
+	// provider it knows (see SetResolver).
+	resolve func(provider string) KeyServer
 }
 
 type fetch struct {
@@ -49,10 +53,32 @@ func (r *Keyring) SetProvider(name string, ks KeyServer) {
 	r.providers[name] = ks
 }
 
+// SetResolver makes resolve the key server of every provider name not
+// registered with SetProvider (nil removes it). A host whose key source
+// is the manager uses it: the manager names the providers, not the host.
+func (r *Keyring) SetResolver(resolve func(provider string) KeyServer) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.resolve = resolve
+}
+
+// lookupLocked finds the key server of provider name; r.mu is held.
+func (r *Keyring) lookupLocked(name string) (KeyServer, bool) {
+	if ks, ok := r.providers[name]; ok {
+		return ks, true
+	}
+	if r.resolve != nil && name != "" {
+		if ks := r.resolve(name); ks != nil {
+			return ks, true
+		}
+	}
+	return nil, false
+}
+
 func (r *Keyring) provider(name string) (KeyServer, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	ks, ok := r.providers[name]
+	ks, ok := r.lookupLocked(name)
 	if !ok {
 		return nil, fmt.Errorf("key provider %q is not configured", name)
 	}
@@ -100,7 +126,7 @@ func (r *Keyring) Get(ctx context.Context, ref KeyRef) (*KEK, error) {
 				return nil, ctx.Err()
 			}
 		}
-		ks, ok := r.providers[ref.Provider]
+		ks, ok := r.lookupLocked(ref.Provider)
 		if !ok {
 			r.mu.Unlock()
 			return nil, fmt.Errorf("kek %s: key provider %q is not configured", ref, ref.Provider)

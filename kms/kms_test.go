@@ -23,8 +23,8 @@ import (
 	"github.com/ovh/kmip-go/kmipclient"
 	"github.com/ovh/kmip-go/ttlv"
 
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 	"github.com/vmcryptd/vmcryptd/kms"
-	"github.com/vmcryptd/vmcryptd/kms/internal/pki"
 	"github.com/vmcryptd/vmcryptd/kms/labkms"
 )
 

@@ -30,7 +30,7 @@ import (
 	"github.com/ovh/kmip-go"
 	"github.com/ovh/kmip-go/kmipclient"
 
-	"github.com/vmcryptd/vmcryptd/kms/internal/pki"
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 )
 
 // KeyServer is what the engine needs from a key provider. Implementations

@@ -17,8 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 	"github.com/vmcryptd/vmcryptd/kms"
-	"github.com/vmcryptd/vmcryptd/kms/internal/pki"
 	"github.com/vmcryptd/vmcryptd/kms/kmstest"
 )
 

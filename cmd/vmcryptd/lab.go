@@ -40,49 +40,26 @@ const labProvider = "lab"
 type labUpCmd struct {
 	Dir      string        `help:"Lab directory." required:"" type:"path"`
 	KeyRetry time.Duration `help:"How often the daemon retries keys it could not fetch." default:"10s"`
+	Hosts    int           `help:"Start a manager and this many host daemons (host1..hostN, keys only through the manager) instead of one daemon with its own KMS credentials."`
 }
 
 func (c *labUpCmd) Run(g *globals) error {
+	if c.Hosts < 0 || c.Hosts > 16 {
+		return fmt.Errorf("lab up: --hosts %d: use 1 to 16", c.Hosts)
+	}
 	lp := labPaths{c.Dir}
+	if c.Hosts > 0 {
+		return c.runHosts(g, lp)
+	}
 	for _, d := range []string{lp.dir, lp.datastore()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return fmt.Errorf("lab up: %w", err)
 		}
 	}
-	if err := labkms.Init(lp.kmsDir()); err != nil {
+	self, kmsAddr, err := ensureLabKMS(lp)
+	if err != nil {
 		return err
 	}
-	self, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("lab up: %w", err)
-	}
-
-	// KMS: reuse the previous port when it is free, so lab.env stays valid.
-	addr := "127.0.0.1:0"
-	if prev, err := os.ReadFile(lp.j("kms.addr")); err == nil {
-		addr = strings.TrimSpace(string(prev))
-	}
-	if !alive(lp.j("kms.pid")) {
-		os.Remove(lp.j("kms.addr"))
-		start := func(listen string) error {
-			return spawn(self, lp.j("kms.log"), lp.j("kms.pid"), "--log-level", "info",
-				"kms", "serve", "--dir", lp.kmsDir(), "--listen", listen, "--addr-file", lp.j("kms.addr"))
-		}
-		if err := start(addr); err != nil {
-			return err
-		}
-		if _, err := waitFile(lp.j("kms.addr"), 3*time.Second); err != nil && addr != "127.0.0.1:0" {
-			stopPID(lp.j("kms.pid")) // previous port taken: pick a free one
-			if err := start("127.0.0.1:0"); err != nil {
-				return err
-			}
-		}
-	}
-	raw, err := waitFile(lp.j("kms.addr"), 10*time.Second)
-	if err != nil {
-		return fmt.Errorf("lab up: lab KMS did not start (see %s): %w", lp.j("kms.log"), err)
-	}
-	kmsAddr := strings.TrimSpace(raw)
 
 	paths := labkms.PathsFor(lp.kmsDir())
 	cfg := &config.Config{
@@ -133,6 +110,46 @@ export VMCRYPTD_KMS_CLIENT_KEY=%q
 	return nil
 }
 
+// ensureLabKMS initialises and starts (when down) the lab KMS, reusing its
+// previous port when free; it returns this executable and the KMS address.
+func ensureLabKMS(lp labPaths) (string, string, error) {
+	if err := labkms.Init(lp.kmsDir()); err != nil {
+		return "", "", err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return "", "", fmt.Errorf("lab up: %w", err)
+	}
+
+	// KMS: reuse the previous port when it is free, so lab.env stays valid.
+	addr := "127.0.0.1:0"
+	if prev, err := os.ReadFile(lp.j("kms.addr")); err == nil {
+		addr = strings.TrimSpace(string(prev))
+	}
+	if !alive(lp.j("kms.pid")) {
+		os.Remove(lp.j("kms.addr"))
+		start := func(listen string) error {
+			return spawn(self, lp.j("kms.log"), lp.j("kms.pid"), "--log-level", "info",
+				"kms", "serve", "--dir", lp.kmsDir(), "--listen", listen, "--addr-file", lp.j("kms.addr"))
+		}
+		if err := start(addr); err != nil {
+			return "", "", err
+		}
+		if _, err := waitFile(lp.j("kms.addr"), 3*time.Second); err != nil && addr != "127.0.0.1:0" {
+			stopPID(lp.j("kms.pid")) // previous port taken: pick a free one
+			if err := start("127.0.0.1:0"); err != nil {
+				return "", "", err
+			}
+		}
+	}
+	raw, err := waitFile(lp.j("kms.addr"), 10*time.Second)
+	if err != nil {
+		return "", "", fmt.Errorf("lab up: lab KMS did not start (see %s): %w", lp.j("kms.log"), err)
+	}
+	kmsAddr := strings.TrimSpace(raw)
+	return self, kmsAddr, nil
+}
+
 type labDownCmd struct {
 	Dir string `help:"Lab directory." required:"" type:"path"`
 }
@@ -140,8 +157,11 @@ type labDownCmd struct {
 func (c *labDownCmd) Run(g *globals) error {
 	lp := labPaths{c.Dir}
 	var errs []error
-	// Daemon first: it zeroes its keys and unmounts on SIGTERM.
-	for _, pid := range []string{lp.j("daemon.pid"), lp.j("kms.pid")} {
+	// Daemons first: they zero their keys and unmount on SIGTERM; then
+	// the manager, then the KMS.
+	pids, _ := filepath.Glob(lp.j("host*/daemon.pid"))
+	pids = append(pids, lp.j("daemon.pid"), lp.j("manager/manager.pid"), lp.j("kms.pid"))
+	for _, pid := range pids {
 		if err := stopPID(pid); err != nil {
 			errs = append(errs, err)
 		}

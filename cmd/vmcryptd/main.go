@@ -25,7 +25,8 @@ type cli struct {
 	Host    hostCmd    `cmd:"" help:"Host settings."`
 	KMS     kmsCmd     `cmd:"" name:"kms" help:"Key providers (KMIP) and the embedded lab KMS."`
 	Key     keyCmd     `cmd:"" help:"Keys on a key provider."`
-	Lab     labCmd     `cmd:"" help:"Start or stop a self-contained lab: embedded KMS plus daemon."`
+	Lab     labCmd     `cmd:"" help:"Start or stop a self-contained lab: embedded KMS plus daemon, or with --hosts a manager and N hosts."`
+	Manager managerCmd `cmd:"" help:"The manager (vCenter's role): holds the KMS credentials, the host and VM inventory, and hands KEKs to registered hosts."`
 	VM      vmCmd      `cmd:"" name:"vm" help:"Encrypt, decrypt, rekey VMs; show their encryption state."`
 	Policy  policyCmd  `cmd:"" help:"Storage policies (VM Encryption Policy, Datastore Default)."`
 	Disk    diskCmd    `cmd:"" help:"Add or attach virtual disks; restore a disk's lost key lines."`

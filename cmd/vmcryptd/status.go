@@ -1,12 +1,14 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"strings"
 	"text/tabwriter"
 
 	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/internal/manager"
 )
 
 type statusCmd struct {
@@ -14,9 +16,20 @@ type statusCmd struct {
 }
 
 func (s *statusCmd) Run(g *globals) error {
-	var st api.Status
-	if err := g.call("GET", "/status", nil, &st); err != nil {
+	var raw json.RawMessage
+	if err := g.call("GET", "/status", nil, &raw); err != nil {
 		return err
+	}
+	var probe struct {
+		Service string `json:"service"`
+	}
+	json.Unmarshal(raw, &probe)
+	if probe.Service == manager.Service {
+		return printManagerStatus(raw, s.JSON)
+	}
+	var st api.Status
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return fmt.Errorf("status: %w", err)
 	}
 	if s.JSON {
 		return printJSON(st)
@@ -32,6 +45,16 @@ func (s *statusCmd) Run(g *globals) error {
 		fmt.Printf("host encryption mode: enabled (host key %s/%s, %s)\n", he.Provider, he.KeyID, state)
 	} else {
 		fmt.Println("host encryption mode: disabled")
+	}
+	switch ks := st.KeySource; ks.Mode {
+	case "manager":
+		reach := "reachable"
+		if !ks.Reachable {
+			reach = "NOT reachable: " + orNone(ks.Error)
+		}
+		fmt.Printf("key source: manager at %s as host %s (%s)\n", ks.Address, orNone(ks.Host), reach)
+	default:
+		fmt.Println("key source: direct (this host's own [[kms]] providers: trusted host)")
 	}
 	locked := "mlocked"
 	if !st.KeysLocked {

@@ -18,12 +18,14 @@ import (
 )
 
 type vmCmd struct {
-	Create  vmCreateCmd  `cmd:"" help:"Create a new VM directory (vmx, nvram, disks), optionally encrypted from the first byte."`
-	Encrypt vmEncryptCmd `cmd:"" help:"Encrypt a plain VM in place (new KEK on the provider, fresh VM and disk DEKs). Re-run to resume after a crash, or --abort to roll back."`
-	Decrypt vmDecryptCmd `cmd:"" help:"Decrypt an encrypted VM back to plain, byte for byte. Re-run to resume after a crash, or --abort to roll back."`
-	Rekey   vmRekeyCmd   `cmd:"" help:"Shallow rekey (new KEK, keySafes rewritten) or --deep (new DEKs, all data re-encrypted; --abort rolls an interrupted one back)."`
-	Status  vmStatusCmd  `cmd:"" help:"Per-file encryption state, key ids, DEK fingerprints; per-VM policy and lock state."`
-	Check   vmCheckCmd   `cmd:"" help:"Verify every container's header slots, size, kind and key binding and every disk's key lines against the VM's text files; --repair fixes what needs no guess. Exit 3 when problems are found."`
+	Create     vmCreateCmd     `cmd:"" help:"Create a new VM directory (vmx, nvram, disks), optionally encrypted from the first byte."`
+	Encrypt    vmEncryptCmd    `cmd:"" help:"Encrypt a plain VM in place (new KEK on the provider, fresh VM and disk DEKs). Re-run to resume after a crash, or --abort to roll back."`
+	Decrypt    vmDecryptCmd    `cmd:"" help:"Decrypt an encrypted VM back to plain, byte for byte. Re-run to resume after a crash, or --abort to roll back."`
+	Rekey      vmRekeyCmd      `cmd:"" help:"Shallow rekey (new KEK, keySafes rewritten) or --deep (new DEKs, all data re-encrypted; --abort rolls an interrupted one back)."`
+	Status     vmStatusCmd     `cmd:"" help:"Per-file encryption state, key ids, DEK fingerprints; per-VM policy and lock state."`
+	Register   vmRegisterCmd   `cmd:"" help:"Register an encrypted VM with this host (and with the manager, which entitles the host to its keys); needs Cryptographer.RegisterVM."`
+	Unregister vmUnregisterCmd `cmd:"" help:"Unregister a VM from this host (and the manager); keys no other VM needs are zeroed."`
+	Check      vmCheckCmd      `cmd:"" help:"Verify every container's header slots, size, kind and key binding and every disk's key lines against the VM's text files; --repair fixes what needs no guess. Exit 3 when problems are found."`
 }
 
 // progressOpts are shared by the converting commands.

@@ -31,6 +31,7 @@ type Status struct {
 	Started        time.Time      `json:"started"`
 	Caller         Caller         `json:"caller"`
 	HostEncryption HostEncryption `json:"host_encryption"`
+	KeySource      KeySource      `json:"key_source"`
 	Providers      []ProviderInfo `json:"providers"`
 	DefaultKMS     string         `json:"default_provider,omitempty"`
 	CachedKeys     int            `json:"cached_keys"`
@@ -67,6 +68,34 @@ type Caller struct {
 	User       string   `json:"user"`
 	Role       string   `json:"role"`
 	Privileges []string `json:"privileges"`
+}
+
+// KeySource is where the host gets its KEKs: "direct" (its own [[kms]]
+// providers: a trusted host) or "manager" (the manager brokers every key;
+// the host holds no KMS credential).
+type KeySource struct {
+	Mode string `json:"mode"`
+	// Manager mode only:
+	Address   string    `json:"address,omitempty"`
+	Host      string    `json:"host,omitempty"` // this host's name at the manager
+	Reachable bool      `json:"reachable"`
+	LastOK    time.Time `json:"last_ok,omitzero"`
+	Error     string    `json:"error,omitempty"`
+}
+
+// VMRegisterRequest is POST /v1/vm/register and /v1/vm/unregister.
+type VMRegisterRequest struct {
+	Dir string `json:"dir"`
+}
+
+// VMRegisterReply answers them.
+type VMRegisterReply struct {
+	Dir        string   `json:"dir"`
+	VMID       string   `json:"vm_id"`
+	Keys       []string `json:"keys"`
+	Registered bool     `json:"registered"`
+	// Manager is "registered", "unregistered" or "" (direct mode).
+	Manager string `json:"manager,omitempty"`
 }
 
 // HostEncryption is the host's encryption mode.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
 	"github.com/vmcryptd/vmcryptd/kms"
 )
 
@@ -24,6 +25,10 @@ import (
 //	name = "lab"
 //	...
 //
+//	[manager]                  # or: the manager is the key source (no [[kms]])
+//	address = "mgr:5697"       # see mgrproto.Config
+//	...
+//
 //	[[datastores]]
 //	name = "ds1"
 //	path = "/srv/datastore1"
@@ -35,14 +40,18 @@ type Config struct {
 	Socket string `toml:"socket"`
 	// SocketGroup (name or numeric gid) owns the socket and its directory,
 	// so members can reach the daemon; their role decides what they may do.
-	SocketGroup     string        `toml:"socket_group"`
-	StateDir        string        `toml:"state_dir"`
-	AuditLog        string        `toml:"audit_log"`
-	DefaultProvider string        `toml:"default_provider"`
-	KMS             []kms.Config  `toml:"kms"`
-	Datastores      []Datastore   `toml:"datastores"`
-	Roles           []RoleBinding `toml:"roles"`
-	Mounts          []Mount       `toml:"mounts"`
+	SocketGroup     string       `toml:"socket_group"`
+	StateDir        string       `toml:"state_dir"`
+	AuditLog        string       `toml:"audit_log"`
+	DefaultProvider string       `toml:"default_provider"`
+	KMS             []kms.Config `toml:"kms"`
+	// Manager makes the manager this host's only key source: the host
+	// holds no KMS address or credential, and KEKs come over the host
+	// channel for the VMs registered to it. Exclusive with [[kms]].
+	Manager    *mgrproto.Config `toml:"manager,omitempty"`
+	Datastores []Datastore      `toml:"datastores"`
+	Roles      []RoleBinding    `toml:"roles"`
+	Mounts     []Mount          `toml:"mounts"`
 	// CoreDumpPatterns adds file-name patterns (path.Match syntax) of core
 	// dumps in VM directories, which are encrypted with the host key; the
 	// built-in ones are *.zdump, vmware-vmx-*.core and core*.
@@ -145,10 +154,23 @@ func Load(path string) (*Config, error) {
 		}
 		names[k.Name] = true
 	}
+	if m := c.Manager; m != nil {
+		if len(c.KMS) > 0 {
+			return nil, fmt.Errorf("config %s: [manager] and [[kms]] are exclusive: a host either talks to key servers itself (trusted host) or gets its keys from the manager", path)
+		}
+		if err := m.Check(); err != nil {
+			return nil, fmt.Errorf("config %s: %w", path, err)
+		}
+		abs(&m.CAFile)
+		abs(&m.CertFile)
+		abs(&m.KeyFile)
+	}
 	if c.DefaultProvider == "" && len(c.KMS) == 1 {
 		c.DefaultProvider = c.KMS[0].Name
 	}
-	if c.DefaultProvider != "" && !names[c.DefaultProvider] {
+	// With [manager], default_provider names one of the manager's
+	// providers, which only the manager knows.
+	if c.DefaultProvider != "" && c.Manager == nil && !names[c.DefaultProvider] {
 		return nil, fmt.Errorf("config %s: default_provider %q is not a configured [[kms]]", path, c.DefaultProvider)
 	}
 	for i := range c.Datastores {

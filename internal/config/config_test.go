@@ -60,6 +60,22 @@ role = "NoCryptoAdmin"
 		t.Fatalf("round trip: %+v", c2)
 	}
 
+	// [manager] instead of [[kms]]: paths resolved, default_provider is
+	// the manager's to check, and it survives Write.
+	mc, err := Load(write("default_provider = \"theirs\"\n[manager]\naddress = \"127.0.0.1:5697\"\nca_file = \"m/ca.pem\"\ncert_file = \"m/host.pem\"\nkey_file = \"/k.pem\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mc.Manager.CAFile != filepath.Join(dir, "m/ca.pem") || mc.Manager.KeyFile != "/k.pem" || len(mc.KMS) != 0 {
+		t.Fatalf("[manager]: %+v", mc.Manager)
+	}
+	if err := Write(out, mc); err != nil {
+		t.Fatal(err)
+	}
+	if mc2, err := Load(out); err != nil || *mc2.Manager != *mc.Manager {
+		t.Fatalf("[manager] round trip: %+v %v", mc2, err)
+	}
+
 	bad := []struct{ name, body, want string }{
 		{"unknown key", "sockett = \"x\"\n", "unknown key"},
 		{"dup provider", "[[kms]]\nname=\"a\"\n[[kms]]\nname=\"a\"\n", "defined twice"},
@@ -67,6 +83,9 @@ role = "NoCryptoAdmin"
 		{"role without subject", "[[roles]]\nrole = \"ReadOnly\"\n", "exactly one of"},
 		{"bad duration", "key_retry_interval = \"soon\"\n", "soon"},
 		{"datastore without path", "[[datastores]]\nname = \"x\"\n", "needs name and path"},
+		{"manager and kms", "[manager]\naddress=\"127.0.0.1:5697\"\nca_file=\"c\"\ncert_file=\"h\"\nkey_file=\"k\"\n[[kms]]\nname=\"a\"\n", "exclusive"},
+		{"manager incomplete", "[manager]\naddress=\"127.0.0.1:5697\"\n", "needs address, ca_file, cert_file and key_file"},
+		{"manager bad address", "[manager]\naddress=\"nowhere\"\nca_file=\"c\"\ncert_file=\"h\"\nkey_file=\"k\"\n", "address \"nowhere\""},
 		{"unknown cipher suite", "[[kms]]\nname=\"a\"\ntls_cipher_suites = [\"TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256\", \"TLS_NOPE\"]\n", `key provider "a": tls_cipher_suites: unknown suite "TLS_NOPE"`},
 	}
 	for _, b := range bad {

@@ -25,6 +25,7 @@ import (
 	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/config"
+	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
 	"github.com/vmcryptd/vmcryptd/kms"
 )
 
@@ -60,6 +61,10 @@ type Daemon struct {
 	audit       *auditLog
 	keyring     *engine.Keyring
 	started     time.Time
+	// mgr is the manager client when the manager is the key source
+	// ([manager] in the config); nil for a trusted host (manager.go).
+	mgr *mgrproto.Client
+	mgrState
 
 	mu        sync.Mutex
 	st        *state
@@ -131,6 +136,12 @@ func New(opts Options) (*Daemon, error) {
 	d.conf.Store(cfg)
 	d.retry.Store(int64(opts.RetryInterval))
 	d.metrics = newMetrics(d)
+	if cfg.Manager != nil {
+		if err := d.useManager(*cfg.Manager); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
 	for _, kc := range cfg.KMS {
 		if err := d.addProviderLocked(kc, "config"); err != nil {
 			d.Close()
@@ -153,6 +164,9 @@ func (d *Daemon) config() *config.Config { return d.conf.Load() }
 func (d *Daemon) statePath() string { return filepath.Join(d.config().StateDir, "state.json") }
 
 func (d *Daemon) addProviderLocked(kc kms.Config, source string) error {
+	if d.mgr != nil {
+		return badRequest("this host's key source is the manager at %s ([manager] in its config): it holds no KMS credentials; add key providers on the manager", d.mgr.Address())
+	}
 	if _, dup := d.providers[kc.Name]; dup {
 		return fmt.Errorf("key provider %q already exists", kc.Name)
 	}
@@ -169,6 +183,9 @@ func (d *Daemon) addProviderLocked(kc kms.Config, source string) error {
 func (d *Daemon) defaultProvider() string {
 	if d.st.DefaultProvider != "" {
 		return d.st.DefaultProvider
+	}
+	if cfg := d.config(); cfg.DefaultProvider == "" && d.mgr != nil {
+		return d.mgr.LastHello().DefaultProvider
 	}
 	return d.config().DefaultProvider
 }
@@ -204,9 +221,13 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 	if d.keyring.Locked() {
 		return // vmcryptd lock: nothing is fetched until unlock (lock.go)
 	}
+	if d.mgr != nil {
+		d.heartbeat(ctx) // before the keys: tells the manager what is missing
+		defer d.syncRegistrations(ctx)
+	}
 	var refs []engine.KeyRef
 	for _, ref := range d.neededKeys() {
-		if !d.keyring.Cached(ref) {
+		if !d.keyring.Cached(ref) && !d.deniedRecently(ref) {
 			refs = append(refs, ref)
 		}
 	}
@@ -226,6 +247,7 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 			delete(d.keyErrs, ref)
 		}
 		d.mu.Unlock()
+		d.noteDenied(ref, err)
 		if err != nil {
 			d.log.Warn("key not available", "key", ref.String(), "err", err)
 		} else {
@@ -502,6 +524,7 @@ func (d *Daemon) statusMemory(s *api.Status) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	s.DefaultKMS = d.defaultProvider()
+	s.KeySource = d.keySource()
 	if h := d.st.HostKey; h != nil {
 		ref := engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
 		s.HostEncryption = api.HostEncryption{Enabled: true, Provider: h.Provider, KeyID: h.KeyID,

@@ -92,6 +92,8 @@ func (d *Daemon) routes() http.Handler {
 	mux.Handle("POST "+p+"/vm/rekey", d.op("vm.rekey", PrivRecrypt, true, d.hVMRekey))
 	mux.Handle("POST "+p+"/vm/policy", d.op("vm.policy", PrivManageEncryptionPolicy, true, d.hVMPolicy))
 	mux.Handle("GET "+p+"/vm/status", d.op("vm.status", PrivRead, false, d.hVMStatus))
+	mux.Handle("POST "+p+"/vm/register", d.op("vm.register", PrivRegisterVM, true, d.hVMRegister))
+	mux.Handle("POST "+p+"/vm/unregister", d.op("vm.unregister", PrivRegisterVM, true, d.hVMUnregister))
 	mux.Handle("POST "+p+"/vm/check", d.op("vm.check", PrivRead, true, d.hVMCheck))
 	mux.Handle("GET "+p+"/policies", d.op("policy.list", PrivRead, false, d.hPolicyList))
 	// Plain VM management is not cryptographic (a NoCryptoAdmin may do it);
@@ -260,6 +262,11 @@ func (d *Daemon) hHostSet(rc *reqCtx) (any, error) {
 	}
 	ctx, cancel := context.WithTimeout(rc.r.Context(), time.Minute)
 	defer cancel()
+	if req.Enable {
+		if err := d.managerReady(ctx); err != nil {
+			return nil, err
+		}
+	}
 	d.mu.Lock()
 	cur := d.st.HostKey
 	provider := req.Provider
@@ -444,6 +451,9 @@ func (k keyCreateResult) audit() (string, []string) {
 func (d *Daemon) hKeyCreate(rc *reqCtx) (any, error) {
 	var req keyCreateRequest
 	if err := decode(rc, &req); err != nil {
+		return nil, err
+	}
+	if err := d.managerReady(rc.r.Context()); err != nil {
 		return nil, err
 	}
 	d.mu.Lock()

@@ -32,6 +32,7 @@ var configSections = []struct {
 	{"mount_roots", "", func(c *config.Config) any { return c.MountRoots }},
 	{"key_retry_interval", "", func(c *config.Config) any { return c.KeyRetryInterval }},
 	{"metrics_listen", "", func(c *config.Config) any { return c.MetricsListen }},
+	{"manager", "the key source is chosen at start", func(c *config.Config) any { return c.Manager }},
 	{"socket", "the API socket is made at start", func(c *config.Config) any { return c.Socket }},
 	{"socket_group", "the API socket is made at start", func(c *config.Config) any { return c.SocketGroup }},
 	{"state_dir", "the state is opened at start", func(c *config.Config) any { return c.StateDir }},

@@ -37,6 +37,7 @@ type keyRefJSON struct {
 
 type vmRecord struct {
 	Dir  string       `json:"dir"`
+	VMID string       `json:"vm_id,omitempty"` // the vmx's vmcryptd.vmId (the manager's key)
 	Name string       `json:"name,omitempty"`
 	Keys []keyRefJSON `json:"keys"`
 }

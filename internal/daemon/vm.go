@@ -123,17 +123,41 @@ func (v vmResult) auditOp() string { return v.op }
 
 // registerVM records an encrypted VM (or forgets a decrypted one) in the
 // state so its KEKs are fetched again after a restart.
+//
+// With the manager as key source the VM is then registered there too (or
+// unregistered): a refusal is returned; an unreachable manager is not,
+// the key loop registers the VM once the manager answers.
 func (d *Daemon) registerVM(st *engine.VMStatus) error {
+	prev, err := d.registerLocal(st)
+	if err != nil || d.mgr == nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if st.Encrypted {
+		return d.managerRegister(ctx, st.Dir)
+	}
+	if prev != nil && prev.VMID != "" {
+		return d.managerUnregister(ctx, prev.VMID)
+	}
+	return nil
+}
+
+// registerLocal updates the state; it returns the record st.Dir had.
+func (d *Daemon) registerLocal(st *engine.VMStatus) (*vmRecord, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var kept []vmRecord
+	var prev *vmRecord
 	for _, vm := range d.st.VMs {
 		if vm.Dir != st.Dir {
 			kept = append(kept, vm)
+		} else {
+			prev = &vm
 		}
 	}
 	if st.Encrypted {
-		rec := vmRecord{Dir: st.Dir, Name: st.Name}
+		rec := vmRecord{Dir: st.Dir, Name: st.Name, VMID: st.VMID}
 		for _, r := range engine.KEKRefs(st.KEKs) {
 			rec.Keys = append(rec.Keys, keyRefJSON{Provider: r.Provider, KeyID: r.KeyID})
 		}
@@ -143,14 +167,17 @@ func (d *Daemon) registerVM(st *engine.VMStatus) error {
 	d.st.VMs = kept
 	if err := d.st.save(d.statePath()); err != nil {
 		d.st.VMs = old
-		return err
+		return nil, err
 	}
-	return nil
+	return prev, nil
 }
 
 // kekFor picks the KEK of an encryption: a named existing key, or a new
 // key on the provider (vCenter likewise asks the KMS for a fresh key).
 func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (engine.KeyRef, error) {
+	if err := d.managerReady(ctx); err != nil {
+		return engine.KeyRef{}, err
+	}
 	d.mu.Lock()
 	provider := req.Provider
 	if provider == "" {

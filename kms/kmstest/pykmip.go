@@ -17,8 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 	"github.com/vmcryptd/vmcryptd/kms"
-	"github.com/vmcryptd/vmcryptd/kms/internal/pki"
 )
 
 // ClientCN is the common name of the client certificate StartPyKMIP

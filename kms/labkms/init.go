@@ -27,8 +27,8 @@ import (
 	"time"
 
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 	"github.com/vmcryptd/vmcryptd/kms"
-	"github.com/vmcryptd/vmcryptd/kms/internal/pki"
 )
 
 // DefaultListenAddr is where the lab KMS listens unless told otherwise:

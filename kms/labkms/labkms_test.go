@@ -24,7 +24,7 @@ import (
 	"github.com/ovh/kmip-go/kmipclient"
 	"github.com/ovh/kmip-go/payloads"
 
-	"github.com/vmcryptd/vmcryptd/kms/internal/pki"
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 )
 
 func quiet() *slog.Logger {

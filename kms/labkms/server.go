@@ -16,7 +16,7 @@ import (
 	"github.com/ovh/kmip-go/kmipserver"
 	"github.com/ovh/kmip-go/ttlv"
 
-	"github.com/vmcryptd/vmcryptd/kms/internal/pki"
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 )
 
 const (

@@ -1,0 +1,375 @@
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"regexp"
+	"sort"
+	"strconv"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
+)
+
+// Service is the "service" field of the manager's status, which tells
+// the CLI it talks to a manager and not a host daemon.
+const Service = "vmcryptd-manager"
+
+// Status is the answer of GET /v1/status on the admin socket.
+type Status struct {
+	Service         string         `json:"service"`
+	Version         string         `json:"version"`
+	PID             int            `json:"pid"`
+	Started         time.Time      `json:"started"`
+	Caller          api.Caller     `json:"caller"`
+	Listen          string         `json:"listen"`
+	DefaultProvider string         `json:"default_provider"`
+	Providers       []ProviderInfo `json:"providers"`
+	Hosts           []HostInfo     `json:"hosts"`
+	VMs             []VMInfo       `json:"vms"`
+	CachedKeys      int            `json:"cached_keys"`
+	KeysLocked      bool           `json:"keys_mlocked"`
+	// KMSFetches counts keys fetched from the KMS since start (each key
+	// once, however many hosts asked).
+	KMSFetches int64 `json:"kms_fetches"`
+}
+
+// ProviderInfo is one key provider of the manager.
+type ProviderInfo struct {
+	Name    string   `json:"name"`
+	Servers []string `json:"servers"`
+	Default bool     `json:"default"`
+}
+
+// HostInfo is one registered host.
+type HostInfo struct {
+	Name     string    `json:"name"`
+	Address  string    `json:"address,omitempty"`
+	Serial   string    `json:"cert_serial"`
+	Added    time.Time `json:"added"`
+	LastSeen time.Time `json:"last_seen,omitzero"`
+	// Connected is whether a host-channel connection is open now.
+	Connected bool `json:"connected"`
+	// HostEncryption reports the host encryption mode from its last
+	// hello: "enabled", "disabled" or "" (never seen).
+	HostEncryption string   `json:"host_encryption,omitempty"`
+	HostKey        string   `json:"host_key,omitempty"`
+	VMs            int      `json:"vms"`
+	KeysHeld       []string `json:"keys_held"`
+}
+
+// VMInfo is one VM registration with its lock state as its host last
+// reported it.
+type VMInfo struct {
+	ID     string   `json:"id"`
+	Name   string   `json:"name,omitempty"`
+	Dir    string   `json:"dir,omitempty"`
+	Host   string   `json:"host"`
+	Keys   []string `json:"keys"`
+	Locked bool     `json:"locked"`
+	Reason string   `json:"reason,omitempty"`
+}
+
+// HostAddRequest is POST /v1/hosts.
+type HostAddRequest struct {
+	Name    string `json:"name"`
+	Address string `json:"address,omitempty"`
+}
+
+// HostBundle answers host add: the host's credentials for [manager].
+// The private key exists only in this answer and in the files the CLI
+// writes from it; the manager keeps the certificate's serial.
+type HostBundle struct {
+	Name           string `json:"name"`
+	Serial         string `json:"cert_serial"`
+	ManagerAddress string `json:"manager_address"`
+	CAPEM          string `json:"ca_pem"`
+	CertPEM        string `json:"cert_pem"`
+	KeyPEM         string `json:"key_pem"`
+}
+
+// HostRemoved answers DELETE /v1/hosts/NAME.
+type HostRemoved struct {
+	Name        string   `json:"name"`
+	Serial      string   `json:"revoked_serial"`
+	ReleasedVMs []string `json:"released_vms"`
+}
+
+type peerKey struct{}
+
+func peerContext(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(syscall.Conn)
+	if !ok {
+		return ctx
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
+	}
+	var cred *unix.Ucred
+	var gerr error
+	if raw.Control(func(fd uintptr) { cred, gerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }) != nil || gerr != nil {
+		return ctx
+	}
+	return context.WithValue(ctx, peerKey{}, int(cred.Uid))
+}
+
+type adminCtx struct {
+	w    http.ResponseWriter
+	r    *http.Request
+	uid  int
+	user string
+	role string
+}
+
+func (m *Manager) adminRoutes() http.Handler {
+	mux := http.NewServeMux()
+	route := func(pattern, priv string, h func(*adminCtx) (any, error)) {
+		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			uid, ok := r.Context().Value(peerKey{}).(int)
+			if !ok {
+				writeErr(w, http.StatusForbidden, "cannot identify the caller (SO_PEERCRED)", "")
+				return
+			}
+			name, _ := m.lookupU(uid)
+			if name == "" {
+				name = strconv.Itoa(uid)
+			}
+			ac := &adminCtx{w: w, r: r, uid: uid, user: name, role: roleOf(m.cfg.Roles, uid, m.lookupU)}
+			if !roleAllows(ac.role, priv) {
+				msg := fmt.Sprintf("permission denied: %s needs privilege %s (you are %s, role %q)", r.URL.Path, priv, name, ac.role)
+				if priv != PrivRead {
+					m.auditAdmin(ac, r.Method+" "+r.URL.Path, priv, "denied", msg)
+				}
+				writeErr(w, http.StatusForbidden, msg, priv)
+				return
+			}
+			r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+			res, err := h(ac)
+			if err != nil {
+				var he *httpErr
+				if errors.As(err, &he) {
+					writeErr(w, he.code, he.msg, "")
+				} else {
+					writeErr(w, http.StatusInternalServerError, err.Error(), "")
+				}
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			json.NewEncoder(w).Encode(res)
+		})
+	}
+	p := api.Prefix
+	route("GET "+p+"/status", PrivRead, m.hStatus)
+	route("GET "+p+"/hosts", PrivRead, func(*adminCtx) (any, error) { return m.hostInfos(), nil })
+	route("POST "+p+"/hosts", PrivRegisterHost, m.hHostAdd)
+	route("DELETE "+p+"/hosts/{name}", PrivRegisterHost, m.hHostRemove)
+	return mux
+}
+
+type httpErr struct {
+	code int
+	msg  string
+}
+
+func (e *httpErr) Error() string { return e.msg }
+
+func writeErr(w http.ResponseWriter, code int, msg, priv string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(api.Error{Error: oneLine(msg), MissingPrivilege: priv})
+}
+
+func (m *Manager) auditAdmin(ac *adminCtx, op, priv, result, detail string) error {
+	uid := ac.uid
+	return m.audit.write(AuditEntry{UID: &uid, Op: op, Privilege: priv, Result: result, Detail: detail})
+}
+
+func (m *Manager) hStatus(ac *adminCtx) (any, error) {
+	n, locked := m.keys.count()
+	m.mu.Lock()
+	listen := m.listen
+	m.mu.Unlock()
+	st := Status{
+		Service: Service, Version: m.version, PID: os.Getpid(), Started: m.started,
+		Caller:          api.Caller{UID: ac.uid, User: ac.user, Role: ac.role, Privileges: rolePrivileges[ac.role]},
+		Listen:          listen,
+		DefaultProvider: m.cfg.DefaultProvider,
+		Providers:       []ProviderInfo{},
+		Hosts:           m.hostInfos(),
+		VMs:             m.vmInfos(),
+		CachedKeys:      n, KeysLocked: locked,
+		KMSFetches: m.keys.fetches.Load(),
+	}
+	for _, name := range m.providerNames() {
+		st.Providers = append(st.Providers, ProviderInfo{Name: name, Servers: m.providers[name].Servers(), Default: name == m.cfg.DefaultProvider})
+	}
+	return st, nil
+}
+
+func (m *Manager) hostInfos() []HostInfo {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	connected := map[string]bool{}
+	for _, h := range m.conns {
+		connected[h] = true
+	}
+	out := []HostInfo{}
+	for _, h := range m.inv.Hosts {
+		hi := HostInfo{Name: h.Name, Address: h.Address, Serial: h.Serial, Added: h.Added, Connected: connected[h.Name],
+			VMs: len(m.inv.vmsOf(h.Name)), KeysHeld: []string{}}
+		if s, ok := m.seen[h.Name]; ok {
+			hi.LastSeen = s.At
+			hi.HostEncryption = "disabled"
+			if s.Status.HostKey != nil {
+				hi.HostEncryption = "enabled"
+				hi.HostKey = s.Status.HostKey.String()
+			}
+			for _, k := range s.Status.Held {
+				hi.KeysHeld = append(hi.KeysHeld, k.String())
+			}
+			if hi.Address == "" {
+				hi.Address = s.Remote
+			}
+		}
+		out = append(out, hi)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (m *Manager) vmInfos() []VMInfo {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := []VMInfo{}
+	for _, vm := range m.inv.VMs {
+		vi := VMInfo{ID: vm.ID, Name: vm.Name, Dir: vm.Dir, Host: vm.Host, Keys: []string{}}
+		s, seen := m.seen[vm.Host]
+		held := map[mgrproto.KeyRef]bool{}
+		for _, k := range s.Status.Held {
+			held[k] = true
+		}
+		for _, k := range vm.Keys {
+			vi.Keys = append(vi.Keys, k.String())
+			if !held[k] && !vi.Locked {
+				vi.Locked = true
+				vi.Reason = "host " + vm.Host + " does not hold key " + k.String()
+				if !seen {
+					vi.Reason = "host " + vm.Host + " has not reported since the manager started"
+				}
+			}
+		}
+		out = append(out, vi)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].Host+"/"+out[i].Dir+out[i].ID < out[j].Host+"/"+out[j].Dir+out[j].ID
+	})
+	return out
+}
+
+// hostName is what a host may be called: it becomes a certificate CN
+// and a directory name in labs.
+var hostName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+func (m *Manager) hHostAdd(ac *adminCtx) (any, error) {
+	var req HostAddRequest
+	dec := json.NewDecoder(ac.r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil && !errors.Is(err, io.EOF) {
+		return nil, &httpErr{400, "bad request: " + err.Error()}
+	}
+	if !hostName.MatchString(req.Name) {
+		return nil, &httpErr{400, fmt.Sprintf("host name %q: use 1-63 letters, digits, '.', '_' or '-'", req.Name)}
+	}
+	if req.Address != "" {
+		if _, _, err := net.SplitHostPort(req.Address); err != nil {
+			return nil, &httpErr{400, fmt.Sprintf("host address %q: %v", req.Address, err)}
+		}
+	}
+	m.mu.Lock()
+	_, exists := m.inv.Hosts[req.Name]
+	m.mu.Unlock()
+	if exists {
+		return nil, &httpErr{409, fmt.Sprintf("host %q already exists (remove it first to issue a new certificate)", req.Name)}
+	}
+	pair, err := m.ca.IssueClient(req.Name)
+	if err != nil {
+		return nil, err
+	}
+	serial := pair.Cert.SerialNumber.Text(16)
+	m.mu.Lock()
+	err = m.updateLocked(func(inv *inventory) error {
+		if _, ok := inv.Hosts[req.Name]; ok {
+			return &httpErr{409, fmt.Sprintf("host %q already exists", req.Name)}
+		}
+		inv.Hosts[req.Name] = &hostRec{Name: req.Name, Address: req.Address, Serial: serial, Added: time.Now().UTC()}
+		return nil
+	})
+	listen := m.listen
+	m.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	if err := m.auditAdmin(ac, "manager.host.add", PrivRegisterHost, "ok", "host "+req.Name+" certificate "+serial); err != nil {
+		return nil, err
+	}
+	return HostBundle{Name: req.Name, Serial: serial, ManagerAddress: listen, CAPEM: string(m.ca.CertPEM),
+		CertPEM: string(pair.CertPEM), KeyPEM: string(pair.KeyPEM)}, nil
+}
+
+func (m *Manager) hHostRemove(ac *adminCtx) (any, error) {
+	name := ac.r.PathValue("name")
+	res := HostRemoved{Name: name, ReleasedVMs: []string{}}
+	m.mu.Lock()
+	err := m.updateLocked(func(inv *inventory) error {
+		h, ok := inv.Hosts[name]
+		if !ok {
+			return &httpErr{404, fmt.Sprintf("host %q is not in the inventory", name)}
+		}
+		res.Serial = h.Serial
+		inv.Revoked[h.Serial] = revokedRec{Host: name, Revoked: time.Now().UTC()}
+		delete(inv.Hosts, name)
+		// Its VMs are released (they may be registered on another host);
+		// keys made for it and not bound to a VM are no longer its.
+		for id, vm := range inv.VMs {
+			if vm.Host == name {
+				res.ReleasedVMs = append(res.ReleasedVMs, id)
+				delete(inv.VMs, id)
+			}
+		}
+		for _, k := range inv.Keys {
+			if k.CreatedFor == name {
+				k.CreatedFor = ""
+			}
+		}
+		return nil
+	})
+	// Open connections of the host are cut now, not at their next request.
+	if err == nil {
+		for c, h := range m.conns {
+			if h == name {
+				c.Close()
+			}
+		}
+		delete(m.seen, name)
+	}
+	m.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	sort.Strings(res.ReleasedVMs)
+	if err := m.auditAdmin(ac, "manager.host.remove", PrivRegisterHost, "ok", fmt.Sprintf("host %s certificate %s revoked; %d VMs released", name, res.Serial, len(res.ReleasedVMs))); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
