@@ -165,7 +165,7 @@ func TestReloadDatastoresMountsMetrics(t *testing.T) {
 	mustRun(t, "--socket", sock, "mount", "ds2", apiMP)
 	write(string(orig))
 	r := vmcryptd(t, nil, nil, "--socket", sock, "reload")
-	if r.code == 0 || !strings.Contains(r.err, "running configuration kept") || !strings.Contains(r.err, "mounted on "+apiMP) {
+	if r.code == 0 || !strings.Contains(r.err, "running configuration kept") || !strings.Contains(r.err, "the view on "+apiMP) || !strings.Contains(r.err, "outside every configured datastore") {
 		t.Fatalf("reload removing a mounted datastore: exit %d %q", r.code, r.err)
 	}
 	if got, err := os.ReadFile(filepath.Join(mp, "vm2", "vm2.nvram")); err != nil || !bytes.Equal(got, plainNVRAM) {

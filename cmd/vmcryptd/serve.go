@@ -37,7 +37,7 @@ func (s *serveCmd) Run(g *globals) error {
 	defer signal.Stop(hup)
 	go func() {
 		for range hup {
-			if _, err := d.Reload(ctx); err != nil {
+			if _, err := d.Reload(context.WithoutCancel(ctx)); err != nil {
 				g.log.Error("SIGHUP", "err", err)
 			}
 		}

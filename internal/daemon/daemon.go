@@ -368,8 +368,13 @@ func (d *Daemon) shutdown(srv *http.Server, cancelBG context.CancelFunc, bgWG *s
 		d.log.Warn("API requests still running at shutdown; closing their connections", "err", err)
 		srv.Close()
 	}
+	// A reload (SIGHUP) still running finishes first, and none starts
+	// after: none may mount a view or bind a listener behind the
+	// unmount below. Never unlocked: the daemon is ending.
+	d.reloadMu.Lock()
 	d.mu.Lock()
 	d.stopping = true
+	d.serving = false
 	d.mu.Unlock()
 	if !waitBounded(shutdownWork, func() { bgWG.Wait(); d.ops.Wait() }) {
 		d.log.Warn("start-up mounts, key fetches or conversions still running at shutdown; not waiting for them (a conversion resumes when its command is run again)")

@@ -215,6 +215,9 @@ func (d *Daemon) prepareProviders(running, next *config.Config, tx *reloadTx) er
 // checkDatastores refuses to drop (or move) a datastore that a view
 // shows or a VM operation works in, and to add one that is no directory.
 func (d *Daemon) checkDatastores(running, next *config.Config, tx *reloadTx) error {
+	if err := d.checkServedInside(next); err != nil {
+		return err
+	}
 	nxt := map[string]string{}
 	for _, ds := range next.Datastores {
 		nxt[ds.Name] = ds.Path
@@ -258,6 +261,48 @@ func (d *Daemon) checkDatastores(running, next *config.Config, tx *reloadTx) err
 		if _, ok := cur[ds.Name]; !ok {
 			tx.note("datastore %s (%s) added", ds.Name, ds.Path)
 		}
+	}
+	return nil
+}
+
+// checkServedInside refuses a next configuration that leaves a running
+// view or NBD export outside every datastore it names (a datastore
+// removed or moved from under it, or a first [[datastores]] where any
+// path was allowed). It compares the paths the views and exports were
+// set up with, not what the old entries resolve to now.
+func (d *Daemon) checkServedInside(next *config.Config) error {
+	if len(next.Datastores) == 0 {
+		return nil // any absolute path is allowed
+	}
+	type served struct{ what, path string }
+	var all []served
+	d.mu.Lock()
+	for mp, m := range d.mounts {
+		all = append(all, served{"the view on " + mp, m.rec.Datastore})
+	}
+	for _, e := range d.exports {
+		all = append(all, served{"the NBD export of " + e.rec.Disk, e.rec.Disk})
+	}
+	d.mu.Unlock()
+	var roots []string
+	for _, ds := range next.Datastores {
+		if r, err := filepath.EvalSymlinks(ds.Path); err == nil {
+			roots = append(roots, r)
+		}
+	}
+	var stray []string
+	for _, s := range all {
+		inside := false
+		for _, r := range roots {
+			inside = inside || s.path == r || strings.HasPrefix(s.path, r+"/")
+		}
+		if !inside {
+			stray = append(stray, fmt.Sprintf("%s (%s)", s.what, s.path))
+		}
+	}
+	if len(stray) > 0 {
+		sort.Strings(stray)
+		return fmt.Errorf("it leaves %s outside every configured datastore: unmount or stop it first", strings.Join(stray, ", "))
 	}
 	return nil
 }

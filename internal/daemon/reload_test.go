@@ -135,3 +135,40 @@ path = "` + dir + `"
 		}
 	}
 }
+
+// A reload may not leave a running view or export outside every datastore
+// of the new file, including a first [[datastores]] where any path was
+// allowed before; the paths compared are those they were set up with.
+func TestCheckServedInside(t *testing.T) {
+	base := t.TempDir()
+	a, b := filepath.Join(base, "a"), filepath.Join(base, "b")
+	os.Mkdir(a, 0o700)
+	os.Mkdir(b, 0o700)
+	d := &Daemon{
+		mounts:  map[string]*activeMount{"/mnt/a": {rec: mountRecord{Datastore: a, Mountpoint: "/mnt/a"}}},
+		exports: map[string]*activeExport{"/run/x.sock": {rec: exportRecord{Disk: filepath.Join(b, "vm", "d.vmdk")}}},
+	}
+	for _, tc := range []struct {
+		name string
+		ds   []config.Datastore
+		want string
+	}{
+		{"no datastores: any path", nil, ""},
+		{"both kept", []config.Datastore{{Name: "a", Path: a}, {Name: "b", Path: b}}, ""},
+		{"b dropped", []config.Datastore{{Name: "a", Path: a}}, "the NBD export of " + filepath.Join(b, "vm", "d.vmdk")},
+		{"first datastores, neither", []config.Datastore{{Name: "c", Path: base + "/c"}}, "the view on /mnt/a"},
+		{"parent datastore", []config.Datastore{{Name: "all", Path: base}}, "the NBD export"},
+	} {
+		err := d.checkServedInside(&config.Config{Datastores: tc.ds})
+		switch {
+		case tc.name == "parent datastore":
+			// a and b are not datastores themselves: a view of a is not
+			// the view of a datastore, but its files are inside one.
+			if err != nil {
+				t.Errorf("%s: %v", tc.name, err)
+			}
+		case tc.want == "" && err != nil, tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s: err %v, want %q", tc.name, err, tc.want)
+		}
+	}
+}
