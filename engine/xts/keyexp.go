@@ -5,8 +5,8 @@ import "encoding/binary"
 // AES-256 key expansion (FIPS-197 §5.2) for the assembly kernels.
 //
 // We expand keys ourselves instead of borrowing crypto/aes internals so the
-// round keys can be written straight into locked, non-dumpable memory (see
-// secmem_*.go) in exactly the layout the kernels read: 15 round keys of 16
+// round keys can be written straight into locked, non-dumpable memory (from
+// internal/secmem) in exactly the layout the kernels read: 15 round keys of 16
 // bytes, each in the byte order AESENC expects (which is the FIPS-197 byte
 // order of the words w[4r..4r+3]).
 //

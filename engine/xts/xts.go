@@ -20,6 +20,8 @@ import (
 	"runtime"
 	"sync"
 	"unsafe"
+
+	"github.com/vmcryptd/vmcryptd/internal/secmem"
 )
 
 // Impl names an implementation of the XTS kernels.
@@ -40,7 +42,7 @@ const (
 	maxUnitSize = 1 << 20
 )
 
-// Layout of the key region (one page, see secmem_*.go): the 16-byte round
+// Layout of the key region (one page from internal/secmem): the 16-byte round
 // key schedules for the SSE and ZMM kernels, and the same schedules with
 // every round key broadcast to 32 bytes, so the YMM kernel loads a round key
 // with one plain 32-byte load.
@@ -73,8 +75,11 @@ type Cipher struct {
 	unitSize int
 	closed   bool
 
-	// Assembly implementations: the key region, outside the Go heap, and the
-	// cleanup that releases it if the Cipher is dropped without Close.
+	// Assembly implementations: the key region (internal/secmem: outside
+	// the Go heap, mlock'ed, out of core dumps and forked children), a view
+	// of its bytes, and the cleanup that frees it if the Cipher is dropped
+	// without Close.
+	keyBuf  *secmem.Buffer
 	keys    []byte
 	cleanup runtime.Cleanup
 
@@ -109,21 +114,36 @@ func New(key []byte, unitSize int, impl Impl) (*Cipher, error) {
 		c.b2, _ = aes.NewCipher(key[32:])
 		return c, nil
 	}
-	keys, err := allocSecret(keyRegSz)
+	keyBuf, err := secmem.Alloc(keyRegSz)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("xts: key schedule: %w", err)
 	}
+	keys := keyBuf.Bytes()
 	expandKey256(keys[offEK1:], key[:32])
 	decryptionKeys(keys[offDK1:], keys[offEK1:])
 	expandKey256(keys[offEK2:], key[32:])
 	broadcast256(keys[offEK1B:], keys[offEK1:offEK1+scheduleSz])
 	broadcast256(keys[offDK1B:], keys[offDK1:offDK1+scheduleSz])
 	broadcast256(keys[offEK2B:], keys[offEK2:offEK2+scheduleSz])
-	c.keys = keys
+	c.keyBuf, c.keys = keyBuf, keys
 	// A Cipher that becomes unreachable without Close still gets its keys
 	// wiped and unmapped. The cleanup holds only the region, not c.
-	c.cleanup = runtime.AddCleanup(c, freeSecret, keys)
+	c.cleanup = runtime.AddCleanup(c, freeKeys, keyBuf)
 	return c, nil
+}
+
+// freeKeys zeroes, unlocks and unmaps a key region. An munmap error can
+// only mean a corrupted mapping; the bytes are zeroed before it is tried.
+func freeKeys(b *secmem.Buffer) { _ = b.Free() }
+
+// Locked reports whether the key schedules are locked in RAM (mlock may
+// fail under a small RLIMIT_MEMLOCK; the cipher then works the same but its
+// keys may be swapped). The generic implementation keeps them on the Go
+// heap and reports false.
+func (c *Cipher) Locked() bool {
+	i := c.mu.rlock()
+	defer c.mu.runlock(i)
+	return c.keyBuf.Locked()
 }
 
 // UnitSize returns the data unit size in bytes.
@@ -143,8 +163,8 @@ func (c *Cipher) Close() {
 	c.closed = true
 	if c.keys != nil {
 		c.cleanup.Stop()
-		freeSecret(c.keys)
-		c.keys = nil
+		freeKeys(c.keyBuf)
+		c.keyBuf, c.keys = nil, nil
 	}
 	c.b1, c.b2 = nil, nil
 }

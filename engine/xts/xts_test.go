@@ -6,7 +6,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -564,7 +566,7 @@ func TestClose(t *testing.T) {
 		if err := c.Decrypt(buf, buf, 0); err == nil {
 			t.Fatalf("%s: Decrypt after Close succeeded", impl)
 		}
-		if c.keys != nil || c.b1 != nil {
+		if c.keys != nil || c.keyBuf != nil || c.b1 != nil {
 			t.Fatalf("%s: key references kept after Close", impl)
 		}
 		_ = keys // unmapped now: must not be touched
@@ -693,4 +695,66 @@ func TestCleanupWithoutClose(t *testing.T) {
 	}()
 	runtime.GC()
 	runtime.GC()
+}
+
+// TestKeyRegionProtected: the assembly schedules live in one page that the
+// kernel marks locked, not dumpable and not inherited by a fork
+// (/proc/self/smaps VmFlags lo, dd, dc), the properties internal/secmem
+// promises; the generic implementation says it is not locked.
+func TestKeyRegionProtected(t *testing.T) {
+	key := randKey(rand.New(rand.NewPCG(31, 32)))
+	for _, impl := range Available() {
+		c, err := New(key, 4096, impl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if impl == ImplGeneric {
+			if c.Locked() {
+				t.Fatalf("generic: Locked() true for heap schedules")
+			}
+			c.Close()
+			continue
+		}
+		flags := vmFlags(t, uintptrOf(c.keys))
+		for _, want := range []string{"dd", "dc"} {
+			if !slices.Contains(flags, want) {
+				t.Errorf("%s: key page VmFlags %v lack %q", impl, flags, want)
+			}
+		}
+		if os.Geteuid() == 0 {
+			if !c.Locked() || !slices.Contains(flags, "lo") {
+				t.Errorf("%s: as root the key page is not locked (Locked %v, VmFlags %v)", impl, c.Locked(), flags)
+			}
+		}
+		c.Close()
+		if c.Locked() {
+			t.Errorf("%s: Locked() after Close", impl)
+		}
+	}
+}
+
+// vmFlags returns the VmFlags of the mapping holding addr in /proc/self/smaps.
+func vmFlags(t *testing.T, addr uintptr) []string {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		t.Skipf("no smaps: %v", err)
+	}
+	in := false
+	for _, line := range strings.Split(string(data), "\n") {
+		// A mapping's header line starts with "lo-hi " in hex; its
+		// attribute lines start with a "Name:" field.
+		if f := strings.Fields(line); len(f) > 0 && !strings.HasSuffix(f[0], ":") {
+			var lo, hi uintptr
+			if _, err := fmt.Sscanf(f[0], "%x-%x", &lo, &hi); err == nil {
+				in = addr >= lo && addr < hi
+			}
+			continue
+		}
+		if in && strings.HasPrefix(line, "VmFlags:") {
+			return strings.Fields(strings.TrimPrefix(line, "VmFlags:"))
+		}
+	}
+	t.Fatalf("mapping of %#x not found in smaps", addr)
+	return nil
 }
