@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"github.com/vmware/govmomi/crypto"
+
+	"github.com/vmcryptd/vmcryptd/formats/keylocator"
 )
 
 // KeySafeEntry is one wrapped copy of a DEK: the KEK that wraps it and the
@@ -28,6 +30,9 @@ func EncodeKeySafe(entries []KeySafeEntry) (string, error) {
 	for _, e := range entries {
 		if e.KEK.Provider == "" || e.KEK.KeyID == "" {
 			return "", errors.New("keysafe: entry without provider or key id")
+		}
+		if len(e.Locked) == 0 {
+			return "", errors.New("keysafe: entry without a wrapped key")
 		}
 		scheme := e.Scheme
 		if scheme == "" {
@@ -63,7 +68,7 @@ func EncodeKeySafe(entries []KeySafeEntry) (string, error) {
 // LDAP, script lockers from other products) are an error, since vmcryptd
 // can only fetch keys from a KMIP provider.
 func DecodeKeySafe(s string) ([]KeySafeEntry, error) {
-	kl, err := crypto.ImportKeyLocator(s)
+	kl, err := keylocator.Parse(s)
 	if err != nil {
 		return nil, fmt.Errorf("keysafe: %w", err)
 	}
@@ -95,6 +100,12 @@ func DecodeKeySafe(s string) ([]KeySafeEntry, error) {
 		fq := lk.Indirect.FQID
 		if fq.KeyServerID == "" || fq.KeyID == "" {
 			return nil, fmt.Errorf("keysafe: element %d has an empty provider or key id", i)
+		}
+		// An entry without locked data can unlock nothing; it is damage
+		// (FuzzKeySafeDecodeRoundTrip found one that govmomi accepts but
+		// cannot write back).
+		if len(p.Pair.LockedData) == 0 {
+			return nil, fmt.Errorf("keysafe: element %d has no wrapped key", i)
 		}
 		out = append(out, KeySafeEntry{
 			KEK:    KeyRef{Provider: fq.KeyServerID, KeyID: fq.KeyID},

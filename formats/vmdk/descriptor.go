@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"github.com/vmware/govmomi/crypto"
+
+	"github.com/vmcryptd/vmcryptd/formats/keylocator"
 )
 
 // MaxDescriptorSize bounds how much descriptor text is read. Real
@@ -534,20 +536,14 @@ func (d *Descriptor) hexHeader(k string) (uint32, error) {
 func (d *Descriptor) ParentFileNameHint() (string, bool) { return d.Get("parentFileNameHint") }
 
 // EncryptionKeys parses the encryptionKeys header with govmomi's
-// KeyLocator codec. It returns nil, nil when the header is absent or empty.
-func (d *Descriptor) EncryptionKeys() (kl *crypto.KeyLocator, err error) {
+// KeyLocator codec (through formats/keylocator: a codec panic is an
+// error). It returns nil, nil when the header is absent or empty.
+func (d *Descriptor) EncryptionKeys() (*crypto.KeyLocator, error) {
 	v, ok := d.Get("encryptionKeys")
 	if !ok || v == "" {
 		return nil, nil
 	}
-	defer func() {
-		// The codec is third-party; a malformed header must not take the
-		// daemon down.
-		if r := recover(); r != nil {
-			kl, err = nil, fmt.Errorf("descriptor: encryptionKeys: malformed key locator: %v", r)
-		}
-	}()
-	kl, err = crypto.ImportKeyLocator(v)
+	kl, err := keylocator.Parse(v)
 	if err != nil {
 		return nil, fmt.Errorf("descriptor: encryptionKeys: %w", err)
 	}

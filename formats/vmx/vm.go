@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"github.com/vmware/govmomi/crypto"
+
+	"github.com/vmcryptd/vmcryptd/formats/keylocator"
 )
 
 // Well-known keys.
@@ -111,18 +113,12 @@ func (f *File) Encrypted() bool { return f.get(KeyKeySafe) != "" }
 
 // KeySafe parses encryption.keySafe with govmomi's KeyLocator codec; nil,
 // nil when absent.
-func (f *File) KeySafe() (kl *crypto.KeyLocator, err error) {
+func (f *File) KeySafe() (*crypto.KeyLocator, error) {
 	v := f.get(KeyKeySafe)
 	if v == "" {
 		return nil, nil
 	}
-	defer func() {
-		// Third-party parser on untrusted input: never crash the caller.
-		if r := recover(); r != nil {
-			kl, err = nil, fmt.Errorf("vmx: %s: malformed key locator: %v", KeyKeySafe, r)
-		}
-	}()
-	kl, err = crypto.ImportKeyLocator(v)
+	kl, err := keylocator.Parse(v)
 	if err != nil {
 		return nil, fmt.Errorf("vmx: %s: %w", KeyKeySafe, err)
 	}
