@@ -146,13 +146,17 @@ func (d *Datastore) openBlockFile(p string, readOnly bool) (blockFile, error) {
 	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
 		return nil, fmt.Errorf("%s: outside the datastore %s", p, d.Root)
 	}
-	st, reason, err := d.Classify(rel)
+	cl, err := d.classify(rel)
 	if err != nil {
 		return nil, err
 	}
-	switch st {
+	switch cl.state {
 	case FileLocked:
-		return nil, fmt.Errorf("%s: %w: %s", p, ErrKeyUnavailable, reason)
+		var ref *RefusedError
+		if errors.As(cl.why, &ref) {
+			return nil, cl.why
+		}
+		return nil, fmt.Errorf("%s: %w: %s", p, ErrKeyUnavailable, cl.why)
 	case FileEncrypted:
 		c, err := d.Open(rel, readOnly)
 		if err != nil {

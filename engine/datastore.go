@@ -235,27 +235,49 @@ func readHead(path string) ([]byte, error) {
 }
 
 // Classify says whether rel is plain, an encrypted container whose key is
-// available, or one whose key is not (with the reason).
+// available, or one whose key is not or that is refused (with the reason).
 func (d *Datastore) Classify(rel string) (FileState, string, error) {
+	c, err := d.classify(rel)
+	var ref *RefusedError
+	switch {
+	case err != nil:
+		return 0, "", err
+	case errors.As(c.why, &ref):
+		return c.state, fmt.Sprintf("refused (%s): %s", ref.Clause, ref.Why), nil
+	case c.why != nil:
+		return c.state, c.why.Error(), nil
+	}
+	return c.state, "", nil
+}
+
+// classification is a file's FileState and, for FileLocked, why: a
+// *RefusedError (the trust decision refuses the file) or the key error.
+type classification struct {
+	state FileState
+	why   error
+}
+
+// classify is Classify with the reason as an error.
+func (d *Datastore) classify(rel string) (classification, error) {
 	path, err := d.abs(rel)
 	if err != nil {
-		return 0, "", err
+		return classification{}, err
 	}
 	head, err := readHead(path)
 	if err != nil {
-		return 0, "", err
+		return classification{}, err
 	}
 	r := d.roleOf(path, head)
 	switch r.v {
 	case verdictPlain:
-		return FilePlain, "", nil
+		return classification{state: FilePlain}, nil
 	case verdictSuspect:
-		return FileLocked, r.why, nil
+		return classification{FileLocked, r.refusal(path)}, nil
 	}
 	if _, err := d.dekFor(path, head, r); err != nil {
-		return FileLocked, err.Error(), nil
+		return classification{FileLocked, err}, nil
 	}
-	return FileEncrypted, "", nil
+	return classification{state: FileEncrypted}, nil
 }
 
 // ErrKeyUnavailable means the KEK that wraps a file's DEK is not in
@@ -316,187 +338,14 @@ func (d *Datastore) MayOpen(rel string) error {
 	return d.busy(path)
 }
 
-// verdict is what a VM's text files say about a file that starts like a
-// container.
-type verdict int
-
-const (
-	verdictContainer verdict = iota // serve it decrypted
-	verdictPlain                    // its bytes are data, whatever they look like
-	verdictSuspect                  // neither: refuse it
-)
-
-// role is how a file that starts like a container may be served, and
-// with which key.
-type role struct {
-	v   verdict
-	why string // for verdictSuspect
-	// ks is the keySafe that must hold the file's DEK, and owner the
-	// binding its header must carry. ks == "": the file's own header
-	// copy, for files no text file names a key for (core dumps, .vmdk
-	// files made through a view before a descriptor names them), with
-	// purpose the purpose its binding must have.
-	ks      string
-	owner   Binding
-	purpose Purpose
-	// kind is the kind its header must have (0: any): by the VM's text
-	// files, or for ks == "" by its name.
-	kind Kind
-}
-
-func suspect(format string, a ...any) role {
-	return role{v: verdictSuspect, why: fmt.Sprintf(format, a...)}
-}
-
-// roleOf decides, from the VM directory holding path, how a file is
-// served, given its first bytes (head). Where the VM's text files say a
-// file is encrypted, anything but a container in its place (a plain file,
-// both header slots damaged, an empty file) is refused, never served as
-// plain data; so is a container of a VM key where the vmx lost its key
-// lines (placeProblem, shared with vm status and the conversions).
-// Other files that do not start like a container are plain. A header
-// proves nothing by itself, and neither does a keySafe copy in it: a
-// guest can write anything into its own plain disks (and floppy images,
-// shared disks...), including another disk's whole container (ciphertext
-// from a backup), whose copy the host's KEKs would open. So a file is
-// served decrypted only where the VM's text files, which no guest
-// writes, say an encrypted file of that kind belongs, with the key they
-// name:
-//
-//   - an extent of a disk whose descriptor has encryptionKeys, in an
-//     encrypted VM: under that keySafe, bound to the disk's id (an
-//     embedded-descriptor disk's key comes from its header, which no
-//     guest writes: a sparse extent starts with metadata);
-//   - an extent of a disk whose descriptor has none: plain data, unless
-//     all its extents are containers of one disk with the same keySafe
-//     copy (a descriptor that lost its key lines, a conversion stopped
-//     before writing them, or a guest that wrote such bytes), which is
-//     refused until an administrator restores the lines
-//     (RestoreDiskKeys) or the conversion is finished;
-//   - a VM file by name (nvram, vswp, vmsn, vmss, vmem) of an encrypted
-//     VM: under the VM's keySafe, bound to the VM id;
-//   - a core dump (by name): under its own header copy (the host key);
-//   - another .vmdk file of an encrypted VM (made through a view, not
-//     named by the vmx yet): under its own header copy;
-//   - anything else, in any VM directory: plain data;
-//   - a VM directory whose files cannot be read: refused;
-//   - a directory without a vmx: only core dumps.
-func (d *Datastore) roleOf(path string, head []byte) role {
-	r := d.placeRole(path, head)
-	if r.v == verdictContainer && r.ks == "" {
-		// A file with several names is judged by whichever one a view
-		// looked up last: a hard link named like a core dump to a
-		// guest's flat extent must not make that extent open with its
-		// header copy. (Keys the text files name are checked against
-		// the header's binding, so links do not matter there.)
-		var st unix.Stat_t
-		if err := unix.Lstat(path, &st); err != nil {
-			return suspect("%v", err)
-		}
-		if st.Nlink > 1 {
-			return suspect("it has %d names (hard links); a container opened with its own key copy must have one", st.Nlink)
-		}
+// linkCount is the number of names of the file at path (not following a
+// final symlink).
+func linkCount(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return 0, err
 	}
-	return r
-}
-
-// placeRole is roleOf before the hard-link check.
-func (d *Datastore) placeRole(path string, head []byte) role {
-	dir, name := filepath.Dir(path), filepath.Base(path)
-	_, perr := PeekHeader(head)
-	l, err := d.layout(dir)
-	if err != nil && perr != nil {
-		return role{v: verdictPlain} // as before its VM's files broke
-	}
-	if err == nil {
-		if p := placeProblem(l, name, head); p != "" {
-			return suspect("%s", p)
-		}
-		if perr != nil {
-			return role{v: verdictPlain}
-		}
-	}
-	if err != nil {
-		if _, ferr := vmdir.FindVMX(dir); !errors.Is(ferr, vmdir.ErrNoVMX) {
-			return suspect("its VM's files cannot be read: %v", err)
-		}
-		if vmdir.IsCoreDumpName(name) || matchAny(d.CoreDumpPatterns, name) {
-			return role{v: verdictContainer, purpose: PurposeCoreDump, kind: KindCoreDump}
-		}
-		return role{v: verdictPlain}
-	}
-	for _, dk := range l.Disks {
-		for _, e := range dk.Extents {
-			if e != name {
-				continue
-			}
-			if dk.KeySafe != "" && !l.Encrypted {
-				return suspect("disk %s is encrypted, but its VM is not", dk.Name)
-			}
-			return extentRole(l.Dir, dk)
-		}
-	}
-	// The kind is the one the vmx's reference gives (checkpoint.vmState
-	// naming a .vmsn is a vmsn), as the conversions write it.
-	if k := fileKindIn(l, name); k != 0 {
-		if !l.Encrypted {
-			return role{v: verdictPlain}
-		}
-		return role{v: verdictContainer, ks: l.KeySafe, owner: Binding{PurposeVM, l.VMID}, kind: k}
-	}
-	for _, c := range l.CoreDumps {
-		if c == name {
-			return role{v: verdictContainer, purpose: PurposeCoreDump, kind: KindCoreDump}
-		}
-	}
-	if l.Encrypted && isVMDKName(name) {
-		return d.unnamedDiskRole(l, path, head)
-	}
-	return role{v: verdictPlain}
-}
-
-// unnamedDiskRole is roleOf for a .vmdk of an encrypted VM that no disk
-// of its vmx names: a disk detached (whose files a guest wrote) or made
-// through a view and not attached yet. A file this view made (same inode
-// and file id) opens with its header copy; otherwise the one text
-// descriptor beside it that names it decides, as for an attached disk
-// (describedBy: only files no guest writes count). Anything else is
-// refused until it is attached (an administrator's decision).
-func (d *Datastore) unnamedDiskRole(l *vmLayout, path string, head []byte) role {
-	name := filepath.Base(path)
-	h, err := PeekHeader(head)
-	if err != nil {
-		return suspect("%v", err)
-	}
-	if key, err := madeKeyOf(path, h.FileID); err == nil && d.Made.has(key) {
-		return role{v: verdictContainer, purpose: PurposeDisk, kind: KindExtent}
-	}
-	dk, found, err := describedBy(l, name)
-	switch {
-	case err != nil:
-		return suspect("%v", err)
-	case !found:
-		return suspect("no vmx or descriptor names it and this view did not make it; attach it (vmcryptd disk attach) to open it")
-	}
-	return extentRole(l.Dir, dk)
-}
-
-// extentRole is how an extent of the text-descriptor disk dk (in dir) is
-// served: under the key its descriptor names, bound to its disk id; as
-// plain data when the descriptor names no key; refused when it names no
-// key but the extents look like containers of one disk (lost key lines,
-// or guest data), or names a key without the disk id.
-func extentRole(dir string, dk *disk) role {
-	switch {
-	case dk.KeySafe == "":
-		if b, _, ok := extentCopies(dir, dk); ok {
-			return suspect("disk %s has no encryptionKeys line, but its extents are containers of disk %s (see vmcryptd vm status)", dk.Name, b.OwnerID)
-		}
-		return role{v: verdictPlain}
-	case dk.DiskID == "":
-		return suspect("disk %s has encryptionKeys but no %s line (see vmcryptd vm status)", dk.Name, DDBDiskID)
-	}
-	return role{v: verdictContainer, ks: dk.KeySafe, owner: Binding{PurposeDisk, dk.DiskID}, kind: KindExtent}
+	return uint64(st.Nlink), nil
 }
 
 // Open opens the container at rel with its DEK.
@@ -520,7 +369,7 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	case verdictPlain:
 		return nil, fmt.Errorf("%s: %w", path, ErrPlainByLayout)
 	case verdictSuspect:
-		return nil, fmt.Errorf("%s: %w: %s", path, ErrKeyUnavailable, r.why)
+		return nil, r.refusal(path)
 	}
 	dek, err := d.dekFor(path, head, r)
 	if err != nil {
@@ -541,17 +390,13 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The authenticated kind must fit the name: files of one VM share a
-	// key, so without this check a swap file renamed over the nvram (by
-	// anyone who can write the datastore) would be served as the nvram.
-	want := r.kind
-	if want == 0 && isVMDKName(path) {
-		want = KindExtent
-	}
-	if got := c.Header().Kind; want != 0 && got != want {
+	// The authenticated kind must fit the name (dekFor checked the
+	// unauthenticated slots already, so Classify agrees).
+	if err := kindFits(path, r, c.Header().Kind); err != nil {
 		c.Close()
-		return nil, fmt.Errorf("%s: %w: holds a %s container, its name says %s", path, ErrKindMismatch, got, want)
+		return nil, err
 	}
+	want := r.kind
 	// A view opens containers writable whenever it is mounted writable,
 	// whoever reads: so this runs at the first open of a .vmdk container
 	// through a writable view, and the close of any of its handles
@@ -706,16 +551,28 @@ func (d *Datastore) dekFor(path string, head []byte, r role) (*DEK, error) {
 	// Any slot that parses may name the key: a damaged field in one slot
 	// must leave the other to serve (degraded), and OpenContainer's MAC
 	// check decides which slot holds. Each candidate binding is tried.
+	// The kind clause is judged here on the unauthenticated slots too,
+	// so Classify refuses what Open would (the MAC check at open judges
+	// it again on the slot that verifies).
 	ks := r.ks
 	var cands []*Header
+	var kindErr error
 	for _, s := range slots {
 		ok := s.Binding == r.owner
 		if ks == "" {
-			ok = s.Binding.Purpose == r.purpose && (r.kind == 0 || s.Kind == r.kind)
+			ok = s.Binding.Purpose == r.purpose
+		}
+		if ok {
+			if err := kindFits(path, r, s.Kind); err != nil {
+				kindErr, ok = err, false
+			}
 		}
 		if ok && (len(cands) == 0 || cands[0].Binding != s.Binding) {
 			cands = append(cands, s)
 		}
+	}
+	if len(cands) == 0 && kindErr != nil {
+		return nil, kindErr
 	}
 	if len(cands) == 0 {
 		if ks != "" {

@@ -103,11 +103,12 @@ func TestForeignCiphertextInPlainDisk(t *testing.T) {
 		if st, reason, err := ds.Classify(rel); err != nil || st != FileLocked || !strings.Contains(reason, "no encryptionKeys line") {
 			t.Errorf("%s: classified %v %q %v, want locked", rel, st, reason, err)
 		}
-		if c, err := ds.Open(rel, true); !errors.Is(err, ErrKeyUnavailable) {
+		var ref *RefusedError
+		if c, err := ds.Open(rel, true); !errors.As(err, &ref) || ref.Clause != ClauseLostKeyLines {
 			if c != nil {
 				c.Close()
 			}
-			t.Errorf("%s: Open = %v, want ErrKeyUnavailable", rel, err)
+			t.Errorf("%s: Open = %v, want refused by %s", rel, err, ClauseLostKeyLines)
 		}
 		// No automatic restore either: only an explicit one, which a
 		// plain VM refuses.

@@ -106,11 +106,12 @@ func leaks(t *testing.T, ds *Datastore, rel string, secret []byte) bool {
 	return bytes.Equal(buf, secret)
 }
 
-// Any layout error (here a stale, absent vmx disk entry; also an
-// absolute path, a subdirectory, two .vmx, a parentCID mismatch...) makes
-// layoutVerdict trust the header and its keySafe copy for every file of
-// the VM directory.
-func TestPlantedLayoutErrorFailsOpen(t *testing.T) {
+// A layout error (here a stale, absent vmx disk entry; also an absolute
+// path, a subdirectory, two .vmx, a parentCID mismatch...) once made the
+// resolver trust a file's header and its keySafe copy; now it refuses
+// (clause unreadable-vm), and a guest's plain disk holding a victim's
+// ciphertext is never served as the victim's plaintext.
+func TestLayoutErrorRefusesPlantedCiphertext(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	cipher, secret := victimCipher(t, ops, kek, root)
@@ -136,8 +137,9 @@ func TestPlantedLayoutErrorFailsOpen(t *testing.T) {
 }
 
 // A directory without a vmx (a disk kept beside, not inside, its VM:
-// shared-disk folders, a second datastore): only core dumps open there.
-func TestPlantedOutsideVMDirFailsOpen(t *testing.T) {
+// shared-disk folders, a second datastore): only core dumps open there
+// (clause no-vmx), so planted ciphertext stays ciphertext.
+func TestOutsideVMDirServesPlantedCiphertextAsIs(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	extent, secret := victimCipher(t, ops, kek, root)

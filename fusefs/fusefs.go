@@ -200,8 +200,8 @@ func errnoOf(err error) syscall.Errno {
 		return syscall.EBUSY
 	case errors.Is(err, engine.ErrDegraded):
 		return syscall.EROFS // readers are served from the surviving slot
-	case errors.Is(err, engine.ErrKeyUnavailable):
-		return syscall.EACCES
+	case errors.Is(err, engine.ErrKeyUnavailable), errors.Is(err, engine.ErrRefused):
+		return syscall.EACCES // a key not in memory, or a refusal of FORMAT.md 5
 	case errors.Is(err, engine.ErrKeyLines):
 		return syscall.EPERM
 	case errors.Is(err, fs.ErrNotExist):
