@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+
+	"golang.org/x/sync/singleflight"
 )
 
 // KeyServer is what the engine needs from a key provider: create a KEK and
@@ -24,22 +26,17 @@ type Keyring struct {
 	mu        sync.Mutex
 	providers map[string]KeyServer
 	keys      map[KeyRef]*KEK
-	inflight  map[KeyRef]*fetch
-	locked    bool // see Lock (keyring_lock.go)
+	fetches   singleflight.Group // one fetch per KeyRef at a time
+	locked    bool               // see Lock (keyring_lock.go)
 	// resolve serves provider names that are not registered with
 	// SetProvider: a key source such as the manager, which brokers every
 	// provider it knows (see SetResolver).
 	resolve func(provider string) KeyServer
 }
 
-type fetch struct {
-	done chan struct{}
-	err  error
-}
-
 // NewKeyring returns an empty keyring.
 func NewKeyring() *Keyring {
-	return &Keyring{providers: map[string]KeyServer{}, keys: map[KeyRef]*KEK{}, inflight: map[KeyRef]*fetch{}}
+	return &Keyring{providers: map[string]KeyServer{}, keys: map[KeyRef]*KEK{}}
 }
 
 // SetProvider registers (or replaces, or with nil removes) a provider.
@@ -104,51 +101,50 @@ func (r *Keyring) Create(ctx context.Context, provider, name string) (*KEK, erro
 // Get returns the cached KEK or fetches it. The returned KEK stays owned
 // by the keyring: do not Destroy it.
 func (r *Keyring) Get(ctx context.Context, ref KeyRef) (*KEK, error) {
-	for {
-		r.mu.Lock()
-		if r.locked {
-			r.mu.Unlock()
-			return nil, fmt.Errorf("kek %s: %w", ref, ErrLocked)
-		}
-		if k, ok := r.keys[ref]; ok {
-			r.mu.Unlock()
-			return k, nil
-		}
-		if f, ok := r.inflight[ref]; ok {
-			r.mu.Unlock()
-			select {
-			case <-f.done:
-				if f.err != nil {
-					return nil, f.err
-				}
-				continue // now cached (or forgotten meanwhile: fetch again)
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			}
-		}
-		ks, ok := r.lookupLocked(ref.Provider)
-		if !ok {
-			r.mu.Unlock()
-			return nil, fmt.Errorf("kek %s: key provider %q is not configured", ref, ref.Provider)
-		}
-		f := &fetch{done: make(chan struct{})}
-		r.inflight[ref] = f
+	r.mu.Lock()
+	if r.locked {
 		r.mu.Unlock()
-
+		return nil, fmt.Errorf("kek %s: %w", ref, ErrLocked)
+	}
+	if k, ok := r.keys[ref]; ok {
+		r.mu.Unlock()
+		return k, nil
+	}
+	ks, ok := r.lookupLocked(ref.Provider)
+	r.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("kek %s: key provider %q is not configured", ref, ref.Provider)
+	}
+	// Concurrent requests for one key share one fetch (the first
+	// caller's context bounds it); each waiter still gives up on its own
+	// context. The NUL cannot occur in a provider name from the config,
+	// so the group key is unambiguous.
+	ch := r.fetches.DoChan(ref.Provider+"\x00"+ref.KeyID, func() (any, error) {
 		kek, err := r.fetch(ctx, ks, ref)
 		r.mu.Lock()
-		delete(r.inflight, ref)
-		if err == nil && r.locked { // locked while the fetch ran
+		defer r.mu.Unlock()
+		switch {
+		case err != nil:
+			return nil, err
+		case r.locked: // locked while the fetch ran
 			kek.Destroy()
-			kek, err = nil, fmt.Errorf("kek %s: %w", ref, ErrLocked)
+			return nil, fmt.Errorf("kek %s: %w", ref, ErrLocked)
 		}
-		if err == nil {
-			r.keys[ref] = kek
+		if old, ok := r.keys[ref]; ok { // a fetch that finished first
+			kek.Destroy()
+			return old, nil
 		}
-		f.err = err
-		close(f.done)
-		r.mu.Unlock()
-		return kek, err
+		r.keys[ref] = kek
+		return kek, nil
+	})
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return res.Val.(*KEK), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 }
 

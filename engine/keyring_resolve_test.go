@@ -2,8 +2,11 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // TestKeyringResolver: provider names not registered with SetProvider go
@@ -50,5 +53,64 @@ func TestKeyringResolver(t *testing.T) {
 				t.Fatalf("Get of %s did not reach its key server", kek.Ref)
 			}
 		})
+	}
+}
+
+// gateKS is a key server whose GetKey blocks until release is closed and
+// counts its calls.
+type gateKS struct {
+	calls   atomic.Int32
+	release chan struct{}
+}
+
+func (g *gateKS) CreateKey(context.Context, string) (string, error) { return "k", nil }
+func (g *gateKS) GetKey(ctx context.Context, id string) ([]byte, error) {
+	g.calls.Add(1)
+	<-g.release
+	k := make([]byte, 32)
+	k[0] = 1
+	return k, nil
+}
+
+// TestKeyringSharesOneFetch: concurrent Gets of one key make one key
+// server request and all get the same KEK; a waiter whose context ends
+// gives up alone, and the shared fetch still fills the cache.
+func TestKeyringSharesOneFetch(t *testing.T) {
+	ks := &gateKS{release: make(chan struct{})}
+	kr := NewKeyring()
+	defer kr.Close()
+	kr.SetProvider("p", ks)
+	ref := KeyRef{Provider: "p", KeyID: "k1"}
+	const n = 16
+	got := make(chan *KEK, n)
+	for range n {
+		go func() {
+			k, err := kr.Get(context.Background(), ref)
+			if err != nil {
+				t.Error(err)
+			}
+			got <- k
+		}()
+	}
+	for ks.calls.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	short, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := kr.Get(short, ref); !errors.Is(err, context.Canceled) {
+		t.Fatalf("waiter with an ended context: %v", err)
+	}
+	close(ks.release)
+	first := <-got
+	for range n - 1 {
+		if k := <-got; k != first {
+			t.Fatal("concurrent Gets returned different KEKs")
+		}
+	}
+	if c := ks.calls.Load(); c != 1 {
+		t.Fatalf("%d key server requests, want 1", c)
+	}
+	if k, ok := kr.Peek(ref); !ok || k != first {
+		t.Fatal("shared fetch did not fill the cache")
 	}
 }
