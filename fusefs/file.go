@@ -97,15 +97,13 @@ func (h *encHandle) Write(ctx context.Context, data []byte, off int64) (uint32, 
 	return uint32(k), 0
 }
 
-// ioErrno keeps the errnos a caller can act on (ENOSPC, EDQUOT, EFBIG);
-// everything else, including corrupt or truncated containers, is EIO.
+// ioErrno is errnoOf for reads and writes of data: it keeps the errnos a
+// caller can act on (ENOSPC, EDQUOT, EFBIG, EINTR, EROFS); everything else,
+// including corrupt or truncated containers, is EIO.
 func ioErrno(err error) syscall.Errno {
-	var errno syscall.Errno
-	if errors.As(err, &errno) {
-		switch errno {
-		case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG, syscall.EINTR, syscall.EROFS:
-			return errno
-		}
+	switch errno := errnoOf(err); errno {
+	case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG, syscall.EINTR, syscall.EROFS:
+		return errno
 	}
 	return syscall.EIO
 }

@@ -184,9 +184,27 @@ const (
 	defaultTimeout          = time.Second
 )
 
+// errnoTable is the view's one mapping of engine and OS errors to the
+// errno its callers see, first match wins (after an errno the error
+// already carries). TestErrnoTable checks every row.
+var errnoTable = []struct {
+	err   error
+	errno syscall.Errno
+}{
+	{engine.ErrBusy, syscall.EBUSY},            // the VM is being converted
+	{engine.ErrDegraded, syscall.EROFS},        // readers get the surviving slot
+	{engine.ErrRefused, syscall.EACCES},        // a refusal of FORMAT.md 5
+	{engine.ErrKeyUnavailable, syscall.EACCES}, // the KEK is not in memory
+	{engine.ErrKeyLines, syscall.EPERM},        // truncating a descriptor's key lines
+	{engine.ErrTooLarge, syscall.EFBIG},        // past a container's 2^62 bytes
+	{fs.ErrNotExist, syscall.ENOENT},
+	{fs.ErrPermission, syscall.EACCES},
+	{fs.ErrExist, syscall.EEXIST},
+}
+
 // errnoOf maps an error from the engine or the OS to the errno the caller
-// of the view sees. Unknown errors become EIO: the view never invents a
-// more hopeful answer than "the data could not be had".
+// of the view sees (errnoTable). Unknown errors become EIO: the view never
+// invents a more hopeful answer than "the data could not be had".
 func errnoOf(err error) syscall.Errno {
 	if err == nil {
 		return 0
@@ -195,21 +213,10 @@ func errnoOf(err error) syscall.Errno {
 	if errors.As(err, &errno) {
 		return errno
 	}
-	switch {
-	case errors.Is(err, engine.ErrBusy):
-		return syscall.EBUSY
-	case errors.Is(err, engine.ErrDegraded):
-		return syscall.EROFS // readers are served from the surviving slot
-	case errors.Is(err, engine.ErrKeyUnavailable), errors.Is(err, engine.ErrRefused):
-		return syscall.EACCES // a key not in memory, or a refusal of FORMAT.md 5
-	case errors.Is(err, engine.ErrKeyLines):
-		return syscall.EPERM
-	case errors.Is(err, fs.ErrNotExist):
-		return syscall.ENOENT
-	case errors.Is(err, fs.ErrPermission):
-		return syscall.EACCES
-	case errors.Is(err, fs.ErrExist):
-		return syscall.EEXIST
+	for _, row := range errnoTable {
+		if errors.Is(err, row.err) {
+			return row.errno
+		}
 	}
 	return syscall.EIO
 }
