@@ -323,7 +323,7 @@ func TestHelperMountProcess(t *testing.T) {
 	select {} // until killed
 }
 
-// A plain file the backend's Gate refuses (a VM being converted) cannot
+// A plain file the backend refuses (MayOpen) (a VM being converted) cannot
 // be opened: EBUSY, and nothing is written to it.
 func TestGateRefusesPlainOpen(t *testing.T) {
 	m := mountTest(t, Options{})

@@ -108,7 +108,7 @@ func ioErrno(err error) syscall.Errno {
 	return syscall.EIO
 }
 
-// Flush settles a written file with its last close (see Settler); for
+// Flush settles a written file with its last close (see Backend.Settle); for
 // everything else it has nothing to do: durability is fsync's business.
 func (h *encHandle) Flush(ctx context.Context) syscall.Errno {
 	defer h.n.st.done(OpFlush, h.n.st.now())

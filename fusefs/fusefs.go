@@ -13,88 +13,59 @@ import (
 	"errors"
 	"io/fs"
 	"log/slog"
+	"os"
 	"syscall"
 	"time"
 
 	"github.com/vmcryptd/vmcryptd/engine"
 )
 
-// Class says how the view serves one file.
-type Class int
-
-const (
-	// ClassPlain files pass through untouched.
-	ClassPlain Class = iota
-	// ClassEncrypted files are containers decrypted on read and encrypted
-	// on write.
-	ClassEncrypted
-	// ClassLocked files are containers whose key is not available: listed
-	// at their header-reported size, but open fails with EACCES.
-	ClassLocked
-)
-
-func (c Class) String() string {
-	switch c {
-	case ClassPlain:
-		return "plain"
-	case ClassEncrypted:
-		return "encrypted"
-	case ClassLocked:
-		return "locked"
-	}
-	return "class(?)"
-}
-
-// Backend decides which files are encrypted and opens them. rel is the
-// slash path relative to the datastore root.
+// Backend decides which files are encrypted, opens and creates them, and
+// holds the policy the view enforces. rel is the slash path relative to
+// the datastore root. *engine.Datastore is the product's Backend; every
+// method is required, so no safeguard can go missing by a method left
+// out (benchmarks and tests that want none embed Unpoliced, by name).
 type Backend interface {
 	// Classify tells how to serve an existing regular file. For
-	// ClassLocked, reason says why (e.g. "key lab/123 not available"); the
-	// view answers EACCES and logs reason.
-	Classify(rel string) (c Class, reason string, err error)
-	// Open opens an encrypted file (ClassEncrypted). readOnly opens it
-	// O_RDONLY.
+	// engine.FileLocked, reason says why (a key not in memory, or a
+	// refusal naming its FORMAT.md 5 clause); the view answers EACCES
+	// and logs reason.
+	Classify(rel string) (st engine.FileState, reason string, err error)
+	// Open opens an encrypted file (engine.FileEncrypted). readOnly
+	// opens it O_RDONLY.
 	Open(rel string, readOnly bool) (*engine.Container, error)
 	// Create makes a new file at rel. encrypted=false means the caller
 	// should create a plain file itself; otherwise the returned container
 	// is the new (empty) encrypted file. The backend decides (files
 	// created inside an encrypted VM's directory are encrypted).
-	Create(rel string, perm uint32) (c *engine.Container, encrypted bool, err error)
-}
+	Create(rel string, perm os.FileMode) (c *engine.Container, encrypted bool, err error)
 
-// Placer is optionally implemented by a Backend to say, without creating
-// anything, whether a new file at rel would be encrypted. With it the view
-// refuses (EXDEV) a rename or hard link that would move a plain file into
-// an encrypted directory or a container out of one: tools such as mv then
-// fall back to copy + delete, which goes through Create and so encrypts
-// (or decrypts) the data instead of leaving plaintext among encrypted
-// files. Without it, renames are never refused.
-type Placer interface {
+	// WouldEncrypt says, without creating anything, whether a new file
+	// at rel would be encrypted. The view refuses (EXDEV) a rename or
+	// hard link that would move a plain file into an encrypted directory
+	// or a container out of one: tools such as mv then fall back to copy
+	// + delete, which goes through Create and so encrypts (or decrypts)
+	// the data instead of leaving plaintext among encrypted files.
 	WouldEncrypt(rel string) (bool, error)
-}
 
-// Settler is optionally implemented by a Backend that gives files their
-// final form once written: a new VMDK descriptor made as a container
-// becomes plain text naming its disk key (engine.Datastore.Settle). The
-// view calls Settle when the last handle of an encrypted file that was
-// open for writing is flushed (close(2)), after syncing its container, so
-// the work is done before the writer's close returns. isOpen says whether
-// a file of the view is open. The returned files were replaced on disk;
-// the view stops serving them from its caches.
-type Settler interface {
 	// Unsettled reports, without I/O, whether rel may need settling;
 	// only then does the view sync and call Settle.
 	Unsettled(rel string) bool
+	// Settle gives a written file its final form: a new VMDK descriptor
+	// made as a container becomes plain text naming its disk key. The
+	// view calls it when the last handle of an encrypted file that was
+	// open for writing is flushed (close(2)), after syncing its
+	// container. isOpen says whether a file of the view is open;
 	// unchanged reports, right before a replacement, that rel has not
-	// been written since the view synced it; false means try later.
+	// been written since the view synced it (false: try later). The
+	// returned files were replaced on disk; the view stops serving them
+	// from its caches.
 	Settle(rel string, isOpen func(rel string) bool, unchanged func() bool) (replaced []string, err error)
-}
 
-// Gate is optionally implemented by a Backend to refuse opening plain
-// files, e.g. those of a VM in the middle of a conversion, which is about
-// to replace them (encrypted files are refused by Open and Create, new
-// files by Create). An error wrapping engine.ErrBusy becomes EBUSY.
-type Gate interface {
+	// MayOpen refuses opening plain files, e.g. those of a VM in the
+	// middle of a conversion, which is about to replace them (encrypted
+	// files are refused by Open and Create, new files by Create). An
+	// error wrapping engine.ErrBusy becomes EBUSY.
 	MayOpen(rel string) error
 	// MayTruncate refuses cutting a plain file (O_TRUNC, truncate(2),
 	// ftruncate(2)): a VMDK descriptor holding a disk's key lines is
@@ -102,6 +73,21 @@ type Gate interface {
 	// lose its key (engine.ErrKeyLines becomes EPERM).
 	MayTruncate(rel string) error
 }
+
+// Unpoliced is the policy half of Backend for benchmarks and tests that
+// need none: no file would be encrypted by a move, nothing needs
+// settling, nothing is busy. A product backend never embeds it.
+type Unpoliced struct{}
+
+func (Unpoliced) WouldEncrypt(string) (bool, error) { return false, nil }
+func (Unpoliced) Unsettled(string) bool             { return false }
+func (Unpoliced) Settle(string, func(string) bool, func() bool) ([]string, error) {
+	return nil, nil
+}
+func (Unpoliced) MayOpen(string) error     { return nil }
+func (Unpoliced) MayTruncate(string) error { return nil }
+
+var _ Backend = (*engine.Datastore)(nil)
 
 // Options tune a mount. The zero value gives the measured defaults (see
 // the package README in bench/fio for the numbers behind them).

@@ -108,19 +108,19 @@ func (b *testBackend) MayOpen(rel string) error {
 	return nil
 }
 
-func (b *testBackend) Classify(rel string) (Class, string, error) {
+func (b *testBackend) Classify(rel string) (engine.FileState, string, error) {
 	b.mu.Lock()
 	reason, locked := b.locked[rel]
 	b.mu.Unlock()
 	switch {
 	case locked:
-		return ClassLocked, reason, nil
+		return engine.FileLocked, reason, nil
 	case b.isSettled(rel):
-		return ClassPlain, "", nil
+		return engine.FilePlain, "", nil
 	case inEncDir(rel):
-		return ClassEncrypted, "", nil
+		return engine.FileEncrypted, "", nil
 	}
-	return ClassPlain, "", nil
+	return engine.FilePlain, "", nil
 }
 
 func (b *testBackend) Open(rel string, readOnly bool) (*engine.Container, error) {
@@ -132,7 +132,7 @@ func (b *testBackend) Open(rel string, readOnly bool) (*engine.Container, error)
 	return engine.OpenContainer(filepath.Join(b.root, rel), b.dek, readOnly, "")
 }
 
-func (b *testBackend) Create(rel string, perm uint32) (*engine.Container, bool, error) {
+func (b *testBackend) Create(rel string, perm os.FileMode) (*engine.Container, bool, error) {
 	if !inEncDir(rel) {
 		return nil, false, nil
 	}
@@ -143,11 +143,11 @@ func (b *testBackend) Create(rel string, perm uint32) (*engine.Container, bool, 
 	return c, true, nil
 }
 
-func (b *testBackend) createOptions(perm uint32) engine.CreateOptions {
+func (b *testBackend) createOptions(perm os.FileMode) engine.CreateOptions {
 	return engine.CreateOptions{
 		Kind:    engine.KindOther,
 		Binding: engine.Binding{Purpose: engine.PurposeVM, OwnerID: "vm-1"},
-		Perm:    os.FileMode(perm & 0o777),
+		Perm:    perm & 0o777,
 	}
 }
 

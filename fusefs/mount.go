@@ -35,9 +35,6 @@ type state struct {
 	root     string // absolute backing directory
 	dev      uint64 // its device, folded out of inode numbers
 	backend  Backend
-	placer   Placer  // backend as Placer, or nil
-	settler  Settler // backend as Settler, or nil
-	gate     Gate    // backend as Gate, or nil
 	log      *slog.Logger
 	obs      Observer // nil: nobody observes latencies
 	readOnly bool
@@ -144,15 +141,6 @@ func Mount(root, mountpoint string, b Backend, opts Options) (*View, error) {
 		readOnly:  opts.ReadOnly,
 		writeback: !opts.NoWritebackCache && !opts.ReadOnly,
 		open:      map[uint64]*node{},
-	}
-	if p, ok := b.(Placer); ok {
-		st.placer = p
-	}
-	if se, ok := b.(Settler); ok {
-		st.settler = se
-	}
-	if g, ok := b.(Gate); ok {
-		st.gate = g
 	}
 	rootNode := &node{st: st}
 	st.rootNode = rootNode

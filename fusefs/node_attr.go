@@ -106,7 +106,7 @@ func (n *node) fixSize(rel, abs string, st *syscall.Stat_t) syscall.Errno {
 		n.st.log.Error("cannot classify file", "path", rel, "err", err)
 		return syscall.EIO
 	}
-	if class == ClassPlain {
+	if class == engine.FilePlain {
 		return 0
 	}
 	size, err := headerSize(abs)
@@ -324,9 +324,9 @@ func (n *node) truncate(f fs.FileHandle, size int64) syscall.Errno {
 		return errnoOf(unix.Truncate(abs, size))
 	}
 	switch class {
-	case ClassPlain:
+	case engine.FilePlain:
 		return plainTruncate()
-	case ClassLocked:
+	case engine.FileLocked:
 		n.st.log.Warn("refused truncate of locked file", "path", rel, "reason", reason)
 		return syscall.EACCES
 	}

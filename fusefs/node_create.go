@@ -3,6 +3,7 @@ package fusefs
 import (
 	"context"
 	"errors"
+	"os"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -51,7 +52,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		}
 		return ch, fh, ff, 0
 	}
-	c, encrypted, err := n.st.backend.Create(rel, mode&07777)
+	c, encrypted, err := n.st.backend.Create(rel, os.FileMode(mode&0o7777))
 	if err != nil {
 		n.st.log.Error("cannot create file", "path", rel, "err", err)
 		return nil, nil, 0, errnoOf(err)

@@ -96,19 +96,19 @@ func (n *node) replacedByPlain(rel string) bool {
 		return false
 	}
 	class, _, err := n.st.backend.Classify(rel)
-	return err == nil && class == ClassPlain
+	return err == nil && class == engine.FilePlain
 }
 
-// settle lets the backend give the file its final form (Settler) when es
+// settle lets the backend give the file its final form (Backend.Settle) when es
 // is its last handle: the container is synced first, so the backend
 // reads what was written. Files it replaced are dropped from the view.
 func (n *node) settle(es *encState) {
 	s := n.st
-	if s.settler == nil || es.readOnly || es.retired.Load() {
+	if es.readOnly || es.retired.Load() {
 		return
 	}
 	rel := n.rel()
-	if !s.settler.Unsettled(rel) {
+	if !s.backend.Unsettled(rel) {
 		return
 	}
 	// n.mu is held through the settle, so no open can take a reference
@@ -140,7 +140,7 @@ func (n *node) settle(es *encState) {
 		es.retired.Store(false)
 		return false
 	}
-	replaced, err := s.settler.Settle(rel, s.isOpen, unchanged)
+	replaced, err := s.backend.Settle(rel, s.isOpen, unchanged)
 	self := false
 	for _, r := range replaced {
 		if r == rel {
@@ -237,9 +237,9 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 		return nil, 0, syscall.EIO
 	}
 	switch class {
-	case ClassPlain:
+	case engine.FilePlain:
 		return n.openPlain(rel, flags)
-	case ClassLocked:
+	case engine.FileLocked:
 		n.st.log.Warn("refused open of locked file", "path", rel, "reason", reason)
 		return nil, 0, syscall.EACCES
 	}

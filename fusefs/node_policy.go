@@ -2,36 +2,32 @@ package fusefs
 
 import (
 	"syscall"
+
+	"github.com/vmcryptd/vmcryptd/engine"
 )
 
 // Policy: the checks a name operation passes before it touches the backing
 // store (busy VMs, key lines, moves across the encryption boundary).
 
-// mayTruncate asks the backend's Gate whether the plain file rel may be
-// cut (see Gate.MayTruncate).
+// mayTruncate asks the backend whether the plain file rel may be
+// cut (see Backend.MayTruncate).
 func (s *state) mayTruncate(rel string) syscall.Errno {
-	if s.gate == nil {
-		return 0
-	}
-	if err := s.gate.MayTruncate(rel); err != nil {
+	if err := s.backend.MayTruncate(rel); err != nil {
 		s.log.Warn("refused truncate", "path", rel, "err", err)
 		return errnoOf(err)
 	}
 	return 0
 }
 
-// gated refuses (EBUSY) touching files the backend's Gate says are busy
+// gated refuses (EBUSY) touching files the backend says are busy (MayOpen)
 // (a VM in the middle of a conversion, which is about to replace them):
 // plain opens and truncates, and the name changes unlink, rename, link,
 // symlink and mknod. A rename there would leave the unconverted original
 // (plaintext, during an encrypt) under its new name while the conversion
 // puts its result back at the old one.
 func (s *state) gated(op string, rels ...string) syscall.Errno {
-	if s.gate == nil {
-		return 0
-	}
 	for _, rel := range rels {
-		if err := s.gate.MayOpen(rel); err != nil {
+		if err := s.backend.MayOpen(rel); err != nil {
 			s.log.Warn("refused "+op, "path", rel, "err", err)
 			return errnoOf(err)
 		}
@@ -43,20 +39,17 @@ func (s *state) gated(op string, rels ...string) syscall.Errno {
 // would change how it is stored (plain into an encrypted directory or a
 // container out of one); such moves get EXDEV so tools copy instead.
 func (s *state) crossesBoundary(oldRel, newRel string) (bool, syscall.Errno) {
-	if s.placer == nil {
-		return false, 0
-	}
 	class, _, err := s.backend.Classify(oldRel)
 	if err != nil {
 		s.log.Error("cannot classify file", "path", oldRel, "err", err)
 		return false, syscall.EIO
 	}
-	enc, err := s.placer.WouldEncrypt(newRel)
+	enc, err := s.backend.WouldEncrypt(newRel)
 	if err != nil {
 		s.log.Error("cannot place file", "path", newRel, "err", err)
 		return false, syscall.EIO
 	}
-	return enc != (class != ClassPlain), 0
+	return enc != (class != engine.FilePlain), 0
 }
 
 // moveCheck applies crossesBoundary to a directory entry about to be

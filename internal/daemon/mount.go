@@ -16,50 +16,6 @@ import (
 	"github.com/vmcryptd/vmcryptd/internal/config"
 )
 
-// viewBackend adapts engine.Datastore to fusefs.Backend: the engine knows
-// keys and containers, fusefs knows FUSE, and only the daemon knows both.
-type viewBackend struct{ ds *engine.Datastore }
-
-func (b viewBackend) Classify(rel string) (fusefs.Class, string, error) {
-	st, reason, err := b.ds.Classify(rel)
-	switch st {
-	case engine.FileEncrypted:
-		return fusefs.ClassEncrypted, "", err
-	case engine.FileLocked:
-		return fusefs.ClassLocked, reason, err
-	}
-	return fusefs.ClassPlain, "", err
-}
-
-func (b viewBackend) Open(rel string, readOnly bool) (*engine.Container, error) {
-	return b.ds.Open(rel, readOnly)
-}
-
-func (b viewBackend) Create(rel string, perm uint32) (*engine.Container, bool, error) {
-	return b.ds.Create(rel, os.FileMode(perm&0o7777))
-}
-
-func (b viewBackend) WouldEncrypt(rel string) (bool, error) { return b.ds.WouldEncrypt(rel) }
-
-func (b viewBackend) MayOpen(rel string) error { return b.ds.MayOpen(rel) }
-
-func (b viewBackend) MayTruncate(rel string) error { return b.ds.MayTruncate(rel) }
-
-// The view finds these optional interfaces by type assertion: a method
-// missing here would silently drop a safeguard, so the compiler checks.
-var (
-	_ fusefs.Backend = viewBackend{}
-	_ fusefs.Gate    = viewBackend{}
-	_ fusefs.Settler = viewBackend{}
-	_ fusefs.Placer  = viewBackend{}
-)
-
-func (b viewBackend) Unsettled(rel string) bool { return b.ds.Unsettled(rel) }
-
-func (b viewBackend) Settle(rel string, isOpen func(string) bool, unchanged func() bool) ([]string, error) {
-	return b.ds.Settle(rel, isOpen, unchanged)
-}
-
 type activeMount struct {
 	rec  mountRecord
 	view *fusefs.View
@@ -176,7 +132,7 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 		defer d.mu.Unlock()
 		return d.keyErrs[r]
 	}
-	view, err := fusefs.Mount(rec.Datastore, rec.Mountpoint, viewBackend{ds}, fusefs.Options{
+	view, err := fusefs.Mount(rec.Datastore, rec.Mountpoint, ds, fusefs.Options{
 		ReadOnly: rec.ReadOnly, AllowOther: rec.AllowOther, Logger: d.log, Observer: d.metrics.view,
 	})
 	if err != nil {

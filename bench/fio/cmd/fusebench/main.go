@@ -22,35 +22,40 @@ import (
 
 // oneKey encrypts every file of the store with one DEK.
 type oneKey struct {
+	fusefs.Unpoliced
 	root string
 	dek  *engine.DEK
 }
 
-func (b *oneKey) Classify(rel string) (fusefs.Class, string, error) {
-	return fusefs.ClassEncrypted, "", nil
+func (b *oneKey) Classify(rel string) (engine.FileState, string, error) {
+	return engine.FileEncrypted, "", nil
 }
 
 func (b *oneKey) Open(rel string, readOnly bool) (*engine.Container, error) {
 	return engine.OpenContainer(filepath.Join(b.root, rel), b.dek, readOnly, "")
 }
 
-func (b *oneKey) Create(rel string, perm uint32) (*engine.Container, bool, error) {
+func (b *oneKey) Create(rel string, perm os.FileMode) (*engine.Container, bool, error) {
 	c, err := engine.CreateContainer(filepath.Join(b.root, rel), b.dek, engine.CreateOptions{
 		Kind:    engine.KindOther,
 		Binding: engine.Binding{Purpose: engine.PurposeVM, OwnerID: "fusebench"},
-		Perm:    os.FileMode(perm & 0o777),
+		Perm:    perm & 0o777,
 	})
 	return c, err == nil, err
 }
 
 // plainStore serves everything as plain files.
-type plainStore struct{}
+type plainStore struct{ fusefs.Unpoliced }
 
-func (plainStore) Classify(string) (fusefs.Class, string, error) { return fusefs.ClassPlain, "", nil }
+func (plainStore) Classify(string) (engine.FileState, string, error) {
+	return engine.FilePlain, "", nil
+}
 func (plainStore) Open(string, bool) (*engine.Container, error) {
 	return nil, errors.New("plain store has no containers")
 }
-func (plainStore) Create(string, uint32) (*engine.Container, bool, error) { return nil, false, nil }
+func (plainStore) Create(string, os.FileMode) (*engine.Container, bool, error) {
+	return nil, false, nil
+}
 
 func main() {
 	if err := run(); err != nil {
