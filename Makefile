@@ -59,9 +59,13 @@ deb: build
 deps:
 	./scripts/install-deps.sh
 
+# gofmt, go vet and staticcheck (a pinned version, fetched through the
+# module proxy like every dependency) must all be clean.
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet $(PKGS)
+	$(GO) run $(STATICCHECK) $(PKGS)
 
 test: deps vet
 	$(GO) test -race -timeout $(TEST_TIMEOUT) $(PKGS)

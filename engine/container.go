@@ -235,7 +235,8 @@ func openContainer(path string, dek *DEK, readOnly, allowDegraded bool, impl xts
 		// Units past what the header covers are leftovers: a shrink
 		// whose cut a crash prevented (growing again would bring the old
 		// data back instead of zeros), or growth that was never synced.
-		if err := f.Truncate(h.MinBackingSize()); err == nil {
+		err := f.Truncate(h.MinBackingSize())
+		if err == nil {
 			err = unix.Fdatasync(int(f.Fd()))
 		}
 		if err != nil {
@@ -288,7 +289,7 @@ func newContainer(f *os.File, path string, keys *containerKeys, h Header, impl x
 			return nil, err
 		}
 	}
-	c, err := xts.New(key, h.UnitSize, impl)
+	c, err := newXTS(key, h.UnitSize, impl)
 	clear(key)
 	if err != nil {
 		keys.destroy()

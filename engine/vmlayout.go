@@ -85,7 +85,7 @@ func matchAny(patterns []string, name string) bool {
 // files. It works on plain and on encrypted VMs: an encrypted extent that
 // holds its own descriptor is recognised by its container header.
 // corePatterns adds core-dump file-name patterns to the built-in *.zdump,
-// vmware-vmx-*.core and core*.
+// vmware-vmx-*.core, core and core.<digits> (vmdir.IsCoreDumpName).
 func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	dir = filepath.Clean(dir)
 	vmxPath, err := vmdir.FindVMX(dir)

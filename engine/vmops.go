@@ -113,7 +113,8 @@ func (k *keySet) destroy() {
 	}
 }
 
-// unwrapJournal unwraps the VM and disk DEKs named by keySafes in j.
+// unwrapKeys unwraps the VM DEK of vmKS and the disk DEKs of disks (their
+// old keySafes when old is set: the keys a journal says to convert from).
 func (o *VMOps) unwrapKeys(ctx context.Context, vmID, vmKS string, disks []journalDisk, old bool) (*keySet, error) {
 	ks := &keySet{disks: map[string]*DEK{}}
 	var err error
@@ -746,7 +747,7 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		return err
 	}
 	for _, t := range ts {
-		state, kind, err := keyStateOf(t.path, t.dek)
+		state, _, err := keyStateOf(t.path, t.dek)
 		if err != nil {
 			return err
 		}
@@ -755,7 +756,8 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef KeyRef) error 
 		}
 		// Not rekeyed yet: the kind is that of the slot the old key
 		// authenticates.
-		if state, kind, err = keyStateOf(t.path, t.old); err != nil {
+		state, kind, err := keyStateOf(t.path, t.old)
+		if err != nil {
 			return err
 		}
 		if state == stateUnderKey {

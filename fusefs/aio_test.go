@@ -19,20 +19,22 @@ const (
 	aioFsync  = 2 // IOCB_CMD_FSYNC
 )
 
-// iocb is struct iocb of <linux/aio_abi.h> (little-endian layout).
+// iocb is struct iocb of <linux/aio_abi.h> (little-endian layout); the
+// blank fields are the kernel's key, rw_flags, reqprio, reserved2, flags
+// and resfd, which these tests leave zero.
 type iocb struct {
-	data      uint64
-	key       uint32
-	rwFlags   uint32
-	opcode    uint16
-	reqprio   int16
-	fd        uint32
-	buf       uint64
-	nbytes    uint64
-	offset    int64
-	reserved2 uint64
-	flags     uint32
-	resfd     uint32
+	data   uint64
+	_      uint32
+	_      uint32
+	opcode uint16
+	_      int16
+	fd     uint32
+	buf    uint64
+	nbytes uint64
+	offset int64
+	_      uint64
+	_      uint32
+	_      uint32
 }
 
 // ioEvent is struct io_event.

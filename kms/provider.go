@@ -3,7 +3,8 @@
 //
 // A Provider is what vCenter calls a key provider: a name plus one or more
 // KMIP servers that hold the same keys. The engine consumes it through the
-// KeyServer interface to create and fetch key-encryption keys (AES-256);
+// engine.KeyServer interface to create and fetch key-encryption keys
+// (AES-256; the daemon checks at compile time that Provider satisfies it);
 // the daemon and CLI use the rest (Locate, KeyState, Revoke, Destroy,
 // Status).
 //
@@ -32,16 +33,6 @@ import (
 
 	"github.com/vmcryptd/vmcryptd/internal/pki"
 )
-
-// KeyServer is what the engine needs from a key provider. Implementations
-// must be safe for concurrent use. GetKey returns a fresh slice the caller
-// owns and must zero when done.
-type KeyServer interface {
-	CreateKey(ctx context.Context, name string) (id string, err error)
-	GetKey(ctx context.Context, id string) ([]byte, error)
-}
-
-var _ KeyServer = (*Provider)(nil)
 
 // Provider talks to the KMIP servers of one key provider, with failover,
 // per-request timeouts, retries and a per-server connection pool. It is

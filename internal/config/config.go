@@ -54,7 +54,7 @@ type Config struct {
 	Mounts     []Mount          `toml:"mounts"`
 	// CoreDumpPatterns adds file-name patterns (path.Match syntax) of core
 	// dumps in VM directories, which are encrypted with the host key; the
-	// built-in ones are *.zdump, vmware-vmx-*.core and core*.
+	// built-in ones are *.zdump, vmware-vmx-*.core, core and core.<digits>.
 	CoreDumpPatterns []string `toml:"core_dump_patterns"`
 	// KeyRetryInterval is how often KEKs that could not be fetched are
 	// tried again, e.g. "10s" (default 10s).

@@ -41,6 +41,13 @@ type Options struct {
 	ConfigPath string
 }
 
+// The engine reaches key providers only through its KeyServer (and, for
+// key states, KeyStateServer) interface; a KMIP provider must satisfy both.
+var (
+	_ engine.KeyServer      = (*kms.Provider)(nil)
+	_ engine.KeyStateServer = (*kms.Provider)(nil)
+)
+
 // Daemon is one running vmcryptd.
 type Daemon struct {
 	// conf is the running configuration, an immutable snapshot that

@@ -287,7 +287,8 @@ func listenExportSocket(path string, uid int) (net.Listener, error) {
 		return nil, err
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	if err := os.Chmod(p, 0o600); err == nil && uid != 0 {
+	err = os.Chmod(p, 0o600)
+	if err == nil && uid != 0 {
 		err = os.Lchown(p, uid, -1)
 	}
 	if err == nil {

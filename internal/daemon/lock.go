@@ -76,9 +76,7 @@ func (d *Daemon) hLock(rc *reqCtx) (any, error) {
 			errs = append(errs, fmt.Errorf("view %s: %w", m.rec.Mountpoint, err))
 		}
 	}
-	for _, err := range d.suspendExports("keys locked by vmcryptd lock: run vmcryptd unlock") {
-		errs = append(errs, err)
-	}
+	errs = append(errs, d.suspendExports("keys locked by vmcryptd lock: run vmcryptd unlock")...)
 	d.log.Warn("keys locked", "user", rc.id.User, "keks_zeroed", zeroed, "views", res.Views, "files_sealed", res.FilesSealed)
 	if len(errs) > 0 {
 		// Every key is zeroed whatever happened; say what did not close

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -48,7 +49,7 @@ func newMetrics(d *Daemon) *metrics {
 	}, []string{"op"})
 	m.view = newViewMetrics()
 	m.reg.MustRegister(m.requests, m.keysCached, m.keyErrors, m.revoked, m.converted, m.view.ops, m.view.ios,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

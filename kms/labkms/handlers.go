@@ -242,6 +242,7 @@ func (h *handler) create(ctx context.Context, req *payloads.CreateRequestPayload
 	if req.ObjectType != kmip.ObjectTypeSymmetricKey {
 		return nil, kmipserver.Errorf(kmip.ResultReasonFeatureNotSupported, "the lab KMS creates symmetric keys only, not %s", ttlv.EnumStr(req.ObjectType))
 	}
+	//lint:ignore SA1019 KMIP 1.0-1.2 clients may send template names; the lab KMS refuses them by name
 	if len(req.TemplateAttribute.Name) > 0 {
 		return nil, kmipserver.Errorf(kmip.ResultReasonFeatureNotSupported, "templates are not supported")
 	}
@@ -279,6 +280,7 @@ func (h *handler) register(ctx context.Context, req *payloads.RegisterRequestPay
 	if req.ObjectType != kmip.ObjectTypeSymmetricKey {
 		return nil, kmipserver.Errorf(kmip.ResultReasonFeatureNotSupported, "the lab KMS registers symmetric keys only, not %s", ttlv.EnumStr(req.ObjectType))
 	}
+	//lint:ignore SA1019 KMIP 1.0-1.2 clients may send template names; the lab KMS refuses them by name
 	if len(req.TemplateAttribute.Name) > 0 {
 		return nil, kmipserver.Errorf(kmip.ResultReasonFeatureNotSupported, "templates are not supported")
 	}
