@@ -158,7 +158,7 @@ func (r *Keyring) fetch(ctx context.Context, ks KeyServer, ref KeyRef) (*KEK, er
 		raw, err = ks.GetKey(ctx, ref.KeyID)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("kek %s: %w", ref, err)
+		return nil, fmt.Errorf("kek %s %w: %w", ref, ErrKeyUnavailable, err)
 	}
 	if unwrap, _ := kekUse(state); !unwrap {
 		clear(raw)

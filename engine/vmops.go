@@ -256,7 +256,7 @@ func begin(dir, op string, corePatterns []string) (*journal, *vmLayout, error) {
 		return nil, nil, err
 	}
 	if j != nil && j.Op != op {
-		return nil, nil, fmt.Errorf("%s: a %s was interrupted; run it again to finish first, or abort it (--abort)", dir, j.Op)
+		return nil, nil, fmt.Errorf("%s: a %s was interrupted; run it again to finish first, or abort it (--abort): %w", dir, j.Op, ErrConversionInterrupted)
 	}
 	if err := cleanStaleTemps(dir, j); err != nil {
 		return nil, nil, err
@@ -393,7 +393,7 @@ func (o *VMOps) writeDescriptors(l *vmLayout, disks []journalDisk, encrypt bool,
 func settledLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	if op, err := InterruptedOp(dir); err != nil || op != "" {
 		if err == nil {
-			err = fmt.Errorf("%s: a %s was interrupted; finish it first", dir, op)
+			err = fmt.Errorf("%s: a %s was interrupted; finish it first: %w", dir, op, ErrConversionInterrupted)
 		}
 		return nil, err
 	}

@@ -36,7 +36,7 @@ func TestAbortThroughDaemon(t *testing.T) {
 	if out := mustRun(t, "--socket", sock, "vm", "status", vm); !strings.Contains(out, "conversion interrupted: encrypt") || !strings.Contains(out, "--abort") {
 		t.Fatalf("status after the failure:\n%s", out)
 	}
-	if r := vmcryptd(t, nil, nil, "--socket", sock, "vm", "decrypt", vm); r.code == 0 || !strings.Contains(r.err, "--abort") {
+	if r := vmcryptd(t, nil, nil, "--socket", sock, "vm", "decrypt", vm); r.code != exitInterrupted || !strings.Contains(r.err, "--abort") {
 		t.Fatalf("decrypt of an interrupted encrypt: exit %d: %s", r.code, r.err)
 	}
 	if r := vmcryptd(t, nil, nil, "--socket", sock, "vm", "decrypt", "--abort", vm); r.code == 0 {

@@ -1,16 +1,52 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/vmcryptd/vmcryptd/internal/api"
 )
 
-// Exit codes of vmcryptd (README "Exit codes").
+// Exit codes of vmcryptd (README "Exit codes"; kong exits 80 on a usage
+// error before any command runs).
 const (
-	exitError    = 1 // the command failed (the message says why)
-	exitProblems = 3 // vm check found problems (after --repair: problems remain)
+	exitError          = 1 // the command failed (the message says why)
+	exitProblems       = 3 // vm check found problems (after --repair: problems remain)
+	exitDenied         = 4 // a privilege is missing
+	exitKeyUnavailable = 5 // a KEK is not in memory (locked, KMS or manager down)
+	exitInterrupted    = 6 // the VM has an unfinished conversion: re-run it or --abort
+	exitRefused        = 7 // a file refused by the VM's files (FORMAT.md 5)
+	exitUnreachable    = 8 // the daemon is not running or did not answer
 )
+
+// exitFor is the exit code for a command's error.
+func exitFor(err error) int {
+	var code exitCode
+	var denied *api.DeniedError
+	var st *api.StatusError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &code):
+		return int(code)
+	case errors.As(err, &denied):
+		return exitDenied
+	case errors.Is(err, api.ErrUnreachable):
+		return exitUnreachable
+	case errors.As(err, &st):
+		switch st.Kind {
+		case api.KindDenied:
+			return exitDenied
+		case api.KindKeyUnavailable:
+			return exitKeyUnavailable
+		case api.KindInterrupted:
+			return exitInterrupted
+		case api.KindRefused:
+			return exitRefused
+		}
+	}
+	return exitError
+}
 
 // exitCode makes main exit with a code other than exitError, after
 // printing nothing more (the command has printed its result).

@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
 	"net/url"
 	"os"
 	"time"
@@ -12,17 +10,13 @@ import (
 	"github.com/vmcryptd/vmcryptd/internal/api"
 )
 
-// call sends one API request with a generous deadline and turns a 403
-// into a message naming the missing privilege.
+// call sends one API request with a generous deadline. A 403 comes back
+// as *api.DeniedError, whose message names the missing privilege (and
+// which exitFor turns into exitDenied).
 func (g *globals) call(method, path string, req, resp any) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	err := api.NewClient(g.socket).Do(ctx, method, path, req, resp)
-	var de *api.DeniedError
-	if errors.As(err, &de) {
-		return fmt.Errorf("%s", de.Msg)
-	}
-	return err
+	return api.NewClient(g.socket).Do(ctx, method, path, req, resp)
 }
 
 func printJSON(v any) error {

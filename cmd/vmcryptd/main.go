@@ -75,10 +75,9 @@ func main() {
 	log := newLogger(os.Stderr, c.LogFormat, isTerminal(os.Stderr), c.LogLevel)
 	if err := ctx.Run(&globals{log: log, socket: c.Socket}); err != nil {
 		var code exitCode
-		if errors.As(err, &code) {
-			os.Exit(int(code))
+		if !errors.As(err, &code) { // an exitCode has printed its result
+			fmt.Fprintf(os.Stderr, "vmcryptd: %v\n", err)
 		}
-		fmt.Fprintf(os.Stderr, "vmcryptd: %v\n", err)
-		os.Exit(exitError)
+		os.Exit(exitFor(err))
 	}
 }

@@ -331,8 +331,8 @@ func TestRolesAndAudit(t *testing.T) {
 				}
 				return
 			}
-			if r.code == 0 {
-				t.Fatalf("allowed: %s", r.out)
+			if r.code != exitDenied {
+				t.Fatalf("exit %d, want %d (denied): %s %s", r.code, exitDenied, r.out, r.err)
 			}
 			if !strings.Contains(r.err, "permission denied") {
 				t.Fatalf("stderr %q does not say permission denied", r.err)

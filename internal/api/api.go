@@ -20,9 +20,21 @@ const MaxRequestBytes = 1 << 20
 
 // Error is the body of every non-2xx response.
 type Error struct {
-	Error            string `json:"error"`
-	MissingPrivilege string `json:"missing_privilege,omitempty"`
+	Error            string    `json:"error"`
+	MissingPrivilege string    `json:"missing_privilege,omitempty"`
+	Kind             ErrorKind `json:"kind,omitempty"`
 }
+
+// ErrorKind is what an error answer is about, for callers that act on it
+// (the CLI's exit codes). Empty: any other failure.
+type ErrorKind string
+
+const (
+	KindDenied         ErrorKind = "denied"          // a privilege is missing
+	KindKeyUnavailable ErrorKind = "key_unavailable" // a KEK is not in memory (locked, KMS or manager down, unknown key)
+	KindInterrupted    ErrorKind = "interrupted"     // the VM has an unfinished conversion: re-run or --abort
+	KindRefused        ErrorKind = "refused"         // a file refused by the VM's files (FORMAT.md 5)
+)
 
 // Status is GET /v1/status.
 type Status struct {
@@ -177,6 +189,7 @@ type StreamLine struct {
 	Result   json.RawMessage `json:"result,omitempty"`
 	Error    string          `json:"error,omitempty"`
 	Code     int             `json:"code,omitempty"`
+	Kind     ErrorKind       `json:"kind,omitempty"`
 }
 
 // VMStatusReply is GET /v1/vm/status?dir=...

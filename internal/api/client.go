@@ -44,6 +44,7 @@ func (e *DeniedError) Error() string { return e.Msg }
 // StatusError is any other non-2xx answer.
 type StatusError struct {
 	Code int
+	Kind ErrorKind
 	Msg  string
 }
 
@@ -75,14 +76,14 @@ func (c *Client) Stream(ctx context.Context, method, path string, req, resp any,
 	for {
 		var line StreamLine
 		if err := dec.Decode(&line); err != nil {
-			return fmt.Errorf("daemon at %s: stream ended without a result: %w", c.socket, err)
+			return fmt.Errorf("daemon at %s: stream ended without a result: %w%w", c.socket, err, unreachableMark{})
 		}
 		switch {
 		case line.Error != "":
 			if line.Code == http.StatusForbidden {
 				return &DeniedError{Msg: line.Error}
 			}
-			return &StatusError{Code: line.Code, Msg: line.Error}
+			return &StatusError{Code: line.Code, Kind: line.Kind, Msg: line.Error}
 		case line.Result != nil:
 			if resp != nil {
 				return json.Unmarshal(line.Result, resp)
@@ -94,13 +95,24 @@ func (c *Client) Stream(ctx context.Context, method, path string, req, resp any,
 	}
 }
 
+// ErrUnreachable is wrapped by every error of a request that did not reach
+// the daemon or lost it before an answer.
+var ErrUnreachable = errors.New("daemon unreachable")
+
 func (c *Client) transportError(err error) error {
 	var ne *net.OpError
 	if errors.As(err, &ne) && (errors.Is(err, os.ErrNotExist) || strings.Contains(err.Error(), "connection refused")) {
-		return fmt.Errorf("daemon not running at %s (start it with 'vmcryptd serve' or 'vmcryptd lab up', or set $%s)", c.socket, EnvSocket)
+		return fmt.Errorf("daemon not running at %s (start it with 'vmcryptd serve' or 'vmcryptd lab up', or set $%s)%w", c.socket, EnvSocket, unreachableMark{})
 	}
-	return fmt.Errorf("daemon at %s: %w", c.socket, err)
+	return fmt.Errorf("daemon at %s: %w%w", c.socket, err, unreachableMark{})
 }
+
+// unreachableMark adds ErrUnreachable to an error without changing its
+// message.
+type unreachableMark struct{}
+
+func (unreachableMark) Error() string        { return "" }
+func (unreachableMark) Is(target error) bool { return target == ErrUnreachable }
 
 // Do sends req (JSON, may be nil) to method path and decodes the answer
 // into resp (may be nil).
@@ -141,7 +153,7 @@ func (c *Client) finish(r *http.Response, resp any) error {
 		if r.StatusCode == http.StatusForbidden {
 			return &DeniedError{Msg: e.Error, MissingPrivilege: e.MissingPrivilege}
 		}
-		return &StatusError{Code: r.StatusCode, Msg: e.Error}
+		return &StatusError{Code: r.StatusCode, Kind: e.Kind, Msg: e.Error}
 	}
 	if resp != nil {
 		if err := json.Unmarshal(raw, resp); err != nil {

@@ -187,11 +187,12 @@ func (d *Daemon) op(name string, priv Privilege, audited bool, h handler) http.H
 			if errors.As(err, &he) {
 				code = he.code
 			}
+			kind := errorKind(err)
 			if rc.streaming {
-				rc.enc.Encode(api.StreamLine{Error: err.Error(), Code: code})
+				rc.enc.Encode(api.StreamLine{Error: err.Error(), Code: code, Kind: kind})
 				return
 			}
-			writeJSON(w, code, api.Error{Error: err.Error()})
+			writeJSON(w, code, api.Error{Error: err.Error(), Kind: kind})
 			return
 		}
 		if rc.streaming {
@@ -201,6 +202,23 @@ func (d *Daemon) op(name string, priv Privilege, audited bool, h handler) http.H
 		}
 		writeJSON(w, http.StatusOK, resp)
 	})
+}
+
+// errorKind says what a failed request's error is about (api.ErrorKind),
+// so a client can act on it without parsing the message.
+func errorKind(err error) api.ErrorKind {
+	var he *httpError
+	switch {
+	case errors.As(err, &he) && he.code == http.StatusForbidden:
+		return api.KindDenied
+	case errors.Is(err, engine.ErrConversionInterrupted):
+		return api.KindInterrupted
+	case errors.Is(err, engine.ErrRefused):
+		return api.KindRefused
+	case errors.Is(err, engine.ErrKeyUnavailable):
+		return api.KindKeyUnavailable
+	}
+	return ""
 }
 
 // auditable responses name their target and key ids for the audit log.
