@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
@@ -117,21 +118,6 @@ func chunks(ranges [][2]int64, align int64) [][2]int64 {
 func runChunks(ctx context.Context, pieces [][2]int64, logical int64, read func(buf []byte, off int64) error,
 	process func(buf []byte, off int64) error, progress ProgressFunc) error {
 	workers := min(runtime.GOMAXPROCS(0), max(len(pieces), 1))
-	var (
-		next   atomic.Int64
-		mu     sync.Mutex
-		first  error
-		wg     sync.WaitGroup
-		failed atomic.Bool
-	)
-	fail := func(err error) {
-		mu.Lock()
-		if first == nil {
-			first = err
-		}
-		mu.Unlock()
-		failed.Store(true)
-	}
 	// Buffers as large as the largest piece, not always a whole chunk: a
 	// VM of thousands of small extents spent most of its conversion
 	// clearing 4 MiB buffers it never filled.
@@ -139,42 +125,41 @@ func runChunks(ctx context.Context, pieces [][2]int64, logical int64, read func(
 	for _, p := range pieces {
 		biggest = max(biggest, p[1])
 	}
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+	// One goroutine per worker, each with its buffer, pulling pieces; the
+	// first error cancels gctx, which stops the others at their next piece.
+	var next atomic.Int64
+	var progressMu sync.Mutex
+	g, gctx := errgroup.WithContext(ctx)
+	for range workers {
+		g.Go(func() error {
 			buf := make([]byte, biggest)
-			for !failed.Load() {
+			for {
 				i := next.Add(1) - 1
 				if i >= int64(len(pieces)) {
-					return
+					return nil
 				}
-				if err := ctx.Err(); err != nil {
-					fail(err)
-					return
+				if err := gctx.Err(); err != nil {
+					return err
 				}
 				off, n := pieces[i][0], pieces[i][1]
 				b := buf[:n]
 				if err := read(b, off); err != nil {
-					fail(err)
-					return
+					return err
 				}
 				if err := process(b, off); err != nil {
-					fail(err)
-					return
+					return err
 				}
 				if progress != nil {
 					done := min(n, max(logical-off, 0))
-					mu.Lock()
+					progressMu.Lock()
 					progress(done)
-					mu.Unlock()
+					progressMu.Unlock()
 				}
 			}
-		}()
+		})
 	}
-	wg.Wait()
-	if first != nil {
-		return first
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	return ctx.Err()
 }

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/google/uuid"
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/formats/vmx"
@@ -354,15 +355,14 @@ func exists(p string) bool {
 	return err == nil
 }
 
-// newID returns a random RFC 4122 version-4 UUID string.
+// newID returns a random RFC 4122 version-4 UUID string (google/uuid,
+// which reads crypto/rand).
 func newID() (string, error) {
-	var b [16]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		return "", fmt.Errorf("crypto/rand: %w", err)
+	id, err := uuid.NewRandom()
+	if err != nil {
+		return "", fmt.Errorf("new id: %w", err)
 	}
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16]), nil
+	return id.String(), nil
 }
 
 // journal records an in-progress conversion so a killed one can be

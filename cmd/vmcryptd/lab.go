@@ -69,7 +69,7 @@ func (c *labUpCmd) Run(g *globals) error {
 		DefaultProvider:  labProvider,
 		KMS:              []kms.Config{paths.ProviderConfig(labProvider, kmsAddr)},
 		Datastores:       []config.Datastore{{Name: "lab", Path: lp.datastore()}},
-		KeyRetryInterval: config.Duration{Duration: c.KeyRetry},
+		KeyRetryInterval: c.KeyRetry,
 	}
 	if err := config.Write(lp.config(), cfg); err != nil {
 		return err

@@ -112,7 +112,7 @@ func (c *labUpCmd) runHosts(g *globals, lp labPaths) error {
 				{Name: "local", Path: lp.hostF(k, "datastore")},
 				{Name: "shared", Path: lp.j("shared")},
 			},
-			KeyRetryInterval: config.Duration{Duration: c.KeyRetry},
+			KeyRetryInterval: c.KeyRetry,
 		}
 		if err := config.Write(lp.hostF(k, "vmcryptd.toml"), cfg); err != nil {
 			return err

@@ -24,7 +24,7 @@ func (s *serveCmd) Run(g *globals) error {
 	if err != nil {
 		return err
 	}
-	d, err := daemon.New(daemon.Options{Config: cfg, ConfigPath: s.Config, Logger: g.log, Version: version, RetryInterval: cfg.KeyRetryInterval.Duration})
+	d, err := daemon.New(daemon.Options{Config: cfg, ConfigPath: s.Config, Logger: g.log, Version: version, RetryInterval: cfg.KeyRetryInterval})
 	if err != nil {
 		return err
 	}

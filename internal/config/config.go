@@ -58,7 +58,7 @@ type Config struct {
 	CoreDumpPatterns []string `toml:"core_dump_patterns"`
 	// KeyRetryInterval is how often KEKs that could not be fetched are
 	// tried again, e.g. "10s" (default 10s).
-	KeyRetryInterval Duration `toml:"key_retry_interval"`
+	KeyRetryInterval time.Duration `toml:"key_retry_interval"`
 	// MetricsListen serves Prometheus metrics over HTTP on this address
 	// (e.g. "127.0.0.1:9469"); empty disables it.
 	MetricsListen string `toml:"metrics_listen"`
@@ -68,20 +68,6 @@ type Config struct {
 	// are the administrator's and always allowed.
 	MountRoots []string `toml:"mount_roots"`
 }
-
-// Duration is a time.Duration written as a string ("10s") in TOML.
-type Duration struct{ time.Duration }
-
-func (d *Duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
-	if err != nil {
-		return err
-	}
-	d.Duration = v
-	return nil
-}
-
-func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.String()), nil }
 
 // Datastore is a directory of VM directories.
 type Datastore struct {

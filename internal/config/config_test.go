@@ -44,7 +44,7 @@ role = "NoCryptoAdmin"
 	if c.Socket != filepath.Join(dir, "run/v.sock") || c.KMS[0].CAFile != filepath.Join(dir, "kms/ca.pem") || c.KMS[0].CertFile != "/abs/client.pem" {
 		t.Fatalf("relative paths not resolved: %+v", c)
 	}
-	if c.DefaultProvider != "lab" || c.AuditLog != filepath.Join(dir, "state", "audit.log") || c.KeyRetryInterval.Duration != 2*time.Second || c.KMS[0].Timeout != 3*time.Second {
+	if c.DefaultProvider != "lab" || c.AuditLog != filepath.Join(dir, "state", "audit.log") || c.KeyRetryInterval != 2*time.Second || c.KMS[0].Timeout != 3*time.Second {
 		t.Fatalf("defaults: %+v", c)
 	}
 	// Round trip through Write (what `lab up` does).

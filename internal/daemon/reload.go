@@ -477,7 +477,7 @@ func (d *Daemon) commitReload(running, next *config.Config, auth *authorizer, tx
 		}()
 	}
 	if running.KeyRetryInterval != next.KeyRetryInterval {
-		iv := next.KeyRetryInterval.Duration
+		iv := next.KeyRetryInterval
 		if iv <= 0 {
 			iv = defaultRetryInterval
 		}

@@ -51,7 +51,7 @@ func TestReloadPlan(t *testing.T) {
 		{"datastore", func(c *config.Config) { c.Datastores[0].Path = "/b" }, []string{"datastores"}, nil},
 		{"metrics and retry", func(c *config.Config) {
 			c.MetricsListen = "127.0.0.1:1"
-			c.KeyRetryInterval = config.Duration{Duration: time.Minute}
+			c.KeyRetryInterval = time.Minute
 		}, []string{"key_retry_interval", "metrics_listen"}, nil},
 		{"mounts and roots", func(c *config.Config) {
 			c.Mounts = []config.Mount{{Datastore: "a", Mountpoint: "/m"}}
