@@ -75,7 +75,7 @@ func (d *Daemon) checkOne(ctx context.Context, rc *reqCtx, dir string, repair bo
 		// as an interrupted one).
 		return d.vmOps(nil).Check(ctx, dir, false)
 	}
-	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+	if err := d.acquireVM(dir, rc.op); err != nil {
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)

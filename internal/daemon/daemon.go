@@ -55,6 +55,14 @@ type Daemon struct {
 	conf     atomic.Pointer[config.Config]
 	cfgPath  string     // see Reload (reload.go)
 	reloadMu sync.Mutex // one reload at a time
+	// servedMu orders requests that start serving or working in a
+	// datastore against a reload that may drop it: a mount, an export or
+	// a VM operation holds it shared from its datastore check until what
+	// it starts is registered (d.mounts, d.exports, d.vmLocks); Reload
+	// holds it exclusively from its checks to its commit. So a reload
+	// either sees the registration (and refuses to drop the datastore) or
+	// the request sees the new configuration (and refuses the path).
+	servedMu sync.RWMutex
 	log      *slog.Logger
 	version  string
 	// retry is how often keys that could not be fetched are tried again

@@ -165,6 +165,15 @@ func (d *Daemon) startExport(ctx context.Context, rec exportRecord) (*activeExpo
 	if msg := exportListenRule(rec.Unix, rec.TCP, rec.TLSCert, rec.TLSKey, rec.TLSCA); msg != "" {
 		return nil, badRequest("%s", msg)
 	}
+	// Shared from the datastore check to the export's registration below
+	// (see Daemon.servedMu).
+	d.servedMu.RLock()
+	registered := false
+	defer func() {
+		if !registered {
+			d.servedMu.RUnlock()
+		}
+	}()
 	disk, root, err := d.exportDisk(rec.Disk)
 	if err != nil {
 		return nil, err
@@ -194,6 +203,8 @@ func (d *Daemon) startExport(ctx context.Context, rec exportRecord) (*activeExpo
 	}
 	d.exports[rec.key()] = ae
 	d.mu.Unlock()
+	registered = true
+	d.servedMu.RUnlock()
 	fail := func(err error) (*activeExport, error) {
 		d.mu.Lock()
 		if d.exports[rec.key()] == ae {

@@ -361,6 +361,10 @@ func (d *Daemon) hMount(rc *reqCtx) (any, error) {
 	if err := decode(rc, &req); err != nil {
 		return nil, err
 	}
+	// Shared from the datastore check to the view's registration (see
+	// Daemon.servedMu).
+	d.servedMu.RLock()
+	defer d.servedMu.RUnlock()
 	root, err := d.datastorePath(req.Datastore)
 	if err != nil {
 		return nil, err

@@ -78,6 +78,8 @@ func (d *Daemon) Reload(ctx context.Context) (api.ReloadResult, error) {
 	}
 	d.reloadMu.Lock()
 	defer d.reloadMu.Unlock()
+	d.servedMu.Lock() // see Daemon.servedMu
+	defer d.servedMu.Unlock()
 	next, err := config.Load(d.cfgPath)
 	if err != nil {
 		// config.Load names the file itself.

@@ -49,6 +49,38 @@ func (l *vmLocks) isBusy(p string) bool {
 	return false
 }
 
+// acquireVM registers op on the VM directory dir (from vmDir) after
+// checking, under servedMu shared, that dir is still inside the running
+// configuration's datastores: a reload that dropped its datastore since
+// vmDir checked it is seen here, and a reload after this sees the lock.
+func (d *Daemon) acquireVM(dir, op string) error {
+	d.servedMu.RLock()
+	defer d.servedMu.RUnlock()
+	if !insideDatastores(d.config(), dir) {
+		return conflict("%s: no longer inside a configured datastore (the configuration was reloaded while the request waited)", dir)
+	}
+	return d.vmLocks.acquire(dir, op)
+}
+
+// insideDatastores reports whether the resolved path dir lies strictly
+// inside one of cfg's datastores (any path, when none is configured). dir
+// need not exist yet (vm create).
+func insideDatastores(cfg *config.Config, dir string) bool {
+	if len(cfg.Datastores) == 0 {
+		return true
+	}
+	for _, ds := range cfg.Datastores {
+		root, err := filepath.EvalSymlinks(ds.Path)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(root, dir); err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../") {
+			return true
+		}
+	}
+	return false
+}
+
 func (l *vmLocks) release(dir string) {
 	l.mu.Lock()
 	delete(l.busy, dir)
@@ -216,7 +248,7 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 			return nil, err
 		}
 	}
-	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+	if err := d.acquireVM(dir, rc.op); err != nil {
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
@@ -436,7 +468,7 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 			return nil, err
 		}
 	}
-	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+	if err := d.acquireVM(dir, rc.op); err != nil {
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
@@ -456,7 +488,7 @@ func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+	if err := d.acquireVM(dir, rc.op); err != nil {
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
@@ -481,7 +513,7 @@ func (d *Daemon) hDiskRestoreKeys(rc *reqCtx) (any, error) {
 	if err := d.requireHostEncryption(); err != nil {
 		return nil, err
 	}
-	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+	if err := d.acquireVM(dir, rc.op); err != nil {
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
@@ -527,7 +559,7 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 		}
 		spec.KEK = kek
 	}
-	if err := d.vmLocks.acquire(dir, rc.op); err != nil {
+	if err := d.acquireVM(dir, rc.op); err != nil {
 		return nil, err
 	}
 	defer d.vmLocks.release(dir)
