@@ -177,13 +177,29 @@ func OpenContainerDegraded(path string, dek *DEK, impl xts.Impl) (*Container, er
 }
 
 func openContainer(path string, dek *DEK, readOnly, allowDegraded bool, impl xts.Impl) (*Container, error) {
-	flag := os.O_RDWR
-	if readOnly {
-		flag = os.O_RDONLY
-	}
-	f, err := openRegular(path, flag)
+	f, err := openRegular(path, openFlag(readOnly))
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	return openContainerFile(f, path, dek, allowDegraded, impl)
+}
+
+func openFlag(readOnly bool) int {
+	if readOnly {
+		return os.O_RDONLY
+	}
+	return os.O_RDWR
+}
+
+// openContainerFile opens the container on the already open file f (named
+// path in errors), which it owns from here on: closed on every error, kept
+// by the Container otherwise. The view decides on a file and serves the
+// same descriptor (Datastore.Open), so a rename between the two cannot
+// swap what it serves.
+func openContainerFile(f *os.File, path string, dek *DEK, allowDegraded bool, impl xts.Impl) (*Container, error) {
+	readOnly := false
+	if fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0); err == nil {
+		readOnly = fl&unix.O_ACCMODE == unix.O_RDONLY
 	}
 	region := make([]byte, 2*slotSize)
 	if n, err := f.ReadAt(region, 0); n < len(region) {

@@ -226,9 +226,15 @@ func readHead(path string) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
+	return readHeadFrom(f)
+}
+
+// readHeadFrom reads the first HeaderSize bytes of f (fewer if shorter)
+// without moving its offset.
+func readHeadFrom(f *os.File) ([]byte, error) {
 	head := make([]byte, HeaderSize)
-	n, err := io.ReadFull(f, head)
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+	n, err := f.ReadAt(head, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
 	return head[:n], nil
@@ -338,16 +344,6 @@ func (d *Datastore) MayOpen(rel string) error {
 	return d.busy(path)
 }
 
-// linkCount is the number of names of the file at path (not following a
-// final symlink).
-func linkCount(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		return 0, err
-	}
-	return uint64(st.Nlink), nil
-}
-
 // Open opens the container at rel with its DEK.
 func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	path, err := d.abs(rel)
@@ -357,14 +353,31 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	if err := d.busy(path); err != nil {
 		return nil, err
 	}
-	head, err := readHead(path)
+	// One descriptor for the decision and for what is served: the header
+	// read, the link count and inode the trust decision uses, and the
+	// container opened all come from f.
+	f, err := openRegular(path, openFlag(readOnly))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	owned := true
+	defer func() {
+		if owned {
+			f.Close()
+		}
+	}()
+	head, err := readHeadFrom(f)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	if _, err := PeekHeader(head); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	r := d.roleOf(path, head)
+	r := d.roleOfFile(path, head, &st)
 	switch r.v {
 	case verdictPlain:
 		return nil, fmt.Errorf("%s: %w", path, ErrPlainByLayout)
@@ -382,11 +395,8 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	}
 	// A reader may have a degraded container (one header slot damaged,
 	// FORMAT.md 3.1) as its surviving slot records it; a writer may not.
-	open := func() (*Container, error) { return OpenContainer(path, dek, false, d.Impl) }
-	if readOnly {
-		open = func() (*Container, error) { return OpenContainerDegraded(path, dek, d.Impl) }
-	}
-	c, err := open()
+	owned = false
+	c, err := openContainerFile(f, path, dek, readOnly, d.Impl)
 	if err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
+	"golang.org/x/sys/unix"
 )
 
 // The trust decision of docs/FORMAT.md section 5: may a file be served
@@ -295,10 +296,25 @@ func (r role) refusal(path string) *RefusedError {
 }
 
 // roleOf gathers the facts about the file at path, whose first bytes are
-// head, and asks decideTrust.
-func (d *Datastore) roleOf(path string, head []byte) role {
+// head, and asks decideTrust. Link count and inode come from the path.
+func (d *Datastore) roleOf(path string, head []byte) role { return d.roleOfFile(path, head, nil) }
+
+// roleOfFile is roleOf with the link count and inode taken from st, the
+// fstat of the descriptor that head was read from and that will be
+// served (nil: lstat the path).
+func (d *Datastore) roleOfFile(path string, head []byte, st *unix.Stat_t) role {
 	dir := filepath.Dir(path)
 	l, err := d.layout(dir)
+	stat := func() (*unix.Stat_t, error) {
+		if st != nil {
+			return st, nil
+		}
+		var lst unix.Stat_t
+		if err := unix.Lstat(path, &lst); err != nil {
+			return nil, err
+		}
+		return &lst, nil
+	}
 	return decideTrust(trustFacts{
 		Name:         filepath.Base(path),
 		Head:         head,
@@ -309,10 +325,16 @@ func (d *Datastore) roleOf(path string, head []byte) role {
 			_, ferr := vmdir.FindVMX(dir)
 			return errors.Is(ferr, vmdir.ErrNoVMX)
 		},
-		Nlink: func() (uint64, error) { return linkCount(path) },
+		Nlink: func() (uint64, error) {
+			s, err := stat()
+			if err != nil {
+				return 0, err
+			}
+			return uint64(s.Nlink), nil
+		},
 		MadeByView: func(id [16]byte) bool {
-			key, err := madeKeyOf(path, id)
-			return err == nil && d.Made.has(key)
+			s, err := stat()
+			return err == nil && d.Made.has(madeKey{uint64(s.Dev), s.Ino, id})
 		},
 		DescribedBy: func() (*disk, bool, error) { return describedBy(l, filepath.Base(path)) },
 		ExtentCopies: func(dk *disk) (Binding, bool) {
