@@ -3,6 +3,8 @@ package engine
 import (
 	"bytes"
 	"testing"
+
+	"github.com/vmcryptd/vmcryptd/formats/vmx"
 )
 
 // Fuzz targets for the parsers of untrusted bytes that live in engine/:
@@ -158,7 +160,7 @@ func FuzzVMXDataOpensOnlyWhatWasSealed(f *testing.F) {
 	dek := fuzzDEK(f)
 	defer dek.Destroy()
 	text := []byte("displayName = \"a\"\nguestinfo.x = \"secret\"\nmachine.id = \"m\"\nmemsize = \"64\"\nannotation = \"n\"")
-	_, moved := extractSensitive(text)
+	_, moved := vmx.ExtractSensitive(text)
 	// A fixed nonce: every fuzz worker runs this setup and must get the
 	// same bundle as the seed corpus.
 	sealed, err := sealVMXDataNonce(dek, "vm-fuzz", moved, bytes.Repeat([]byte{7}, 12))
@@ -168,7 +170,7 @@ func FuzzVMXDataOpensOnlyWhatWasSealed(f *testing.F) {
 	f.Add(sealed, text)
 	f.Add("AQ==", []byte("guestinfo.a = 1"))
 	f.Add("", []byte("\n\nguestinfo.z=\"q\"\r\n# c\n"))
-	f.Fuzz(func(t *testing.T, b64 string, vmx []byte) {
+	f.Fuzz(func(t *testing.T, b64 string, text []byte) {
 		if got, err := openVMXData(dek, "vm-fuzz", b64); err == nil {
 			if b64 != sealed {
 				t.Fatalf("opened a bundle that was never sealed: %q", b64)
@@ -180,9 +182,9 @@ func FuzzVMXDataOpensOnlyWhatWasSealed(f *testing.F) {
 		if _, err := openVMXData(dek, "vm-other", b64); err == nil {
 			t.Fatalf("bundle opened for another VM id")
 		}
-		rest, mv := extractSensitive(vmx)
-		if back := restoreSensitive(rest, mv); !bytes.Equal(back, vmx) {
-			t.Fatalf("extract+restore changed the text:\n%q\nbecame\n%q", vmx, back)
+		rest, mv := vmx.ExtractSensitive(text)
+		if back := vmx.RestoreSensitive(rest, mv); !bytes.Equal(back, text) {
+			t.Fatalf("extract+restore changed the text:\n%q\nbecame\n%q", text, back)
 		}
 	})
 }

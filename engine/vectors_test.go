@@ -17,6 +17,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/vmcryptd/vmcryptd/formats/vmx"
 )
 
 // The FORMAT.md vectors: inputs are fixed in the document, outputs are
@@ -191,12 +193,12 @@ func TestFormatVectors(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer vdek.Destroy()
-	rest, moved := extractSensitive(unhex(t, vd, "vmx"))
+	rest, moved := vmx.ExtractSensitive(unhex(t, vd, "vmx"))
 	var p []byte
 	for _, m := range moved {
-		p = append(p, byte(m.index), byte(m.index>>8), byte(m.index>>16), byte(m.index>>24))
-		p = append(p, byte(len(m.raw)), byte(len(m.raw)>>8), byte(len(m.raw)>>16), byte(len(m.raw)>>24))
-		p = append(p, m.raw...)
+		p = append(p, byte(m.Index), byte(m.Index>>8), byte(m.Index>>16), byte(m.Index>>24))
+		p = append(p, byte(len(m.Raw)), byte(len(m.Raw)>>8), byte(len(m.Raw)>>16), byte(len(m.Raw)>>24))
+		p = append(p, m.Raw...)
 	}
 	sealed, err := sealVMXDataNonce(vdek, vd["vm_id"], moved, unhex(t, vd, "nonce"))
 	if err != nil {
@@ -206,7 +208,7 @@ func TestFormatVectors(t *testing.T) {
 	got["vmxdata"]["plaintext"] = hex.EncodeToString(p)
 	got["vmxdata"]["data"] = sealed
 	backLines, err := openVMXData(vdek, vd["vm_id"], sealed)
-	if err != nil || !bytes.Equal(restoreSensitive(rest, backLines), unhex(t, vd, "vmx")) {
+	if err != nil || !bytes.Equal(vmx.RestoreSensitive(rest, backLines), unhex(t, vd, "vmx")) {
 		t.Errorf("encryption.data vector does not restore the vmx: %v", err)
 	}
 

@@ -437,7 +437,7 @@ func (o *VMOps) writeEncryptedVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 	if cur, _ := l.VMX.Get(VMXKeySafe); cur == j.KeySafe {
 		return nil
 	}
-	rest, moved := extractSensitive(l.VMXText)
+	rest, moved := vmx.ExtractSensitive(l.VMXText)
 	cfg, err := vmx.Parse(rest)
 	if err != nil {
 		return fmt.Errorf("%s: %w", l.VMXPath, err)
@@ -560,7 +560,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 }
 
 func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
-	var moved []movedLine
+	var moved []vmx.MovedLine
 	if data, ok := l.VMX.Get(VMXData); ok && data != "" {
 		var err error
 		if moved, err = openVMXData(vmDEK, j.VMID, data); err != nil {
@@ -570,7 +570,7 @@ func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 	for _, k := range []string{VMXVMID, VMXKeySafe, VMXData, VMXPolicy} {
 		l.VMX.Delete(k)
 	}
-	return j.writeText(l.Dir)(l.VMXPath, restoreSensitive(l.VMX.Bytes(), moved))
+	return j.writeText(l.Dir)(l.VMXPath, vmx.RestoreSensitive(l.VMX.Bytes(), moved))
 }
 
 // RekeyShallow rewraps every DEK of the VM under newKEK: only keySafes

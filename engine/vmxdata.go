@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
@@ -11,80 +10,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"sort"
-	"strings"
+
+	"github.com/vmcryptd/vmcryptd/formats/vmx"
 )
 
 // The vmx `encryption.data` bundle (docs/FORMAT.md 4.2): sensitive vmx
-// lines, moved out of the text file and encrypted under the VM DEK, with
-// their original line positions so decryption restores the file exactly.
-
-// sensitiveVMXKey reports whether a vmx key's line moves into the bundle.
-func sensitiveVMXKey(key string) bool {
-	k := strings.ToLower(key)
-	return strings.HasPrefix(k, "guestinfo.") || k == "machine.id" || k == "annotation"
-}
-
-// splitLines splits text into lines that keep their terminators.
-func splitLines(b []byte) [][]byte {
-	var out [][]byte
-	for len(b) > 0 {
-		i := bytes.IndexByte(b, '\n')
-		if i < 0 {
-			out = append(out, b)
-			break
-		}
-		out = append(out, b[:i+1])
-		b = b[i+1:]
-	}
-	return out
-}
-
-// lineKey returns the key of a `key = value` line, or "".
-func lineKey(l []byte) string {
-	s := strings.TrimLeft(string(l), " \t")
-	if s == "" || s[0] == '#' {
-		return ""
-	}
-	i := strings.IndexByte(s, '=')
-	if i <= 0 {
-		return ""
-	}
-	return strings.TrimSpace(s[:i])
-}
-
-type movedLine struct {
-	index int
-	raw   []byte
-}
-
-// extractSensitive removes sensitive lines from vmx text.
-func extractSensitive(text []byte) (rest []byte, moved []movedLine) {
-	for i, l := range splitLines(text) {
-		if k := lineKey(l); k != "" && sensitiveVMXKey(k) {
-			moved = append(moved, movedLine{i, append([]byte(nil), l...)})
-			continue
-		}
-		rest = append(rest, l...)
-	}
-	return rest, moved
-}
-
-// restoreSensitive puts moved lines back at their original positions.
-func restoreSensitive(text []byte, moved []movedLine) []byte {
-	sort.Slice(moved, func(i, j int) bool { return moved[i].index < moved[j].index })
-	lines := splitLines(text)
-	for _, m := range moved {
-		at := min(m.index, len(lines))
-		// A line that had no terminator was last; if lines now follow it,
-		// the one before must end with a newline.
-		if at > 0 && !bytes.HasSuffix(lines[at-1], []byte("\n")) {
-			lines[at-1] = append(append([]byte(nil), lines[at-1]...), '\n')
-		}
-		lines = append(lines[:at], append([][]byte{m.raw}, lines[at:]...)...)
-	}
-	return bytes.Join(lines, nil)
-}
+// lines, moved out of the text file (formats/vmx.ExtractSensitive) and
+// encrypted under the VM DEK, with their original line positions so
+// decryption restores the file exactly (vmx.RestoreSensitive).
 
 const (
 	vmxDataVersion = 0x01
@@ -115,17 +48,17 @@ func vmxDataAEAD(dek *DEK) (cipher.AEAD, error) {
 }
 
 // sealVMXData encrypts moved lines into the base64 bundle.
-func sealVMXData(dek *DEK, vmID string, moved []movedLine) (string, error) {
+func sealVMXData(dek *DEK, vmID string, moved []vmx.MovedLine) (string, error) {
 	return sealVMXDataNonce(dek, vmID, moved, nil)
 }
 
 // sealVMXDataNonce takes a fixed nonce for the FORMAT.md vectors only.
-func sealVMXDataNonce(dek *DEK, vmID string, moved []movedLine, fixedNonce []byte) (string, error) {
+func sealVMXDataNonce(dek *DEK, vmID string, moved []vmx.MovedLine, fixedNonce []byte) (string, error) {
 	var p []byte
 	for _, m := range moved {
-		p = binary.LittleEndian.AppendUint32(p, uint32(m.index))
-		p = binary.LittleEndian.AppendUint32(p, uint32(len(m.raw)))
-		p = append(p, m.raw...)
+		p = binary.LittleEndian.AppendUint32(p, uint32(m.Index))
+		p = binary.LittleEndian.AppendUint32(p, uint32(len(m.Raw)))
+		p = append(p, m.Raw...)
 	}
 	aead, err := vmxDataAEAD(dek)
 	if err != nil {
@@ -144,7 +77,7 @@ func sealVMXDataNonce(dek *DEK, vmID string, moved []movedLine, fixedNonce []byt
 }
 
 // openVMXData decrypts the bundle.
-func openVMXData(dek *DEK, vmID, b64 string) ([]movedLine, error) {
+func openVMXData(dek *DEK, vmID, b64 string) ([]vmx.MovedLine, error) {
 	raw, err := base64.StdEncoding.DecodeString(b64)
 	if err != nil {
 		return nil, fmt.Errorf("encryption.data: %w", err)
@@ -161,7 +94,7 @@ func openVMXData(dek *DEK, vmID, b64 string) ([]movedLine, error) {
 	if err != nil {
 		return nil, errors.New("encryption.data: authentication failed (wrong key or bundle from another VM)")
 	}
-	var out []movedLine
+	var out []vmx.MovedLine
 	for len(p) > 0 {
 		if len(p) < 8 {
 			return nil, errors.New("encryption.data: truncated record")
@@ -170,7 +103,7 @@ func openVMXData(dek *DEK, vmID, b64 string) ([]movedLine, error) {
 		if uint64(n) > uint64(len(p)-8) {
 			return nil, errors.New("encryption.data: record length out of range")
 		}
-		out = append(out, movedLine{int(idx), append([]byte(nil), p[8:8+n]...)})
+		out = append(out, vmx.MovedLine{Index: int(idx), Raw: append([]byte(nil), p[8:8+n]...)})
 		p = p[8+n:]
 	}
 	return out, nil
