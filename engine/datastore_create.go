@@ -1,0 +1,136 @@
+package engine
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vmcryptd/vmcryptd/formats/vmdir"
+)
+
+// Placing new files: what the view creates inside an encrypted VM, and
+// whether it would.
+
+// vmxNamedKind is the kind of a VM-key file the vmx beside path names
+// with a name of its own (nvram = "firmware.bin"), so that the view
+// creates it as the container its place requires; 0 otherwise (and when
+// the directory's vmx cannot be read: such a VM's files are refused
+// anyway).
+func (d *Datastore) vmxNamedKind(path string) Kind {
+	l, err := d.placementLayout(filepath.Dir(path))
+	if err != nil || l == nil || !l.Encrypted {
+		return 0
+	}
+	name := filepath.Base(path)
+	if st := l.VMX.CheckpointVMState(); st != "" && filepath.Base(st) == name {
+		return kindFromDir[vmdir.CheckpointKind(st)]
+	}
+	for _, ref := range []struct {
+		v string
+		k Kind
+	}{{l.VMX.NVRAM(), KindNVRAM}, {l.VMX.SwapDerivedName(), KindVSWP}} {
+		if ref.v != "" && filepath.Base(ref.v) == name {
+			return ref.k
+		}
+	}
+	return 0
+}
+
+// vmKindByName picks the container kind of a VM-key file by its name; ""
+// means the file is not one the VM key protects.
+func vmKindByName(name string) Kind {
+	switch strings.ToLower(filepath.Ext(name)) {
+	case ".nvram":
+		return KindNVRAM
+	case ".vswp":
+		return KindVSWP
+	case ".vmsn":
+		return KindVMSN
+	case ".vmss":
+		return KindVMSS
+	case ".vmem":
+		return KindVMEM
+	}
+	return 0
+}
+
+// Create makes a new file for the view: inside an encrypted VM's
+// directory, the VM-key kinds (nvram, swap, snapshot and suspend state,
+// memory) are created as containers under the VM DEK, and .vmdk files as
+// containers of a disk (a new one, or the encrypted disk whose extent the
+// name says it is; see viewdisk.go). Everything else is plain, and so is
+// every file outside encrypted VMs.
+func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, error) {
+	path, err := d.abs(rel)
+	if err != nil {
+		return nil, false, err
+	}
+	if err := d.busy(path); err != nil {
+		return nil, false, err
+	}
+	kind := vmKindByName(path)
+	if kind == 0 && !isVMDKName(path) {
+		kind = d.vmxNamedKind(path)
+		if kind == 0 {
+			return nil, false, nil
+		}
+	}
+	l, err := d.placementLayout(filepath.Dir(path))
+	if err != nil {
+		return nil, false, err
+	}
+	if l == nil || !l.Encrypted {
+		return nil, false, nil // not a VM directory, or a plain VM
+	}
+	if err := d.writableUnder(l.KeySafe); err != nil { // revoked KEK: read-only
+		return nil, false, fmt.Errorf("%s: %w", path, err)
+	}
+	perm = EncryptedFilePerm(perm)
+	if kind == 0 {
+		return d.createDiskFile(l, path, perm)
+	}
+	b := Binding{PurposeVM, l.VMID}
+	dek, err := d.cachedDEK(l.Dir, b, l.KeySafe)
+	if err != nil {
+		return nil, false, err
+	}
+	c, err := CreateContainer(path, dek, CreateOptions{Kind: kind, Binding: b, Impl: d.Impl, Perm: perm})
+	if err != nil {
+		return nil, false, err
+	}
+	return c, true, nil
+}
+
+// WouldEncrypt reports whether Create(rel) would make a container.
+func (d *Datastore) WouldEncrypt(rel string) (bool, error) {
+	path, err := d.abs(rel)
+	if err != nil {
+		return false, err
+	}
+	if vmKindByName(path) == 0 && !isVMDKName(path) && d.vmxNamedKind(path) == 0 {
+		return false, nil
+	}
+	l, err := d.placementLayout(filepath.Dir(path))
+	if err != nil {
+		return false, err
+	}
+	if l == nil || !l.Encrypted {
+		return false, nil
+	}
+	if isVMDKName(path) {
+		// Replacing an existing file keeps its form (so `sed -i` on a
+		// plain descriptor works through the view).
+		if st, err := os.Lstat(path); err == nil && st.Mode().IsRegular() {
+			fs, _, err := d.Classify(rel)
+			return err == nil && fs != FilePlain, nil
+		}
+		desc, _ := descriptorName(filepath.Base(path))
+		for _, dk := range l.Disks {
+			if dk.Name == desc && !dk.Embedded && dk.KeySafe == "" {
+				return false, nil // an extent of a plain disk
+			}
+		}
+	}
+	return true, nil
+}
