@@ -142,9 +142,9 @@ func (d *Datastore) openBlockDisk(path string, readOnly bool) (*BlockDisk, error
 // plain, anything refused (a plain file where a container belongs, a
 // locked key) with the view's reason.
 func (d *Datastore) openBlockFile(p string, readOnly bool) (blockFile, error) {
-	rel, err := filepath.Rel(d.Root, p)
+	rel, err := filepath.Rel(d.root, p)
 	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
-		return nil, fmt.Errorf("%s: outside the datastore %s", p, d.Root)
+		return nil, fmt.Errorf("%s: outside the datastore %s", p, d.root)
 	}
 	cl, err := d.classify(rel)
 	if err != nil {

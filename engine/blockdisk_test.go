@@ -40,7 +40,7 @@ func TestBlockDisk(t *testing.T) {
 	if err := ops.Encrypt(t.Context(), dir, kek); err != nil {
 		t.Fatal(err)
 	}
-	ds := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	ds := NewDatastore(filepath.Dir(dir), ops.Keys, DatastoreOptions{})
 	t.Cleanup(ds.Close)
 	vm := filepath.Base(dir)
 	writable := map[string]bool{"disk0.vmdk": true, "disk3.vmdk": true} // monolithicFlat, twoGbMaxExtentFlat
@@ -120,9 +120,8 @@ func TestBlockDisk(t *testing.T) {
 		})
 	}
 	t.Run("busy", func(t *testing.T) {
-		ds := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+		ds := NewDatastore(filepath.Dir(dir), ops.Keys, DatastoreOptions{Busy: func(string) bool { return true }})
 		defer ds.Close()
-		ds.Busy = func(string) bool { return true }
 		if _, err := ds.OpenBlockDisk(vm+"/disk0.vmdk", true); !errors.Is(err, ErrBusy) {
 			t.Fatalf("open while converting: %v", err)
 		}

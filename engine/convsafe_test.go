@@ -258,7 +258,7 @@ func TestKindsFollowVMXNames(t *testing.T) {
 			if len(st.Problems) != 0 {
 				t.Errorf("status problems: %q", st.Problems)
 			}
-			ds := NewDatastore(root, ops.Keys, "")
+			ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 			defer ds.Close()
 			if !tc.plain {
 				c, err := ds.Open("vm/"+tc.file, true)
@@ -334,7 +334,7 @@ func TestNoSilentDowngrade(t *testing.T) {
 			if tc.vmx {
 				dropLines(t, filepath.Join(dir, "vm.vmx"), VMXKeySafe)
 			}
-			ds := NewDatastore(root, ops.Keys, "")
+			ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 			defer ds.Close()
 			if st, reason, err := ds.Classify("vm/" + tc.file); err != nil || st != FileLocked || reason == "" {
 				t.Errorf("view: %s classified %v %q %v, want refused (locked)", tc.file, st, reason, err)

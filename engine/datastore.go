@@ -23,22 +23,22 @@ import (
 // can be had now. DEKs are unwrapped on first use and cached, in locked
 // memory, until Close.
 type Datastore struct {
-	Root string
-	Keys *Keyring
-	Impl xts.Impl
-	// KeyErr, if set, explains why a KEK is not in memory (the daemon's
+	root string
+	keys *Keyring
+	impl xts.Impl
+	// keyErr, if set, explains why a KEK is not in memory (the daemon's
 	// last fetch error). The view never fetches keys itself: a file
 	// lookup must not wait on a key server; the daemon's loader does.
-	KeyErr func(KeyRef) string
-	// Busy, if set, reports whether path is, is inside, or holds a VM
+	keyErr func(KeyRef) string
+	// busyFn, if set, reports whether path is, is inside, or holds a VM
 	// directory in the middle of an operation that replaces its files
 	// (encrypt, decrypt, deep rekey): opening, creating, renaming or
 	// unlinking there is refused, so nothing is written to a file about
 	// to be replaced or created in plain text beside its encrypted
 	// siblings, and the directory is not moved from under the operation.
-	Busy func(path string) bool
-	// CoreDumpPatterns are extra file-name patterns of core dumps.
-	CoreDumpPatterns []string
+	busyFn func(path string) bool
+	// corePatterns are extra file-name patterns of core dumps.
+	corePatterns []string
 
 	mu      sync.Mutex
 	deks    map[dekKey]*DEK
@@ -50,11 +50,29 @@ type Datastore struct {
 	// settle left encrypted, so opening it again does not make it
 	// pending again (recoverPending) and re-run the same refusal.
 	kept map[string][16]byte
-	// Made records every .vmdk container created through this resolver
+	// made records every .vmdk container created through this resolver
 	// (by inode and file id, so a rename keeps it): until a descriptor
 	// names it, its header copy is its key, and only for files made so
-	// (roleOf). NewDatastore gives each resolver its own; a daemon shares
-	// one per datastore, so a remount still knows the disks it made.
+	// (roleOf).
+	made *MadeFiles
+}
+
+// DatastoreOptions configure a resolver. The zero value is a resolver
+// with the best XTS implementation, no key-error explanations, nothing
+// busy, the built-in core dump names and a set of made files of its own.
+type DatastoreOptions struct {
+	Impl xts.Impl
+	// KeyErr explains why a KEK is not in memory (the daemon's last
+	// fetch error), for refusals' reasons.
+	KeyErr func(KeyRef) string
+	// Busy reports whether path is, is inside, or holds a VM directory
+	// in the middle of an operation that replaces its files.
+	Busy func(path string) bool
+	// CoreDumpPatterns are extra file-name patterns of core dumps.
+	CoreDumpPatterns []string
+	// Made is the set of .vmdk containers made through views of this
+	// datastore; a daemon shares one per datastore, so a remount still
+	// knows the disks it made. nil: a set of this resolver's own.
 	Made *MadeFiles
 }
 
@@ -138,7 +156,7 @@ func (d *Datastore) layout(dir string) (*vmLayout, error) {
 	// source's stamp after the first read still holds after the second.
 	var prev *cachedLayout
 	for attempt := 0; attempt < 4; attempt++ {
-		l, err := loadLayout(dir, d.CoreDumpPatterns)
+		l, err := loadLayout(dir, d.corePatterns)
 		if err != nil {
 			return nil, err
 		}
@@ -208,13 +226,22 @@ const (
 )
 
 // NewDatastore returns a resolver for root.
-func NewDatastore(root string, keys *Keyring, impl xts.Impl) *Datastore {
-	return &Datastore{Root: filepath.Clean(root), Keys: keys, Impl: impl, deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}, Made: NewMadeFiles()}
+func NewDatastore(root string, keys *Keyring, opts DatastoreOptions) *Datastore {
+	made := opts.Made
+	if made == nil {
+		made = NewMadeFiles()
+	}
+	return &Datastore{root: filepath.Clean(root), keys: keys, impl: opts.Impl, keyErr: opts.KeyErr, busyFn: opts.Busy,
+		corePatterns: append([]string(nil), opts.CoreDumpPatterns...), made: made,
+		deks: map[dekKey]*DEK{}, layouts: map[string]cachedLayout{}, pending: map[string]pendingDisk{}, kept: map[string][16]byte{}}
 }
 
+// Root is the datastore directory the resolver serves.
+func (d *Datastore) Root() string { return d.root }
+
 func (d *Datastore) abs(rel string) (string, error) {
-	p := filepath.Join(d.Root, filepath.FromSlash(rel))
-	if p != d.Root && !strings.HasPrefix(p, d.Root+string(filepath.Separator)) {
+	p := filepath.Join(d.root, filepath.FromSlash(rel))
+	if p != d.root && !strings.HasPrefix(p, d.root+string(filepath.Separator)) {
 		return "", fmt.Errorf("%s: outside the datastore", rel)
 	}
 	return p, nil
@@ -294,7 +321,7 @@ var ErrKeyUnavailable = errors.New("not available")
 var ErrBusy = errors.New("VM directory is being converted; try again when the operation ends")
 
 func (d *Datastore) busy(path string) error {
-	if d.Busy != nil && d.Busy(path) {
+	if d.busyFn != nil && d.busyFn(path) {
 		return fmt.Errorf("%s: %w", path, ErrBusy)
 	}
 	return nil
@@ -396,7 +423,7 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	// A reader may have a degraded container (one header slot damaged,
 	// FORMAT.md 3.1) as its surviving slot records it; a writer may not.
 	owned = false
-	c, err := openContainerFile(f, path, dek, readOnly, d.Impl)
+	c, err := openContainerFile(f, path, dek, readOnly, d.impl)
 	if err != nil {
 		return nil, err
 	}

@@ -95,7 +95,7 @@ func (d *Datastore) Create(rel string, perm os.FileMode) (*Container, bool, erro
 	if err != nil {
 		return nil, false, err
 	}
-	c, err := CreateContainer(path, dek, CreateOptions{Kind: kind, Binding: b, Impl: d.Impl, Perm: perm})
+	c, err := CreateContainer(path, dek, CreateOptions{Kind: kind, Binding: b, Impl: d.impl, Perm: perm})
 	if err != nil {
 		return nil, false, err
 	}

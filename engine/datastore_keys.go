@@ -97,11 +97,11 @@ func (d *Datastore) cachedDEK(dir string, b Binding, ks string) (*DEK, error) {
 	}
 	var errs []error
 	for _, e := range entries {
-		kek, ok := d.Keys.Peek(e.KEK)
+		kek, ok := d.keys.Peek(e.KEK)
 		if !ok {
 			why := "not loaded"
-			if d.KeyErr != nil {
-				if s := d.KeyErr(e.KEK); s != "" {
+			if d.keyErr != nil {
+				if s := d.keyErr(e.KEK); s != "" {
 					why = s
 				}
 			}

@@ -36,7 +36,7 @@ func TestGuestWrittenMagic(t *testing.T) {
 	f.Close()
 	want, _ := os.ReadFile(flat)
 
-	ds := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	ds := NewDatastore(filepath.Dir(dir), ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	if st, reason, err := ds.Classify("vm/vm-flat.vmdk"); err != nil || st != FilePlain {
 		t.Fatalf("classify: %v %q %v, want plain", st, reason, err)
@@ -93,7 +93,7 @@ func TestForeignCiphertextInPlainDisk(t *testing.T) {
 		raw, _ := os.ReadFile(p)
 		return raw
 	}
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	for _, rel := range []string{"plainvm/vm-flat.vmdk", "encvm/p-flat.vmdk"} {
 		want := plant(filepath.Join(root, rel))

@@ -112,7 +112,7 @@ func (d *Datastore) writableUnder(ks string) error {
 		return nil // the unwrap that follows reports it
 	}
 	for _, e := range entries {
-		if k, ok := d.Keys.Peek(e.KEK); ok {
+		if k, ok := d.keys.Peek(e.KEK); ok {
 			if err := k.mayWrap(); err != nil {
 				return err
 			}

@@ -162,7 +162,7 @@ func TestWritableUnder(t *testing.T) {
 		}
 		return s
 	}
-	d := &Datastore{Keys: r}
+	d := &Datastore{keys: r}
 	for _, tc := range []struct {
 		name   string
 		ks     string

@@ -96,7 +96,7 @@ func TestViewCreatePermInEncryptedVM(t *testing.T) {
 	if err := ops.Create(ctx, dir, CreateSpec{Name: "vm", Encrypt: true, KEK: kek}); err != nil {
 		t.Fatal(err)
 	}
-	ds := NewDatastore(root, ops.Keys, ops.Impl)
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{Impl: ops.Impl})
 	defer ds.Close()
 	tests := []struct {
 		rel  string

@@ -128,7 +128,7 @@ func TestLayoutErrorRefusesPlantedCiphertext(t *testing.T) {
 		raw, _ := os.ReadFile(vmxp)
 		os.WriteFile(vmxp, append(raw, extra...), 0o644)
 		plant(t, filepath.Join(dir, "vm-flat.vmdk"), cipher)
-		ds := NewDatastore(root, ops.Keys, "")
+		ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 		if leaks(t, ds, name+"/vm-flat.vmdk", secret) {
 			t.Errorf("plain VM with vmx line %q: guest's plain disk served as the victim's plaintext", extra)
 		}
@@ -146,7 +146,7 @@ func TestOutsideVMDirServesPlantedCiphertextAsIs(t *testing.T) {
 	core, coreSecret := coreCipher(t, ops, kek)
 	shared := filepath.Join(root, "shared")
 	os.MkdirAll(shared, 0o755)
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	for name, c := range map[string]struct{ cipher, secret []byte }{
 		"data-flat.vmdk":      {extent, secret},
@@ -170,7 +170,7 @@ func TestPlantedFloppyInEncryptedVM(t *testing.T) {
 	vmxp := filepath.Join(dir, "vm.vmx")
 	raw, _ := os.ReadFile(vmxp)
 	os.WriteFile(vmxp, append(raw, "floppy0.present = \"TRUE\"\nfloppy0.fileType = \"file\"\nfloppy0.fileName = \"data.flp\"\n"...), 0o644)
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	if enc, _ := ds.WouldEncrypt("enc/data.flp"); enc {
 		t.Fatal("floppy would be created encrypted; scenario void")
@@ -197,7 +197,7 @@ func TestPlantedVMXNamesFlatDirectly(t *testing.T) {
 	raw = bytes.Replace(raw, []byte(`fileName = "vm.vmdk"`), []byte(`fileName = "vm-flat.vmdk"`), 1)
 	os.WriteFile(vmxp, raw, 0o644)
 	plant(t, filepath.Join(dir, "vm-flat.vmdk"), cipher)
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	l, err := loadLayout(dir, nil)
 	if err == nil {
@@ -232,7 +232,7 @@ func TestPlantedStaleLayoutInPlaceDescriptor(t *testing.T) {
 	dir := vmIn(t, ops, &kek, root, "enc")
 	attachFlat(t, ops, dir, "p.vmdk")
 	os.WriteFile(filepath.Join(dir, "q-flat.vmdk"), make([]byte, 2<<20), 0o644)
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	if st, _, _ := ds.Classify("enc/vm-flat.vmdk"); st != FileEncrypted { // caches the layout
 		t.Fatal(st)
@@ -249,7 +249,7 @@ func TestPlantedStaleLayoutInPlaceDescriptor(t *testing.T) {
 	}
 	// The cached view and a fresh one agree: refused (it looks like a
 	// disk that lost its key lines).
-	fresh := NewDatastore(root, ops.Keys, "")
+	fresh := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer fresh.Close()
 	for _, v := range []*Datastore{ds, fresh} {
 		if st, _, _ := v.Classify("enc/q-flat.vmdk"); st != FileLocked {
@@ -267,7 +267,7 @@ func TestPlantedCopyOverridesDescriptor(t *testing.T) {
 	cipher, secret := victimCipher(t, ops, kek, root)
 	dir := vmIn(t, ops, &kek, root, "enc")
 	os.WriteFile(filepath.Join(dir, "vm-flat.vmdk"), cipher, 0o600) // another disk's container under this disk's name
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	if leaks(t, ds, "enc/vm-flat.vmdk", secret) {
 		t.Error("extent of disk D served with the key of another VM's disk (binding not checked against the descriptor)")
@@ -304,7 +304,7 @@ func TestPlantedCoreNamedFloppy(t *testing.T) {
 	cipher, secret := coreCipher(t, ops, kek)
 	root := t.TempDir()
 	dir := vmIn(t, ops, nil, root, "plain")
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	for _, name := range []string{"data.flp", "coreos-ignition.flp", "core.2"} {
 		plantFloppy(t, dir, name, cipher)
@@ -333,7 +333,7 @@ func TestPlantedDetachedPlainDisk(t *testing.T) {
 	cipher, secret := victimCipher(t, ops, kek, root)
 	dir := vmIn(t, ops, &kek, root, "enc")
 	attachFlat(t, ops, dir, "p.vmdk")
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	plant(t, filepath.Join(dir, "p-flat.vmdk"), cipher) // guest writes its plain disk
 	if leaks(t, ds, "enc/p-flat.vmdk", secret) {
@@ -358,7 +358,7 @@ func TestPlantedTwoVMX(t *testing.T) {
 	dir := vmIn(t, ops, &kek, root, "enc")
 	raw, _ := os.ReadFile(filepath.Join(dir, "vm.vmx"))
 	os.WriteFile(filepath.Join(dir, "vm-copy.vmx"), raw, 0o644)
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	for _, f := range []string{"enc/vm-flat.vmdk", "enc/vm.nvram"} {
 		if st, why, _ := ds.Classify(f); st == FilePlain {
@@ -382,7 +382,7 @@ func TestPlantedViewDiskNamedCore(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	vmIn(t, ops, &kek, root, "enc")
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	for _, name := range []string{"coreos.vmdk", "data.vmdk"} {
 		c, enc, err := ds.Create("enc/"+name, 0o644)
@@ -434,7 +434,7 @@ func TestPlantedStaleStampRace(t *testing.T) {
 		f.Close()
 	}
 	for trial := 0; trial < 300; trial++ {
-		ds := NewDatastore(root, ops.Keys, "")
+		ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 		write(A)
 		done := make(chan struct{})
 		go func() { write(B); close(done) }()
@@ -472,7 +472,7 @@ func TestPlantedHardLinkCoreName(t *testing.T) {
 	if err := os.Link(filepath.Join(dir, "vm-flat.vmdk"), filepath.Join(dir, "core.1")); err != nil {
 		t.Fatal(err)
 	}
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	for rel, want := range map[string]FileState{"plain/core.1": FileLocked, "plain/vm-flat.vmdk": FilePlain} {
 		if leaks(t, ds, rel, secret) {
@@ -515,7 +515,7 @@ func TestPlantedGuestWrittenDescriptor(t *testing.T) {
 	vmxp := filepath.Join(dir, "vm.vmx")
 	raw, _ := os.ReadFile(vmxp)
 	os.WriteFile(vmxp, bytes.Replace(raw, []byte(`fileName = "p.vmdk"`), []byte(`fileName = ""`), 1), 0o644)
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	if leaks(t, ds, "enc/p-flat.vmdk", secret) {
 		t.Error("a descriptor written by the guest into its own disk unlocked another VM's data")
@@ -537,7 +537,7 @@ func TestViewMadeDiskRenamed(t *testing.T) {
 	ops, kek := newTestOps(t)
 	root := t.TempDir()
 	dir := vmIn(t, ops, &kek, root, "enc")
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	c, enc, err := ds.Create("enc/tmp.vmdk", 0o644)
 	if err != nil || !enc {

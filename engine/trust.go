@@ -320,7 +320,7 @@ func (d *Datastore) roleOfFile(path string, head []byte, st *unix.Stat_t) role {
 		Head:         head,
 		Layout:       l,
 		LayoutErr:    err,
-		CorePatterns: d.CoreDumpPatterns,
+		CorePatterns: d.corePatterns,
 		NoVMX: func() bool {
 			_, ferr := vmdir.FindVMX(dir)
 			return errors.Is(ferr, vmdir.ErrNoVMX)
@@ -334,7 +334,7 @@ func (d *Datastore) roleOfFile(path string, head []byte, st *unix.Stat_t) role {
 		},
 		MadeByView: func(id [16]byte) bool {
 			s, err := stat()
-			return err == nil && d.Made.has(madeKey{uint64(s.Dev), s.Ino, id})
+			return err == nil && d.made.has(madeKey{uint64(s.Dev), s.Ino, id})
 		},
 		DescribedBy: func() (*disk, bool, error) { return describedBy(l, filepath.Base(path)) },
 		ExtentCopies: func(dk *disk) (Binding, bool) {

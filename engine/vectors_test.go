@@ -376,7 +376,7 @@ func negVM(t *testing.T, vecs map[string]vector, name string, file []byte) (*VMO
 	if err := os.WriteFile(filepath.Join(dir, name), file, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ds := NewDatastore(root, kr, "")
+	ds := NewDatastore(root, kr, DatastoreOptions{})
 	t.Cleanup(ds.Close)
 	return &VMOps{Keys: kr}, dir, ds
 }

@@ -109,12 +109,12 @@ func (d *Datastore) createDiskFile(l *vmLayout, path string, perm os.FileMode) (
 	if err != nil {
 		return nil, false, err
 	}
-	c, err := CreateContainer(path, dek, CreateOptions{Kind: KindExtent, Binding: b, Impl: d.Impl, Perm: perm, EmbeddedKeySafe: ks})
+	c, err := CreateContainer(path, dek, CreateOptions{Kind: KindExtent, Binding: b, Impl: d.impl, Perm: perm, EmbeddedKeySafe: ks})
 	if err != nil {
 		return nil, false, err
 	}
 	if key, err := madeKeyOf(path, c.Header().FileID); err == nil {
-		d.Made.add(key)
+		d.made.add(key)
 	}
 	return c, true, nil
 }
@@ -180,7 +180,7 @@ func (d *Datastore) pendingFor(l *vmLayout, descPath string) (pendingDisk, error
 	var kekRef KeyRef
 	var kek *KEK
 	for _, e := range entries {
-		if k, ok := d.Keys.Peek(e.KEK); ok {
+		if k, ok := d.keys.Peek(e.KEK); ok {
 			kekRef, kek = e.KEK, k
 			break
 		}
@@ -319,7 +319,7 @@ func (d *Datastore) recoverPending(descPath string) {
 	if err != nil {
 		return
 	}
-	c, err := OpenContainer(descPath, dek, true, d.Impl)
+	c, err := OpenContainer(descPath, dek, true, d.impl)
 	if err != nil {
 		return
 	}
@@ -447,7 +447,7 @@ func (d *Datastore) settleDescriptor(descPath string, pd pendingDisk, unchanged 
 	if err != nil {
 		return settleLater, err
 	}
-	c, err := OpenContainer(descPath, dek, true, d.Impl)
+	c, err := OpenContainer(descPath, dek, true, d.impl)
 	if err != nil {
 		return settleLater, err
 	}

@@ -64,7 +64,7 @@ func encryptedVM(t *testing.T, disks []DiskSpec) (*VMOps, string, *Datastore) {
 	if err := ops.Create(context.Background(), dir, CreateSpec{Name: "vm", Disks: disks, Encrypt: true, KEK: kek}); err != nil {
 		t.Fatal(err)
 	}
-	ds := NewDatastore(root, ops.Keys, "")
+	ds := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	t.Cleanup(ds.Close)
 	return ops, dir, ds
 }
@@ -151,7 +151,7 @@ func TestViewDiskSettle(t *testing.T) {
 		t.Fatalf("second settle: %v %v", got, err)
 	}
 	// Read back through a fresh resolver (as after a daemon restart).
-	ds2 := NewDatastore(root, ops.Keys, "")
+	ds2 := NewDatastore(root, ops.Keys, DatastoreOptions{})
 	defer ds2.Close()
 	if st, reason, err := ds2.Classify("vm/new-s001.vmdk"); err != nil || st != FileEncrypted {
 		t.Fatalf("classify extent: %v %q %v", st, reason, err)
@@ -310,7 +310,7 @@ func TestViewCreateLockedVM(t *testing.T) {
 	}
 	empty := NewKeyring()
 	defer empty.Close()
-	ds := NewDatastore(root, empty, "")
+	ds := NewDatastore(root, empty, DatastoreOptions{})
 	defer ds.Close()
 	for _, name := range []string{"new.vmdk", "vm2.vswp"} {
 		if _, _, err := ds.Create("vm/"+name, 0o600); !errors.Is(err, ErrKeyUnavailable) {
@@ -382,7 +382,7 @@ func TestViewDiskReviewCases(t *testing.T) {
 	id := descValue(t, text, DDBDiskID)
 	// Recreated extent (e.g. restored from a backup) joins disk id.
 	os.Remove(filepath.Join(dir, "r-flat.vmdk"))
-	ds2 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	ds2 := NewDatastore(filepath.Dir(dir), ops.Keys, DatastoreOptions{})
 	defer ds2.Close()
 	os.WriteFile(vmxPath, vmxText, 0o644) // not attached: the layout does not know r.vmdk
 	createThrough(t, ds2, "vm/r-flat.vmdk", bytes.Repeat([]byte{4}, 1<<20))
@@ -400,7 +400,7 @@ func TestViewDiskReviewCases(t *testing.T) {
 	// An extent of r that holds another disk's key (planted): the rekey
 	// stops and leaves that extent's own copy alone.
 	other := filepath.Join(dir, "r-flat.vmdk")
-	ds3 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	ds3 := NewDatastore(filepath.Dir(dir), ops.Keys, DatastoreOptions{})
 	defer ds3.Close()
 	createThrough(t, ds3, "vm/x.vmdk", []byte("junk"))
 	os.Rename(filepath.Join(dir, "x.vmdk"), other)
@@ -431,7 +431,7 @@ func TestViewDiskSettleAfterRestart(t *testing.T) {
 	createThrough(t, ds, "vm/rs.vmdk", []byte(desc))
 	createThrough(t, ds, "vm/rs-flat.vmdk", bytes.Repeat([]byte{7}, 1<<20))
 	// No Settle: the daemon "restarts" here.
-	ds2 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	ds2 := NewDatastore(filepath.Dir(dir), ops.Keys, DatastoreOptions{})
 	defer ds2.Close()
 	for _, rel := range []string{"vm/rs.vmdk", "vm/rs-flat.vmdk"} {
 		if _, err := ds2.Open(rel, true); !errors.Is(err, ErrRefused) {
@@ -491,7 +491,7 @@ func TestViewDiskSettleAfterRestart(t *testing.T) {
 	// is not a text descriptor) never becomes pending on open.
 	createThrough(t, ds2, "vm/sp.vmdk", append([]byte("KDMV"), make([]byte, 4092)...))
 	ds2.Settle("vm/sp.vmdk", neverOpen, nil)
-	ds3 := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	ds3 := NewDatastore(filepath.Dir(dir), ops.Keys, DatastoreOptions{})
 	defer ds3.Close()
 	if _, err := ops.AttachDisk(context.Background(), dir, "sp.vmdk", true); err != nil {
 		t.Fatal(err)

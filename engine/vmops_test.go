@@ -358,7 +358,7 @@ func TestDescriptorLosesKeyLines(t *testing.T) {
 		!strings.Contains(st.Problems[1], "disk2.vmdk: its descriptor has encryptionKeys but no") || !strings.Contains(st.Problems[2], "disk3.vmdk") {
 		t.Fatalf("status problems: %q", st.Problems)
 	}
-	ds := NewDatastore(filepath.Dir(dir), ops.Keys, "")
+	ds := NewDatastore(filepath.Dir(dir), ops.Keys, DatastoreOptions{})
 	defer ds.Close()
 	if st, reason, err := ds.Classify(filepath.Base(dir) + "/disk0-flat.vmdk"); err != nil || st != FileLocked {
 		t.Fatalf("extent of a disk that lost its key lines: %v %q %v, want locked", st, reason, err)

@@ -220,18 +220,9 @@ func (d *Daemon) startExport(ctx context.Context, rec exportRecord) (*activeExpo
 		}
 	}
 	d.loadKeys(ctx)
-	impl, err := engine.ChooseImpl()
+	ds, err := d.newDatastore(root)
 	if err != nil {
 		return fail(err)
-	}
-	ds := engine.NewDatastore(root, d.keyring, impl)
-	ds.Made = d.madeFiles(root)
-	ds.Busy = d.vmLocks.isBusy
-	ds.CoreDumpPatterns = d.config().CoreDumpPatterns
-	ds.KeyErr = func(r engine.KeyRef) string {
-		d.mu.Lock()
-		defer d.mu.Unlock()
-		return d.keyErrs[r]
 	}
 	d.mu.Lock()
 	ae.ds = ds

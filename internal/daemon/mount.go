@@ -16,6 +16,28 @@ import (
 	"github.com/vmcryptd/vmcryptd/internal/config"
 )
 
+// newDatastore is the resolver a view or an export of the datastore root
+// asks: the daemon's keyring, its made-files set for root, its VM locks as
+// the busy test, the configured core dump names, and the key loader's last
+// errors as reasons.
+func (d *Daemon) newDatastore(root string) (*engine.Datastore, error) {
+	impl, err := engine.ChooseImpl()
+	if err != nil {
+		return nil, err
+	}
+	return engine.NewDatastore(root, d.keyring, engine.DatastoreOptions{
+		Impl:             impl,
+		Made:             d.madeFiles(root),
+		Busy:             d.vmLocks.isBusy,
+		CoreDumpPatterns: d.config().CoreDumpPatterns,
+		KeyErr: func(r engine.KeyRef) string {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			return d.keyErrs[r]
+		},
+	}), nil
+}
+
 type activeMount struct {
 	rec  mountRecord
 	view *fusefs.View
@@ -119,18 +141,9 @@ func (d *Daemon) mount(ctx context.Context, rec mountRecord) error {
 	}
 	d.registerDatastoreVMs(ctx, rec.Datastore)
 	d.loadKeys(ctx)
-	impl, err := engine.ChooseImpl()
+	ds, err := d.newDatastore(rec.Datastore)
 	if err != nil {
 		return err
-	}
-	ds := engine.NewDatastore(rec.Datastore, d.keyring, impl)
-	ds.Made = d.madeFiles(rec.Datastore)
-	ds.Busy = d.vmLocks.isBusy
-	ds.CoreDumpPatterns = d.config().CoreDumpPatterns
-	ds.KeyErr = func(r engine.KeyRef) string {
-		d.mu.Lock()
-		defer d.mu.Unlock()
-		return d.keyErrs[r]
 	}
 	view, err := fusefs.Mount(rec.Datastore, rec.Mountpoint, ds, fusefs.Options{
 		ReadOnly: rec.ReadOnly, AllowOther: rec.AllowOther, Logger: d.log, Observer: d.metrics.view,
