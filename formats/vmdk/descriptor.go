@@ -32,21 +32,31 @@ const DescriptorMagic = "# Disk DescriptorFile"
 // IsDescriptorText reports whether head, the first bytes of a file (or the
 // whole file), is a text descriptor as VMware and qemu write it:
 // DescriptorMagic at offset 0, then text without NUL bytes, optionally
-// followed by NUL padding to the end (QEMU pads the descriptor it
-// rewrites, and the one qemu-img convert writes, to 512 bytes, or to
-// 4 KiB through a cache=none view). A NUL followed by anything but NULs
-// is binary data, not a descriptor.
+// followed by a qemu tail (descriptorTail): NUL padding (QEMU pads the
+// descriptor it rewrites, and the one qemu-img convert writes, to 512
+// bytes, or to 4 KiB through a cache=none view), possibly with the remains
+// of a longer text that an in-place rewrite left after the new text's NUL.
+// Readers, qemu's and ParseDescriptor, stop at the first NUL. A control
+// byte after it is binary data, not a descriptor.
 func IsDescriptorText(head []byte) bool {
 	if !bytes.HasPrefix(head, []byte(DescriptorMagic)) {
 		return false
 	}
 	i := bytes.IndexByte(head, 0)
-	return i < 0 || isZero(head[i:])
+	return i < 0 || descriptorTail(head[i:])
 }
 
-func isZero(b []byte) bool {
+// descriptorTail reports whether b, what follows a descriptor text from its
+// first NUL on, is what qemu leaves there: NULs, and the tail of a longer
+// earlier text. qemu rewrites a descriptor in place when a disk's CID
+// changes (block/vmdk.c vmdk_write_cid: it reads the whole buffer, prints
+// the new CID and appends the rest, and writes the buffer back); a CID
+// with fewer hex digits ends the text earlier and leaves the old text's
+// last bytes after the NUL. Only NUL, tab, CR, LF and bytes from 0x20 up
+// count: a control byte is binary data.
+func descriptorTail(b []byte) bool {
 	for _, c := range b {
-		if c != 0 {
+		if c < 0x20 && c != 0 && c != '\t' && c != '\n' && c != '\r' {
 			return false
 		}
 	}
@@ -108,23 +118,27 @@ type line struct {
 // only that line differs.
 type Descriptor struct {
 	lines []line
-	pad   int // trailing NUL bytes (QEMU's padding), kept after the text
+	tail  []byte // from the text's first NUL on (qemu's padding and leftovers), kept after the text
 }
 
 // ParseDescriptor parses descriptor text. Comments, blank and unknown lines
 // are kept in order. A malformed extent line is an error because reading
-// the disk would otherwise silently use the wrong layout. Trailing NUL
-// padding is kept apart from the text (Bytes gives it back at the end); a
-// NUL anywhere else is an error, since qemu stops reading at the first
-// one and would see a different disk. More than MaxDescriptorLines lines
-// or MaxDescriptorExtents extents is an error.
+// the disk would otherwise silently use the wrong layout. Like qemu, it
+// reads the text up to the first NUL; what follows (NUL padding, and the
+// remains qemu's in-place rewrites leave, see descriptorTail) is kept
+// apart, byte for byte, and Bytes gives it back after the text. A tail
+// with other bytes is an error. More than MaxDescriptorLines lines or
+// MaxDescriptorExtents extents is an error.
 func ParseDescriptor(b []byte) (*Descriptor, error) {
 	if len(b) > MaxDescriptorSize {
 		return nil, fmt.Errorf("descriptor: %d bytes exceeds limit of %d", len(b), MaxDescriptorSize)
 	}
-	text := bytes.TrimRight(b, "\x00")
-	if i := bytes.IndexByte(text, 0); i >= 0 {
-		return nil, fmt.Errorf("descriptor: NUL byte at offset %d inside the text (only trailing NUL padding is allowed)", i)
+	text, tail := b, []byte(nil)
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		text, tail = b[:i], b[i:]
+		if !descriptorTail(tail) {
+			return nil, fmt.Errorf("descriptor: binary data after the NUL at offset %d (only NUL padding and text may follow the text)", i)
+		}
 	}
 	lines := bytes.Count(text, []byte("\n"))
 	if len(text) > 0 && text[len(text)-1] != '\n' {
@@ -133,7 +147,7 @@ func ParseDescriptor(b []byte) (*Descriptor, error) {
 	if lines > MaxDescriptorLines {
 		return nil, fmt.Errorf("descriptor: more than %d lines", MaxDescriptorLines)
 	}
-	d := &Descriptor{pad: len(b) - len(text), lines: make([]line, 0, lines)}
+	d := &Descriptor{tail: append([]byte(nil), tail...), lines: make([]line, 0, lines)}
 	s := string(text)
 	extents := 0
 	for n := 1; len(s) > 0; n++ {
@@ -290,8 +304,9 @@ func (d *Descriptor) Bytes() []byte {
 // String returns the descriptor text.
 func (d *Descriptor) String() string { return string(d.Bytes()) }
 
-// WriteTo writes the descriptor text to w, then the NUL padding it was
-// read with, if any.
+// WriteTo writes the descriptor text to w, then the tail (NUL padding,
+// qemu's leftovers) it was read with, if any: a reader stops at its first
+// NUL, so the tail never changes what the descriptor says.
 func (d *Descriptor) WriteTo(w io.Writer) (int64, error) {
 	var n int64
 	for _, l := range d.lines {
@@ -301,8 +316,8 @@ func (d *Descriptor) WriteTo(w io.Writer) (int64, error) {
 			return n, err
 		}
 	}
-	if d.pad > 0 {
-		k, err := w.Write(make([]byte, d.pad))
+	if len(d.tail) > 0 {
+		k, err := w.Write(d.tail)
 		n += int64(k)
 		if err != nil {
 			return n, err

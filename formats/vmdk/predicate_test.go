@@ -29,8 +29,9 @@ func TestIsDescriptorText(t *testing.T) {
 		{"no magic", []byte("version=1\ncreateType=\"monolithicFlat\"\n"), false},
 		{"magic not at offset 0", []byte("\n" + flatText), false},
 		{"all zeros", make([]byte, 512), false},
-		{"text after NUL", append(pad(flatText, 300), []byte("RW 1 FLAT \"x\"\n")...), false},
-		{"one byte after padding", append(pad(flatText, 511), 1), false},
+		{"qemu leftover after NUL", append(pad(flatText, 300), []byte("RW 1 FLAT \"x\"\n")...), true},
+		{"one control byte after padding", append(pad(flatText, 511), 1), false},
+		{"binary after NUL", append(pad(flatText, 300), 0x7f, 0x05, 0xff), false},
 		{"sparse magic", []byte("KDMV\x01\x00\x00\x00"), false},
 		{"container magic", []byte("VMCRYPTD" + DescriptorMagic), false},
 	} {
@@ -80,7 +81,7 @@ func TestDescriptorLimits(t *testing.T) {
 	for _, tc := range []struct {
 		name, text, err string
 	}{
-		{"NUL inside", flatText[:40] + "\x00" + flatText[40:], "NUL byte at offset 40"},
+		{"binary after NUL", flatText[:40] + "\x00\x01\x02" + flatText[40:], "binary data after the NUL at offset 40"},
 		{"too many lines", strings.Repeat("\n", MaxDescriptorLines+1), "more than 65536 lines"},
 		{"too many extents", DescriptorMagic + "\n" + strings.Repeat(ext, MaxDescriptorExtents+1), "more than 32768 extents"},
 		{"too large", strings.Repeat("#", MaxDescriptorSize+1), "exceeds limit"},
@@ -230,5 +231,46 @@ func TestGrainCountsMatchesTables(t *testing.T) {
 				t.Fatalf("GrainCounts = %d, %d, %v; tables say %d, %d", a, z, err, wantA, wantZ)
 			}
 		})
+	}
+}
+
+// TestDescriptorQemuCIDRewrite: qemu rewrites a descriptor in place when
+// the CID changes; a CID with fewer hex digits ends the new text earlier
+// and leaves the old text's last bytes after its NUL (seen once in
+// TestBlockDisk: "NUL byte at offset 343"). Such a file reads as qemu
+// reads it, up to the NUL, and round-trips byte for byte.
+func TestDescriptorQemuCIDRewrite(t *testing.T) {
+	old := pad(flatText, 512)
+	newText := strings.Replace(flatText, "CID=13d58050", "CID=d5805", 1) // 3 digits shorter
+	b := append([]byte(nil), old...)
+	copy(b, newText)
+	b[len(newText)] = 0 // the terminator; the old text's last 2 bytes stay after it
+	if !IsDescriptorText(b) {
+		t.Fatal("qemu's rewritten descriptor is not descriptor text")
+	}
+	d, err := ParseDescriptor(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cid, _ := d.Get("CID"); cid != "d5805" {
+		t.Fatalf("CID = %q", cid)
+	}
+	if x := d.Extents(); len(x) != 1 || x[0].Filename != "d-flat.vmdk" {
+		t.Fatalf("extents %+v", x)
+	}
+	if !bytes.Equal(d.Bytes(), b) {
+		t.Fatal("round trip differs")
+	}
+	// A line set later goes into the text; the tail stays after it, so a
+	// reader (which stops at the first NUL) sees the new line.
+	if err := d.Set("ddb.new", "v"); err != nil {
+		t.Fatal(err)
+	}
+	d2, err := ParseDescriptor(d.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := d2.Get("ddb.new"); v != "v" {
+		t.Fatalf("ddb.new after rewrite = %q", v)
 	}
 }
