@@ -142,6 +142,7 @@ type managerHostAddCmd struct {
 	Name    string `arg:"" help:"Host name (the certificate's CN)."`
 	Address string `help:"The host's address (HOST:PORT), recorded in the inventory."`
 	Out     string `help:"Directory for the bundle (default: ./NAME)." type:"path"`
+	CSR     string `help:"Sign this certificate request (from 'vmcryptd host join') instead of making a key: the bundle then holds no private key, and its manager.toml names host-key.pem in --out, where host join left it." type:"existingfile" name:"csr"`
 	managerSocket
 }
 
@@ -155,6 +156,9 @@ func writeBundle(dir string, b manager.HostBundle) (string, error) {
 		mode       os.FileMode
 	}{{"host-key.pem", b.KeyPEM, 0o600}, {"host.pem", b.CertPEM, 0o644}, {"ca.pem", b.CAPEM, 0o644}}
 	for _, f := range files {
+		if f.body == "" {
+			continue // signed from a CSR: the key stays where the host made it
+		}
 		if err := atomicfile.Write(filepath.Join(dir, f.name), []byte(f.body), f.mode); err != nil {
 			return "", err
 		}
@@ -165,8 +169,16 @@ func writeBundle(dir string, b manager.HostBundle) (string, error) {
 }
 
 func (c *managerHostAddCmd) Run(g *globals) error {
+	req := manager.HostAddRequest{Name: c.Name, Address: c.Address}
+	if c.CSR != "" {
+		csr, err := os.ReadFile(c.CSR)
+		if err != nil {
+			return fmt.Errorf("--csr: %w", err)
+		}
+		req.CSR = string(csr)
+	}
 	var b manager.HostBundle
-	if err := c.call("POST", "/hosts", manager.HostAddRequest{Name: c.Name, Address: c.Address}, &b); err != nil {
+	if err := c.call("POST", "/hosts", req, &b); err != nil {
 		return err
 	}
 	out := c.Out

@@ -19,6 +19,7 @@ import (
 
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 )
 
 // Service is the "service" field of the manager's status, which tells
@@ -96,6 +97,9 @@ type VMInfo struct {
 type HostAddRequest struct {
 	Name    string `json:"name"`
 	Address string `json:"address,omitempty"`
+	// CSR is a PEM certificate request the host made (`vmcryptd host
+	// join`): the manager signs it and the answer holds no private key.
+	CSR string `json:"csr,omitempty"`
 }
 
 // HostBundle answers host add: the host's credentials for [manager].
@@ -107,7 +111,7 @@ type HostBundle struct {
 	ManagerAddress string `json:"manager_address"`
 	CAPEM          string `json:"ca_pem"`
 	CertPEM        string `json:"cert_pem"`
-	KeyPEM         string `json:"key_pem"`
+	KeyPEM         string `json:"key_pem,omitempty"` // absent when signed from a CSR
 }
 
 // HostRemoved answers DELETE /v1/hosts/NAME.
@@ -319,8 +323,20 @@ func (m *Manager) hHostAdd(ac *adminCtx) (any, error) {
 	if exists {
 		return nil, &httpErr{409, fmt.Sprintf("host %q already exists (remove it first to issue a new certificate)", req.Name)}
 	}
-	pair, err := m.ca.IssueClient(req.Name)
-	if err != nil {
+	var pair *pki.Pair
+	var err error
+	how := "issued with a new key"
+	if req.CSR != "" {
+		how = "signed from the host's CSR"
+		pair, err = m.ca.SignClientCSR([]byte(req.CSR), req.Name)
+		if err != nil {
+			msg := fmt.Sprintf("host %s: CSR refused: %v", req.Name, err)
+			if aerr := m.auditAdmin(ac, "manager.host.add", PrivRegisterHost, "denied", msg); aerr != nil {
+				return nil, aerr
+			}
+			return nil, &httpErr{400, msg}
+		}
+	} else if pair, err = m.ca.IssueClient(req.Name); err != nil {
 		return nil, err
 	}
 	serial := pair.Cert.SerialNumber.Text(16)
@@ -337,7 +353,7 @@ func (m *Manager) hHostAdd(ac *adminCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := m.auditAdmin(ac, "manager.host.add", PrivRegisterHost, "ok", "host "+req.Name+" certificate "+serial); err != nil {
+	if err := m.auditAdmin(ac, "manager.host.add", PrivRegisterHost, "ok", "host "+req.Name+" certificate "+serial+" "+how); err != nil {
 		return nil, err
 	}
 	return HostBundle{Name: req.Name, Serial: serial, ManagerAddress: listen, CAPEM: string(m.ca.CertPEM),
