@@ -92,6 +92,9 @@ func TestManagerHostLock(t *testing.T) {
 			t.Errorf("host1 VM %s after the lock: locked %v, reason %q", v.Dir, v.Locked, v.Reason)
 		}
 	}
+	if out := mustRun(t, "--socket", h1, "status"); !strings.Contains(out, "LOCKED by the manager") {
+		t.Errorf("host1 status does not say the manager locked it:\n%s", out)
+	}
 	// The host's own unlock cannot undo the manager's lock.
 	if r := vmcryptd(t, nil, nil, "--socket", h1, "unlock"); r.code == 0 || !strings.Contains(r.err, "manager host unlock host1") {
 		t.Errorf("vmcryptd unlock on a manager-locked host: exit %d, %s", r.code, r.err)
