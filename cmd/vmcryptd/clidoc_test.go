@@ -61,7 +61,9 @@ func TestCompletionCompletes(t *testing.T) {
 	}{
 		{[]string{"vm", "enc"}, []string{"encrypt"}, []string{"decrypt"}},
 		{[]string{"host", "encryption", "st"}, []string{"status"}, []string{"serve"}},
-		{[]string{"--socket", "/x", "host", ""}, []string{"encryption"}, nil},
+		{[]string{"--socket", "/x", "host", ""}, []string{"encryption", "join"}, nil},
+		{[]string{"manager", "host", ""}, []string{"add", "list", "remove", "lock", "unlock"}, []string{"join"}},
+		{[]string{"manager", "host", "add", "--"}, []string{"--csr", "--out", "--address"}, nil},
 		{[]string{"vm", "encrypt", "--"}, []string{"--key-id", "--provider", "--socket"}, []string{"--deep"}},
 		{[]string{"completion", ""}, []string{"bash", "fish", "zsh"}, nil},
 		{[]string{""}, []string{"serve", "status", "vm", "completion"}, []string{"man", "encryption"}},

@@ -2,12 +2,49 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 )
 
 type hostCmd struct {
 	Encryption hostEncryptionCmd `cmd:"" help:"Host encryption mode: required before any VM can be encrypted."`
+	Join       hostJoinCmd       `cmd:"" help:"Make this host's key pair and a certificate request for the manager locally (the key never leaves the host): writes DIR/host-key.pem (0600) and DIR/host.csr; sign it on the manager with 'vmcryptd manager host add NAME --csr host.csr --out DIR'."`
+}
+
+type hostJoinCmd struct {
+	Name string `arg:"" help:"The host's name at the manager (the certificate's CN)."`
+	Out  string `help:"Directory for host-key.pem and host.csr (default: ./NAME)." type:"path"`
+}
+
+func (c *hostJoinCmd) Run(g *globals) error {
+	out := c.Out
+	if out == "" {
+		out = c.Name
+	}
+	keyPath, csrPath := filepath.Join(out, "host-key.pem"), filepath.Join(out, "host.csr")
+	if _, err := os.Stat(keyPath); err == nil {
+		return fmt.Errorf("%s exists: refusing to replace a host key (remove it first)", keyPath)
+	}
+	csr, key, err := pki.NewClientCSR(c.Name)
+	if err != nil {
+		return err
+	}
+	defer clear(key)
+	if err := os.MkdirAll(out, 0o700); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(keyPath, key, 0o600); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(csrPath, csr, 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("key pair made in %s; send %s to the manager and run there: vmcryptd manager host add %s --csr host.csr --out %s\n", keyPath, csrPath, c.Name, out)
+	return nil
 }
 
 type hostEncryptionCmd struct {

@@ -89,6 +89,44 @@ type managerHostCmd struct {
 	Add    managerHostAddCmd    `cmd:"" help:"Register a host and write its certificate bundle (ca.pem, host.pem, host-key.pem, manager.toml snippet) into --out (needs Cryptographer.RegisterHost)."`
 	List   managerHostListCmd   `cmd:"" help:"List hosts: address, last seen, host encryption mode, VMs, keys held."`
 	Remove managerHostRemoveCmd `cmd:"" help:"Remove a host: its certificate is revoked and it is refused at once; its VMs are released (needs Cryptographer.RegisterHost)."`
+	Lock   managerHostLockCmd   `cmd:"" help:"Lock a host: it zeroes every KEK and DEK at once (as vmcryptd lock does there) and is handed no key until unlocked; survives restarts of either side (needs Cryptographer.ManageKeys)."`
+	Unlock managerHostUnlockCmd `cmd:"" help:"Unlock a host locked by manager host lock: it fetches its keys again (needs Cryptographer.ManageKeys)."`
+}
+
+type managerHostLockCmd struct {
+	Name string `arg:"" help:"Host name."`
+	managerSocket
+}
+
+func (c *managerHostLockCmd) Run(g *globals) error {
+	var r manager.HostLockReply
+	if err := c.call("POST", "/hosts/"+queryEscape(c.Name)+"/lock", struct{}{}, &r); err != nil {
+		return err
+	}
+	if !r.Changed {
+		fmt.Printf("host %s was already locked\n", r.Name)
+		return nil
+	}
+	fmt.Printf("host %s locked: it zeroes every key now and is handed none until 'vmcryptd manager host unlock %s'\n", r.Name, r.Name)
+	return nil
+}
+
+type managerHostUnlockCmd struct {
+	Name string `arg:"" help:"Host name."`
+	managerSocket
+}
+
+func (c *managerHostUnlockCmd) Run(g *globals) error {
+	var r manager.HostLockReply
+	if err := c.call("POST", "/hosts/"+queryEscape(c.Name)+"/unlock", struct{}{}, &r); err != nil {
+		return err
+	}
+	if !r.Changed {
+		fmt.Printf("host %s was not locked\n", r.Name)
+		return nil
+	}
+	fmt.Printf("host %s unlocked: it fetches its keys again\n", r.Name)
+	return nil
 }
 
 // managerSocket is the admin socket flag of the manager commands.
@@ -104,6 +142,7 @@ type managerHostAddCmd struct {
 	Name    string `arg:"" help:"Host name (the certificate's CN)."`
 	Address string `help:"The host's address (HOST:PORT), recorded in the inventory."`
 	Out     string `help:"Directory for the bundle (default: ./NAME)." type:"path"`
+	CSR     string `help:"Sign this certificate request (from 'vmcryptd host join') instead of making a key: the bundle then holds no private key, and its manager.toml names host-key.pem in --out, where host join left it." type:"existingfile" name:"csr"`
 	managerSocket
 }
 
@@ -117,6 +156,9 @@ func writeBundle(dir string, b manager.HostBundle) (string, error) {
 		mode       os.FileMode
 	}{{"host-key.pem", b.KeyPEM, 0o600}, {"host.pem", b.CertPEM, 0o644}, {"ca.pem", b.CAPEM, 0o644}}
 	for _, f := range files {
+		if f.body == "" {
+			continue // signed from a CSR: the key stays where the host made it
+		}
 		if err := atomicfile.Write(filepath.Join(dir, f.name), []byte(f.body), f.mode); err != nil {
 			return "", err
 		}
@@ -127,8 +169,16 @@ func writeBundle(dir string, b manager.HostBundle) (string, error) {
 }
 
 func (c *managerHostAddCmd) Run(g *globals) error {
+	req := manager.HostAddRequest{Name: c.Name, Address: c.Address}
+	if c.CSR != "" {
+		csr, err := os.ReadFile(c.CSR)
+		if err != nil {
+			return fmt.Errorf("--csr: %w", err)
+		}
+		req.CSR = string(csr)
+	}
 	var b manager.HostBundle
-	if err := c.call("POST", "/hosts", manager.HostAddRequest{Name: c.Name, Address: c.Address}, &b); err != nil {
+	if err := c.call("POST", "/hosts", req, &b); err != nil {
 		return err
 	}
 	out := c.Out
@@ -162,13 +212,17 @@ func (c *managerHostListCmd) Run(g *globals) error {
 
 func printHosts(hosts []manager.HostInfo) {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "HOST\tADDRESS\tLAST SEEN\tHOST ENCRYPTION\tVMS\tKEYS HELD")
+	fmt.Fprintln(tw, "HOST\tADDRESS\tLAST SEEN\tHOST ENCRYPTION\tVMS\tKEYS HELD\tLOCKED")
 	for _, h := range hosts {
 		seen := "never"
 		if !h.LastSeen.IsZero() {
 			seen = h.LastSeen.Format(time.DateTime)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\n", h.Name, orNone(h.Address), seen, orNone(h.HostEncryption), h.VMs, len(h.KeysHeld))
+		locked := "no"
+		if h.Locked {
+			locked = "yes (by " + h.LockedBy + " at " + h.LockedAt.Local().Format(time.DateTime) + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%s\n", h.Name, orNone(h.Address), seen, orNone(h.HostEncryption), h.VMs, len(h.KeysHeld), locked)
 	}
 	tw.Flush()
 }

@@ -61,7 +61,10 @@ func (s *statusCmd) Run(g *globals) error {
 		locked = "NOT mlocked (raise RLIMIT_MEMLOCK)"
 	}
 	fmt.Printf("keys in memory: %d (%s)\n", st.CachedKeys, locked)
-	if st.Locked {
+	switch {
+	case st.KeySource.LockedByManager:
+		fmt.Println("LOCKED by the manager: " + st.KeySource.LockReason)
+	case st.Locked:
 		fmt.Println("LOCKED by vmcryptd lock: no key is fetched until vmcryptd unlock")
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)

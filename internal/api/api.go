@@ -93,6 +93,10 @@ type KeySource struct {
 	Reachable bool      `json:"reachable"`
 	LastOK    time.Time `json:"last_ok,omitzero"`
 	Error     string    `json:"error,omitempty"`
+	// LockedByManager is set while the manager holds this host locked
+	// (`vmcryptd manager host lock`), with its reason.
+	LockedByManager bool   `json:"locked_by_manager,omitempty"`
+	LockReason      string `json:"lock_reason,omitempty"`
 }
 
 // VMRegisterRequest is POST /v1/vm/register and /v1/vm/unregister.

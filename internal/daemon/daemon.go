@@ -234,11 +234,17 @@ func (d *Daemon) neededKeys() []engine.KeyRef {
 // concurrent fetches of one key.
 func (d *Daemon) loadKeys(ctx context.Context) {
 	if d.keyring.Locked() {
+		if d.mgr != nil {
+			d.heartbeat(ctx) // the manager sees the host (holding nothing)
+		}
 		return // vmcryptd lock: nothing is fetched until unlock (lock.go)
 	}
 	if d.mgr != nil {
 		d.heartbeat(ctx) // before the keys: tells the manager what is missing
 		defer d.syncRegistrations(ctx)
+		if d.keyring.Locked() {
+			return // the hello said the manager locked this host
+		}
 	}
 	var refs []engine.KeyRef
 	for _, ref := range d.neededKeys() {
@@ -310,6 +316,13 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	bg, cancelBG := context.WithCancel(ctx)
 	var bgWG sync.WaitGroup
 	bgWG.Add(2)
+	if d.mgr != nil {
+		bgWG.Add(1)
+		go func() {
+			defer bgWG.Done()
+			d.watchManager(bg)
+		}()
+	}
 	// Start-up mounts and the key-retry loop run apart, so neither a
 	// stuck mount nor a stuck key server holds up the other.
 	go func() {

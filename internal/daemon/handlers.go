@@ -315,6 +315,9 @@ func (d *Daemon) hHostSet(rc *reqCtx) (any, error) {
 			return nil, err
 		}
 		d.log.Info("host encryption mode enabled", "key", kek.Ref.String())
+		if d.mgr != nil {
+			d.heartbeat(ctx) // the manager shows the mode now, not at the next hello
+		}
 		return hostResult{d.status(rc.id).HostEncryption}, nil
 	}
 	if cur == nil {
@@ -337,6 +340,9 @@ func (d *Daemon) hHostSet(rc *reqCtx) (any, error) {
 	ref := engine.KeyRef{Provider: cur.Provider, KeyID: cur.KeyID}
 	d.keyring.Forget(ref)
 	d.log.Info("host encryption mode disabled", "key", ref.String())
+	if d.mgr != nil {
+		d.heartbeat(ctx)
+	}
 	return hostResult{api.HostEncryption{Provider: cur.Provider, KeyID: cur.KeyID}}, nil
 }
 

@@ -40,6 +40,23 @@ func (l *vmLocks) busyOpsLocked() []string {
 // its own copies of keys and must reach its end (it is resumable; stopping
 // the daemon also zeroes every key).
 func (d *Daemon) hLock(rc *reqCtx) (any, error) {
+	reason := fmt.Sprintf("locked by vmcryptd lock (user %s, %s): run vmcryptd unlock", rc.id.User, time.Now().UTC().Format(time.RFC3339))
+	res, err := d.lockKeys(rc.id.User, reason, "keys locked by vmcryptd lock: run vmcryptd unlock", func() {
+		d.mgrMu.Lock()
+		d.localLocked = true
+		d.mgrMu.Unlock()
+	})
+	if res == nil {
+		return nil, err
+	}
+	return *res, err
+}
+
+// lockKeys zeroes every KEK and DEK, seals the views and suspends the
+// exports; reason is what every VM then reports. marked runs once the
+// keyring is locked, before anything else can see it. A nil result
+// means nothing was changed (a VM operation runs).
+func (d *Daemon) lockKeys(who, reason, exportReason string, marked func()) (*lockResult, error) {
 	d.vmLocks.mu.Lock()
 	if busy := d.vmLocks.busyOpsLocked(); len(busy) > 0 {
 		d.vmLocks.mu.Unlock()
@@ -49,10 +66,10 @@ func (d *Daemon) hLock(rc *reqCtx) (any, error) {
 	// Under vmLocks.mu, so no operation starts between the check and the
 	// lock; one starting afterwards finds the keyring locked.
 	zeroed := d.keyring.Lock()
+	marked()
 	d.vmLocks.mu.Unlock()
 
-	res := lockResult{LockResult: api.LockResult{KEKsZeroed: zeroed, AlreadyLocked: already}}
-	reason := fmt.Sprintf("locked by vmcryptd lock (user %s, %s): run vmcryptd unlock", rc.id.User, time.Now().UTC().Format(time.RFC3339))
+	res := &lockResult{LockResult: api.LockResult{KEKsZeroed: zeroed, AlreadyLocked: already}}
 	refs := d.neededKeys()
 	d.mu.Lock()
 	for _, ref := range refs {
@@ -76,8 +93,8 @@ func (d *Daemon) hLock(rc *reqCtx) (any, error) {
 			errs = append(errs, fmt.Errorf("view %s: %w", m.rec.Mountpoint, err))
 		}
 	}
-	errs = append(errs, d.suspendExports("keys locked by vmcryptd lock: run vmcryptd unlock")...)
-	d.log.Warn("keys locked", "user", rc.id.User, "keks_zeroed", zeroed, "views", res.Views, "files_sealed", res.FilesSealed)
+	errs = append(errs, d.suspendExports(exportReason)...)
+	d.log.Warn("keys locked", "by", who, "keks_zeroed", zeroed, "views", res.Views, "files_sealed", res.FilesSealed)
 	if len(errs) > 0 {
 		// Every key is zeroed whatever happened; say what did not close
 		// cleanly instead of reporting plain success.
@@ -89,6 +106,25 @@ func (d *Daemon) hLock(rc *reqCtx) (any, error) {
 // hUnlock is `vmcryptd unlock`: key fetching resumes and every needed KEK
 // is fetched now; the answer lists the ones that could not be had.
 func (d *Daemon) hUnlock(rc *reqCtx) (any, error) {
+	d.mgrMu.Lock()
+	byMgr := d.mgrLocked
+	if !byMgr {
+		d.localLocked = false
+	}
+	reason := d.mgrLockReason
+	d.mgrMu.Unlock()
+	if byMgr {
+		return nil, conflict("unlock refused: %s", reason)
+	}
+	ctx, cancel := context.WithTimeout(rc.r.Context(), 2*time.Minute)
+	defer cancel()
+	res := d.unlockKeys(ctx)
+	d.log.Info("keys unlocked", "user", rc.id.User, "loaded", len(res.Loaded), "failed", len(res.Failed))
+	return res, nil
+}
+
+// unlockKeys lets keys be fetched again and fetches every needed KEK now.
+func (d *Daemon) unlockKeys(ctx context.Context) unlockResult {
 	res := unlockResult{api.UnlockResult{WasLocked: d.keyring.Locked(), Loaded: []string{}, Failed: []api.KeyFailure{}}}
 	d.keyring.Unlock()
 	refs := d.neededKeys()
@@ -97,8 +133,6 @@ func (d *Daemon) hUnlock(rc *reqCtx) (any, error) {
 		delete(d.keyErrs, ref) // the lock's reason; loadKeys records real ones
 	}
 	d.mu.Unlock()
-	ctx, cancel := context.WithTimeout(rc.r.Context(), 2*time.Minute)
-	defer cancel()
 	d.loadKeys(ctx)
 	d.restoreExports(ctx)
 	d.mu.Lock()
@@ -114,6 +148,5 @@ func (d *Daemon) hUnlock(rc *reqCtx) (any, error) {
 		}
 	}
 	d.mu.Unlock()
-	d.log.Info("keys unlocked", "user", rc.id.User, "loaded", len(res.Loaded), "failed", len(res.Failed))
-	return res, nil
+	return res
 }

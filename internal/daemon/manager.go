@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -28,6 +29,13 @@ type mgrState struct {
 	// key loop asks for them again only after deniedBackoff (each ask is
 	// an audited denial at the manager); vm register asks at once.
 	mgrDenied map[engine.KeyRef]time.Time
+	// mgrLocked is set while the manager holds this host locked
+	// (`vmcryptd manager host lock`), with the manager's reason;
+	// localLocked while `vmcryptd lock` is in force. The keys come back
+	// only when neither is.
+	mgrLocked     bool
+	mgrLockReason string
+	localLocked   bool
 }
 
 // deniedBackoff is how long the key loop leaves a refused key alone.
@@ -134,13 +142,107 @@ func (d *Daemon) heartbeat(ctx context.Context) error {
 			st.Held = append(st.Held, mgrproto.KeyRef{Provider: r.Provider, KeyID: r.KeyID})
 		}
 	}
-	_, err := d.mgr.Hello(ctx, st)
+	r, err := d.mgr.Hello(ctx, st)
 	d.noteManager(err)
 	if err != nil {
 		d.log.Warn("manager hello failed", "err", err)
+		return err
 	}
-	return err
+	if r.Locked != d.managerLocked() {
+		d.applyManagerLock(ctx, r.Locked, r.LockReason)
+	}
+	return nil
 }
+
+// managerLocked reports whether the manager holds this host locked.
+func (d *Daemon) managerLocked() bool {
+	d.mgrMu.Lock()
+	defer d.mgrMu.Unlock()
+	return d.mgrLocked
+}
+
+// applyManagerLock brings the host to the manager's lock state: locked,
+// every key is zeroed as by `vmcryptd lock`; unlocked, the keys are
+// fetched again unless `vmcryptd lock` is also in force. It reports
+// whether the host is now in that state (a lock waits for a running VM
+// operation, which holds its own key copies, to end).
+func (d *Daemon) applyManagerLock(ctx context.Context, locked bool, reason string) bool {
+	if !locked {
+		d.mgrMu.Lock()
+		was, local := d.mgrLocked, d.localLocked
+		d.mgrLocked, d.mgrLockReason = false, ""
+		d.mgrMu.Unlock()
+		if was && !local {
+			uctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			res := d.unlockKeys(uctx)
+			cancel()
+			d.log.Info("keys unlocked by the manager", "loaded", len(res.Loaded), "failed", len(res.Failed))
+		}
+		return true
+	}
+	if d.managerLocked() {
+		return true
+	}
+	if reason == "" {
+		reason = "host locked by the manager"
+	}
+	reason = oneLine(reason)
+	res, err := d.lockKeys("the manager", reason, reason, func() {
+		d.mgrMu.Lock()
+		d.mgrLocked, d.mgrLockReason = true, reason
+		d.mgrMu.Unlock()
+	})
+	if res == nil {
+		d.log.Warn("the manager locked this host; waiting for a VM operation to end before zeroing the keys", "err", err)
+		return false
+	}
+	if err != nil {
+		d.log.Error("the manager locked this host", "err", err)
+	}
+	return true
+}
+
+// watchManager holds a watch request open at the manager, so a `manager
+// host lock` reaches this host at once rather than at the next hello.
+func (d *Daemon) watchManager(ctx context.Context) {
+	pause := func(dur time.Duration) bool {
+		t := time.NewTimer(dur)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return true
+		}
+	}
+	for ctx.Err() == nil {
+		locked := d.managerLocked()
+		r, err := d.mgr.Watch(ctx, locked)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			d.noteManager(err)
+			wait := time.Duration(d.retry.Load())
+			var ue *mgrproto.UnreachableError
+			if errors.As(err, &ue) && wait > 5*time.Second {
+				wait = 5 * time.Second // come back soon after a manager restart
+			}
+			if !pause(wait) {
+				return
+			}
+			continue
+		}
+		d.noteManager(nil)
+		if r.Locked != locked && !d.applyManagerLock(ctx, r.Locked, r.LockReason) {
+			if !pause(time.Second) {
+				return
+			}
+		}
+	}
+}
+
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
 
 // managerRegister registers the VM recorded for dir with the manager.
 func (d *Daemon) managerRegister(ctx context.Context, dir string) error {
@@ -218,7 +320,8 @@ func (d *Daemon) keySource() api.KeySource {
 	}
 	d.mgrMu.Lock()
 	defer d.mgrMu.Unlock()
-	ks := api.KeySource{Mode: "manager", Address: d.mgr.Address(), Host: d.mgr.LastHello().Host, LastOK: d.mgrOK, Error: d.mgrErr}
+	ks := api.KeySource{Mode: "manager", Address: d.mgr.Address(), Host: d.mgr.LastHello().Host, LastOK: d.mgrOK, Error: d.mgrErr,
+		LockedByManager: d.mgrLocked, LockReason: d.mgrLockReason}
 	ks.Reachable = !d.mgrOK.IsZero() && d.mgrErr == ""
 	if d.mgrOK.IsZero() && d.mgrErr == "" {
 		ks.Error = "not contacted yet"

@@ -19,6 +19,7 @@ import (
 
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
+	"github.com/vmcryptd/vmcryptd/internal/pki"
 )
 
 // Service is the "service" field of the manager's status, which tells
@@ -66,6 +67,18 @@ type HostInfo struct {
 	HostKey        string   `json:"host_key,omitempty"`
 	VMs            int      `json:"vms"`
 	KeysHeld       []string `json:"keys_held"`
+	// Locked is set by `manager host lock` until `manager host unlock`.
+	Locked   bool      `json:"locked"`
+	LockedAt time.Time `json:"locked_at,omitzero"`
+	LockedBy string    `json:"locked_by,omitempty"`
+}
+
+// HostLockReply answers POST /v1/hosts/NAME/lock and /unlock.
+type HostLockReply struct {
+	Name   string `json:"name"`
+	Locked bool   `json:"locked"`
+	// Changed is false when the host already was in that state.
+	Changed bool `json:"changed"`
 }
 
 // VMInfo is one VM registration with its lock state as its host last
@@ -84,6 +97,9 @@ type VMInfo struct {
 type HostAddRequest struct {
 	Name    string `json:"name"`
 	Address string `json:"address,omitempty"`
+	// CSR is a PEM certificate request the host made (`vmcryptd host
+	// join`): the manager signs it and the answer holds no private key.
+	CSR string `json:"csr,omitempty"`
 }
 
 // HostBundle answers host add: the host's credentials for [manager].
@@ -95,7 +111,7 @@ type HostBundle struct {
 	ManagerAddress string `json:"manager_address"`
 	CAPEM          string `json:"ca_pem"`
 	CertPEM        string `json:"cert_pem"`
-	KeyPEM         string `json:"key_pem"`
+	KeyPEM         string `json:"key_pem,omitempty"` // absent when signed from a CSR
 }
 
 // HostRemoved answers DELETE /v1/hosts/NAME.
@@ -174,6 +190,8 @@ func (m *Manager) adminRoutes() http.Handler {
 	route("GET "+p+"/hosts", PrivRead, func(*adminCtx) (any, error) { return m.hostInfos(), nil })
 	route("POST "+p+"/hosts", PrivRegisterHost, m.hHostAdd)
 	route("DELETE "+p+"/hosts/{name}", PrivRegisterHost, m.hHostRemove)
+	route("POST "+p+"/hosts/{name}/lock", PrivManageKeys, func(ac *adminCtx) (any, error) { return m.hHostLock(ac, true) })
+	route("POST "+p+"/hosts/{name}/unlock", PrivManageKeys, func(ac *adminCtx) (any, error) { return m.hHostLock(ac, false) })
 	return mux
 }
 
@@ -228,6 +246,9 @@ func (m *Manager) hostInfos() []HostInfo {
 	for _, h := range m.inv.Hosts {
 		hi := HostInfo{Name: h.Name, Address: h.Address, Serial: h.Serial, Added: h.Added, Connected: connected[h.Name],
 			VMs: len(m.inv.vmsOf(h.Name)), KeysHeld: []string{}}
+		if h.Lock != nil {
+			hi.Locked, hi.LockedAt, hi.LockedBy = true, h.Lock.At, h.Lock.By
+		}
 		if s, ok := m.seen[h.Name]; ok {
 			hi.LastSeen = s.At
 			hi.HostEncryption = "disabled"
@@ -302,8 +323,20 @@ func (m *Manager) hHostAdd(ac *adminCtx) (any, error) {
 	if exists {
 		return nil, &httpErr{409, fmt.Sprintf("host %q already exists (remove it first to issue a new certificate)", req.Name)}
 	}
-	pair, err := m.ca.IssueClient(req.Name)
-	if err != nil {
+	var pair *pki.Pair
+	var err error
+	how := "issued with a new key"
+	if req.CSR != "" {
+		how = "signed from the host's CSR"
+		pair, err = m.ca.SignClientCSR([]byte(req.CSR), req.Name)
+		if err != nil {
+			msg := fmt.Sprintf("host %s: CSR refused: %v", req.Name, err)
+			if aerr := m.auditAdmin(ac, "manager.host.add", PrivRegisterHost, "denied", msg); aerr != nil {
+				return nil, aerr
+			}
+			return nil, &httpErr{400, msg}
+		}
+	} else if pair, err = m.ca.IssueClient(req.Name); err != nil {
 		return nil, err
 	}
 	serial := pair.Cert.SerialNumber.Text(16)
@@ -320,7 +353,7 @@ func (m *Manager) hHostAdd(ac *adminCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := m.auditAdmin(ac, "manager.host.add", PrivRegisterHost, "ok", "host "+req.Name+" certificate "+serial); err != nil {
+	if err := m.auditAdmin(ac, "manager.host.add", PrivRegisterHost, "ok", "host "+req.Name+" certificate "+serial+" "+how); err != nil {
 		return nil, err
 	}
 	return HostBundle{Name: req.Name, Serial: serial, ManagerAddress: listen, CAPEM: string(m.ca.CertPEM),
@@ -362,6 +395,7 @@ func (m *Manager) hHostRemove(ac *adminCtx) (any, error) {
 			}
 		}
 		delete(m.seen, name)
+		m.wakeLocked(name)
 	}
 	m.mu.Unlock()
 	if err != nil {
@@ -371,5 +405,58 @@ func (m *Manager) hHostRemove(ac *adminCtx) (any, error) {
 	if err := m.auditAdmin(ac, "manager.host.remove", PrivRegisterHost, "ok", fmt.Sprintf("host %s certificate %s revoked; %d VMs released", name, res.Serial, len(res.ReleasedVMs))); err != nil {
 		return nil, err
 	}
+	return res, nil
+}
+
+// hHostLock is `manager host lock NAME` (lock) and `manager host unlock
+// NAME`: the lock is saved in the inventory (it survives a restart), the
+// host's watch requests are woken at once (the host zeroes every key),
+// and get_key and create_key refuse the host with host_locked until the
+// unlock.
+func (m *Manager) hHostLock(ac *adminCtx, lock bool) (any, error) {
+	name := ac.r.PathValue("name")
+	op := "manager.host.unlock"
+	if lock {
+		op = "manager.host.lock"
+	}
+	res := HostLockReply{Name: name, Locked: lock}
+	m.mu.Lock()
+	err := m.updateLocked(func(inv *inventory) error {
+		h, ok := inv.Hosts[name]
+		if !ok {
+			return &httpErr{404, fmt.Sprintf("host %q is not in the inventory", name)}
+		}
+		res.Changed = (h.Lock != nil) != lock
+		if !res.Changed {
+			return nil
+		}
+		if lock {
+			h.Lock = &hostLock{At: time.Now().UTC(), UID: ac.uid, By: ac.user}
+		} else {
+			h.Lock = nil
+		}
+		return nil
+	})
+	if err == nil && res.Changed {
+		m.wakeLocked(name)
+	}
+	m.mu.Unlock()
+	if err != nil {
+		if aerr := m.auditAdmin(ac, op, PrivManageKeys, "error", "host "+name+": "+err.Error()); aerr != nil {
+			m.log.Error("audit log write failed", "err", aerr)
+		}
+		return nil, err
+	}
+	detail := "host " + name + " locked: every key is to be zeroed there, none handed out"
+	if !lock {
+		detail = "host " + name + " unlocked: it may fetch its keys again"
+	}
+	if !res.Changed {
+		detail = "host " + name + " already " + map[bool]string{true: "locked", false: "unlocked"}[lock]
+	}
+	if err := m.auditAdmin(ac, op, PrivManageKeys, "ok", detail); err != nil {
+		return nil, err
+	}
+	m.log.Warn("host lock changed", "host", name, "locked", lock, "changed", res.Changed, "by", ac.user)
 	return res, nil
 }

@@ -125,6 +125,8 @@ func (m *Manager) handle(ctx context.Context, w io.Writer, p peer, q *mgrproto.R
 		return m.registerVM(w, p, q)
 	case mgrproto.OpUnregisterVM:
 		return m.unregisterVM(w, p, q)
+	case mgrproto.OpWatch:
+		return m.watch(ctx, w, p, q)
 	}
 	return false // Check accepted only the ops above
 }
@@ -151,6 +153,7 @@ var opPrivilege = map[string]string{
 	mgrproto.OpGetKey:       privHostKey,
 	mgrproto.OpRegisterVM:   privHostRegister,
 	mgrproto.OpUnregisterVM: privHostRegister,
+	mgrproto.OpWatch:        privHostHello,
 }
 
 // refuse audits a refusal and sends it. The reply is one line.
@@ -181,14 +184,65 @@ func (m *Manager) ok(w io.Writer, p peer, op, vm string, keys []string, detail s
 func (m *Manager) hello(w io.Writer, p peer, q *mgrproto.Request) bool {
 	m.mu.Lock()
 	m.seen[p.name] = hostSeen{At: time.Now(), Status: *q.Status, Remote: p.remote}
+	lerr := hostLocked(m.inv, p.name)
 	m.mu.Unlock()
-	return mgrproto.WriteFrame(w, mgrproto.Reply{OK: true, Host: p.name, DefaultProvider: m.cfg.DefaultProvider, Providers: m.providerNames()}) == nil
+	r := mgrproto.Reply{OK: true, Host: p.name, DefaultProvider: m.cfg.DefaultProvider, Providers: m.providerNames()}
+	if lerr != nil {
+		r.Locked, r.LockReason = true, lerr.Error()
+	}
+	return mgrproto.WriteFrame(w, r) == nil
+}
+
+// watch is the host's long poll for its lock state: answered as soon as
+// the manager's lock of the host differs from what the host says it is
+// (q.Locked), or after WatchHold with the current state.
+func (m *Manager) watch(ctx context.Context, w io.Writer, p peer, q *mgrproto.Request) bool {
+	timer := time.NewTimer(mgrproto.WatchHold)
+	defer timer.Stop()
+	for {
+		m.mu.Lock()
+		herr := checkHost(m.inv, p.name, p.serial)
+		lerr := hostLocked(m.inv, p.name)
+		wake := m.lockWakeLocked(p.name)
+		m.mu.Unlock()
+		if herr != nil {
+			m.refuse(w, p, q.Op, "", nil, mgrproto.CodeRevoked, herr.Error())
+			return false
+		}
+		locked := lerr != nil
+		if locked != q.Locked {
+			break
+		}
+		select {
+		case <-wake:
+			continue
+		case <-timer.C:
+		case <-ctx.Done():
+			return false
+		}
+		break
+	}
+	m.mu.Lock()
+	lerr := hostLocked(m.inv, p.name)
+	m.mu.Unlock()
+	r := mgrproto.Reply{OK: true, Host: p.name}
+	if lerr != nil {
+		r.Locked, r.LockReason = true, lerr.Error()
+	}
+	return mgrproto.WriteFrame(w, r) == nil
 }
 
 func (m *Manager) createKey(ctx context.Context, w io.Writer, p peer, q *mgrproto.Request) bool {
 	name := q.Provider
 	if name == "" {
 		name = m.cfg.DefaultProvider
+	}
+	m.mu.Lock()
+	lerr := hostLocked(m.inv, p.name)
+	m.mu.Unlock()
+	if lerr != nil {
+		m.refuse(w, p, q.Op, "", nil, mgrproto.CodeHostLocked, lerr.Error())
+		return true
 	}
 	prov, ok := m.providers[name]
 	if !ok {
@@ -221,8 +275,13 @@ func (m *Manager) getKey(ctx context.Context, w io.Writer, p peer, q *mgrproto.R
 	ref := mgrproto.KeyRef{Provider: q.Provider, KeyID: q.KeyID}
 	keys := []string{ref.String()}
 	m.mu.Lock()
+	lerr := hostLocked(m.inv, p.name)
 	perr := mayGetKey(m.inv, p.name, ref, q.VMID)
 	m.mu.Unlock()
+	if lerr != nil {
+		m.refuse(w, p, q.Op, q.VMID, keys, mgrproto.CodeHostLocked, lerr.Error())
+		return true
+	}
 	if perr != nil {
 		m.refuse(w, p, q.Op, q.VMID, keys, mgrproto.CodeDenied, "permission denied: "+perr.Error())
 		return true
@@ -234,6 +293,14 @@ func (m *Manager) getKey(ctx context.Context, w io.Writer, p peer, q *mgrproto.R
 	}
 	alive := true
 	err := m.keys.with(ctx, prov, ref, func(key []byte, state string) error {
+		// Again after the KMS fetch: a lock that came meanwhile wins.
+		m.mu.Lock()
+		lerr := hostLocked(m.inv, p.name)
+		m.mu.Unlock()
+		if lerr != nil {
+			m.refuse(w, p, q.Op, q.VMID, keys, mgrproto.CodeHostLocked, lerr.Error())
+			return nil
+		}
 		if !m.ok(w, p, q.Op, q.VMID, keys, "state "+state) {
 			alive = false
 			return nil

@@ -28,6 +28,15 @@ type hostRec struct {
 	Address string    `json:"address,omitempty"`
 	Serial  string    `json:"serial"` // hex serial of its current certificate
 	Added   time.Time `json:"added"`
+	// Lock is set by `manager host lock`: the host must zero every key
+	// and is handed none until `manager host unlock`.
+	Lock *hostLock `json:"lock,omitempty"`
+}
+
+type hostLock struct {
+	At  time.Time `json:"at"`
+	UID int       `json:"uid"`
+	By  string    `json:"by"`
 }
 
 type vmRec struct {

@@ -54,12 +54,15 @@ type Manager struct {
 
 	providers map[string]*kms.Provider
 
-	mu      sync.Mutex
-	inv     *inventory
-	seen    map[string]hostSeen // runtime: last hello per host
-	listen  string              // bound host-channel address
-	conns   map[net.Conn]string // open host-channel connections, by host name
-	lookupU func(int) (string, []string)
+	mu     sync.Mutex
+	inv    *inventory
+	seen   map[string]hostSeen // runtime: last hello per host
+	listen string              // bound host-channel address
+	conns  map[net.Conn]string // open host-channel connections, by host name
+	// lockWake is closed (and replaced) when a host's lock changes or the
+	// host is removed: it wakes that host's watch requests.
+	lockWake map[string]chan struct{}
+	lookupU  func(int) (string, []string)
 }
 
 // hostSeen is what a host said in its last hello.
@@ -103,7 +106,7 @@ func New(opts Options) (*Manager, error) {
 		cfg: cfg, log: opts.Logger, version: opts.Version, addr: opts.AddrFile, started: time.Now(),
 		ca: ca, audit: audit, keys: newKeyCache(), invPath: invPath, inv: inv,
 		providers: map[string]*kms.Provider{}, seen: map[string]hostSeen{}, conns: map[net.Conn]string{},
-		lookupU: lookupUser,
+		lockWake: map[string]chan struct{}{}, lookupU: lookupUser,
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Cert)
@@ -201,6 +204,25 @@ func (m *Manager) updateLocked(fn func(inv *inventory) error) error {
 	}
 	m.inv = next
 	return nil
+}
+
+// lockWakeLocked is the channel closed at the next lock change of host.
+// m.mu is held.
+func (m *Manager) lockWakeLocked(host string) chan struct{} {
+	ch, ok := m.lockWake[host]
+	if !ok {
+		ch = make(chan struct{})
+		m.lockWake[host] = ch
+	}
+	return ch
+}
+
+// wakeLocked wakes every watch of host. m.mu is held.
+func (m *Manager) wakeLocked(host string) {
+	if ch, ok := m.lockWake[host]; ok {
+		close(ch)
+		delete(m.lockWake, host)
+	}
 }
 
 func (m *Manager) providerNames() []string {

@@ -26,6 +26,16 @@ func checkHost(inv *inventory, cn, serial string) error {
 	return nil
 }
 
+// hostLocked refuses every key to a host the manager has locked
+// (`manager host lock`); nil for a host that is not locked.
+func hostLocked(inv *inventory, host string) error {
+	h, ok := inv.Hosts[host]
+	if !ok || h.Lock == nil {
+		return nil
+	}
+	return fmt.Errorf("host %q is locked by the manager (by %s at %s): no key is handed to it until 'vmcryptd manager host unlock %s'", host, h.Lock.By, h.Lock.At.UTC().Format("2006-01-02 15:04:05Z"), host)
+}
+
 // entitled reports whether host may hold key ref: a VM registered to
 // host needs it, or host had it made and has not bound it to a VM yet
 // (a VM being encrypted, or the host key).

@@ -118,3 +118,15 @@ func check(t *testing.T, name string, err error, want string) {
 		t.Errorf("%s: %v, want an error containing %q", name, err, want)
 	}
 }
+
+func TestHostLocked(t *testing.T) {
+	inv := policyInventory()
+	inv.Hosts["host2"].Lock = &hostLock{At: time.Unix(0, 0), By: "root"}
+	for _, c := range []struct{ host, want string }{
+		{"host1", ""},
+		{"host2", "locked by the manager (by root"},
+		{"ghost", ""}, // not a host: checkHost refuses it first
+	} {
+		check(t, c.host, hostLocked(inv, c.host), c.want)
+	}
+}

@@ -12,7 +12,7 @@ import (
 const (
 	PrivRead         = "System.Read"                // status, host list
 	PrivRegisterHost = "Cryptographer.RegisterHost" // host add / remove
-	PrivManageKeys   = "Cryptographer.ManageKeys"   // reserved
+	PrivManageKeys   = "Cryptographer.ManageKeys"   // host lock / unlock
 	privHostKey      = "Cryptographer.Access"       // host channel: get_key
 	privHostCreate   = "Cryptographer.EncryptNew"   // host channel: create_key
 	privHostRegister = "Cryptographer.RegisterVM"   // host channel: (un)register_vm

@@ -116,10 +116,14 @@ func (e *RefusedError) Error() string { return "manager refused: " + e.Msg }
 // do sends q and reads the reply; when the reply announces a key, the
 // key's bytes are read into a fresh slice the caller owns.
 func (c *Client) do(ctx context.Context, q *Request) (Reply, []byte, error) {
+	return c.doTimeout(ctx, q, c.Timeout)
+}
+
+func (c *Client) doTimeout(ctx context.Context, q *Request, timeout time.Duration) (Reply, []byte, error) {
 	if err := q.Check(); err != nil {
 		return Reply{}, nil, fmt.Errorf("manager request: %w", err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	d := tls.Dialer{Config: c.tls}
 	conn, err := d.DialContext(ctx, "tcp", c.addr)
@@ -171,6 +175,14 @@ func (c *Client) Hello(ctx context.Context, st HostStatus) (Reply, error) {
 		c.last = r
 		c.mu.Unlock()
 	}
+	return r, err
+}
+
+// Watch waits until the manager's lock of this host differs from locked
+// (the host's own belief), or WatchHold passes, and returns the manager's
+// answer: Locked and LockReason say what the host must be.
+func (c *Client) Watch(ctx context.Context, locked bool) (Reply, error) {
+	r, _, err := c.doTimeout(ctx, &Request{Op: OpWatch, Locked: locked}, WatchHold+c.Timeout)
 	return r, err
 }
 

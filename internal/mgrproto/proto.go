@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 )
 
 // ALPN is the TLS application protocol both sides require.
@@ -38,7 +39,12 @@ const (
 	OpGetKey       = "get_key"
 	OpRegisterVM   = "register_vm"
 	OpUnregisterVM = "unregister_vm"
+	OpWatch        = "watch"
 )
+
+// WatchHold is how long the manager holds a watch request whose answer
+// would not change anything for the host before answering anyway.
+const WatchHold = 25 * time.Second
 
 // Error codes of a refused request.
 const (
@@ -47,6 +53,7 @@ const (
 	CodeRevoked     = "revoked"     // the host's certificate is unknown or was revoked
 	CodeUnavailable = "unavailable" // the KMS could not serve it; retry later
 	CodeInternal    = "internal"    // the manager failed (its state could not be saved)
+	CodeHostLocked  = "host_locked" // the manager locked this host: no key until unlock
 )
 
 // KeyRef names a KEK: key provider plus key id.
@@ -83,6 +90,9 @@ type Request struct {
 	VMID     string      `json:"vm_id,omitempty"`    // get_key (optional: the VM it is for), unregister_vm
 	VM       *VM         `json:"vm,omitempty"`       // register_vm
 	Status   *HostStatus `json:"status,omitempty"`   // hello
+	// Locked is, in a watch, whether the host holds itself locked by the
+	// manager now: the manager answers as soon as that is no longer so.
+	Locked bool `json:"locked,omitempty"`
 }
 
 // Reply answers one request.
@@ -94,6 +104,10 @@ type Reply struct {
 	Host            string   `json:"host,omitempty"`
 	DefaultProvider string   `json:"default_provider,omitempty"`
 	Providers       []string `json:"providers,omitempty"`
+	// hello, watch: the manager has locked this host (zero every key,
+	// fetch none until unlocked), and why.
+	Locked     bool   `json:"locked,omitempty"`
+	LockReason string `json:"lock_reason,omitempty"`
 	// create_key
 	Provider string `json:"provider,omitempty"`
 	KeyID    string `json:"key_id,omitempty"`
@@ -202,6 +216,7 @@ func (q *Request) Check() error {
 		if q.VMID == "" {
 			return errors.New("unregister_vm needs vm_id")
 		}
+	case OpWatch:
 	case "":
 		return errors.New("request has no op")
 	default:

@@ -8,6 +8,7 @@
 package pki
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -135,6 +136,22 @@ func issue(tpl *x509.Certificate, parent *Pair, validity time.Duration, kt KeyTy
 	if err != nil {
 		return nil, err
 	}
+	p, err := issueFor(tpl, parent, validity, key.Public(), key)
+	if err != nil {
+		return nil, err
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("marshal private key: %w", err)
+	}
+	p.Key = key
+	p.KeyPEM = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
+	return p, nil
+}
+
+// issueFor certifies pub, signed by parent (self-signed by self when
+// parent is nil). The Pair has no private key.
+func issueFor(tpl *x509.Certificate, parent *Pair, validity time.Duration, pub crypto.PublicKey, self crypto.Signer) (*Pair, error) {
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
 		return nil, fmt.Errorf("generate serial number: %w", err)
@@ -145,19 +162,22 @@ func issue(tpl *x509.Certificate, parent *Pair, validity time.Duration, kt KeyTy
 	now := time.Now()
 	tpl.NotBefore = now.Add(-1 * time.Hour)
 	tpl.NotAfter = now.Add(validity)
-	pub, err := x509.MarshalPKIXPublicKey(key.Public())
+	pubDER, err := x509.MarshalPKIXPublicKey(pub)
 	if err != nil {
 		return nil, fmt.Errorf("marshal public key: %w", err)
 	}
-	ski := sha1.Sum(pub) // #nosec: subject key id, not a security function
+	ski := sha1.Sum(pubDER) // #nosec: subject key id, not a security function
 	tpl.SubjectKeyId = ski[:]
 
-	signer, parentCert := key, tpl
+	signer, parentCert := self, tpl
 	if parent != nil {
 		signer, parentCert = parent.Key, parent.Cert
 		tpl.AuthorityKeyId = parent.Cert.SubjectKeyId
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tpl, parentCert, key.Public(), signer)
+	if signer == nil {
+		return nil, errors.New("no signing key")
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tpl, parentCert, pub, signer)
 	if err != nil {
 		return nil, fmt.Errorf("create certificate %q: %w", tpl.Subject.CommonName, err)
 	}
@@ -165,16 +185,80 @@ func issue(tpl *x509.Certificate, parent *Pair, validity time.Duration, kt KeyTy
 	if err != nil {
 		return nil, fmt.Errorf("parse new certificate: %w", err)
 	}
+	return &Pair{Cert: cert, CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}, nil
+}
+
+// NewClientCSR makes a P-256 key pair and a certificate signing request
+// for a client certificate with subject CN commonName; the key never
+// leaves the caller.
+func NewClientCSR(commonName string) (csrPEM, keyPEM []byte, err error) {
+	key, err := newKey(ECDSAP256)
+	if err != nil {
+		return nil, nil, err
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+		Subject: pkix.Name{CommonName: commonName, Organization: []string{"vmcryptd"}},
+	}, key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("create certificate request: %w", err)
+	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
-		return nil, fmt.Errorf("marshal private key: %w", err)
+		return nil, nil, fmt.Errorf("marshal private key: %w", err)
 	}
-	return &Pair{
-		Cert:    cert,
-		Key:     key,
-		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
-	}, nil
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), nil
+}
+
+// CheckClientCSR is the decision to sign a request: one PEM
+// CERTIFICATE REQUEST, validly self-signed, for subject CN wantCN, with
+// an ECDSA P-256 or RSA (2048 bits or more) key.
+func CheckClientCSR(csrPEM []byte, wantCN string) (*x509.CertificateRequest, error) {
+	block, rest := pem.Decode(csrPEM)
+	if block == nil || block.Type != "CERTIFICATE REQUEST" {
+		return nil, errors.New("not a PEM CERTIFICATE REQUEST")
+	}
+	if len(bytes.TrimSpace(rest)) > 0 {
+		return nil, errors.New("data after the certificate request")
+	}
+	csr, err := x509.ParseCertificateRequest(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("certificate request: %w", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("certificate request signature: %w", err)
+	}
+	if csr.Subject.CommonName != wantCN {
+		return nil, fmt.Errorf("certificate request is for CN %q, not %q", csr.Subject.CommonName, wantCN)
+	}
+	switch k := csr.PublicKey.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve != elliptic.P256() {
+			return nil, errors.New("certificate request key: ECDSA on a curve other than P-256")
+		}
+	case *rsa.PublicKey:
+		if k.N.BitLen() < 2048 {
+			return nil, fmt.Errorf("certificate request key: RSA %d bits, at least 2048", k.N.BitLen())
+		}
+	default:
+		return nil, fmt.Errorf("certificate request key: %T, want ECDSA P-256 or RSA", csr.PublicKey)
+	}
+	return csr, nil
+}
+
+// SignClientCSR issues a client certificate (as IssueClient does) for the
+// key of a request CheckClientCSR accepts. The Pair has no private key.
+func (ca *Pair) SignClientCSR(csrPEM []byte, wantCN string) (*Pair, error) {
+	csr, err := CheckClientCSR(csrPEM, wantCN)
+	if err != nil {
+		return nil, err
+	}
+	tpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: wantCN, Organization: []string{"vmcryptd"}},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	return issueFor(tpl, ca, LeafValidity, csr.PublicKey, nil)
 }
 
 // Write stores the certificate (0644) and the private key (0600) atomically.
