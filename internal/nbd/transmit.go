@@ -102,7 +102,7 @@ func (c *conn) transmit(exp *Export) error {
 			}
 			rq.buf = getBuf(int(weight))
 		}
-		if rq.typ == cmdWrite {
+		if rq.typ == cmdWrite && rq.buf != nil {
 			if _, err := io.ReadFull(c.r, *rq.buf); err != nil {
 				putBuf(rq.buf)
 				c.close()
