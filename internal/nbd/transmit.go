@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sync/semaphore"
 )
@@ -94,7 +95,7 @@ type txState struct {
 
 	work    chan *request
 	free    atomic.Int32 // workers waiting for (or about to take) a request
-	workers int          // started; only the reader changes it
+	workers atomic.Int32 // started
 
 	qmu     sync.Mutex
 	queue   net.Buffers // replies waiting to be written
@@ -104,7 +105,29 @@ type txState struct {
 	spare   net.Buffers
 	spareRq []*request
 	scratch []byte // the writer's, for TLS
+
+	// Inline service (see readLoop): role is the reader's generation
+	// shifted left once, low bit set while it handles a request itself.
+	role     atomic.Uint64
+	stall    *time.Timer
+	end      chan error // the last reader's result
+	dispatch int        // requests to hand to workers before trying inline again
 }
+
+// Inline service. Handing each request to another goroutine costs
+// wake-ups on a loaded machine; a small READ or WRITE is run by the
+// reader itself, its reply queued and written (with all others queued)
+// only when no further request is buffered. Should it take longer than
+// stallAfter (the backend blocked), a new reader takes over the socket
+// and the stalled one finishes as a worker, so one slow request never
+// holds back those after it. When inline requests are slow (over
+// slowInline), the next requests go to workers for a while.
+const (
+	inlineMax      = 128 << 10
+	stallAfter     = 2 * time.Millisecond
+	slowInline     = 200 * time.Microsecond
+	dispatchStreak = 256
+)
 
 // transmit serves requests until NBD_CMD_DISC or a protocol error.
 func (c *conn) transmit(exp *Export) error {
@@ -116,22 +139,56 @@ func (c *conn) transmit(exp *Export) error {
 		slots: make(chan struct{}, cfg.MaxInFlight),
 		mem:   semaphore.NewWeighted(cfg.MaxBufferBytes),
 		work:  make(chan *request, cfg.MaxInFlight),
+		end:   make(chan error, 1),
 	}
+	tx.stall = time.AfterFunc(time.Hour, tx.takeOver)
+	tx.stall.Stop()
 	defer close(tx.work)
 	defer tx.wg.Wait()
+	defer tx.stall.Stop()
+	tx.readLoop(0)
+	// The last reader (this one, or one that took over) reports the end.
+	return <-tx.end
+}
+
+// takeOver runs when an inline request stalls: if the reader is still
+// in it, the next generation starts reading.
+func (tx *txState) takeOver() {
+	r := tx.role.Load()
+	if r&1 == 0 || !tx.role.CompareAndSwap(r, r+1) {
+		return
+	}
+	go tx.readLoop(r + 1)
+}
+
+// readLoop reads requests as reader generation role (even). It returns
+// false when it lost the role while running a request inline (that
+// request is then done and its reply sent); otherwise it has ended the
+// connection and put the result on tx.end.
+func (tx *txState) readLoop(role uint64) bool {
+	c := tx.c
+	cfg := &c.s.cfg
 	pools := &c.s.pools
+	finish := func(err error) bool {
+		tx.flush()
+		tx.end <- err
+		return true
+	}
 	var h [28]byte
 	for {
+		if c.r.Buffered() < len(h) {
+			tx.flush() // the client waits for these before sending more
+		}
 		if _, err := io.ReadFull(c.r, h[:]); err != nil {
 			c.close()
 			if errors.Is(err, io.EOF) {
-				return errors.New("client closed the connection without NBD_CMD_DISC")
+				return finish(errors.New("client closed the connection without NBD_CMD_DISC"))
 			}
-			return fmt.Errorf("request: %w", err)
+			return finish(fmt.Errorf("request: %w", err))
 		}
 		if m := binary.BigEndian.Uint32(h[0:]); m != magicRequest {
 			c.close()
-			return fmt.Errorf("request: bad magic %#x", m)
+			return finish(fmt.Errorf("request: bad magic %#x", m))
 		}
 		rq := pools.request()
 		rq.flags = binary.BigEndian.Uint16(h[4:])
@@ -143,15 +200,16 @@ func (c *conn) transmit(exp *Export) error {
 		switch rq.typ {
 		case cmdDisc:
 			pools.reqs.Put(rq)
+			tx.flush()
 			tx.wg.Wait()
 			c.close()
-			return errDone
+			return finish(errDone)
 		case cmdWrite:
 			if rq.length > uint32(cfg.MaxPayload) {
 				// Its payload cannot be skipped at a bounded cost.
 				pools.reqs.Put(rq)
 				c.close()
-				return fmt.Errorf("request: write of %d bytes exceeds the %d-byte limit", rq.length, cfg.MaxPayload)
+				return finish(fmt.Errorf("request: write of %d bytes exceeds the %d-byte limit", rq.length, cfg.MaxPayload))
 			}
 			rq.weight = int64(rq.length)
 		case cmdRead:
@@ -160,31 +218,73 @@ func (c *conn) transmit(exp *Export) error {
 			}
 		}
 		if rq.weight > 0 {
-			if err := tx.mem.Acquire(context.Background(), rq.weight); err != nil {
-				pools.reqs.Put(rq)
-				c.close()
-				return err
+			if !tx.mem.TryAcquire(rq.weight) {
+				tx.flush() // replies waiting to be written hold the budget
+				if err := tx.mem.Acquire(context.Background(), rq.weight); err != nil {
+					pools.reqs.Put(rq)
+					c.close()
+					return finish(err)
+				}
 			}
 			rq.buf = pools.get(int(rq.weight))
 		}
 		if rq.typ == cmdWrite && rq.buf != nil {
+			if c.r.Buffered() < len(*rq.buf) {
+				tx.flush()
+			}
 			if _, err := io.ReadFull(c.r, *rq.buf); err != nil {
 				tx.recycle(rq)
 				c.close()
-				return fmt.Errorf("request: write payload: %w", err)
+				return finish(fmt.Errorf("request: write payload: %w", err))
 			}
 		}
-		tx.slots <- struct{}{}
-		tx.wg.Add(1)
-		tx.work <- rq
-		// Take a free worker, or start one (it counts as taken). At the
-		// cap, the debt is paid by the next worker to finish: only workers
-		// whose replies are written already exceed MaxInFlight.
-		if tx.free.Add(-1) < 0 && tx.workers < 2*cfg.MaxInFlight {
-			tx.free.Add(1)
-			tx.workers++
-			go tx.worker()
+		select {
+		case tx.slots <- struct{}{}:
+		default:
+			tx.flush()
+			tx.slots <- struct{}{}
 		}
+		tx.wg.Add(1)
+		inline := (rq.typ == cmdRead || rq.typ == cmdWrite) && rq.length <= inlineMax && rq.flags&cmdFlagFUA == 0
+		if inline && tx.dispatch > 0 {
+			tx.dispatch--
+			inline = false
+		}
+		if !inline {
+			tx.submit(rq)
+			continue
+		}
+		tx.role.Store(role | 1)
+		tx.stall.Reset(stallAfter)
+		t0 := time.Now()
+		ok := tx.handleSafe(rq)
+		took := time.Since(t0)
+		if !tx.role.CompareAndSwap(role|1, role) {
+			// A successor reads now (the timer is its): finish as a worker.
+			tx.finish(rq, ok, true)
+			return false
+		}
+		tx.stall.Stop()
+		if took > slowInline {
+			tx.dispatch = dispatchStreak
+		}
+		if !tx.finish(rq, ok, false) {
+			// The connection is closed; the next read ends this loop.
+			continue
+		}
+	}
+}
+
+// submit hands rq to a worker.
+func (tx *txState) submit(rq *request) {
+	tx.work <- rq
+	// Take a free worker, or start one (it counts as taken). At the
+	// cap, the debt is paid by the next worker to finish: only workers
+	// whose replies are written already exceed MaxInFlight.
+	if tx.free.Add(-1) < 0 && tx.workers.Load() < int32(2*tx.c.s.cfg.MaxInFlight) {
+		tx.free.Add(1)
+		tx.workers.Add(1)
+		go tx.worker()
 	}
 }
 
@@ -198,18 +298,28 @@ func (tx *txState) worker() {
 
 // run handles one request and sends its reply.
 func (tx *txState) run(rq *request) {
+	tx.finish(rq, tx.handleSafe(rq), true)
+}
+
+// finish sends a handled request's reply (write: now, unless another
+// worker is writing; otherwise queued for the reader's next flush), or
+// after a panic (ok false) closes the connection. It reports whether
+// the connection is still up.
+func (tx *txState) finish(rq *request, ok, write bool) bool {
 	c := tx.c
-	if !tx.handleSafe(rq) {
+	if !ok {
 		c.close()
 		tx.release(rq)
-		return
+		return false
 	}
-	if err := tx.send(rq); err != nil {
+	if err := tx.send(rq, write); err != nil {
 		// A reply that cannot be written ends the connection; the
 		// reader then stops at its next read.
 		c.s.log.Warn("nbd reply failed", "export", tx.exp.Name, "err", err)
 		c.close()
+		return false
 	}
+	return true
 }
 
 // handleSafe is handle where a panic (in the backend or here) costs
@@ -253,7 +363,7 @@ func (tx *txState) recycle(rq *request) {
 // send queues rq's reply (rq.segs) and, unless another worker is
 // writing, writes the queue until it is empty. rq is released once its
 // reply is written.
-func (tx *txState) send(rq *request) error {
+func (tx *txState) send(rq *request, write bool) error {
 	tx.qmu.Lock()
 	if tx.werr != nil {
 		err := tx.werr
@@ -267,9 +377,38 @@ func (tx *txState) send(rq *request) error {
 		}
 	}
 	tx.queued = append(tx.queued, rq)
-	if tx.writing {
+	if tx.writing || !write {
 		tx.qmu.Unlock()
 		return nil
+	}
+	return tx.drainLocked()
+}
+
+// flush writes the queued replies unless a writer is at it (it writes
+// them too: it drains the queue before it stops).
+func (tx *txState) flush() {
+	tx.qmu.Lock()
+	if tx.writing || len(tx.queued) == 0 {
+		tx.qmu.Unlock()
+		return
+	}
+	if err := tx.drainLocked(); err != nil {
+		tx.c.s.log.Warn("nbd reply failed", "export", tx.exp.Name, "err", err)
+		tx.c.close()
+	}
+}
+
+// drainLocked becomes the writer and writes until the queue is empty;
+// called with qmu held, returns with it released.
+func (tx *txState) drainLocked() error {
+	if tx.werr != nil {
+		err := tx.werr
+		for _, r := range tx.queued {
+			tx.release(r)
+		}
+		tx.queue, tx.queued = tx.queue[:0], tx.queued[:0]
+		tx.qmu.Unlock()
+		return err
 	}
 	tx.writing = true
 	for {
