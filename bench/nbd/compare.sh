@@ -67,8 +67,15 @@ if [ "$mode" = rss ]; then
 		r=$(awk '/VmRSS/{print $2}' /proc/$pid/status); [ "$r" -gt "$peak" ] && peak=$r
 		echo "$peak" >"$WORK/rss.peak"; sleep 0.2; done ) &
 	sampler=$!
+	pids+=("$sampler")
 	t0=$(date +%s.%N)
-	nbdcopy "pattern:$STREAM_SIZE" "nbd+unix:///?socket=$WORK/rss.sock"
+	# Debian's nbdcopy has no pattern: source; nbdkit's pattern plugin
+	# (or fio when nbdkit is missing) writes non-zero data.
+	if command -v nbdkit >/dev/null; then
+		nbdcopy -- [ nbdkit --exit-with-parent pattern size="$STREAM_SIZE" ] "nbd+unix:///?socket=$WORK/rss.sock"
+	else
+		fio --name=w --ioengine=nbd --uri="nbd+unix:///?socket=$WORK/rss.sock" --rw=write --bs=1M --iodepth=32 --size="$STREAM_SIZE" --output-format=terse >/dev/null
+	fi
 	t1=$(date +%s.%N)
 	nbdcopy "nbd+unix:///?socket=$WORK/rss.sock" null:
 	t2=$(date +%s.%N)
