@@ -95,7 +95,13 @@ ours="nbd+unix:///?socket=$WORK/ours.sock"
 fio --name=fill --ioengine=nbd --uri="$ours" --rw=write --bs=1M --iodepth=32 --size="$SIZE" --output-format=terse >/dev/null
 
 # The reference: a LUKS image (qemu's luks driver) of the same size, filled.
-qemu-img create -q -f luks --object secret,id=s0,data=$PASS -o key-secret=s0 "$WORK/luks.img" "$SIZE"
+# (qemu's PBKDF benchmark fails with "Unable to get accurate CPU usage"
+# on a loaded machine now and then: retried.)
+for try in 1 2 3 4 5; do
+	qemu-img create -q -f luks --object secret,id=s0,data=$PASS -o key-secret=s0 "$WORK/luks.img" "$SIZE" && break
+	[ "$try" -lt 5 ] || exit 1
+	sleep 1
+done
 qemu-nbd --persistent --shared=8 --socket="$WORK/qemu.sock" --object secret,id=s0,data=$PASS \
 	--image-opts "driver=luks,key-secret=s0,file.driver=file,file.filename=$WORK/luks.img" &
 pids+=($!)
