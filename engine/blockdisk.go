@@ -320,6 +320,25 @@ func (b *BlockDisk) WriteAt(p []byte, off int64) (int, error) {
 	return written, err
 }
 
+// WriteAtInPlace is WriteAt for a caller that hands p over: encrypted
+// extents encrypt it in place (Container.WriteAtInPlace), saving a copy
+// of the request. p's contents are undefined afterwards.
+func (b *BlockDisk) WriteAtInPlace(p []byte, off int64) (int, error) {
+	written := 0
+	err := b.each(off, int64(len(p)), func(e blockExtent, fo, done, l int64) error {
+		var n int
+		var err error
+		if c, ok := e.file.(containerFile); ok {
+			n, err = c.WriteAtInPlace(p[done:done+l], fo)
+		} else {
+			n, err = e.file.WriteAt(p[done:done+l], fo)
+		}
+		written += n
+		return err
+	})
+	return written, err
+}
+
 // Zero makes a range read as zeros: whole data units become holes when
 // punch is set, the rest is written as zeros.
 func (b *BlockDisk) Zero(off, n int64, punch bool) error {

@@ -92,6 +92,13 @@ func TestBlockDisk(t *testing.T) {
 			if _, err := rw.WriteAt(pat, off); err != nil {
 				t.Fatal(err)
 			}
+			// In place: the caller's buffer is scratch, the disk gets the bytes.
+			pat2 := bytes.Repeat([]byte("NBD-IN-PLACE-PATTERN-"), 2000)
+			off2 := int64(100_000) // unaligned, past the zeroed range
+			scratch := bytes.Clone(pat2)
+			if _, err := rw.WriteAtInPlace(scratch, off2); err != nil {
+				t.Fatal(err)
+			}
 			if err := rw.Zero(0, 64<<10, true); err != nil {
 				t.Fatal(err)
 			}
@@ -99,6 +106,7 @@ func TestBlockDisk(t *testing.T) {
 				t.Fatal(err)
 			}
 			copy(want[name][off:], pat)
+			copy(want[name][off2:], pat2)
 			clear(want[name][:64<<10])
 			again, err := ds.OpenBlockDisk(vm+"/"+name, true)
 			if err != nil {
@@ -113,7 +121,7 @@ func TestBlockDisk(t *testing.T) {
 			}
 			for _, f := range again.Files() {
 				raw, _ := os.ReadFile(f)
-				if bytes.Contains(raw, []byte("NBD-PLAINTEXT-PATTERN-NBD")) {
+				if bytes.Contains(raw, []byte("NBD-PLAINTEXT-PATTERN-NBD")) || bytes.Contains(raw, []byte("IN-PLACE-PATTERN-NBD")) {
 					t.Fatalf("%s holds the written plaintext", f)
 				}
 			}

@@ -41,6 +41,9 @@ func FuzzServer(f *testing.F) {
 		reqBytes(0, cmdFlush, 6, 0, 0),
 		reqBytes(0, cmdRead, 7, 1<<18-1, 2),
 		reqBytes(0, cmdDisc, 8, 0, 0),
+		reqBytes(0, cmdWrite, 9, 0, 0),
+		reqBytes(0, cmdRead, 10, 0, 0),
+		reqBytes(0, 5, 11, 0, 1<<20),
 	} {
 		f.Add(append(append([]byte{}, neg...), rq...))
 	}

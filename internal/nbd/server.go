@@ -88,6 +88,7 @@ type Server struct {
 	lns    map[net.Listener]struct{}
 	closed bool
 	wg     sync.WaitGroup
+	pools  bufPools
 }
 
 // NewServer returns a server for cfg.Export.
@@ -235,7 +236,6 @@ type conn struct {
 	structured bool
 	metaFor    *string // export name base:allocation was selected for
 
-	wmu       sync.Mutex // one reply at a time on the socket
 	closeOnce sync.Once
 }
 

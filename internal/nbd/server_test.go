@@ -376,6 +376,9 @@ func TestHostileClients(t *testing.T) {
 		{name: "read past the end, then eof", tx: reqBytes(0, cmdRead, 1, 1<<40, 4096)},
 		{name: "block status without context", tx: reqBytes(0, cmdBlockStatus, 1, 0, 4096)},
 		{name: "unknown command", tx: reqBytes(0, 77, 1, 0, 0)},
+		{name: "zero-length write", tx: reqBytes(0, cmdWrite, 1, 0, 0)},
+		{name: "zero-length write past the end", tx: reqBytes(cmdFlagFUA, cmdWrite, 1, 1<<40, 0)},
+		{name: "unknown command with a length", tx: reqBytes(0, 5, 1, 0, 1<<30)},
 		{name: "stalled handshake"},
 	}
 	for _, tc := range cases {
