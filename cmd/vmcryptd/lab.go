@@ -265,18 +265,31 @@ func waitFile(path string, d time.Duration) (string, error) {
 	}
 }
 
+// waitDaemon waits until the daemon answers on its socket (within d)
+// and has finished restoring its mounts and exports (status "ready",
+// within restoreWait more: each restore is bounded by the daemon).
 func waitDaemon(g *globals, d time.Duration) error {
+	const restoreWait = 90 * time.Second
 	deadline := time.Now().Add(d)
+	answered := false
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err := api.NewClient(g.socket).Do(ctx, "GET", "/status", nil, &api.Status{})
+		var st api.Status
+		err := api.NewClient(g.socket).Do(ctx, "GET", "/status", nil, &st)
 		cancel()
-		if err == nil {
+		if err == nil && st.Ready {
 			return nil
 		}
+		if err == nil && !answered {
+			answered = true
+			deadline = time.Now().Add(restoreWait)
+		}
 		if time.Now().After(deadline) {
+			if err == nil {
+				return fmt.Errorf("daemon answers but has not finished restoring its mounts and exports within %s", restoreWait)
+			}
 			return err
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -61,6 +61,9 @@ func (s *statusCmd) Run(g *globals) error {
 		locked = "NOT mlocked (raise RLIMIT_MEMLOCK)"
 	}
 	fmt.Printf("keys in memory: %d (%s)\n", st.CachedKeys, locked)
+	if !st.Ready {
+		fmt.Println("starting: mounts and exports are still being restored")
+	}
 	switch {
 	case st.KeySource.LockedByManager:
 		fmt.Println("LOCKED by the manager: " + st.KeySource.LockReason)

@@ -50,7 +50,11 @@ type Status struct {
 	KeysLocked     bool           `json:"keys_mlocked"`
 	// Locked is set while `vmcryptd lock` is in force: no key is in
 	// memory or fetched until `vmcryptd unlock`.
-	Locked     bool             `json:"locked"`
+	Locked bool `json:"locked"`
+	// Ready is false while the daemon, just started, is still restoring
+	// its configured and remembered mounts and exports; once true each
+	// of them is either served or listed with its error.
+	Ready      bool             `json:"ready"`
 	VMs        []VMLockState    `json:"vms"`
 	Mounts     []MountInfo      `json:"mounts"`
 	Exports    []ExportInfo     `json:"exports"`

@@ -50,6 +50,9 @@ var (
 
 // Daemon is one running vmcryptd.
 type Daemon struct {
+	// ready is set once the start-up restore of mounts and exports has
+	// finished (each up, or its failure recorded); status reports it.
+	ready atomic.Bool
 	// conf is the running configuration, an immutable snapshot that
 	// Reload replaces whole (reload.go); read it with config().
 	conf     atomic.Pointer[config.Config]
@@ -329,6 +332,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 		defer bgWG.Done()
 		d.restoreMounts(bg)
 		d.restoreExports(bg)
+		d.ready.Store(true)
 		d.notifyReady() // systemd Type=notify: API listening, mounts restored
 	}()
 	go func() {
@@ -511,6 +515,7 @@ func (d *Daemon) status(id identity) api.Status {
 		CachedKeys: len(d.keyring.Refs()),
 		KeysLocked: d.keyring.AllMemoryLocked(),
 		Locked:     d.keyring.Locked(),
+		Ready:      d.ready.Load(),
 		VMs:        []api.VMLockState{},
 		Providers:  []api.ProviderInfo{},
 		Datastores: []api.DatastoreState{},
