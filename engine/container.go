@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmcryptd/vmcryptd/engine/xts"
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // MaxLogicalSize is the largest logical size a container can record.
@@ -176,7 +177,7 @@ func OpenContainerDegraded(path string, dek *DEK, impl xts.Impl) (*Container, er
 }
 
 func openContainer(path string, dek *DEK, readOnly, allowDegraded bool, impl xts.Impl) (*Container, error) {
-	f, err := openRegular(path, openFlag(readOnly))
+	f, err := safeopen.Open(path, openFlag(readOnly))
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}

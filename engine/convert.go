@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // File conversions (plain -> container, container -> plain, container ->
@@ -183,7 +184,7 @@ func encryptFile(ctx context.Context, path string, dek *DEK, opts CreateOptions,
 	if _, err := checkSource(path); err != nil {
 		return fmt.Errorf("encrypt: %w", err)
 	}
-	src, err := openRegular(path, os.O_RDONLY)
+	src, err := safeopen.Open(path, os.O_RDONLY)
 	if err != nil {
 		return fmt.Errorf("encrypt %s: %w", path, err)
 	}

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // Core dumps of a VM are encrypted with the host key, as on ESXi: each
@@ -31,7 +33,7 @@ func (o *VMOps) encryptCoreDump(ctx context.Context, path string, temp TempFunc)
 
 // decryptCoreDump converts an encrypted core dump back (no-op if plain).
 func (o *VMOps) decryptCoreDump(ctx context.Context, path string, temp TempFunc) error {
-	f, err := openRegular(path, os.O_RDONLY)
+	f, err := safeopen.Open(path, os.O_RDONLY)
 	if err != nil {
 		return err
 	}

@@ -3,8 +3,6 @@ package engine
 import (
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -16,6 +14,7 @@ import (
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/formats/vmx"
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // Datastore resolves the files of a datastore directory for a decrypted
@@ -193,7 +192,7 @@ func (d *Datastore) placementLayout(dir string) (*vmLayout, error) {
 	if ferr != nil {
 		return nil, ferr // several .vmx files, say: fail closed
 	}
-	text, err := readRegular(vmxPath, maxVMXText)
+	text, err := safeopen.ReadFile(vmxPath, maxVMXText)
 	if err != nil {
 		return nil, err
 	}
@@ -247,26 +246,6 @@ func (d *Datastore) abs(rel string) (string, error) {
 	return p, nil
 }
 
-func readHead(path string) ([]byte, error) {
-	f, err := openRegular(path, os.O_RDONLY)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	return readHeadFrom(f)
-}
-
-// readHeadFrom reads the first HeaderSize bytes of f (fewer if shorter)
-// without moving its offset.
-func readHeadFrom(f *os.File) ([]byte, error) {
-	head := make([]byte, HeaderSize)
-	n, err := f.ReadAt(head, 0)
-	if err != nil && !errors.Is(err, io.EOF) {
-		return nil, err
-	}
-	return head[:n], nil
-}
-
 // Classify says whether rel is plain, an encrypted container whose key is
 // available, or one whose key is not or that is refused (with the reason).
 func (d *Datastore) Classify(rel string) (FileState, string, error) {
@@ -313,10 +292,6 @@ func (d *Datastore) classify(rel string) (classification, error) {
 	return classification{state: FileEncrypted}, nil
 }
 
-// ErrKeyUnavailable means the KEK that wraps a file's DEK is not in
-// memory (not fetched yet, or its key server refused it).
-var ErrKeyUnavailable = errors.New("not available")
-
 // ErrBusy is returned for files of a VM under conversion.
 var ErrBusy = errors.New("VM directory is being converted; try again when the operation ends")
 
@@ -350,7 +325,7 @@ func (d *Datastore) MayTruncate(rel string) error {
 	if err := unix.Lstat(path, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size > maxDescriptor {
 		return nil
 	}
-	raw, err := readRegular(path, maxDescriptor)
+	raw, err := safeopen.ReadFile(path, maxDescriptor)
 	if err != nil {
 		return nil
 	}
@@ -383,7 +358,7 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 	// One descriptor for the decision and for what is served: the header
 	// read, the link count and inode the trust decision uses, and the
 	// container opened all come from f.
-	f, err := openRegular(path, openFlag(readOnly))
+	f, err := safeopen.Open(path, openFlag(readOnly))
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
@@ -448,7 +423,3 @@ func (d *Datastore) Open(rel string, readOnly bool) (*Container, error) {
 // ErrPlainByLayout is returned by Open for a file that looks like a
 // container where its VM says the file is plain (see roleOf).
 var ErrPlainByLayout = errors.New("looks like a container, but its VM's files say it is plain")
-
-// ErrKindMismatch is returned for a container whose authenticated kind
-// does not fit its file name.
-var ErrKindMismatch = errors.New("container kind does not match the file name")

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
 )
@@ -33,24 +32,6 @@ func (d *Datastore) vmxNamedKind(path string) Kind {
 		if ref.v != "" && filepath.Base(ref.v) == name {
 			return ref.k
 		}
-	}
-	return 0
-}
-
-// vmKindByName picks the container kind of a VM-key file by its name; ""
-// means the file is not one the VM key protects.
-func vmKindByName(name string) Kind {
-	switch strings.ToLower(filepath.Ext(name)) {
-	case ".nvram":
-		return KindNVRAM
-	case ".vswp":
-		return KindVSWP
-	case ".vmsn":
-		return KindVMSN
-	case ".vmss":
-		return KindVMSS
-	case ".vmem":
-		return KindVMEM
 	}
 	return 0
 }

@@ -9,7 +9,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
+	"os"
 
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 	"github.com/vmcryptd/vmcryptd/internal/secmem"
 )
 
@@ -419,4 +422,28 @@ func verifyHeader(region []byte, keys *containerKeys) (*Header, HeaderHealth, er
 		return nil, HeaderHealth{}, err
 	}
 	return s[i].h, health, nil
+}
+
+// ErrKindMismatch is returned for a container whose authenticated kind
+// does not fit its file name.
+var ErrKindMismatch = errors.New("container kind does not match the file name")
+
+func readHead(path string) ([]byte, error) {
+	f, err := safeopen.Open(path, os.O_RDONLY)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return readHeadFrom(f)
+}
+
+// readHeadFrom reads the first HeaderSize bytes of f (fewer if shorter)
+// without moving its offset.
+func readHeadFrom(f *os.File) ([]byte, error) {
+	head := make([]byte, HeaderSize)
+	n, err := f.ReadAt(head, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return head[:n], nil
 }

@@ -98,36 +98,3 @@ func (r *Keyring) Revoked() []RevokedKey {
 	}
 	return out
 }
-
-// writableUnder refuses writes through the view to files whose DEK is in
-// keySafe ks when a KEK of ks that is in memory may not wrap: new data
-// must not go under a revoked (perhaps compromised) key. Such VMs are
-// served read-only; the error names the key and wraps EROFS.
-func (d *Datastore) writableUnder(ks string) error {
-	if ks == "" {
-		return nil
-	}
-	entries, err := DecodeKeySafe(ks)
-	if err != nil {
-		return nil // the unwrap that follows reports it
-	}
-	for _, e := range entries {
-		if k, ok := d.keys.Peek(e.KEK); ok {
-			if err := k.mayWrap(); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
-
-// writableFile is writableUnder for the keySafe that holds the DEK of a
-// file of role r: the one the VM's files name, or the file's own header
-// copy (core dumps, disks made through a view not yet named).
-func (d *Datastore) writableFile(r role, head []byte) error {
-	ks := r.ks
-	if ks == "" {
-		ks, _ = ReadEmbeddedKeySafe(head)
-	}
-	return d.writableUnder(ks)
-}

@@ -236,3 +236,7 @@ func (r *Keyring) Close() {
 
 // ErrNoProvider is returned when no key provider is configured at all.
 var ErrNoProvider = errors.New("no key provider configured")
+
+// ErrKeyUnavailable means the KEK that wraps a file's DEK is not in
+// memory (not fetched yet, or its key server refused it).
+var ErrKeyUnavailable = errors.New("not available")

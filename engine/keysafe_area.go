@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 	"golang.org/x/sys/unix"
 )
 
@@ -71,7 +72,7 @@ func ReadEmbeddedKeySafe(region []byte) (ks string, ok bool) {
 
 // ReadEmbeddedKeySafeFile reads the embedded keySafe of the container at path.
 func ReadEmbeddedKeySafeFile(path string) (string, bool, error) {
-	f, err := openRegular(path, os.O_RDONLY)
+	f, err := safeopen.Open(path, os.O_RDONLY)
 	if err != nil {
 		return "", false, err
 	}
@@ -87,7 +88,7 @@ func ReadEmbeddedKeySafeFile(path string) (string, bool, error) {
 // number, and fsyncs. The older copy stays valid until the new one is
 // complete.
 func WriteEmbeddedKeySafe(path, ks string) error {
-	f, err := openRegular(path, os.O_RDWR)
+	f, err := safeopen.Open(path, os.O_RDWR)
 	if err != nil {
 		return fmt.Errorf("write keySafe of %s: %w", path, err)
 	}

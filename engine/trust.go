@@ -3,10 +3,8 @@ package engine
 import (
 	"errors"
 	"fmt"
-	"path/filepath"
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdir"
-	"golang.org/x/sys/unix"
 )
 
 // The trust decision of docs/FORMAT.md section 5: may a file be served
@@ -295,51 +293,77 @@ func (r role) refusal(path string) *RefusedError {
 	return &RefusedError{Path: path, Clause: r.clause, Why: r.why}
 }
 
-// roleOf gathers the facts about the file at path, whose first bytes are
-// head, and asks decideTrust. Link count and inode come from the path.
-func (d *Datastore) roleOf(path string, head []byte) role { return d.roleOfFile(path, head, nil) }
-
-// roleOfFile is roleOf with the link count and inode taken from st, the
-// fstat of the descriptor that head was read from and that will be
-// served (nil: lstat the path).
-func (d *Datastore) roleOfFile(path string, head []byte, st *unix.Stat_t) role {
-	dir := filepath.Dir(path)
-	l, err := d.layout(dir)
-	stat := func() (*unix.Stat_t, error) {
-		if st != nil {
-			return st, nil
+// placeProblem is the rule of FORMAT.md section 5 for what the file
+// name of the VM directory of l must start with, given the VM's text
+// files: "" when the file's first bytes (head) fit what they say. It is
+// one decision, used by the view (roleOf: a problem is refused), by vm
+// status (a problem line) and by the conversions (they stop on it):
+//
+//   - an extent of a disk whose descriptor names a key (encryptionKeys),
+//     in an encrypted VM, must be a container: a plain file, one whose
+//     two header slots are both damaged, or an empty file in its place
+//     is a problem, never plain data (no silent downgrade);
+//   - a VM-key file (nvram, vswp, vmsn, vmss, vmem, by the vmx's name or
+//     its extension) of an encrypted VM must be a container;
+//   - in a VM whose vmx has no encryption.keySafe, a VM-key file that is a
+//     container bound to a VM key, and an extent of a disk that names a
+//     key, are problems: the vmx lost its key lines, and serving the raw
+//     container or encrypting it again would hide that;
+//   - anything else is not judged here (roleOf decides from the header).
+func placeProblem(l *vmLayout, name string, head []byte) string {
+	h, perr := PeekHeader(head)
+	isC := perr == nil
+	for _, dk := range l.Disks {
+		if !slicesContains(dk.Extents, name) {
+			continue
 		}
-		var lst unix.Stat_t
-		if err := unix.Lstat(path, &lst); err != nil {
-			return nil, err
+		if !l.Encrypted && dk.KeySafe != "" {
+			return fmt.Sprintf("disk %s is encrypted, but the vmx has no %s line: the vmx lost its encryption lines (restore %s, %s and %s from a backup of the vmx)", dk.Name, VMXKeySafe, VMXKeySafe, VMXVMID, VMXData)
 		}
-		return &lst, nil
+		if dk.Embedded {
+			return ""
+		}
+		if l.Encrypted && dk.KeySafe != "" && !isC {
+			return fmt.Sprintf("not a valid container (%s), but descriptor %s names its key: a plain or damaged file where encrypted data belongs; restore it from a backup", notContainerWhy(head), dk.Name)
+		}
+		return ""
 	}
-	return decideTrust(trustFacts{
-		Name:         filepath.Base(path),
-		Head:         head,
-		Layout:       l,
-		LayoutErr:    err,
-		CorePatterns: d.corePatterns,
-		NoVMX: func() bool {
-			_, ferr := vmdir.FindVMX(dir)
-			return errors.Is(ferr, vmdir.ErrNoVMX)
-		},
-		Nlink: func() (uint64, error) {
-			s, err := stat()
-			if err != nil {
-				return 0, err
-			}
-			return uint64(s.Nlink), nil
-		},
-		MadeByView: func(id [16]byte) bool {
-			s, err := stat()
-			return err == nil && d.made.has(madeKey{uint64(s.Dev), s.Ino, id})
-		},
-		DescribedBy: func() (*disk, bool, error) { return describedBy(l, filepath.Base(path)) },
-		ExtentCopies: func(dk *disk) (Binding, bool) {
-			b, _, ok := extentCopies(dir, dk)
-			return b, ok
-		},
-	})
+	if fileKindIn(l, name) == 0 {
+		return ""
+	}
+	switch {
+	case l.Encrypted && !isC:
+		return fmt.Sprintf("not a valid container (%s), but its VM is encrypted: a plain or damaged file where encrypted data belongs; restore it from a backup, or move it out of the VM directory", notContainerWhy(head))
+	case !l.Encrypted && isC && h.Binding.Purpose == PurposeVM:
+		return fmt.Sprintf("a container of VM %s, but the vmx has no %s line: the vmx lost its encryption lines (restore %s, %s and %s from a backup of the vmx)", h.Binding.OwnerID, VMXKeySafe, VMXKeySafe, VMXVMID, VMXData)
+	}
+	return ""
+}
+
+func notContainerWhy(head []byte) string {
+	if len(head) == 0 {
+		return "empty file"
+	}
+	return "no valid header slot"
+}
+
+func slicesContains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// fileKindIn is the container kind of a VM-key file of l: the kind the
+// vmx's reference gives it (checkpoint.vmState naming a .vmsn is a
+// vmsn), 0 if name is not one.
+func fileKindIn(l *vmLayout, name string) Kind {
+	for _, f := range l.Files {
+		if f.Name == name {
+			return f.Kind
+		}
+	}
+	return 0
 }

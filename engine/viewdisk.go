@@ -7,14 +7,13 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"regexp"
-	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // New disks made through a view.
@@ -40,22 +39,6 @@ import (
 // it names is a container of its disk. The extents keep their header
 // copy of the keySafe, so each file stays readable on its own even before
 // a vmx names the disk; RekeyShallow rewraps those copies too.
-
-// extentName matches the extent files qemu-img and ESXi name after their
-// descriptor: <base>-flat.vmdk, -sNNN, -fNNN (split disks), -delta and
-// -sesparse (snapshot deltas).
-var extentName = regexp.MustCompile(`(?i)^(.+)-(flat|s[0-9]{3}|f[0-9]{3}|delta|sesparse)(\.vmdk)$`)
-
-// descriptorName returns the descriptor file a .vmdk file belongs to: its
-// base name for an extent, itself otherwise.
-func descriptorName(name string) (desc string, isExtent bool) {
-	if m := extentName.FindStringSubmatch(name); m != nil {
-		return m[1] + m[3], true
-	}
-	return name, false
-}
-
-func isVMDKName(name string) bool { return strings.EqualFold(filepath.Ext(name), ".vmdk") }
 
 // pendingDisk is a disk created through the view whose descriptor has not
 // been settled yet. It holds the wrapped key only.
@@ -147,7 +130,7 @@ func diskOfDescriptorFile(p string) (b Binding, ks string, plain bool, err error
 	if st.Size() > maxDescriptor {
 		return b, "", false, nil
 	}
-	raw, err := readRegular(p, maxDescriptor)
+	raw, err := safeopen.ReadFile(p, maxDescriptor)
 	if err != nil {
 		return b, "", false, err
 	}
@@ -516,20 +499,6 @@ func readDescriptorText(c *Container) ([]byte, error) {
 		return nil, errors.New("not a text descriptor")
 	}
 	return text, nil
-}
-
-// regularHead reads the header region of the regular file at p; a
-// symlink or any other type is refused (an error wrapping
-// os.ErrNotExist means there is no file).
-func regularHead(p string) ([]byte, error) {
-	st, err := os.Lstat(p)
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file", p)
-	}
-	return readHead(p)
 }
 
 // checkExtents requires every file extent of desc to be a regular file

@@ -16,6 +16,7 @@ import (
 	"github.com/vmcryptd/vmcryptd/formats/nvram"
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // Subformats vmcryptd can create. monolithicFlat is written natively; the
@@ -76,16 +77,6 @@ func CheckDiskSize(n int64) error {
 }
 
 var safeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9 ._-]{0,79}$`)
-
-// EncryptedFilePerm is the permission of a file created for an encrypted
-// VM (by vm create --encrypt or through the view): what was asked, less
-// every group and other bit and the special bits, so 0600 at most. A view
-// mounted with allow_other applies the backing file's mode to the
-// decrypted file (default_permissions): a group- or world-readable
-// container would be a readable plaintext there.
-func EncryptedFilePerm(requested os.FileMode) os.FileMode {
-	return requested & 0o600
-}
 
 // Create makes a new VM directory: vmx, nvram and disks. It is built in a
 // staging directory beside dir and renamed into place when complete (and,
@@ -421,7 +412,7 @@ func sharesKEK(a, b string) bool {
 
 // keyStateOfAny reports whether path is a vmcryptd container (any key).
 func keyStateOfAny(path string) (bool, error) {
-	f, err := openRegular(path, os.O_RDONLY)
+	f, err := safeopen.Open(path, os.O_RDONLY)
 	if err != nil {
 		return false, err
 	}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/formats/vmx"
 	"github.com/vmcryptd/vmcryptd/internal/atomicfile"
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // Lines vmcryptd adds to a VM's text files (docs/FORMAT.md section 4).
@@ -93,7 +95,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	if err != nil {
 		return nil, err
 	}
-	text, err := readRegular(vmxPath, maxVMXText)
+	text, err := safeopen.ReadFile(vmxPath, maxVMXText)
 	if err != nil {
 		return nil, err
 	}
@@ -129,7 +131,7 @@ func loadLayout(dir string, corePatterns []string) (*vmLayout, error) {
 	for _, f := range scan.Files {
 		if f.Kind == vmdir.KindVMSD {
 			l.Sources = append(l.Sources, filepath.Join(dir, f.Name))
-			raw, err := readRegular(filepath.Join(dir, f.Name), maxVMXText)
+			raw, err := safeopen.ReadFile(filepath.Join(dir, f.Name), maxVMXText)
 			if err != nil {
 				return nil, err
 			}
@@ -207,7 +209,7 @@ func loadDisk(dir, name string) (*disk, string, error) {
 	} else if !st.Mode().IsRegular() {
 		return nil, "", fmt.Errorf("disk %s: not a regular file (%s)", path, st.Mode().Type())
 	}
-	f, err := openRegular(path, os.O_RDONLY)
+	f, err := safeopen.Open(path, os.O_RDONLY)
 	if err != nil {
 		return nil, "", fmt.Errorf("disk %s: %w", path, err)
 	}
@@ -337,7 +339,7 @@ func vmdkOpenerIn(dir string) vmdk.Opener {
 		if filepath.Dir(path) != filepath.Clean(dir) {
 			return nil, fmt.Errorf("%s: files in subdirectories are not supported", path)
 		}
-		f, err := openRead(path)
+		f, err := safeopen.Open(path, os.O_RDONLY)
 		if err != nil {
 			return nil, err
 		}
@@ -396,7 +398,7 @@ type journalDisk struct {
 func journalPath(dir string) string { return filepath.Join(dir, JournalName) }
 
 func loadJournal(dir string) (*journal, error) {
-	raw, err := readRegular(journalPath(dir), maxVMXText)
+	raw, err := safeopen.ReadFile(journalPath(dir), maxVMXText)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -469,45 +471,6 @@ func writeText(path string, data []byte) error {
 		perm = st.Mode().Perm()
 	}
 	return atomicfile.Write(path, data, perm)
-}
-
-// fileKeyState says whether path is plain, a container under dek, or a
-// container under some other key.
-type fileKeyState int
-
-const (
-	statePlain fileKeyState = iota
-	stateUnderKey
-	stateOtherKey
-)
-
-// keyStateOf also returns, for a container under dek, the kind its
-// authenticated header slot records (PeekHeader's newest slot may be a
-// forgery that does not verify).
-func keyStateOf(path string, dek *DEK) (fileKeyState, Kind, error) {
-	f, err := openRead(path)
-	if err != nil {
-		return 0, 0, err
-	}
-	defer f.Close()
-	region := make([]byte, 2*slotSize)
-	n, _ := io.ReadFull(f, region)
-	if _, err := PeekHeader(region[:n]); err != nil {
-		return statePlain, 0, nil
-	}
-	keys, err := deriveContainerKeys(dek)
-	if err != nil {
-		return 0, 0, err
-	}
-	defer keys.destroy()
-	h, _, err := verifyHeader(region, keys)
-	if err != nil {
-		if errors.Is(err, ErrWrongKey) {
-			return stateOtherKey, 0, nil
-		}
-		return 0, 0, fmt.Errorf("%s: %w", path, err)
-	}
-	return stateUnderKey, h.Kind, nil
 }
 
 // cleanStaleTemps removes the temporary files a killed conversion left:
@@ -590,4 +553,84 @@ func (j *journal) temp(dir string) TempFunc {
 		}
 		return filepath.Join(dir, j.tempPrefix()+hex.EncodeToString(b[:])), nil
 	}
+}
+
+// EncryptedFilePerm is the permission of a file created for an encrypted
+// VM (by vm create --encrypt or through the view): what was asked, less
+// every group and other bit and the special bits, so 0600 at most. A view
+// mounted with allow_other applies the backing file's mode to the
+// decrypted file (default_permissions): a group- or world-readable
+// container would be a readable plaintext there.
+func EncryptedFilePerm(requested os.FileMode) os.FileMode {
+	return requested & 0o600
+}
+
+// setKeyLines sets a disk's two key lines (FORMAT.md 4.3).
+func setKeyLines(desc *vmdk.Descriptor, keySafe, diskID string) error {
+	if err := desc.Set(DescKeySafe, keySafe); err != nil {
+		return err
+	}
+	return desc.Set(DDBDiskID, diskID)
+}
+
+// extentName matches the extent files qemu-img and ESXi name after their
+// descriptor: <base>-flat.vmdk, -sNNN, -fNNN (split disks), -delta and
+// -sesparse (snapshot deltas).
+var extentName = regexp.MustCompile(`(?i)^(.+)-(flat|s[0-9]{3}|f[0-9]{3}|delta|sesparse)(\.vmdk)$`)
+
+// descriptorName returns the descriptor file a .vmdk file belongs to: its
+// base name for an extent, itself otherwise.
+func descriptorName(name string) (desc string, isExtent bool) {
+	if m := extentName.FindStringSubmatch(name); m != nil {
+		return m[1] + m[3], true
+	}
+	return name, false
+}
+
+func isVMDKName(name string) bool { return strings.EqualFold(filepath.Ext(name), ".vmdk") }
+
+// regularHead reads the header region of the regular file at p; a
+// symlink or any other type is refused (an error wrapping
+// os.ErrNotExist means there is no file).
+func regularHead(p string) ([]byte, error) {
+	st, err := os.Lstat(p)
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file", p)
+	}
+	return readHead(p)
+}
+
+// ErrConversionInterrupted marks a VM whose journal shows a conversion
+// that did not finish.
+var ErrConversionInterrupted = errors.New("conversion interrupted")
+
+// InterruptedOp returns the operation of an unfinished conversion in dir
+// ("" if none).
+func InterruptedOp(dir string) (string, error) {
+	j, err := loadJournal(dir)
+	if err != nil || j == nil {
+		return "", err
+	}
+	return j.Op, nil
+}
+
+// vmKindByName picks the container kind of a VM-key file by its name; ""
+// means the file is not one the VM key protects.
+func vmKindByName(name string) Kind {
+	switch strings.ToLower(filepath.Ext(name)) {
+	case ".nvram":
+		return KindNVRAM
+	case ".vswp":
+		return KindVSWP
+	case ".vmsn":
+		return KindVMSN
+	case ".vmss":
+		return KindVMSS
+	case ".vmem":
+		return KindVMEM
+	}
+	return 0
 }

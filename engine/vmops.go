@@ -36,20 +36,6 @@ type ProgressEvent struct {
 	Total int64  `json:"total"` // bytes of all files to convert
 }
 
-// ErrConversionInterrupted marks a VM whose journal shows a conversion
-// that did not finish.
-var ErrConversionInterrupted = errors.New("conversion interrupted")
-
-// InterruptedOp returns the operation of an unfinished conversion in dir
-// ("" if none).
-func InterruptedOp(dir string) (string, error) {
-	j, err := loadJournal(dir)
-	if err != nil || j == nil {
-		return "", err
-	}
-	return j.Op, nil
-}
-
 // unwrapFrom unwraps the DEK of a keySafe, trying each pair's KEK.
 func (o *VMOps) unwrapFrom(ctx context.Context, ks string, b Binding) (*DEK, KeyRef, error) {
 	entries, err := DecodeKeySafe(ks)

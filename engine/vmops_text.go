@@ -7,6 +7,7 @@ import (
 
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 	"github.com/vmcryptd/vmcryptd/formats/vmx"
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // The VM's text files during conversions: descriptors' key lines and the
@@ -48,7 +49,7 @@ func editDescriptor(path string, edit func(*vmdk.Descriptor) error) error {
 
 // editDescriptorWith is editDescriptor writing with w.
 func editDescriptorWith(path string, edit func(*vmdk.Descriptor) error, w textWriter) error {
-	raw, err := readRegular(path, maxDescriptor)
+	raw, err := safeopen.ReadFile(path, maxDescriptor)
 	if err != nil {
 		return err
 	}
@@ -60,14 +61,6 @@ func editDescriptorWith(path string, edit func(*vmdk.Descriptor) error, w textWr
 		return fmt.Errorf("%s: %w", path, err)
 	}
 	return w(path, desc.Bytes())
-}
-
-// setKeyLines sets a disk's two key lines (FORMAT.md 4.3).
-func setKeyLines(desc *vmdk.Descriptor, keySafe, diskID string) error {
-	if err := desc.Set(DescKeySafe, keySafe); err != nil {
-		return err
-	}
-	return desc.Set(DDBDiskID, diskID)
 }
 
 // writeEncryptedVMX moves the sensitive lines into encryption.data and
@@ -126,4 +119,27 @@ func (o *VMOps) writePlainVMX(l *vmLayout, j *journal, vmDEK *DEK) error {
 		l.VMX.Delete(k)
 	}
 	return j.writeText(l.Dir)(l.VMXPath, vmx.RestoreSensitive(l.VMX.Bytes(), moved))
+}
+
+// rekeyVMX moves the vmx's encryption.data bundle (if any) from the VM
+// DEK from to the VM DEK to, sets encryption.keySafe to ks and writes the
+// vmx with write: the vmx step of a deep rekey, and of its abort.
+func rekeyVMX(l *vmLayout, vmID string, from, to *DEK, ks string, write textWriter) error {
+	if data, ok := l.VMX.Get(VMXData); ok && data != "" {
+		moved, err := openVMXData(from, vmID, data)
+		if err != nil {
+			return fmt.Errorf("%s: %w", l.VMXPath, err)
+		}
+		sealed, err := sealVMXData(to, vmID, moved)
+		if err != nil {
+			return err
+		}
+		if err := l.VMX.Set(VMXData, sealed); err != nil {
+			return err
+		}
+	}
+	if err := l.VMX.Set(VMXKeySafe, ks); err != nil {
+		return err
+	}
+	return write(l.VMXPath, l.VMX.Bytes())
 }

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
 // VMStatus describes a VM's encryption as read from its files, without
@@ -72,7 +74,7 @@ func ReadVMStatus(dir string, corePatterns []string) (*VMStatus, error) {
 	}
 	add := func(name, kind, diskName, kek string) {
 		fs := FileStatus{Name: name, Kind: kind, Disk: diskName}
-		f, err := openRegular(filepath.Join(l.Dir, name), os.O_RDONLY)
+		f, err := safeopen.Open(filepath.Join(l.Dir, name), os.O_RDONLY)
 		if err != nil {
 			if !errors.Is(err, os.ErrNotExist) {
 				st.Problems = append(st.Problems, err.Error())

@@ -108,26 +108,3 @@ func openVMXData(dek *DEK, vmID, b64 string) ([]vmx.MovedLine, error) {
 	}
 	return out, nil
 }
-
-// rekeyVMX moves the vmx's encryption.data bundle (if any) from the VM
-// DEK from to the VM DEK to, sets encryption.keySafe to ks and writes the
-// vmx with write: the vmx step of a deep rekey, and of its abort.
-func rekeyVMX(l *vmLayout, vmID string, from, to *DEK, ks string, write textWriter) error {
-	if data, ok := l.VMX.Get(VMXData); ok && data != "" {
-		moved, err := openVMXData(from, vmID, data)
-		if err != nil {
-			return fmt.Errorf("%s: %w", l.VMXPath, err)
-		}
-		sealed, err := sealVMXData(to, vmID, moved)
-		if err != nil {
-			return err
-		}
-		if err := l.VMX.Set(VMXData, sealed); err != nil {
-			return err
-		}
-	}
-	if err := l.VMX.Set(VMXKeySafe, ks); err != nil {
-		return err
-	}
-	return write(l.VMXPath, l.VMX.Bytes())
-}
