@@ -8,7 +8,8 @@ import (
 	"encoding/json"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
+	"github.com/vmcryptd/vmcryptd/engine/vmops"
 	"github.com/vmcryptd/vmcryptd/kms"
 )
 
@@ -202,7 +203,7 @@ type StreamLine struct {
 
 // VMStatusReply is GET /v1/vm/status?dir=...
 type VMStatusReply struct {
-	engine.VMStatus
+	vm.VMStatus
 	Locked     bool   `json:"locked"`
 	LockReason string `json:"lock_reason,omitempty"`
 	// Warning names a KEK of the VM held in a revoked state (unwrap only).
@@ -317,5 +318,5 @@ type CheckRequest struct {
 
 // CheckReply holds one report per VM directory checked.
 type CheckReply struct {
-	Reports []engine.CheckReport `json:"reports"`
+	Reports []vmops.CheckReport `json:"reports"`
 }

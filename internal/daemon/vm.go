@@ -11,7 +11,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
+	"github.com/vmcryptd/vmcryptd/engine/vmops"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/config"
 )
@@ -117,17 +119,17 @@ func (d *Daemon) vmDir(p string) (string, error) {
 	return "", badRequest("%s is not inside a configured datastore", p)
 }
 
-func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
-	ops := &engine.VMOps{Keys: d.keyring, Log: d.log, CoreDumpPatterns: d.config().CoreDumpPatterns}
+func (d *Daemon) vmOps(emit func(any)) *vmops.VMOps {
+	ops := &vmops.VMOps{Keys: d.keyring, Log: d.log, CoreDumpPatterns: d.config().CoreDumpPatterns}
 	d.mu.Lock()
 	if h := d.st.HostKey; h != nil {
-		ops.HostKEK = &engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
+		ops.HostKEK = &keys.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
 	}
 	d.mu.Unlock()
 	if emit != nil {
 		var last time.Time
 		var prev int64
-		ops.Progress = func(ev engine.ProgressEvent) {
+		ops.Progress = func(ev vmops.ProgressEvent) {
 			if ev.Done > prev {
 				d.metrics.converted.WithLabelValues(ev.Op).Add(float64(ev.Done - prev))
 				prev = ev.Done
@@ -145,7 +147,7 @@ func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
 // vmResult is what VM operations answer; it names the VM and its keys for
 // the audit log.
 type vmResult struct {
-	engine.VMStatus
+	vm.VMStatus
 	op string // audited operation name, when not the route's (an abort)
 }
 
@@ -159,7 +161,7 @@ func (v vmResult) auditOp() string { return v.op }
 // With the manager as key source the VM is then registered there too (or
 // unregistered): a refusal is returned; an unreachable manager is not,
 // the key loop registers the VM once the manager answers.
-func (d *Daemon) registerVM(st *engine.VMStatus) error {
+func (d *Daemon) registerVM(st *vm.VMStatus) error {
 	prev, err := d.registerLocal(st)
 	if err != nil || d.mgr == nil {
 		return err
@@ -176,7 +178,7 @@ func (d *Daemon) registerVM(st *engine.VMStatus) error {
 }
 
 // registerLocal updates the state; it returns the record st.Dir had.
-func (d *Daemon) registerLocal(st *engine.VMStatus) (*vmRecord, error) {
+func (d *Daemon) registerLocal(st *vm.VMStatus) (*vmRecord, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var kept []vmRecord
@@ -190,7 +192,7 @@ func (d *Daemon) registerLocal(st *engine.VMStatus) (*vmRecord, error) {
 	}
 	if st.Encrypted {
 		rec := vmRecord{Dir: st.Dir, Name: st.Name, VMID: st.VMID}
-		for _, r := range engine.KEKRefs(st.KEKs) {
+		for _, r := range vm.KEKRefs(st.KEKs) {
 			rec.Keys = append(rec.Keys, keyRefJSON{Provider: r.Provider, KeyID: r.KeyID})
 		}
 		kept = append(kept, rec)
@@ -206,9 +208,9 @@ func (d *Daemon) registerLocal(st *engine.VMStatus) (*vmRecord, error) {
 
 // kekFor picks the KEK of an encryption: a named existing key, or a new
 // key on the provider (vCenter likewise asks the KMS for a fresh key).
-func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (engine.KeyRef, error) {
+func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (keys.KeyRef, error) {
 	if err := d.managerReady(ctx); err != nil {
-		return engine.KeyRef{}, err
+		return keys.KeyRef{}, err
 	}
 	d.mu.Lock()
 	provider := req.Provider
@@ -217,24 +219,24 @@ func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (en
 	}
 	d.mu.Unlock()
 	if provider == "" {
-		return engine.KeyRef{}, badRequest("no key provider configured")
+		return keys.KeyRef{}, badRequest("no key provider configured")
 	}
 	if req.KeyID != "" {
-		ref := engine.KeyRef{Provider: provider, KeyID: req.KeyID}
+		ref := keys.KeyRef{Provider: provider, KeyID: req.KeyID}
 		if _, err := d.keyring.Get(ctx, ref); err != nil {
-			return engine.KeyRef{}, err
+			return keys.KeyRef{}, err
 		}
 		return ref, nil
 	}
 	kek, err := d.keyring.Create(ctx, provider, "vmcryptd-vm-"+name)
 	if err != nil {
-		return engine.KeyRef{}, err
+		return keys.KeyRef{}, err
 	}
 	return kek.Ref, nil
 }
 
 // vmOp is the common frame of the converting operations.
-func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error) (any, error) {
+func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error) (any, error) {
 	var req api.VMRequest
 	if err := decode(rc, &req); err != nil {
 		return nil, err
@@ -266,7 +268,7 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 	ctx := context.WithoutCancel(rc.r.Context())
 	emit := rc.stream()
 	err = run(ctx, dir, req, d.vmOps(emit))
-	st, serr := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, serr := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if serr != nil {
 		if err == nil {
 			err = serr
@@ -287,12 +289,12 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 }
 
 func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
-	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Abort {
 			return ops.Abort(ctx, dir, "encrypt")
 		}
-		var kek engine.KeyRef
-		if op, err := engine.InterruptedOp(dir); err != nil {
+		var kek keys.KeyRef
+		if op, err := vm.InterruptedOp(dir); err != nil {
 			return err
 		} else if op == "" { // a resumed encryption already has its keys
 			// Refuse before a new KEK is made on the key server.
@@ -309,7 +311,7 @@ func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
 }
 
 func (d *Daemon) hVMDecrypt(rc *reqCtx) (any, error) {
-	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Abort {
 			return ops.Abort(ctx, dir, "decrypt")
 		}
@@ -318,23 +320,23 @@ func (d *Daemon) hVMDecrypt(rc *reqCtx) (any, error) {
 }
 
 func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
-	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Abort {
 			// Only a deep rekey converts data; a shallow one rewrites
 			// keySafes one by one and has nothing to roll back.
 			return ops.Abort(ctx, dir, "rekey-deep")
 		}
 		if req.Deep {
-			var kek engine.KeyRef
-			if op, err := engine.InterruptedOp(dir); err != nil {
+			var kek keys.KeyRef
+			if op, err := vm.InterruptedOp(dir); err != nil {
 				return err
 			} else if op == "" {
-				cur, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+				cur, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 				if err != nil {
 					return err
 				}
 				// Deep rekey keeps the current KEK unless another is named.
-				refs := engine.KEKRefs(cur.KEKs)
+				refs := vm.KEKRefs(cur.KEKs)
 				if req.KeyID == "" && req.Provider == "" && len(refs) > 0 {
 					kek = refs[0]
 				} else if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
@@ -352,13 +354,13 @@ func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
 }
 
 func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
-	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
-		cur, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
+		cur, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err != nil {
 			return err
 		}
 		switch req.Policy {
-		case engine.PolicyEncrypt:
+		case vm.PolicyEncrypt:
 			if !d.auth.allowed(rc.id, PrivEncrypt) {
 				return &httpError{403, fmt.Sprintf("permission denied: this policy encrypts the VM, which needs privilege %s", PrivEncrypt)}
 			}
@@ -368,14 +370,14 @@ func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
 			if cur.Encrypted && cur.Interrupted == "" {
 				return nil
 			}
-			var kek engine.KeyRef
+			var kek keys.KeyRef
 			if cur.Interrupted == "" {
 				if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
 					return err
 				}
 			}
 			return ops.Encrypt(ctx, dir, kek)
-		case engine.PolicyDefault:
+		case vm.PolicyDefault:
 			if !d.auth.allowed(rc.id, PrivDecrypt) {
 				return &httpError{403, fmt.Sprintf("permission denied: this policy decrypts the VM, which needs privilege %s", PrivDecrypt)}
 			}
@@ -384,7 +386,7 @@ func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
 			}
 			return ops.Decrypt(ctx, dir)
 		default:
-			return badRequest("unknown policy %q (known: %q, %q)", req.Policy, engine.PolicyEncrypt, engine.PolicyDefault)
+			return badRequest("unknown policy %q (known: %q, %q)", req.Policy, vm.PolicyEncrypt, vm.PolicyDefault)
 		}
 	})
 }
@@ -394,12 +396,12 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
 	locked, reason := false, ""
-	for _, r := range engine.KEKRefs(st.KEKs) {
+	for _, r := range vm.KEKRefs(st.KEKs) {
 		if !d.keyring.Cached(r) {
 			locked = true
 			d.mu.Lock()
@@ -423,13 +425,13 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 		}
 	}
 	return api.VMStatusReply{VMStatus: *st, Locked: locked, LockReason: reason,
-		Warning: revokedWarning(d.keyring, engine.KEKRefs(st.KEKs))}, nil
+		Warning: revokedWarning(d.keyring, vm.KEKRefs(st.KEKs))}, nil
 }
 
 func (d *Daemon) hPolicyList(rc *reqCtx) (any, error) {
 	return []api.Policy{
-		{Name: engine.PolicyEncrypt, Encrypts: true, Description: "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)"},
-		{Name: engine.PolicyDefault, Encrypts: false, Description: "no encryption"},
+		{Name: vm.PolicyEncrypt, Encrypts: true, Description: "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)"},
+		{Name: vm.PolicyDefault, Encrypts: false, Description: "no encryption"},
 	}, nil
 }
 
@@ -455,7 +457,7 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -473,10 +475,10 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 	}
 	defer d.vmLocks.release(dir)
 	// Re-check under the lock: the VM may have been encrypted meanwhile.
-	if st2, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns); err != nil || st2.Encrypted != st.Encrypted {
+	if st2, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns); err != nil || st2.Encrypted != st.Encrypted {
 		return nil, conflict("%s changed while the request waited; try again", dir)
 	}
-	name, err := d.vmOps(nil).AddDisk(context.WithoutCancel(rc.r.Context()), dir, engine.DiskSpec{Size: req.Size, Subformat: req.Subformat})
+	name, err := d.vmOps(nil).AddDisk(context.WithoutCancel(rc.r.Context()), dir, vmops.DiskSpec{Size: req.Size, Subformat: req.Subformat})
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -493,7 +495,7 @@ func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
 	}
 	defer d.vmLocks.release(dir)
 	enc, err := d.vmOps(nil).AttachDisk(rc.r.Context(), dir, req.Path, d.auth.allowed(rc.id, PrivAddDisk))
-	if errors.Is(err, engine.ErrAttachEncrypted) {
+	if errors.Is(err, vmops.ErrAttachEncrypted) {
 		return nil, &httpError{403, fmt.Sprintf("permission denied: %v; it needs privilege %s", err, PrivAddDisk)}
 	}
 	if err != nil {
@@ -503,7 +505,7 @@ func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
 }
 
 // hDiskRestoreKeys writes back a disk's lost key lines from its extents'
-// keySafe copy (engine.VMOps.RestoreDiskKeys): a cryptographic act, never
+// keySafe copy (vmops.VMOps.RestoreDiskKeys): a cryptographic act, never
 // done without being asked.
 func (d *Daemon) hDiskRestoreKeys(rc *reqCtx) (any, error) {
 	req, dir, err := d.diskRequest(rc)
@@ -542,9 +544,9 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 		return nil, err
 	}
 	dir := filepath.Join(parent, filepath.Base(req.Dir))
-	spec := engine.CreateSpec{Name: req.Name, Memory: req.Memory, Encrypt: req.Encrypt}
+	spec := vmops.CreateSpec{Name: req.Name, Memory: req.Memory, Encrypt: req.Encrypt}
 	for _, ds := range req.Disks {
-		spec.Disks = append(spec.Disks, engine.DiskSpec{Size: ds.Size, Subformat: ds.Subformat})
+		spec.Disks = append(spec.Disks, vmops.DiskSpec{Size: ds.Size, Subformat: ds.Subformat})
 	}
 	if req.Encrypt {
 		if !d.auth.allowed(rc.id, PrivEncryptNew) {
@@ -566,7 +568,7 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 	if err := d.vmOps(nil).Create(context.WithoutCancel(rc.r.Context()), dir, spec); err != nil {
 		return nil, badRequest("%v", err)
 	}
-	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, err
 	}

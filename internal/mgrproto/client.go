@@ -231,7 +231,7 @@ func (c *Client) UnregisterVM(ctx context.Context, vmID string) error {
 	return err
 }
 
-// KeyServer is the engine.KeyServer (and engine.KeyStateServer) of one
+// KeyServer is the keys.KeyServer (and keys.KeyStateServer) of one
 // provider name, served through the manager.
 type KeyServer struct {
 	C        *Client
