@@ -519,8 +519,8 @@ func TestTempNamesNeverHitUserFiles(t *testing.T) {
 // immutable, and the VM then works as before.
 func TestAbortInterruptedConversion(t *testing.T) {
 	needTool(t, "chattr")
-	for _, op := range []string{"encrypt", "decrypt", "rekey-deep"} {
-		t.Run(op, func(t *testing.T) {
+	for _, op := range []vm.Op{vm.OpEncrypt, vm.OpDecrypt, vm.OpRekeyDeep} {
+		t.Run(string(op), func(t *testing.T) {
 			ctx := context.Background()
 			var dir string
 			var before map[string][]byte
@@ -561,7 +561,7 @@ func TestAbortInterruptedConversion(t *testing.T) {
 			if changed := snapshotDir(t, dir); bytes.Equal(changed["disk0-flat.vmdk"], start["disk0-flat.vmdk"]) {
 				t.Fatal("the failed conversion converted nothing: the abort below would test nothing")
 			}
-			other := map[string]string{"encrypt": "decrypt", "decrypt": "encrypt", "rekey-deep": "encrypt"}[op]
+			other := map[vm.Op]vm.Op{"encrypt": "decrypt", "decrypt": "encrypt", "rekey-deep": "encrypt"}[op]
 			if err := ops.Abort(ctx, dir, other); err == nil {
 				t.Fatalf("abort of a %s while a %s is interrupted succeeded", other, op)
 			}

@@ -373,7 +373,7 @@ func NewID() (string, error) {
 // resumed. It holds wrapped keys only (keySafes), never a plain key.
 type Journal struct {
 	Version    int           `json:"version"`
-	Op         string        `json:"op"` // "encrypt", "decrypt", "rekey-deep"
+	Op         Op            `json:"op"`
 	VMID       string        `json:"vm_id"`
 	KeySafe    string        `json:"keysafe"`               // target VM keySafe
 	OldKeySafe string        `json:"old_keysafe,omitempty"` // rekey-deep: the one being replaced
@@ -609,9 +609,23 @@ func RegularHead(p string) ([]byte, error) {
 // that did not finish.
 var ErrConversionInterrupted = errors.New("conversion interrupted")
 
+// Op names a journalled conversion. The name is what the journal
+// records (FORMAT.md 6) and what errors, progress and status show.
+type Op string
+
+// The journalled conversions.
+const (
+	OpEncrypt   Op = "encrypt"
+	OpDecrypt   Op = "decrypt"
+	OpRekeyDeep Op = "rekey-deep"
+)
+
+// Valid reports whether op is one of the journalled conversions.
+func (op Op) Valid() bool { return op == OpEncrypt || op == OpDecrypt || op == OpRekeyDeep }
+
 // InterruptedOp returns the operation of an unfinished conversion in dir
 // ("" if none).
-func InterruptedOp(dir string) (string, error) {
+func InterruptedOp(dir string) (Op, error) {
 	j, err := LoadJournal(dir)
 	if err != nil || j == nil {
 		return "", err

@@ -19,29 +19,29 @@ import (
 // any key: which files are containers, which KEK wraps each DEK, the DEK
 // fingerprints, logical sizes, and any interrupted conversion.
 type VMStatus struct {
-	Dir         string       `json:"dir"`
-	Name        string       `json:"name,omitempty"`
-	Encrypted   bool         `json:"encrypted"`
-	VMID        string       `json:"vm_id,omitempty"`
-	Policy      string       `json:"policy"`
-	KEKs        []string     `json:"keks"` // provider/key id of every KEK the VM needs
-	Interrupted string       `json:"interrupted,omitempty"`
-	Snapshots   int          `json:"snapshots"`
-	Files       []FileStatus `json:"files"`
+	Dir         string
+	Name        string
+	Encrypted   bool
+	VMID        string
+	Policy      string
+	KEKs        []string // provider/key id of every KEK the VM needs
+	Interrupted Op
+	Snapshots   int
+	Files       []FileStatus
 	// Problems are one-line findings that need the admin's attention
 	// but do not stop the VM from being used.
-	Problems []string `json:"problems,omitempty"`
+	Problems []string
 }
 
 // FileStatus is one data file.
 type FileStatus struct {
-	Name        string `json:"name"`
-	Kind        string `json:"kind"`
-	Disk        string `json:"disk,omitempty"`
-	Encrypted   bool   `json:"encrypted"`
-	KEK         string `json:"kek,omitempty"`
-	Fingerprint string `json:"dek_fingerprint,omitempty"`
-	Size        int64  `json:"size"`
+	Name        string
+	Kind        string
+	Disk        string
+	Encrypted   bool
+	KEK         string
+	Fingerprint string
+	Size        int64
 }
 
 // ReadVMStatus reports dir's encryption state. corePatterns are extra

@@ -10,8 +10,8 @@ import (
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 )
 
-// Abort rolls an interrupted conversion (op: "encrypt", "decrypt" or
-// "rekey-deep") in dir back to the state before it started, as LUKS2 can
+// Abort rolls an interrupted conversion (vm.OpEncrypt, vm.OpDecrypt or
+// vm.OpRekeyDeep) in dir back to the state before it started, as LUKS2 can
 // roll back a reencryption: every file already converted is converted
 // back with the keys its journal holds (wrapped), text files get their
 // previous key lines back, and the journal goes last. Each file is
@@ -24,7 +24,7 @@ import (
 // sealed again (same lines, new nonce) and containers made again (same
 // keys and data, new file ids). Core dumps the operation converted (they
 // are converted last, under the host key) stay as they are.
-func (o *VMOps) Abort(ctx context.Context, dir, op string) error {
+func (o *VMOps) Abort(ctx context.Context, dir string, op vm.Op) error {
 	j, err := vm.LoadJournal(dir)
 	if err != nil {
 		return err
@@ -43,11 +43,11 @@ func (o *VMOps) Abort(ctx context.Context, dir, op string) error {
 		return err
 	}
 	switch op {
-	case "encrypt":
+	case vm.OpEncrypt:
 		err = o.abortEncrypt(ctx, l, j)
-	case "decrypt":
+	case vm.OpDecrypt:
 		err = o.abortDecrypt(ctx, l, j)
-	case "rekey-deep":
+	case vm.OpRekeyDeep:
 		err = o.abortRekey(ctx, l, j)
 	default:
 		err = fmt.Errorf("%s: unknown conversion %q", dir, op)

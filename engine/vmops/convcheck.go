@@ -21,8 +21,9 @@ import (
 // ConvertError is a conversion refused before it changed anything: every
 // file it could not convert, one line each.
 type ConvertError struct {
-	Dir, Op string
-	Errs    []error
+	Dir  string
+	Op   vm.Op
+	Errs []error
 }
 
 func (e *ConvertError) Error() string {
@@ -40,7 +41,7 @@ func (e *ConvertError) Error() string {
 func (e *ConvertError) Unwrap() []error { return e.Errs }
 
 // convertErr is nil without problems.
-func convertErr(dir, op string, problems []error) error {
+func convertErr(dir string, op vm.Op, problems []error) error {
 	if len(problems) == 0 {
 		return nil
 	}
@@ -109,7 +110,7 @@ func (o *VMOps) precheckEncrypt(ctx context.Context, l *vm.Layout) error {
 			add("%s is not a regular file (%s); it would stay plain", filepath.Join(l.Dir, n), e.Type())
 		}
 	}
-	return convertErr(l.Dir, "encrypt", problems)
+	return convertErr(l.Dir, vm.OpEncrypt, problems)
 }
 
 // realContainer reports whether the extent at p is, or may be, a real
@@ -168,7 +169,7 @@ func containerAt(p string) (*container.Header, bool) {
 // copy): a decrypt that left one behind would make it unreadable (the VM
 // key it is wrapped under goes with the vmx's lines). ts are the files to
 // convert with their current keys.
-func precheckConvert(l *vm.Layout, op string, ts []task) error {
+func precheckConvert(l *vm.Layout, op vm.Op, ts []task) error {
 	var problems []error
 	add := func(format string, a ...any) { problems = append(problems, fmt.Errorf(format, a...)) }
 	addErr := func(err error) { problems = append(problems, err) }
@@ -317,5 +318,5 @@ func (o *VMOps) precheckCoreDumps(ctx context.Context, l *vm.Layout) error {
 		}
 		dek.Destroy()
 	}
-	return convertErr(l.Dir, "decrypt", problems)
+	return convertErr(l.Dir, vm.OpDecrypt, problems)
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/vmcryptd/vmcryptd/engine/container"
 	"github.com/vmcryptd/vmcryptd/engine/keys"
@@ -19,33 +18,21 @@ import (
 // directory: the file it concerns ("" for the VM as a whole), what is
 // wrong, and whether --repair knows a safe fix.
 type CheckFinding struct {
-	File       string `json:"file,omitempty"`
-	Problem    string `json:"problem"`
-	Repairable bool   `json:"repairable"`
+	File       string
+	Problem    string
+	Repairable bool
 
 	fix func() (string, error)
-}
-
-// String is the one line the CLI prints.
-func (f CheckFinding) String() string {
-	s := f.Problem
-	if f.File != "" {
-		s = f.File + ": " + s
-	}
-	if f.Repairable {
-		s += " (vm check --repair fixes this)"
-	}
-	return s
 }
 
 // CheckReport is the result of VMOps.Check: what was repaired (with
 // --repair) and the findings that remain. A VM is healthy when Findings
 // is empty.
 type CheckReport struct {
-	Dir      string         `json:"dir"`
-	Checked  int            `json:"containers_checked"`
-	Repaired []string       `json:"repaired,omitempty"`
-	Findings []CheckFinding `json:"findings"`
+	Dir      string
+	Checked  int
+	Repaired []string
+	Findings []CheckFinding
 }
 
 // Check verifies an encrypted or plain VM against its own text files:
@@ -242,22 +229,4 @@ func flatSizes(dir string, d *vm.Disk) map[string]int64 {
 		out[filepath.Base(e.Filename)] = (e.Offset + e.Sectors) * 512
 	}
 	return out
-}
-
-// CheckSummary is the one line the CLI prints after the findings.
-func (r *CheckReport) CheckSummary() string {
-	if len(r.Findings) == 0 {
-		return fmt.Sprintf("%s: ok (%d containers verified)", r.Dir, r.Checked)
-	}
-	n := 0
-	for _, f := range r.Findings {
-		if f.Repairable {
-			n++
-		}
-	}
-	parts := []string{fmt.Sprintf("%s: %d problem(s)", r.Dir, len(r.Findings))}
-	if n > 0 {
-		parts = append(parts, fmt.Sprintf("%d repairable with --repair", n))
-	}
-	return strings.Join(parts, ", ")
 }

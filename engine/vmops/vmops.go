@@ -33,10 +33,10 @@ type VMOps struct {
 
 // ProgressEvent reports conversion progress.
 type ProgressEvent struct {
-	Op    string `json:"op"`
-	File  string `json:"file"`
-	Done  int64  `json:"done"`  // bytes of all files so far
-	Total int64  `json:"total"` // bytes of all files to convert
+	Op    vm.Op
+	File  string
+	Done  int64 // bytes of all files so far
+	Total int64 // bytes of all files to convert
 }
 
 // unwrapFrom unwraps the DEK of a keySafe, trying each pair's KEK.
@@ -145,7 +145,7 @@ func tasks(l *vm.Layout, ks *keySet, vmID string, jd []vm.JournalDisk) []task {
 	return out
 }
 
-func (o *VMOps) progressor(op string, ts []task) (func(file string) container.ProgressFunc, error) {
+func (o *VMOps) progressor(op vm.Op, ts []task) (func(file string) container.ProgressFunc, error) {
 	var total, done int64
 	for _, t := range ts {
 		st, err := os.Stat(t.path)
@@ -168,7 +168,7 @@ func (o *VMOps) progressor(op string, ts []task) (func(file string) container.Pr
 // DEK, one DEK per disk, every data file converted, then the descriptors
 // and the vmx rewritten. Re-running it after a crash finishes the job.
 func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef keys.KeyRef) error {
-	j, l, err := begin(dir, "encrypt", o.CoreDumpPatterns)
+	j, l, err := begin(dir, vm.OpEncrypt, o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
@@ -181,7 +181,7 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef keys.KeyRef) err
 		if err := o.precheckEncrypt(ctx, l); err != nil {
 			return err
 		}
-		if j, err = o.newJournal(ctx, l, kekRef, "encrypt"); err != nil {
+		if j, err = o.newJournal(ctx, l, kekRef, vm.OpEncrypt); err != nil {
 			return err
 		}
 	}
@@ -191,7 +191,7 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef keys.KeyRef) err
 	}
 	defer ks.destroy()
 	ts := tasks(l, ks, j.VMID, j.Disks)
-	prog, err := o.progressor("encrypt", ts)
+	prog, err := o.progressor(vm.OpEncrypt, ts)
 	if err != nil {
 		return err
 	}
@@ -236,7 +236,7 @@ func (o *VMOps) Encrypt(ctx context.Context, dir string, kekRef keys.KeyRef) err
 // begin is the common start of the converting operations: clean up what
 // a killed run left, load the journal (refusing if another operation is
 // unfinished) and read the VM's layout.
-func begin(dir, op string, corePatterns []string) (*vm.Journal, *vm.Layout, error) {
+func begin(dir string, op vm.Op, corePatterns []string) (*vm.Journal, *vm.Layout, error) {
 	j, err := vm.LoadJournal(dir)
 	if err != nil {
 		return nil, nil, err
@@ -276,12 +276,12 @@ func (o *VMOps) newBoundKey(ctx context.Context, kekRef keys.KeyRef, p keys.Purp
 
 // newJournal generates the keys of a fresh encryption (or deep rekey) and
 // records them, wrapped, before any file changes.
-func (o *VMOps) newJournal(ctx context.Context, l *vm.Layout, kekRef keys.KeyRef, op string) (*vm.Journal, error) {
+func (o *VMOps) newJournal(ctx context.Context, l *vm.Layout, kekRef keys.KeyRef, op vm.Op) (*vm.Journal, error) {
 	// A first encryption never trusts ids found in plain text files:
 	// anyone who can edit them could make this VM's keys impersonate
 	// another VM's. Decrypt and rekey keep the ids the keySafes are bound to.
 	j := &vm.Journal{Op: op, VMID: l.VMID}
-	if op == "encrypt" {
+	if op == vm.OpEncrypt {
 		j.VMID = ""
 		for _, d := range l.Disks {
 			d.DiskID = ""
@@ -302,15 +302,15 @@ func (o *VMOps) newJournal(ctx context.Context, l *vm.Layout, kekRef keys.KeyRef
 	if j.KeySafe, err = o.wrapInto(ctx, kekRef, vmDEK, keys.Binding{Purpose: keys.PurposeVM, OwnerID: j.VMID}); err != nil {
 		return nil, err
 	}
-	if op == "rekey-deep" {
+	if op == vm.OpRekeyDeep {
 		j.OldKeySafe = l.KeySafe
 	}
 	for _, d := range l.Disks {
 		jd := vm.JournalDisk{Name: d.Name, DiskID: d.DiskID}
-		if op == "rekey-deep" {
+		if op == vm.OpRekeyDeep {
 			jd.OldKeySafe = d.KeySafe
 		}
-		if d.KeySafe == "" && op == "rekey-deep" {
+		if d.KeySafe == "" && op == vm.OpRekeyDeep {
 			continue // a plain disk on an encrypted VM stays plain
 		}
 		if jd.DiskID == "" {
@@ -361,7 +361,7 @@ func settledLayout(dir string, corePatterns []string) (*vm.Layout, error) {
 // Decrypt turns an encrypted VM back into a plain one, byte for byte as it
 // was before encryption (the vmx minus the encryption lines).
 func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
-	j, l, err := begin(dir, "decrypt", o.CoreDumpPatterns)
+	j, l, err := begin(dir, vm.OpDecrypt, o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
@@ -370,7 +370,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		if !l.Encrypted {
 			return fmt.Errorf("%s: VM is not encrypted", dir)
 		}
-		j = &vm.Journal{Op: "decrypt", VMID: l.VMID, KeySafe: l.KeySafe, Policy: l.Policy}
+		j = &vm.Journal{Op: vm.OpDecrypt, VMID: l.VMID, KeySafe: l.KeySafe, Policy: l.Policy}
 		for _, d := range l.Disks {
 			if d.KeySafe != "" {
 				j.Disks = append(j.Disks, vm.JournalDisk{Name: d.Name, DiskID: d.DiskID, KeySafe: d.KeySafe})
@@ -391,7 +391,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 		}
 	}
 	if !resumed {
-		if err := precheckConvert(l, "decrypt", ts); err != nil {
+		if err := precheckConvert(l, vm.OpDecrypt, ts); err != nil {
 			return err
 		}
 		if err := o.precheckCoreDumps(ctx, l); err != nil {
@@ -401,7 +401,7 @@ func (o *VMOps) Decrypt(ctx context.Context, dir string) error {
 	if err := j.Save(dir); err != nil {
 		return err
 	}
-	prog, err := o.progressor("decrypt", ts)
+	prog, err := o.progressor(vm.OpDecrypt, ts)
 	if err != nil {
 		return err
 	}

@@ -125,7 +125,7 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK keys.KeyRef
 // RekeyDeep replaces every DEK and re-encrypts all data under kekRef. It
 // is refused while the VM has snapshots.
 func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef keys.KeyRef) error {
-	j, l, err := begin(dir, "rekey-deep", o.CoreDumpPatterns)
+	j, l, err := begin(dir, vm.OpRekeyDeep, o.CoreDumpPatterns)
 	if err != nil {
 		return err
 	}
@@ -158,7 +158,7 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef keys.KeyRef) e
 		if err != nil {
 			return err
 		}
-		if j, err = o.newJournal(ctx, l, kekRef, "rekey-deep"); err != nil {
+		if j, err = o.newJournal(ctx, l, kekRef, vm.OpRekeyDeep); err != nil {
 			return err
 		}
 	}
@@ -183,7 +183,7 @@ func (o *VMOps) RekeyDeep(ctx context.Context, dir string, kekRef keys.KeyRef) e
 		t.old = oldTasks[i].dek
 		ts = append(ts, t)
 	}
-	prog, err := o.progressor("rekey-deep", ts)
+	prog, err := o.progressor(vm.OpRekeyDeep, ts)
 	if err != nil {
 		return err
 	}

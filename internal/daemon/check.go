@@ -57,13 +57,13 @@ func (d *Daemon) hVMCheck(rc *reqCtx) (any, error) {
 		return nil, badRequest("give a VM directory or --datastore")
 	}
 	ctx := context.WithoutCancel(rc.r.Context())
-	reply := api.CheckReply{Reports: []vmops.CheckReport{}}
+	reply := api.CheckReply{Reports: []api.CheckReport{}}
 	for _, dir := range dirs {
 		rep, err := d.checkOne(ctx, rc, dir, req.Repair)
 		if err != nil {
 			rep = &vmops.CheckReport{Dir: dir, Findings: []vmops.CheckFinding{{Problem: err.Error()}}}
 		}
-		reply.Reports = append(reply.Reports, *rep)
+		reply.Reports = append(reply.Reports, wireCheckReport(rep))
 	}
 	return reply, nil
 }

@@ -533,7 +533,7 @@ func (d *Daemon) status(id identity) api.Status {
 	registered := map[string]bool{}
 	interrupted := func(dir string) string {
 		if op, err := vm.InterruptedOp(dir); err == nil && op != "" {
-			return "conversion interrupted (" + op + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"
+			return "conversion interrupted (" + string(op) + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"
 		}
 		return ""
 	}
@@ -596,9 +596,9 @@ func (d *Daemon) statusMemory(s *api.Status) {
 	}
 }
 
-func verbFor(op string) string {
-	if op == "rekey-deep" {
+func verbFor(op vm.Op) string {
+	if op == vm.OpRekeyDeep {
 		return "rekey --deep"
 	}
-	return op
+	return string(op)
 }

@@ -131,13 +131,13 @@ func (d *Daemon) vmOps(emit func(any)) *vmops.VMOps {
 		var prev int64
 		ops.Progress = func(ev vmops.ProgressEvent) {
 			if ev.Done > prev {
-				d.metrics.converted.WithLabelValues(ev.Op).Add(float64(ev.Done - prev))
+				d.metrics.converted.WithLabelValues(string(ev.Op)).Add(float64(ev.Done - prev))
 				prev = ev.Done
 			}
 			// A line per 100 ms keeps the stream light on fast disks.
 			if now := time.Now(); now.Sub(last) >= 100*time.Millisecond || ev.Done == ev.Total {
 				last = now
-				emit(ev)
+				emit(wireProgress(ev))
 			}
 		}
 	}
@@ -291,7 +291,7 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
 	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Abort {
-			return ops.Abort(ctx, dir, "encrypt")
+			return ops.Abort(ctx, dir, vm.OpEncrypt)
 		}
 		var kek keys.KeyRef
 		if op, err := vm.InterruptedOp(dir); err != nil {
@@ -313,7 +313,7 @@ func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
 func (d *Daemon) hVMDecrypt(rc *reqCtx) (any, error) {
 	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Abort {
-			return ops.Abort(ctx, dir, "decrypt")
+			return ops.Abort(ctx, dir, vm.OpDecrypt)
 		}
 		return ops.Decrypt(ctx, dir)
 	})
@@ -324,7 +324,7 @@ func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
 		if req.Abort {
 			// Only a deep rekey converts data; a shallow one rewrites
 			// keySafes one by one and has nothing to roll back.
-			return ops.Abort(ctx, dir, "rekey-deep")
+			return ops.Abort(ctx, dir, vm.OpRekeyDeep)
 		}
 		if req.Deep {
 			var kek keys.KeyRef
@@ -418,13 +418,13 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 		// slots differ or one under the wrong key shows up here too.
 		if rep, err := d.vmOps(nil).Check(context.WithoutCancel(rc.r.Context()), dir, false); err == nil {
 			for _, f := range rep.Findings {
-				if f.File != "" && !slices.Contains(st.Problems, f.String()) {
-					st.Problems = append(st.Problems, f.String())
+				if line := wireFinding(f).String(); f.File != "" && !slices.Contains(st.Problems, line) {
+					st.Problems = append(st.Problems, line)
 				}
 			}
 		}
 	}
-	return api.VMStatusReply{VMStatus: *st, Locked: locked, LockReason: reason,
+	return api.VMStatusReply{VMStatus: wireVMStatus(st), Locked: locked, LockReason: reason,
 		Warning: revokedWarning(d.keyring, vm.KEKRefs(st.KEKs))}, nil
 }
 
