@@ -429,6 +429,11 @@ func VerifyHeader(region []byte, keys *containerKeys) (*Header, HeaderHealth, er
 // does not fit its file name.
 var ErrKindMismatch = errors.New("container kind does not match the file name")
 
+// ReadHead reads the header region (the first HeaderSize bytes, fewer if
+// the file is shorter) of the regular file at path, through the safeopen
+// funnel: a symlink, FIFO, socket or device is refused without blocking;
+// a missing file is an error wrapping os.ErrNotExist. It is the one
+// header probe by path; ReadHeadFrom is the one by descriptor.
 func ReadHead(path string) ([]byte, error) {
 	f, err := safeopen.Open(path, os.O_RDONLY)
 	if err != nil {

@@ -3,7 +3,6 @@ package container
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 
 	"github.com/vmcryptd/vmcryptd/engine/keys"
@@ -29,9 +28,11 @@ func KeyStateOf(path string, dek *keys.DEK) (fileKeyState, Kind, error) {
 		return 0, 0, err
 	}
 	defer f.Close()
-	region := make([]byte, 2*SlotSize)
-	n, _ := io.ReadFull(f, region)
-	if _, err := PeekHeader(region[:n]); err != nil {
+	region, err := ReadHeadFrom(f)
+	if err != nil {
+		return 0, 0, fmt.Errorf("%s: %w", path, err)
+	}
+	if _, err := PeekHeader(region); err != nil {
 		return StatePlain, 0, nil
 	}
 	keys, err := DeriveContainerKeys(dek)

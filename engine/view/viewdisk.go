@@ -283,7 +283,7 @@ func (d *Datastore) recoverPending(descPath string) {
 	if ok {
 		return
 	}
-	head, err := vm.RegularHead(descPath)
+	head, err := container.ReadHead(descPath)
 	if err != nil {
 		return
 	}
@@ -381,7 +381,7 @@ func (d *Datastore) Settle(rel string, isOpen func(rel string) bool, unchanged f
 	var keptID [16]byte
 	isContainer := false
 	if res == settleKept {
-		if head, err := vm.RegularHead(descPath); err == nil {
+		if head, err := container.ReadHead(descPath); err == nil {
 			if h, err := container.PeekHeader(head); err == nil {
 				keptID, isContainer = h.FileID, true
 			}
@@ -526,7 +526,7 @@ func (d *Datastore) checkExtents(dir, self string, desc *vmdk.Descriptor, b keys
 		if filepath.Base(p) == self {
 			return fmt.Errorf("extent %q is the descriptor itself", e.Filename)
 		}
-		head, err := vm.RegularHead(p)
+		head, err := container.ReadHead(p)
 		if errors.Is(err, os.ErrNotExist) {
 			return errNotYet
 		}

@@ -303,7 +303,7 @@ func ExtentCopies(dir string, d *Disk) (keys.Binding, string, bool) {
 	var b keys.Binding
 	var ks string
 	for _, e := range d.Extents {
-		head, err := RegularHead(filepath.Join(dir, e))
+		head, err := container.ReadHead(filepath.Join(dir, e))
 		if err != nil {
 			return b, "", false
 		}
@@ -590,20 +590,6 @@ func DescriptorName(name string) (desc string, isExtent bool) {
 }
 
 func IsVMDKName(name string) bool { return strings.EqualFold(filepath.Ext(name), ".vmdk") }
-
-// RegularHead reads the header region of the regular file at p; a
-// symlink or any other type is refused (an error wrapping
-// os.ErrNotExist means there is no file).
-func RegularHead(p string) ([]byte, error) {
-	st, err := os.Lstat(p)
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file", p)
-	}
-	return container.ReadHead(p)
-}
 
 // ErrConversionInterrupted marks a VM whose journal shows a conversion
 // that did not finish.

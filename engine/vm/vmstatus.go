@@ -4,7 +4,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -84,12 +83,15 @@ func ReadVMStatus(dir string, corePatterns []string) (*VMStatus, error) {
 			return
 		}
 		defer f.Close()
-		region := make([]byte, container.HeaderSize)
-		n, _ := io.ReadFull(f, region)
-		if p := PlaceProblem(l, name, region[:n]); p != "" {
+		head, err := container.ReadHeadFrom(f)
+		if err != nil {
+			st.Problems = append(st.Problems, fmt.Sprintf("%s: %v", name, err))
+			return
+		}
+		if p := PlaceProblem(l, name, head); p != "" {
 			st.Problems = append(st.Problems, fmt.Sprintf("%s: %s; views refuse it and conversions stop on it", name, p))
 		}
-		if h, err := container.PeekHeader(region[:n]); err == nil {
+		if h, err := container.PeekHeader(head); err == nil {
 			fs.Encrypted, fs.Size, fs.KEK = true, h.Size, kek
 			fs.Fingerprint = hex.EncodeToString(h.Fingerprint[:])
 		} else if fi, err := f.Stat(); err == nil {

@@ -123,7 +123,7 @@ func (o *VMOps) precheckEncrypt(ctx context.Context, l *vm.Layout) error {
 // and is encrypted as such (no container is ever wrapped in another:
 // its header would have authenticated).
 func (o *VMOps) realContainer(ctx context.Context, p string) (*container.Header, bool) {
-	head, err := vm.RegularHead(p)
+	head, err := container.ReadHead(p)
 	if err != nil {
 		return nil, false
 	}
@@ -152,7 +152,7 @@ func sourceProblem(p string) error {
 
 // containerAt reports whether the regular file at p parses as a container.
 func containerAt(p string) (*container.Header, bool) {
-	head, err := vm.RegularHead(p)
+	head, err := container.ReadHead(p)
 	if err != nil {
 		return nil, false
 	}
@@ -180,7 +180,7 @@ func precheckConvert(l *vm.Layout, op vm.Op, ts []task) error {
 			addErr(err)
 			continue
 		}
-		head, err := vm.RegularHead(t.path)
+		head, err := container.ReadHead(t.path)
 		if err != nil {
 			add("%s: %v", t.path, err)
 			continue
@@ -270,7 +270,7 @@ func layoutProblems(l *vm.Layout) []error {
 	var out []error
 	check := func(name string) {
 		p := filepath.Join(l.Dir, name)
-		head, err := vm.RegularHead(p)
+		head, err := container.ReadHead(p)
 		if err != nil {
 			out = append(out, fmt.Errorf("%s: %w", p, err))
 			return
@@ -297,7 +297,7 @@ func (o *VMOps) precheckCoreDumps(ctx context.Context, l *vm.Layout) error {
 	var problems []error
 	for _, c := range l.CoreDumps {
 		p := filepath.Join(l.Dir, c)
-		head, err := vm.RegularHead(p)
+		head, err := container.ReadHead(p)
 		if err != nil {
 			problems = append(problems, fmt.Errorf("%s: %w", p, err))
 			continue

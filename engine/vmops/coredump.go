@@ -40,17 +40,19 @@ func (o *VMOps) decryptCoreDump(ctx context.Context, path string, temp container
 	if err != nil {
 		return err
 	}
-	region := make([]byte, container.HeaderSize)
-	n, _ := f.ReadAt(region, 0)
+	head, err := container.ReadHeadFrom(f)
 	f.Close()
-	h, err := container.PeekHeader(region[:n])
+	if err != nil {
+		return err
+	}
+	h, err := container.PeekHeader(head)
 	if errors.Is(err, container.ErrNotContainer) {
 		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	ks, ok := container.ReadEmbeddedKeySafe(region[:n])
+	ks, ok := container.ReadEmbeddedKeySafe(head)
 	if !ok {
 		return fmt.Errorf("%s: encrypted core dump without a keySafe", path)
 	}

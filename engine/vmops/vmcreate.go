@@ -420,9 +420,11 @@ func keyStateOfAny(path string) (bool, error) {
 		return false, err
 	}
 	defer f.Close()
-	region := make([]byte, 2*container.SlotSize)
-	n, _ := f.ReadAt(region, 0)
-	_, err = container.PeekHeader(region[:n])
+	head, err := container.ReadHeadFrom(f)
+	if err != nil {
+		return false, err
+	}
+	_, err = container.PeekHeader(head)
 	return err == nil, nil
 }
 

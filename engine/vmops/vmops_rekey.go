@@ -88,7 +88,7 @@ func (o *VMOps) RekeyShallow(ctx context.Context, dir string, newKEK keys.KeyRef
 		// and the rekey stops rather than lock it out.
 		for _, e := range d.Extents {
 			ep := filepath.Join(dir, e)
-			head, err := vm.RegularHead(ep)
+			head, err := container.ReadHead(ep)
 			if err != nil {
 				return fmt.Errorf("disk %s: extent %s: %w", d.Name, e, err)
 			}
