@@ -42,6 +42,12 @@ func TestRequestCheck(t *testing.T) {
 		{Request{Op: OpRegisterVM, VM: &VM{ID: "v", Keys: []KeyRef{{"p", ""}}}}, "needs provider and key_id"},
 		{Request{Op: OpRegisterVM, VM: &VM{ID: long, Keys: []KeyRef{{"p", "k"}}}}, "longer than"},
 		{Request{Op: OpUnregisterVM}, "needs vm_id"},
+		{Request{Op: OpListPolicies}, ""},
+		{Request{Op: OpGetPolicy, Policy: "Gold"}, ""},
+		{Request{Op: OpGetPolicy}, "needs policy"},
+		{Request{Op: OpGetPolicy, Policy: long}, "longer than"},
+		{Request{Op: OpRegisterVM, VM: &VM{ID: "v", Policy: long, Keys: []KeyRef{{"p", "k"}}}}, "longer than"},
+		{Request{Op: OpRegisterVM, VM: &VM{ID: "v", Policy: "Gold", Keys: []KeyRef{{"p", "k"}}}}, ""},
 		{Request{}, "no op"},
 		{Request{Op: "x"}, "unknown op"},
 	} {
