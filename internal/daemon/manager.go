@@ -251,7 +251,7 @@ func (d *Daemon) managerRegister(ctx context.Context, dir string) error {
 	found := false
 	for _, r := range d.st.VMs {
 		if r.Dir == dir {
-			vm = mgrproto.VM{ID: r.VMID, Name: r.Name, Dir: r.Dir}
+			vm = mgrproto.VM{ID: r.VMID, Name: r.Name, Dir: r.Dir, Policy: r.Policy}
 			for _, k := range r.Keys {
 				vm.Keys = append(vm.Keys, mgrproto.KeyRef{Provider: k.Provider, KeyID: k.KeyID})
 			}
@@ -374,7 +374,7 @@ func (d *Daemon) hVMRegister(rc *reqCtx) (any, error) {
 		d.mgrMu.Unlock()
 		res.Manager = "registered"
 	}
-	if _, err := d.registerLocal(st); err != nil {
+	if _, err := d.registerLocal(st, ""); err != nil {
 		return nil, err
 	}
 	d.mgrMu.Lock()
