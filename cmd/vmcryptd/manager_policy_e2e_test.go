@@ -1,0 +1,235 @@
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/internal/api"
+	"github.com/vmcryptd/vmcryptd/internal/manager"
+)
+
+// dirFiles reads every regular file under dir, by relative path.
+func dirFiles(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	err := filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
+		if err != nil || !info.Mode().IsRegular() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		rel, _ := filepath.Rel(dir, p)
+		out[rel] = b
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func sameFiles(t *testing.T, what string, got, want map[string][]byte) {
+	t.Helper()
+	for name, b := range want {
+		if g, ok := got[name]; !ok || !bytes.Equal(g, b) {
+			t.Errorf("%s: %s differs (present %v, %d bytes, want %d)", what, name, ok, len(g), len(b))
+		}
+	}
+	for name := range got {
+		if _, ok := want[name]; !ok {
+			t.Errorf("%s: unexpected file %s", what, name)
+		}
+	}
+}
+
+func managerPolicies(t *testing.T, msock string) map[string]manager.PolicyInfo {
+	t.Helper()
+	var ps []manager.PolicyInfo
+	if err := json.Unmarshal([]byte(mustRun(t, "manager", "policy", "list", "--json", "--manager-socket", msock)), &ps); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]manager.PolicyInfo{}
+	for _, p := range ps {
+		out[p.Name] = p
+	}
+	return out
+}
+
+func vmStatusJSON(t *testing.T, sock, dir string) api.VMStatusReply {
+	t.Helper()
+	var st api.VMStatusReply
+	if err := json.Unmarshal([]byte(mustRun(t, "--socket", sock, "vm", "status", "--json", dir)), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func oneLineErr(t *testing.T, what string, r runResult, want string) {
+	t.Helper()
+	if r.code == 0 || !strings.Contains(r.err, want) || strings.Count(strings.TrimSpace(r.err), "\n") > 0 {
+		t.Fatalf("%s: exit %d, stderr %q, want a one-line error containing %q", what, r.code, r.err, want)
+	}
+}
+
+// TestManagerStoragePolicy: a storage policy made on the manager is what
+// `policy list` shows on the hosts and what `policy set` on host1
+// resolves: the VM is encrypted under the policy's provider (same bytes
+// through the view), the manager records the VM's policy and keeps both
+// across a restart, refuses to remove a policy in use, and a manager
+// outage makes policy set fail with nothing changed; setting Datastore
+// Default decrypts back to the original bytes.
+func TestManagerStoragePolicy(t *testing.T) {
+	needView(t)
+	labArgs := []string{"--hosts", "2", "--key-retry", "1s"}
+	dir := startLab(t, labArgs...)
+	h1, h2 := hostSock(dir, 1), hostSock(dir, 2)
+	msock := filepath.Join(dir, "manager", "manager.sock")
+	mpid := filepath.Join(dir, "manager", "manager.pid")
+
+	out := mustRun(t, "manager", "policy", "create", "Gold", "--encrypt", "--provider", labProvider, "--description", "PCI VMs", "--manager-socket", msock)
+	if !strings.Contains(out, `policy "Gold" created: encrypts under provider `+labProvider) {
+		t.Fatalf("policy create: %s", out)
+	}
+	mustRun(t, "manager", "policy", "create", "Plain tier", "--manager-socket", msock)
+	oneLineErr(t, "create a duplicate", vmcryptd(t, nil, nil, "manager", "policy", "create", "gold", "--manager-socket", msock), `"Gold" already exists`)
+	oneLineErr(t, "create with an unknown provider", vmcryptd(t, nil, nil, "manager", "policy", "create", "X", "--encrypt", "--provider", "nope", "--manager-socket", msock), `"nope" is not configured`)
+	oneLineErr(t, "remove a built-in", vmcryptd(t, nil, nil, "manager", "policy", "remove", engine.PolicyEncrypt, "--manager-socket", msock), "built in")
+
+	// Both hosts list the manager's policies.
+	for _, h := range []string{h1, h2} {
+		var ps []api.Policy
+		if err := json.Unmarshal([]byte(mustRun(t, "--socket", h, "policy", "list", "--json")), &ps); err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, p := range ps {
+			names = append(names, p.Name)
+			if p.Source != "manager" || (p.Name == "Gold" && (!p.Encrypts || p.Provider != labProvider)) {
+				t.Errorf("%s policy list: %+v", h, p)
+			}
+		}
+		if strings.Join(names, "|") != engine.PolicyEncrypt+"|"+engine.PolicyDefault+"|Gold|Plain tier" {
+			t.Fatalf("%s policy list: %v", h, names)
+		}
+	}
+
+	// A plain VM on the shared datastore, with data in its disk.
+	vm := filepath.Join(dir, "shared", "pvm")
+	mustRun(t, "--socket", h1, "vm", "create", "--name", "pvm", "--disk", "4M", vm)
+	data := make([]byte, 128<<10)
+	rand.Read(data)
+	f, err := os.OpenFile(filepath.Join(vm, "pvm-flat.vmdk"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(data, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	orig := dirFiles(t, vm)
+
+	oneLineErr(t, "policy set to an unknown policy", vmcryptd(t, nil, nil, "--socket", h1, "policy", "set", vm, "Nope"), `no storage policy "Nope"`)
+	sameFiles(t, "after an unknown policy", dirFiles(t, vm), orig)
+
+	mustRun(t, "--socket", h1, "policy", "set", vm, "Gold")
+	st := vmStatusJSON(t, h1, vm)
+	if !st.Encrypted || st.Policy != "Gold" || len(st.KEKs) == 0 || !strings.HasPrefix(st.KEKs[0], labProvider+"/") {
+		t.Fatalf("after policy set Gold: encrypted %v, policy %q, keys %v", st.Encrypted, st.Policy, st.KEKs)
+	}
+	if b, _ := os.ReadFile(filepath.Join(vm, "pvm-flat.vmdk")); bytes.Contains(b, data[:4096]) {
+		t.Fatal("the encrypted disk holds the plain data")
+	}
+	mp := filepath.Join(t.TempDir(), "view")
+	if got, err := viewReadWrite(t, h1, mp, "pvm", nil, len(data)); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("view of the VM under Gold reads other bytes (err %v)", err)
+	}
+	rec, ok := managerVMs(t, dir)[vm]
+	if !ok || rec.Host != "host1" || rec.Policy != "Gold" {
+		t.Fatalf("manager inventory after policy set: %+v (present %v)", rec, ok)
+	}
+	if out := mustRun(t, "--socket", msock, "status"); !strings.Contains(out, "Gold") {
+		t.Errorf("manager status does not show the VM's policy:\n%s", out)
+	}
+	oneLineErr(t, "remove a policy in use", vmcryptd(t, nil, nil, "manager", "policy", "remove", "Gold", "--manager-socket", msock), `in use by VM pvm (`+rec.ID+`) on host "host1"`)
+	// Setting the policy it already has converts nothing.
+	enc := dirFiles(t, vm)
+	mustRun(t, "--socket", h1, "policy", "set", vm, "Gold")
+	sameFiles(t, "policy set Gold again", dirFiles(t, vm), enc)
+
+	// A manager restart keeps the policy and the VM's policy.
+	if err := stopPID(mpid); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, append([]string{"lab", "up", "--dir", dir}, labArgs...)...)
+	if p := managerPolicies(t, msock)["Gold"]; !p.Encrypts || p.Provider != labProvider || p.VMs != 1 || p.Description != "PCI VMs" {
+		t.Fatalf("Gold after a manager restart: %+v", p)
+	}
+	if rec := managerVMs(t, dir)[vm]; rec.Policy != "Gold" {
+		t.Fatalf("VM after a manager restart: %+v", rec)
+	}
+	oneLineErr(t, "remove a policy in use after restart", vmcryptd(t, nil, nil, "manager", "policy", "remove", "Gold", "--manager-socket", msock), "in use by VM pvm")
+	// So does a kill -9 of host1: its state keeps the VM's policy, and its
+	// re-registration does not reset the manager's record.
+	pidFile := filepath.Join(dir, "host1", "daemon.pid")
+	syscall.Kill(readPID(pidFile), syscall.SIGKILL)
+	for deadline := time.Now().Add(10 * time.Second); alive(pidFile) && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	mustRun(t, append([]string{"lab", "up", "--dir", dir}, labArgs...)...)
+	waitVM(t, h1, vm, "")
+	if st := vmStatusJSON(t, h1, vm); st.Policy != "Gold" {
+		t.Fatalf("after kill -9 of host1: policy %q", st.Policy)
+	}
+	if rec := managerVMs(t, dir)[vm]; rec.Policy != "Gold" {
+		t.Fatalf("VM after kill -9 of host1: %+v", rec)
+	}
+
+	// Manager down: policy set fails clearly and changes nothing.
+	if err := stopPID(mpid); err != nil {
+		t.Fatal(err)
+	}
+	oneLineErr(t, "policy set with the manager down", vmcryptd(t, nil, nil, "--socket", h1, "policy", "set", vm, engine.PolicyDefault), "manager unreachable")
+	oneLineErr(t, "policy list with the manager down", vmcryptd(t, nil, nil, "--socket", h1, "policy", "list"), "manager unreachable")
+	sameFiles(t, "after policy set with the manager down", dirFiles(t, vm), enc)
+	if st := vmStatusJSON(t, h1, vm); !st.Encrypted || st.Policy != "Gold" {
+		t.Fatalf("after the failed policy set: encrypted %v, policy %q", st.Encrypted, st.Policy)
+	}
+	mustRun(t, append([]string{"lab", "up", "--dir", dir}, labArgs...)...)
+	if rec := managerVMs(t, dir)[vm]; rec.Policy != "Gold" {
+		t.Fatalf("VM after the outage: %+v", rec)
+	}
+
+	// Datastore Default decrypts back to the original bytes; the VM
+	// leaves the inventory and Gold may go.
+	mustRun(t, "--socket", h1, "policy", "set", vm, engine.PolicyDefault)
+	sameFiles(t, "after policy set Datastore Default", dirFiles(t, vm), orig)
+	if st := vmStatusJSON(t, h1, vm); st.Encrypted || st.Policy != engine.PolicyDefault {
+		t.Fatalf("after policy set Datastore Default: encrypted %v, policy %q", st.Encrypted, st.Policy)
+	}
+	if _, ok := managerVMs(t, dir)[vm]; ok {
+		t.Fatal("the decrypted VM is still in the manager's inventory")
+	}
+	mustRun(t, "manager", "policy", "remove", "Gold", "--manager-socket", msock)
+	if _, ok := managerPolicies(t, msock)["Gold"]; ok {
+		t.Fatal("Gold still listed after remove")
+	}
+	oneLineErr(t, "policy set to a removed policy", vmcryptd(t, nil, nil, "--socket", h1, "policy", "set", vm, "Gold"), `no storage policy "Gold"`)
+
+	audit, err := os.ReadFile(filepath.Join(dir, "manager", "audit.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"op":"manager.policy.create"`, `"op":"manager.policy.remove","privilege":"Cryptographer.ManageEncryptionPolicy","result":"denied"`,
+		`"op":"manager.policy.remove","privilege":"Cryptographer.ManageEncryptionPolicy","result":"ok"`, `"host":"host1","op":"host.get_policy"`} {
+		if !strings.Contains(string(audit), want) {
+			t.Errorf("manager audit log lacks %s", want)
+		}
+	}
+}
