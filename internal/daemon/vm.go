@@ -294,6 +294,9 @@ func (d *Daemon) vmOpPolicy(rc *reqCtx, needHostMode bool, policy *string, run f
 	if rerr := d.registerVM(st, pol); rerr != nil && err == nil {
 		err = rerr
 	}
+	if p := d.managedPolicy(dir, st); p != "" {
+		st.Policy = p
+	}
 	res := vmResult{VMStatus: *st}
 	if req.Abort {
 		res.op = rc.op + ".abort"

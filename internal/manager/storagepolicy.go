@@ -174,11 +174,11 @@ func mayRemovePolicy(inv *inventory, name string) error {
 	if vm.Name != "" {
 		what = fmt.Sprintf("VM %s (%s)", vm.Name, vm.ID)
 	}
-	more := ""
+	more, them := "", "it"
 	if len(users) > 1 {
-		more = fmt.Sprintf(" and %d other VM(s)", len(users)-1)
+		more, them = fmt.Sprintf(" and %d other VM(s)", len(users)-1), "them"
 	}
-	return fmt.Errorf("policy %q is in use by %s on host %q%s: set another policy on them first", name, what, vm.Host, more)
+	return fmt.Errorf("policy %q is in use by %s on host %q%s: set another policy on %s first", name, what, vm.Host, more, them)
 }
 
 // resolvePolicy is what a policy means for a VM put under it now: for an
