@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -408,7 +409,14 @@ func (m *Manager) listPolicies(w io.Writer, p peer, q *mgrproto.Request) bool {
 		out = append(out, pol)
 	}
 	m.mu.Unlock()
-	return mgrproto.WriteFrame(w, mgrproto.Reply{OK: true, Policies: out}) == nil
+	r := mgrproto.Reply{OK: true, Policies: out}
+	if b, err := json.Marshal(r); err != nil || len(b) > mgrproto.MaxFrame {
+		// mayCreatePolicy keeps the list within a frame; a provider
+		// renamed in manager.toml since could still push it over.
+		m.refuse(w, p, q.Op, "", nil, mgrproto.CodeInternal, fmt.Sprintf("the %d storage policies do not fit in one frame of %d bytes: shorten their descriptions", len(out), mgrproto.MaxFrame))
+		return true
+	}
+	return mgrproto.WriteFrame(w, r) == nil
 }
 
 // getPolicy resolves one storage policy for a `vmcryptd policy set` on

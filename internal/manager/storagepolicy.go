@@ -1,7 +1,9 @@
 package manager
 
 import (
+	"encoding/json"
 	"fmt"
+	"math"
 	"slices"
 	"sort"
 	"strings"
@@ -135,7 +137,34 @@ func mayCreatePolicy(inv *inventory, req PolicyCreateRequest, providers []string
 	if len(builtinPolicies)+len(inv.Policies) >= mgrproto.MaxPolicies {
 		return fmt.Errorf("policy %q: the manager already holds %d policies, the most it keeps", req.Name, mgrproto.MaxPolicies)
 	}
+	if n := listReplySize(append(allPolicies(inv), policyRec{Name: req.Name, Encrypts: req.Encrypt, Description: req.Description}), providers); n > mgrproto.MaxFrame {
+		return fmt.Errorf("policy %q: the list of policies would no longer fit in one host-channel frame (%d bytes, at most %d): shorten descriptions", req.Name, n, mgrproto.MaxFrame)
+	}
 	return nil
+}
+
+// listReplySize bounds the size of the list_policies reply for pols: each
+// encrypting policy counted with the longest provider name.
+func listReplySize(pols []policyRec, providers []string) int {
+	longest := ""
+	for _, p := range providers {
+		if len(p) > len(longest) {
+			longest = p
+		}
+	}
+	r := mgrproto.Reply{OK: true}
+	for _, p := range pols {
+		mp := mgrproto.Policy{Name: p.Name, Encrypts: p.Encrypts, Builtin: true, Description: p.Description}
+		if p.Encrypts {
+			mp.Provider = longest
+		}
+		r.Policies = append(r.Policies, mp)
+	}
+	b, err := json.Marshal(r)
+	if err != nil {
+		return math.MaxInt
+	}
+	return len(b)
 }
 
 // errPolicyExists marks a create whose name is taken.

@@ -36,6 +36,16 @@ func TestMayCreatePolicy(t *testing.T) {
 		n := "p" + string(rune('A'+i%26)) + strings.Repeat("x", i/26)
 		full.Policies[n] = &policyRec{Name: n}
 	}
+	// Descriptions JSON escapes six-fold: fewer than MaxPolicies of them
+	// fill a frame.
+	escaped := newInventory()
+	for i := 0; i < 160; i++ {
+		n := "e" + string(rune('A'+i%26)) + strings.Repeat("x", i/26) + strings.Repeat("&", 60)
+		escaped.Policies[n] = &policyRec{Name: n, Encrypts: true, Description: strings.Repeat("<", mgrproto.MaxPolicyDescription)}
+	}
+	if n := listReplySize(allPolicies(escaped), provs); n <= mgrproto.MaxFrame {
+		t.Fatalf("escaped inventory: %d bytes, the test wants more than a frame", n)
+	}
 	for _, c := range []struct {
 		name string
 		inv  *inventory
@@ -60,6 +70,7 @@ func TestMayCreatePolicy(t *testing.T) {
 		{"long", inv, PolicyCreateRequest{Name: strings.Repeat("g", mgrproto.MaxPolicyName+1)}, "longer than 80"},
 		{"long description", inv, PolicyCreateRequest{Name: "Bronze", Description: strings.Repeat("d", mgrproto.MaxPolicyDescription+1)}, "description"},
 		{"full", full, PolicyCreateRequest{Name: "One more"}, "already holds 256 policies"},
+		{"list too big", escaped, PolicyCreateRequest{Name: "One more", Encrypt: true, Description: strings.Repeat("<", mgrproto.MaxPolicyDescription)}, "would no longer fit in one host-channel frame"},
 	} {
 		check(t, c.name, mayCreatePolicy(c.inv, c.req, provs), c.want)
 	}
