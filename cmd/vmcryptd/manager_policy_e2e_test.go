@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -232,4 +233,31 @@ func TestManagerStoragePolicy(t *testing.T) {
 			t.Errorf("manager audit log lacks %s", want)
 		}
 	}
+}
+
+// TestManagerPolicyDirectHostUnchanged: a direct-mode host (no manager)
+// keeps its two built-in policies: policy list prints them as before,
+// policy set encrypts and decrypts back to the same bytes, and an
+// unknown name is refused naming the two.
+func TestManagerPolicyDirectHostUnchanged(t *testing.T) {
+	dir := startLab(t)
+	sock := filepath.Join(dir, "vmcryptd.sock")
+	want := fmt.Sprintf("%-22s %s\n%-22s %s\n", engine.PolicyEncrypt, "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)", engine.PolicyDefault, "no encryption")
+	if out := mustRun(t, "--socket", sock, "policy", "list"); out != want {
+		t.Fatalf("direct policy list:\n%q\nwant\n%q", out, want)
+	}
+	vm := filepath.Join(dir, "datastore", "dvm")
+	mustRun(t, "--socket", sock, "vm", "create", "--name", "dvm", "--disk", "1M", vm)
+	orig := dirFiles(t, vm)
+	oneLineErr(t, "direct policy set Gold", vmcryptd(t, nil, nil, "--socket", sock, "policy", "set", vm, "Gold"), `unknown policy "Gold" (known: "VM Encryption Policy", "Datastore Default")`)
+	mustRun(t, "--socket", sock, "policy", "set", vm, engine.PolicyEncrypt)
+	if st := vmStatusJSON(t, sock, vm); !st.Encrypted || st.Policy != engine.PolicyEncrypt {
+		t.Fatalf("direct policy set encrypt: encrypted %v, policy %q", st.Encrypted, st.Policy)
+	}
+	state, err := os.ReadFile(filepath.Join(dir, "state", "state.json"))
+	if err != nil || !bytes.Contains(state, []byte(vm)) || bytes.Contains(state, []byte(`"policy"`)) {
+		t.Errorf("a direct host's state should record the VM and no policy (%v):\n%s", err, state)
+	}
+	mustRun(t, "--socket", sock, "policy", "set", vm, engine.PolicyDefault)
+	sameFiles(t, "direct policy set back to Datastore Default", dirFiles(t, vm), orig)
 }
