@@ -207,8 +207,57 @@ func TestManagerStoragePolicy(t *testing.T) {
 		t.Fatalf("VM after the outage: %+v", rec)
 	}
 
+	// A second provider on the manager (the same lab KMS under another
+	// name) and a policy under it: policy set rekeys the VM onto a new
+	// KEK of that provider, and the data stays.
+	addr, err := os.ReadFile(filepath.Join(dir, "manager", "manager.addr"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stopPID(mpid); err != nil {
+		t.Fatal(err)
+	}
+	mcfgPath := filepath.Join(dir, "manager", "manager.toml")
+	mcfg, err := manager.LoadConfig(mcfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := mcfg.KMS[0]
+	second.Name = "lab2"
+	mcfg.KMS = append(mcfg.KMS, second)
+	mcfg.Listen = strings.TrimSpace(string(addr))
+	if err := manager.WriteConfig(mcfgPath, mcfg); err != nil {
+		t.Fatal(err)
+	}
+	os.Setenv(asMainEnv, "1")
+	err = spawn(mustExe(t), filepath.Join(dir, "manager", "manager.log"), mpid, "manager", "serve", "--config", mcfgPath)
+	os.Unsetenv(asMainEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(15 * time.Second); vmcryptd(t, nil, nil, "--socket", msock, "status").code != 0; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("manager with two providers did not start")
+		}
+	}
+	mustRun(t, "manager", "policy", "create", "Silver", "--encrypt", "--provider", "lab2", "--manager-socket", msock)
+	mustRun(t, "--socket", h1, "policy", "set", vm, "Silver")
+	st = vmStatusJSON(t, h1, vm)
+	if !st.Encrypted || st.Policy != "Silver" || len(st.KEKs) != 1 || !strings.HasPrefix(st.KEKs[0], "lab2/") {
+		t.Fatalf("after policy set Silver: encrypted %v, policy %q, keys %v", st.Encrypted, st.Policy, st.KEKs)
+	}
+	if got, err := viewReadWrite(t, h1, mp, "pvm", nil, len(data)); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("view of the VM under Silver reads other bytes (err %v)", err)
+	}
+	if rec := managerVMs(t, dir)[vm]; rec.Policy != "Silver" || len(rec.Keys) != 1 || !strings.HasPrefix(rec.Keys[0], "lab2/") {
+		t.Fatalf("manager inventory after policy set Silver: %+v", rec)
+	}
+	if p := managerPolicies(t, msock); p["Gold"].VMs != 0 || p["Silver"].VMs != 1 {
+		t.Fatalf("policy VM counts after the move: Gold %d, Silver %d", p["Gold"].VMs, p["Silver"].VMs)
+	}
+
 	// Datastore Default decrypts back to the original bytes; the VM
-	// leaves the inventory and Gold may go.
+	// leaves the inventory and the policies may go.
 	mustRun(t, "--socket", h1, "policy", "set", vm, engine.PolicyDefault)
 	sameFiles(t, "after policy set Datastore Default", dirFiles(t, vm), orig)
 	if st := vmStatusJSON(t, h1, vm); st.Encrypted || st.Policy != engine.PolicyDefault {
@@ -218,8 +267,9 @@ func TestManagerStoragePolicy(t *testing.T) {
 		t.Fatal("the decrypted VM is still in the manager's inventory")
 	}
 	mustRun(t, "manager", "policy", "remove", "Gold", "--manager-socket", msock)
-	if _, ok := managerPolicies(t, msock)["Gold"]; ok {
-		t.Fatal("Gold still listed after remove")
+	mustRun(t, "manager", "policy", "remove", "Silver", "--manager-socket", msock)
+	if p := managerPolicies(t, msock); len(p) != 3 {
+		t.Fatalf("policies after removing Gold and Silver: %v", p)
 	}
 	oneLineErr(t, "policy set to a removed policy", vmcryptd(t, nil, nil, "--socket", h1, "policy", "set", vm, "Gold"), `no storage policy "Gold"`)
 
