@@ -196,7 +196,12 @@ func TestManagerStoragePolicy(t *testing.T) {
 	if err := stopPID(mpid); err != nil {
 		t.Fatal(err)
 	}
-	oneLineErr(t, "policy set with the manager down", vmcryptd(t, nil, nil, "--socket", h1, "policy", "set", vm, engine.PolicyDefault), "manager unreachable")
+	r := vmcryptd(t, nil, nil, "--socket", h1, "policy", "set", vm, engine.PolicyDefault)
+	oneLineErr(t, "policy set with the manager down", r, "manager unreachable")
+	if !strings.Contains(r.err, "nothing was changed") {
+		t.Errorf("policy set with the manager down does not say nothing was changed: %s", r.err)
+	}
+	t.Logf("policy set with the manager down: %s", strings.TrimSpace(r.err))
 	oneLineErr(t, "policy list with the manager down", vmcryptd(t, nil, nil, "--socket", h1, "policy", "list"), "manager unreachable")
 	sameFiles(t, "after policy set with the manager down", dirFiles(t, vm), enc)
 	if st := vmStatusJSON(t, h1, vm); !st.Encrypted || st.Policy != "Gold" {

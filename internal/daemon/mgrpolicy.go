@@ -67,14 +67,14 @@ func policyStepPrivilege(s policyStep) Privilege {
 }
 
 // managerPolicyError turns a failed manager request of `policy set` or
-// `policy list` into the daemon's error: unreachable is 503 and says
-// nothing was changed, an unknown policy 400, another refusal 403.
-func managerPolicyError(what string, err error) error {
+// `policy list` into the daemon's error: unreachable is 503 (followed by
+// suffix), an unknown policy 400, another refusal 403.
+func managerPolicyError(what string, err error, suffix string) error {
 	var ue *mgrproto.UnreachableError
 	var re *mgrproto.RefusedError
 	switch {
 	case errors.As(err, &ue):
-		return &httpError{http.StatusServiceUnavailable, fmt.Sprintf("%s: %v (nothing was changed)", what, err)}
+		return &httpError{http.StatusServiceUnavailable, fmt.Sprintf("%s: %v%s", what, err, suffix)}
 	case errors.As(err, &re) && re.Code == mgrproto.CodeNotFound:
 		return badRequest("%s: %v", what, err)
 	case errors.As(err, &re):
@@ -95,7 +95,7 @@ func (d *Daemon) hVMPolicyManaged(rc *reqCtx) (any, error) {
 		cancel()
 		d.noteManager(err)
 		if err != nil {
-			return managerPolicyError(fmt.Sprintf("policy %q for %s", req.Policy, dir), err)
+			return managerPolicyError(fmt.Sprintf("policy %q for %s", req.Policy, dir), err, " (nothing was changed)")
 		}
 		cur, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err != nil {
@@ -148,7 +148,7 @@ func (d *Daemon) managerPolicies(ctx context.Context) ([]api.Policy, error) {
 	pols, err := d.mgr.ListPolicies(ctx)
 	d.noteManager(err)
 	if err != nil {
-		return nil, managerPolicyError("storage policies", err)
+		return nil, managerPolicyError("storage policies", err, "")
 	}
 	out := make([]api.Policy, 0, len(pols))
 	for _, p := range pols {

@@ -55,7 +55,7 @@ func TestManagerPolicyError(t *testing.T) {
 		{&mgrproto.RefusedError{Code: mgrproto.CodeNotFound, Msg: `no storage policy "X"`}, http.StatusBadRequest, `no storage policy "X"`},
 		{&mgrproto.RefusedError{Code: mgrproto.CodeRevoked, Msg: "revoked"}, http.StatusForbidden, "revoked"},
 	} {
-		err := managerPolicyError("policy", c.err)
+		err := managerPolicyError("policy", c.err, " (nothing was changed)")
 		var he *httpError
 		if !errors.As(err, &he) || he.code != c.code || !strings.Contains(he.msg, c.want) {
 			t.Errorf("%v: %v, want %d %q", c.err, err, c.code, c.want)
