@@ -3,6 +3,8 @@ package mgrproto
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
+	"os"
 	"strings"
 	"testing"
 )
@@ -76,4 +78,28 @@ func FuzzReadFrame(f *testing.F) {
 			t.Fatalf("read %d bytes of a refused frame", len(data)-4-r.Len())
 		}
 	})
+}
+
+// TestPolicyExamplesInDoc: the get_policy and list_policies frames of
+// docs/MANAGER.md are what WriteFrame writes, length prefix included.
+func TestPolicyExamplesInDoc(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/MANAGER.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []any{
+		Request{Op: OpGetPolicy, Policy: "Gold"},
+		Reply{OK: true, Policy: &Policy{Name: "Gold", Encrypts: true, Provider: "lab", Description: "PCI VMs"}},
+		Request{Op: OpListPolicies},
+	} {
+		var b bytes.Buffer
+		if err := WriteFrame(&b, v); err != nil {
+			t.Fatal(err)
+		}
+		prefix := fmt.Sprintf("`% x`", b.Bytes()[:4])
+		body := b.Bytes()[4:]
+		if !bytes.Contains(doc, body) || !bytes.Contains(doc, []byte(prefix)) || !bytes.Contains(doc, []byte(fmt.Sprintf("%d bytes", len(body)))) {
+			t.Errorf("MANAGER.md lacks the frame %s %s (%d bytes)", prefix, body, len(body))
+		}
+	}
 }
