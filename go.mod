@@ -12,6 +12,7 @@ require (
 	github.com/ovh/kmip-go v0.9.2
 	github.com/prometheus/client_golang v1.25.0
 	github.com/prometheus/client_model v0.6.3
+	github.com/rogpeppe/go-internal v1.16.0
 	github.com/vbauerster/mpb/v8 v8.16.2
 	github.com/vmware/govmomi v0.53.0
 	golang.org/x/crypto v0.59.0

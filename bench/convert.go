@@ -9,7 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
 )
 
 // ConversionResult compares encrypting a file in place with copying it
@@ -22,7 +23,7 @@ type ConversionResult struct {
 }
 
 // MeasureConversion writes a dense random file of size bytes in dir,
-// times `cp` of it, then engine.EncryptFile and engine.DecryptFile, and
+// times `cp` of it, then container.EncryptFile and container.DecryptFile, and
 // removes everything. Each figure is the best of rounds runs.
 func MeasureConversion(ctx context.Context, dir string, size int64, rounds int) (*ConversionResult, error) {
 	work, err := os.MkdirTemp(dir, "vmcryptd-bench-")
@@ -47,7 +48,7 @@ func MeasureConversion(ctx context.Context, dir string, size int64, rounds int) 
 	if err := f.Close(); err != nil {
 		return nil, err
 	}
-	dek, err := engine.NewDEK()
+	dek, err := keys.NewDEK()
 	if err != nil {
 		return nil, err
 	}
@@ -72,13 +73,13 @@ func MeasureConversion(ctx context.Context, dir string, size int64, rounds int) 
 		os.Remove(dst)
 
 		t0 = time.Now()
-		opts := engine.CreateOptions{Kind: engine.KindOther, Binding: engine.Binding{Purpose: engine.PurposeVM, OwnerID: "bench"}}
-		if err := engine.EncryptFile(ctx, src, dek, opts, nil); err != nil {
+		opts := container.CreateOptions{Kind: container.KindOther, Binding: keys.Binding{Purpose: keys.PurposeVM, OwnerID: "bench"}}
+		if err := container.EncryptFile(ctx, src, dek, opts, nil); err != nil {
 			return nil, err
 		}
 		best(&res.EncBytesPerS, time.Since(t0))
 		t0 = time.Now()
-		if err := engine.DecryptFile(ctx, src, dek, nil); err != nil {
+		if err := container.DecryptFile(ctx, src, dek, nil); err != nil {
 			return nil, err
 		}
 		best(&res.DecBytesPerS, time.Since(t0))

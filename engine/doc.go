@@ -1,17 +1,27 @@
-// Package engine owns vmcryptd's keys and data at rest: the key hierarchy
-// (KEKs from a key server, per-VM and per-disk DEKs wrapped under them),
-// the encrypted container format, the VM directory model, the operations
-// on VMs, and the resolver a decrypted view or an NBD export asks
-// (Datastore). It reaches key servers only through the KeyServer
-// interface; the XTS sector cipher lives in engine/xts.
+// Package engine is the home of vmcryptd's keys and data at rest; the
+// code lives in its sub-packages, one job each, in pipeline order (each
+// imports only those above it):
 //
-// Where to look:
-//   - trust.go: the FORMAT.md section 5 decision "may this file be served
-//     decrypted, and under which key?" (decideTrust, pure, one Clause per
-//     verdict; refusals are *RefusedError);
-//   - keys.go, keyring.go, keysafe.go: KEK and DEK, wrapping, the cache;
-//   - header.go, container*.go, keysafe_area.go: the container format;
-//   - vmlayout.go, convcheck.go, convert.go, vmops.go: the VM model and
-//     the conversions;
-//   - datastore.go, viewdisk.go, blockdisk.go: the view's resolver.
+//   - engine/keys: KEK and DEK (locked memory), owner binding and
+//     purpose, DEK wrap/unwrap (FORMAT.md 2), the keySafe codec, the
+//     Keyring (KEK cache, de-duplicated fetches, lock, revoked keys) and
+//     the KeyServer interface it reaches key servers through;
+//   - engine/xts: the XTS-AES-256 sector cipher (avo assembly, pure-Go
+//     reference);
+//   - engine/container: the container format (FORMAT.md 3): key
+//     derivation, header slots, the embedded keySafe copy, the vmx data
+//     bundle, Container I/O, header repair, and per-file conversion;
+//   - engine/vm: the VM directory model on formats/vmdir (layout, disks,
+//     the conversion journal) and the pure FORMAT.md section 5 trust
+//     decision (vm.Decide);
+//   - engine/vmops: operations on VMs: encrypt, decrypt, shallow and deep
+//     rekey, create, disks, core dumps, check and repair, abort, status;
+//   - engine/view: the resolver a FUSE view or an NBD export asks
+//     (Datastore): classification, DEK cache, placement of new files,
+//     pending disks, settle, block disks.
+//
+// engine/enginetest holds the tests that need several of them (VM
+// operations seen through a view, the FORMAT.md vectors, the planted
+// attacks, the fuzz targets); engine/internal/testkit what those tests
+// share.
 package engine

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // stallObserver holds every encrypted-file read or write for a moment
@@ -264,7 +264,7 @@ func TestAsyncDIOWritesPastEOF(t *testing.T) {
 	check("through the view")
 	f.Close()
 	waitReleased(t, m.v)
-	c, err := engine.OpenContainer(m.backing("enc/grow.bin"), m.b.dek, true, "")
+	c, err := container.OpenContainer(m.backing("enc/grow.bin"), m.b.dek, true, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -390,7 +390,7 @@ func TestAsyncDIOConcurrentTruncate(t *testing.T) {
 	}
 	f.Close()
 	waitReleased(t, m.v)
-	c, err := engine.OpenContainer(m.backing("enc/trunc.bin"), m.b.dek, true, "")
+	c, err := container.OpenContainer(m.backing("enc/trunc.bin"), m.b.dek, true, "")
 	if err != nil {
 		t.Fatal(err)
 	}

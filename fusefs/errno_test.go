@@ -7,27 +7,30 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/view"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 )
 
 // TestErrnoTable: each engine and OS error reaches the caller as its
 // errno, wrapped or not, on the open path (errnoOf) and, where a caller
 // can act on it, on the data path (ioErrno).
 func TestErrnoTable(t *testing.T) {
-	refused := &engine.RefusedError{Path: "vm/vm.nvram", Clause: engine.ClauseKind, Why: "holds a vswp container"}
+	refused := &vm.RefusedError{Path: "vm/vm.nvram", Clause: vm.ClauseKind, Why: "holds a vswp container"}
 	for _, tc := range []struct {
 		err      error
 		open, io syscall.Errno
 	}{
 		{nil, 0, syscall.EIO},
-		{engine.ErrBusy, syscall.EBUSY, syscall.EIO},
-		{engine.ErrDegraded, syscall.EROFS, syscall.EROFS},
+		{view.ErrBusy, syscall.EBUSY, syscall.EIO},
+		{container.ErrDegraded, syscall.EROFS, syscall.EROFS},
 		{refused, syscall.EACCES, syscall.EIO},
-		{engine.ErrLocked, syscall.EACCES, syscall.EIO},
-		{engine.ErrKeyUnavailable, syscall.EACCES, syscall.EIO},
-		{engine.ErrKeyLines, syscall.EPERM, syscall.EIO},
-		{engine.ErrTooLarge, syscall.EFBIG, syscall.EFBIG},
-		{engine.ErrTampered, syscall.EIO, syscall.EIO},
+		{keys.ErrLocked, syscall.EACCES, syscall.EIO},
+		{keys.ErrKeyUnavailable, syscall.EACCES, syscall.EIO},
+		{view.ErrKeyLines, syscall.EPERM, syscall.EIO},
+		{container.ErrTooLarge, syscall.EFBIG, syscall.EFBIG},
+		{container.ErrTampered, syscall.EIO, syscall.EIO},
 		{fs.ErrNotExist, syscall.ENOENT, syscall.EIO},
 		{fs.ErrPermission, syscall.EACCES, syscall.EIO},
 		{fs.ErrExist, syscall.EEXIST, syscall.EIO},

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // waitReleased waits until the view has no open handles (RELEASE reaches
@@ -67,7 +67,7 @@ func TestLockedFile(t *testing.T) {
 		t.Fatalf("log does not name the file and the reason:\n%s", logs)
 	}
 	// Nothing was changed at rest.
-	c, err := engine.OpenContainer(m.backing("enc/locked.nvram"), m.b.dek, true, "")
+	c, err := container.OpenContainer(m.backing("enc/locked.nvram"), m.b.dek, true, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +104,7 @@ func TestDamagedContainers(t *testing.T) {
 	}
 	f.Close()
 	// Cut the payload short of what the header promises.
-	if err := os.Truncate(m.backing("enc/truncated"), engine.HeaderSize+100); err != nil {
+	if err := os.Truncate(m.backing("enc/truncated"), container.HeaderSize+100); err != nil {
 		t.Fatal(err)
 	}
 
@@ -201,7 +201,7 @@ func TestForcedUnmountWithOpenFile(t *testing.T) {
 		t.Fatal("fsync through a file of an aborted mount succeeded")
 	}
 	// The container was closed cleanly: it opens and holds the data.
-	c, err := engine.OpenContainer(m.backing("enc/vm.vswp"), m.b.dek, true, "")
+	c, err := container.OpenContainer(m.backing("enc/vm.vswp"), m.b.dek, true, "")
 	if err != nil {
 		t.Fatal(err)
 	}

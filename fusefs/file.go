@@ -11,7 +11,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // encHandle is an open encrypted file. Every data operation goes through
@@ -21,7 +21,7 @@ import (
 type encHandle struct {
 	n     *node
 	es    *encState
-	c     *engine.Container
+	c     *container.Container
 	id    uint64 // in the mount's open-handle registry
 	write bool   // counted in n.writers
 }

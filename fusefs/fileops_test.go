@@ -14,7 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // model is the expected content of one file.
@@ -100,7 +100,7 @@ func checkAtRest(t *testing.T, m *testMount, rel string, enc bool, want *model) 
 		}
 		return
 	}
-	c, err := engine.OpenContainer(m.backing(rel), m.b.dek, true, "")
+	c, err := container.OpenContainer(m.backing(rel), m.b.dek, true, "")
 	if err != nil {
 		t.Fatalf("backing %s: %v", rel, err)
 	}
@@ -557,7 +557,7 @@ func TestDirectoryOps(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw, _ := os.ReadFile(m.backing("enc/sub/deeper/f"))
-	if !bytes.HasPrefix(raw, []byte(engine.ContainerMagic)) {
+	if !bytes.HasPrefix(raw, []byte(container.ContainerMagic)) {
 		t.Fatal("file in a subdirectory of enc/ is not a container")
 	}
 	// Readdir lists it with its logical size (READDIRPLUS goes through
@@ -651,7 +651,7 @@ func TestCrossBoundaryMoves(t *testing.T) {
 		t.Fatalf("mv: %v: %s", err, out)
 	}
 	raw, _ := os.ReadFile(m.backing("enc/moved"))
-	if !bytes.HasPrefix(raw, []byte(engine.ContainerMagic)) || bytes.Contains(raw, []byte("TOPSECRET")) {
+	if !bytes.HasPrefix(raw, []byte(container.ContainerMagic)) || bytes.Contains(raw, []byte("TOPSECRET")) {
 		t.Fatal("mv into enc/ left plaintext at rest")
 	}
 	if got, _ := os.ReadFile(m.view("enc/moved")); !bytes.Equal(got, secret) {

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // TestFioVerify runs fio with crc32c verification: four jobs of mixed
@@ -83,7 +83,7 @@ func TestFioVerify(t *testing.T) {
 	waitReleased(t, m.v)
 	for _, tc := range cases {
 		rel := "enc/fio-" + tc.name + ".bin"
-		c, err := engine.OpenContainer(m.backing(rel), m.b.dek, true, "")
+		c, err := container.OpenContainer(m.backing(rel), m.b.dek, true, "")
 		if err != nil {
 			t.Fatalf("%s at rest: %v", rel, err)
 		}

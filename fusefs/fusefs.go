@@ -4,7 +4,7 @@
 //
 // Which files are encrypted is the Backend's decision; fusefs only
 // translates FUSE operations. Encrypted files are always served by this
-// package's own file handles, which call engine.Container: they are never
+// package's own file handles, which call container.Container: they are never
 // handed to go-fuse's LoopbackFile or to kernel passthrough, either of
 // which would bypass decryption and expose ciphertext.
 package fusefs
@@ -17,28 +17,31 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/view"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 )
 
 // Backend decides which files are encrypted, opens and creates them, and
 // holds the policy the view enforces. rel is the slash path relative to
-// the datastore root. *engine.Datastore is the product's Backend; every
+// the datastore root. *view.Datastore is the product's Backend; every
 // method is required, so no safeguard can go missing by a method left
 // out (benchmarks and tests that want none embed Unpoliced, by name).
 type Backend interface {
 	// Classify tells how to serve an existing regular file. For
-	// engine.FileLocked, reason says why (a key not in memory, or a
+	// view.FileLocked, reason says why (a key not in memory, or a
 	// refusal naming its FORMAT.md 5 clause); the view answers EACCES
 	// and logs reason.
-	Classify(rel string) (st engine.FileState, reason string, err error)
-	// Open opens an encrypted file (engine.FileEncrypted). readOnly
+	Classify(rel string) (st view.FileState, reason string, err error)
+	// Open opens an encrypted file (view.FileEncrypted). readOnly
 	// opens it O_RDONLY.
-	Open(rel string, readOnly bool) (*engine.Container, error)
+	Open(rel string, readOnly bool) (*container.Container, error)
 	// Create makes a new file at rel. encrypted=false means the caller
 	// should create a plain file itself; otherwise the returned container
 	// is the new (empty) encrypted file. The backend decides (files
 	// created inside an encrypted VM's directory are encrypted).
-	Create(rel string, perm os.FileMode) (c *engine.Container, encrypted bool, err error)
+	Create(rel string, perm os.FileMode) (c *container.Container, encrypted bool, err error)
 
 	// WouldEncrypt says, without creating anything, whether a new file
 	// at rel would be encrypted. The view refuses (EXDEV) a rename or
@@ -65,12 +68,12 @@ type Backend interface {
 	// MayOpen refuses opening plain files, e.g. those of a VM in the
 	// middle of a conversion, which is about to replace them (encrypted
 	// files are refused by Open and Create, new files by Create). An
-	// error wrapping engine.ErrBusy becomes EBUSY.
+	// error wrapping view.ErrBusy becomes EBUSY.
 	MayOpen(rel string) error
 	// MayTruncate refuses cutting a plain file (O_TRUNC, truncate(2),
 	// ftruncate(2)): a VMDK descriptor holding a disk's key lines is
 	// replaced by rename, never truncated in place, or the disk would
-	// lose its key (engine.ErrKeyLines becomes EPERM).
+	// lose its key (view.ErrKeyLines becomes EPERM).
 	MayTruncate(rel string) error
 }
 
@@ -87,7 +90,7 @@ func (Unpoliced) Settle(string, func(string) bool, func() bool) ([]string, error
 func (Unpoliced) MayOpen(string) error     { return nil }
 func (Unpoliced) MayTruncate(string) error { return nil }
 
-var _ Backend = (*engine.Datastore)(nil)
+var _ Backend = (*view.Datastore)(nil)
 
 // Options tune a mount. The zero value gives the measured defaults (see
 // the package README in bench/fio for the numbers behind them).
@@ -177,12 +180,12 @@ var errnoTable = []struct {
 	err   error
 	errno syscall.Errno
 }{
-	{engine.ErrBusy, syscall.EBUSY},            // the VM is being converted
-	{engine.ErrDegraded, syscall.EROFS},        // readers get the surviving slot
-	{engine.ErrRefused, syscall.EACCES},        // a refusal of FORMAT.md 5
-	{engine.ErrKeyUnavailable, syscall.EACCES}, // the KEK is not in memory
-	{engine.ErrKeyLines, syscall.EPERM},        // truncating a descriptor's key lines
-	{engine.ErrTooLarge, syscall.EFBIG},        // past a container's 2^62 bytes
+	{view.ErrBusy, syscall.EBUSY},            // the VM is being converted
+	{container.ErrDegraded, syscall.EROFS},   // readers get the surviving slot
+	{vm.ErrRefused, syscall.EACCES},          // a refusal of FORMAT.md 5
+	{keys.ErrKeyUnavailable, syscall.EACCES}, // the KEK is not in memory
+	{view.ErrKeyLines, syscall.EPERM},        // truncating a descriptor's key lines
+	{container.ErrTooLarge, syscall.EFBIG},   // past a container's 2^62 bytes
 	{fs.ErrNotExist, syscall.ENOENT},
 	{fs.ErrPermission, syscall.EACCES},
 	{fs.ErrExist, syscall.EEXIST},

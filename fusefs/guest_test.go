@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // TestQemuGuestBoot boots a real QEMU guest (TCG: no KVM here) on a VMDK
@@ -88,7 +88,7 @@ func TestQemuGuestBoot(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.HasPrefix(raw, []byte(engine.ContainerMagic)) {
+		if !bytes.HasPrefix(raw, []byte(container.ContainerMagic)) {
 			t.Errorf("%s is not a container at rest", name)
 		}
 	}

@@ -11,7 +11,9 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/view"
 )
 
 // testBackend treats every file below a directory named "enc" as
@@ -19,7 +21,7 @@ import (
 // files locked.
 type testBackend struct {
 	root string
-	dek  *engine.DEK
+	dek  *keys.DEK
 
 	mu      sync.Mutex
 	locked  map[string]string // rel -> reason
@@ -34,7 +36,7 @@ type testBackend struct {
 
 func newTestBackend(t testing.TB, root string) *testBackend {
 	t.Helper()
-	dek, err := engine.NewDEK()
+	dek, err := keys.NewDEK()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +96,7 @@ func (b *testBackend) MayTruncate(rel string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.noTrunc[rel] {
-		return fmt.Errorf("%s: %w", rel, engine.ErrKeyLines)
+		return fmt.Errorf("%s: %w", rel, view.ErrKeyLines)
 	}
 	return nil
 }
@@ -103,50 +105,50 @@ func (b *testBackend) MayOpen(rel string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.busy[rel] {
-		return fmt.Errorf("%s: %w", rel, engine.ErrBusy)
+		return fmt.Errorf("%s: %w", rel, view.ErrBusy)
 	}
 	return nil
 }
 
-func (b *testBackend) Classify(rel string) (engine.FileState, string, error) {
+func (b *testBackend) Classify(rel string) (view.FileState, string, error) {
 	b.mu.Lock()
 	reason, locked := b.locked[rel]
 	b.mu.Unlock()
 	switch {
 	case locked:
-		return engine.FileLocked, reason, nil
+		return view.FileLocked, reason, nil
 	case b.isSettled(rel):
-		return engine.FilePlain, "", nil
+		return view.FilePlain, "", nil
 	case inEncDir(rel):
-		return engine.FileEncrypted, "", nil
+		return view.FileEncrypted, "", nil
 	}
-	return engine.FilePlain, "", nil
+	return view.FilePlain, "", nil
 }
 
-func (b *testBackend) Open(rel string, readOnly bool) (*engine.Container, error) {
+func (b *testBackend) Open(rel string, readOnly bool) (*container.Container, error) {
 	if !readOnly {
 		b.mu.Lock()
 		b.rwOpen++
 		b.mu.Unlock()
 	}
-	return engine.OpenContainer(filepath.Join(b.root, rel), b.dek, readOnly, "")
+	return container.OpenContainer(filepath.Join(b.root, rel), b.dek, readOnly, "")
 }
 
-func (b *testBackend) Create(rel string, perm os.FileMode) (*engine.Container, bool, error) {
+func (b *testBackend) Create(rel string, perm os.FileMode) (*container.Container, bool, error) {
 	if !inEncDir(rel) {
 		return nil, false, nil
 	}
-	c, err := engine.CreateContainer(filepath.Join(b.root, rel), b.dek, b.createOptions(perm))
+	c, err := container.CreateContainer(filepath.Join(b.root, rel), b.dek, b.createOptions(perm))
 	if err != nil {
 		return nil, false, err
 	}
 	return c, true, nil
 }
 
-func (b *testBackend) createOptions(perm os.FileMode) engine.CreateOptions {
-	return engine.CreateOptions{
-		Kind:    engine.KindOther,
-		Binding: engine.Binding{Purpose: engine.PurposeVM, OwnerID: "vm-1"},
+func (b *testBackend) createOptions(perm os.FileMode) container.CreateOptions {
+	return container.CreateOptions{
+		Kind:    container.KindOther,
+		Binding: keys.Binding{Purpose: keys.PurposeVM, OwnerID: "vm-1"},
 		Perm:    perm & 0o777,
 	}
 }

@@ -9,7 +9,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // node is one file, directory or symlink of the view. It mirrors the
@@ -40,7 +40,7 @@ type node struct {
 // idea of the logical size and header sequence and overwrite each
 // other's header.
 type encState struct {
-	c        *engine.Container
+	c        *container.Container
 	readOnly bool
 	// roErrno is why a writable open failed when this state was opened
 	// read-only for a reader (EROFS for a degraded container or a revoked

@@ -11,7 +11,8 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/view"
 	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
@@ -67,7 +68,7 @@ func (s *state) stableAttr(st *syscall.Stat_t, gen uint64) fs.StableAttr {
 }
 
 // headerSize reads the logical size from an unopened container's header
-// without a key (engine.PeekHeader: unauthenticated, display only).
+// without a key (container.PeekHeader: unauthenticated, display only).
 func headerSize(abs string) (int64, error) {
 	f, err := safeopen.Open(abs, os.O_RDONLY)
 	if err != nil {
@@ -78,7 +79,7 @@ func headerSize(abs string) (int64, error) {
 	if _, err := io.ReadFull(f, region[:]); err != nil {
 		return 0, err
 	}
-	h, err := engine.PeekHeader(region[:])
+	h, err := container.PeekHeader(region[:])
 	if err != nil {
 		return 0, err
 	}
@@ -106,7 +107,7 @@ func (n *node) fixSize(rel, abs string, st *syscall.Stat_t) syscall.Errno {
 		n.st.log.Error("cannot classify file", "path", rel, "err", err)
 		return syscall.EIO
 	}
-	if class == engine.FilePlain {
+	if class == view.FilePlain {
 		return 0
 	}
 	size, err := headerSize(abs)
@@ -324,9 +325,9 @@ func (n *node) truncate(f fs.FileHandle, size int64) syscall.Errno {
 		return errnoOf(unix.Truncate(abs, size))
 	}
 	switch class {
-	case engine.FilePlain:
+	case view.FilePlain:
 		return plainTruncate()
-	case engine.FileLocked:
+	case view.FileLocked:
 		n.st.log.Warn("refused truncate of locked file", "path", rel, "reason", reason)
 		return syscall.EACCES
 	}

@@ -6,7 +6,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/view"
 	"golang.org/x/sys/unix"
 )
 
@@ -67,7 +67,7 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 	}
 	// A second name for an encrypted file would let it be judged by
 	// either (the backend refuses containers with several names).
-	if class, _, err := n.st.backend.Classify(oldRel); err != nil || class != engine.FilePlain {
+	if class, _, err := n.st.backend.Classify(oldRel); err != nil || class != view.FilePlain {
 		if err != nil {
 			n.st.log.Error("cannot classify file", "path", oldRel, "err", err)
 			return nil, syscall.EIO

@@ -11,7 +11,8 @@ import (
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/view"
 	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
 
@@ -42,7 +43,7 @@ func (n *node) acquire(rel string, write bool) (*encState, syscall.Errno) {
 	ro := n.st.readOnly
 	var roErrno syscall.Errno
 	c, err := n.st.backend.Open(rel, ro)
-	if err != nil && !ro && !write && (errors.Is(err, os.ErrPermission) || errors.Is(err, syscall.EROFS) || errors.Is(err, engine.ErrDegraded)) {
+	if err != nil && !ro && !write && (errors.Is(err, os.ErrPermission) || errors.Is(err, syscall.EROFS) || errors.Is(err, container.ErrDegraded)) {
 		// A reader of a file we may not write (read-only backing store,
 		// a degraded container, a revoked key): serve it read-only.
 		ro, roErrno = true, errnoOf(err)
@@ -96,7 +97,7 @@ func (n *node) replacedByPlain(rel string) bool {
 		return false
 	}
 	class, _, err := n.st.backend.Classify(rel)
-	return err == nil && class == engine.FilePlain
+	return err == nil && class == view.FilePlain
 }
 
 // settle lets the backend give the file its final form (Backend.Settle) when es
@@ -237,9 +238,9 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 		return nil, 0, syscall.EIO
 	}
 	switch class {
-	case engine.FilePlain:
+	case view.FilePlain:
 		return n.openPlain(rel, flags)
-	case engine.FileLocked:
+	case view.FileLocked:
 		n.st.log.Warn("refused open of locked file", "path", rel, "reason", reason)
 		return nil, 0, syscall.EACCES
 	}

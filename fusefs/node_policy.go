@@ -3,7 +3,7 @@ package fusefs
 import (
 	"syscall"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/view"
 )
 
 // Policy: the checks a name operation passes before it touches the backing
@@ -49,7 +49,7 @@ func (s *state) crossesBoundary(oldRel, newRel string) (bool, syscall.Errno) {
 		s.log.Error("cannot place file", "path", newRel, "err", err)
 		return false, syscall.EIO
 	}
-	return enc != (class != engine.FilePlain), 0
+	return enc != (class != view.FilePlain), 0
 }
 
 // moveCheck applies crossesBoundary to a directory entry about to be

@@ -8,7 +8,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // TestEncryptedReadsPlaintextStoresCiphertext is the property the view
@@ -61,7 +61,7 @@ func testPlaintextAtRest(t *testing.T, opts Options) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.HasPrefix(raw, []byte(engine.ContainerMagic)) {
+	if !bytes.HasPrefix(raw, []byte(container.ContainerMagic)) {
 		t.Fatalf("backing file does not start with the container magic")
 	}
 	if bytes.Contains(raw, plain[:64]) || bytes.Contains(raw, []byte("SECRET-PLAINTEXT")) {
@@ -70,7 +70,7 @@ func testPlaintextAtRest(t *testing.T, opts Options) {
 	// Independent check: the engine opens the backing file and decrypts
 	// the same bytes.
 	waitReleased(t, m.v)
-	c, err := engine.OpenContainer(m.backing("enc/disk-flat.vmdk"), m.b.dek, true, "")
+	c, err := container.OpenContainer(m.backing("enc/disk-flat.vmdk"), m.b.dek, true, "")
 	if err != nil {
 		t.Fatal(err)
 	}

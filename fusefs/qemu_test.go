@@ -12,7 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 )
 
 // scanFile reports whether pat occurs in the data regions of the file at
@@ -29,9 +29,9 @@ func scanFile(t *testing.T, p string, pat []byte) (found, magic bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	head := make([]byte, len(engine.ContainerMagic))
+	head := make([]byte, len(container.ContainerMagic))
 	f.ReadAt(head, 0)
-	magic = string(head) == engine.ContainerMagic
+	magic = string(head) == container.ContainerMagic
 	buf := make([]byte, 1<<20+len(pat))
 	fd := int(f.Fd())
 	for off := int64(0); off < st.Size(); {
@@ -115,12 +115,12 @@ func TestQemuVMDK(t *testing.T) {
 		dst := m.backing("enc/" + f.Name())
 		run(t, "cp", "--sparse=always", src, dst)
 		opts := m.b.createOptions(0o644)
-		opts.Kind = engine.KindExtent
-		if err := engine.EncryptFile(context.Background(), dst, m.b.dek, opts, nil); err != nil {
+		opts.Kind = container.KindExtent
+		if err := container.EncryptFile(context.Background(), dst, m.b.dek, opts, nil); err != nil {
 			t.Fatalf("encrypt %s: %v", f.Name(), err)
 		}
 		raw, _ := os.ReadFile(dst)
-		if !bytes.HasPrefix(raw, []byte(engine.ContainerMagic)) {
+		if !bytes.HasPrefix(raw, []byte(container.ContainerMagic)) {
 			t.Fatalf("%s is not a container after EncryptFile", f.Name())
 		}
 	}

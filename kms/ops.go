@@ -239,7 +239,7 @@ func (p *Provider) GetKey(ctx context.Context, id string) ([]byte, error) {
 
 // FetchKEK is GetKeyState with the state spelled as KMIP names it
 // ("Active", "Deactivated", "Compromised"): the engine's keyring uses it
-// to keep the state with the KEK (engine.KeyStateServer).
+// to keep the state with the KEK (keys.KeyStateServer).
 func (p *Provider) FetchKEK(ctx context.Context, id string) ([]byte, string, error) {
 	key, st, err := p.GetKeyState(ctx, id)
 	if err != nil {

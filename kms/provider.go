@@ -3,7 +3,7 @@
 //
 // A Provider is what vCenter calls a key provider: a name plus one or more
 // KMIP servers that hold the same keys. The engine consumes it through the
-// engine.KeyServer interface to create and fetch key-encryption keys
+// keys.KeyServer interface to create and fetch key-encryption keys
 // (AES-256; the daemon checks at compile time that Provider satisfies it);
 // the daemon and CLI use the rest (Locate, KeyState, Revoke, Destroy,
 // Status).

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/vmcryptd/vmcryptd/bench"
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
 	"github.com/vmcryptd/vmcryptd/engine/xts"
 )
 
@@ -31,7 +31,7 @@ func (b *benchCmd) Run(g *globals) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 
-	chosen, err := engine.ChooseImpl()
+	chosen, err := container.ChooseImpl()
 	if err != nil {
 		return err
 	}
@@ -79,7 +79,7 @@ func (b *benchCmd) Run(g *globals) error {
 
 	if !b.JSON {
 		fmt.Printf("CPU features: %s\n", strings.Join(xts.Features(), " "))
-		fmt.Printf("Chosen implementation: %s (force with $%s or --impl)\n", chosen, engine.EnvXTSImpl)
+		fmt.Printf("Chosen implementation: %s (force with $%s or --impl)\n", chosen, container.EnvXTSImpl)
 		fmt.Printf("Each call processes one data unit in a cached buffer, as 'openssl speed' does.\n\n")
 	}
 	results, err := bench.MeasureCipher(ctx, bench.CipherOptions{

@@ -85,7 +85,7 @@ func (c *vmCheckCmd) Run(g *globals) error {
 			for _, f := range r.Findings {
 				fmt.Printf("%s: %s\n", r.Dir, f)
 			}
-			fmt.Println(r.CheckSummary())
+			fmt.Println(r.Summary())
 		}
 	}
 	if problems {

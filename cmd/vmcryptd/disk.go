@@ -7,7 +7,7 @@ import (
 
 	"github.com/alecthomas/kong"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/vmops"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 )
 
@@ -77,7 +77,7 @@ type diskAddCmd struct {
 }
 
 func (c *diskAddCmd) Run(g *globals) error {
-	if err := engine.CheckDiskSize(int64(c.Size)); err != nil {
+	if err := vmops.CheckDiskSize(int64(c.Size)); err != nil {
 		return fmt.Errorf("--size: %w", err)
 	}
 	var res api.DiskReply
@@ -118,14 +118,14 @@ type vmCreateCmd struct {
 
 func (c *vmCreateCmd) Run(g *globals) error {
 	req := api.CreateRequest{Dir: c.Dir, Name: c.Name, Memory: int64(c.Memory), Encrypt: c.Encrypt || c.Policy == "VM Encryption Policy"}
-	if err := engine.CheckMemory(req.Memory); err != nil {
+	if err := vmops.CheckMemory(req.Memory); err != nil {
 		return fmt.Errorf("--memory: %w", err)
 	}
 	for _, d := range c.Disk {
 		s, sf, _ := strings.Cut(d, ":")
 		n, err := parseSize(s)
 		if err == nil {
-			err = engine.CheckDiskSize(n)
+			err = vmops.CheckDiskSize(n)
 		}
 		if err != nil {
 			return fmt.Errorf("--disk %s: %w", d, err)

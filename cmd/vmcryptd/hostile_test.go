@@ -21,7 +21,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/safeopen"
 )
@@ -389,7 +390,7 @@ func hostileCases() []hostileCase {
 		{name: "fifo extent", file: "h-flat.vmdk", mutate: with("h-flat.vmdk", fifoAt)},
 		{name: "fifo nvram", file: "h.nvram", mutate: with("h.nvram", fifoAt)},
 		{name: "fifo vmsd", file: "h.vmsd", mutate: with("h.vmsd", fifoAt)},
-		{name: "fifo journal", file: engine.JournalName, mutate: with(engine.JournalName, fifoAt)},
+		{name: "fifo journal", file: vm.JournalName, mutate: with(vm.JournalName, fifoAt)},
 		{name: "socket extent", file: "h-flat.vmdk", mutate: socket("h-flat.vmdk")},
 		{name: "socket nvram", file: "h.nvram", mutate: socket("h.nvram")},
 		{name: "device extent", file: "h-flat.vmdk", mutate: with("h-flat.vmdk", zeroDevAt)},
@@ -586,7 +587,7 @@ func TestHostileFiles(t *testing.T) {
 					}
 					if orig, ok := ref[e.Name()]; ok && err == nil && encrypted && strings.HasPrefix(orig, "file:") {
 						rest, rerr := safeopen.ReadFile(filepath.Join(vm, e.Name()), 64<<20)
-						if rerr == nil && bytes.HasPrefix(rest, []byte(engine.ContainerMagic)) && string(b) != orig[5:] {
+						if rerr == nil && bytes.HasPrefix(rest, []byte(container.ContainerMagic)) && string(b) != orig[5:] {
 							fail("view: %s: decrypted bytes differ from the original", e.Name())
 						}
 					}

@@ -3,7 +3,7 @@ package main
 import (
 	"os"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/internal/inspect"
 )
 
@@ -14,7 +14,7 @@ type inspectCmd struct {
 }
 
 func (c *inspectCmd) Run(g *globals) error {
-	r, err := inspect.InspectWith(c.Path, inspect.Options{Detector: engine.DetectContainer})
+	r, err := inspect.InspectWith(c.Path, inspect.Options{Detector: vm.DetectContainer})
 	if err != nil {
 		return err
 	}

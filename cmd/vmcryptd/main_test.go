@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rogpeppe/go-internal/testscript"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/kms"
 	"github.com/vmcryptd/vmcryptd/kms/labkms"
@@ -44,7 +45,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv("GORACE") == "" {
 		os.Setenv("GORACE", "atexit_sleep_ms=0")
 	}
-	os.Exit(m.Run())
+	// testscript runs m and serves "vmcryptd" to the transcripts in
+	// testdata/script as this test binary.
+	testscript.Main(m, map[string]func(){"vmcryptd": main})
 }
 
 type runResult struct {

@@ -12,9 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/manager"
+	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
 )
 
 // dirFiles reads every regular file under dir, by relative path.
@@ -101,7 +101,7 @@ func TestManagerStoragePolicy(t *testing.T) {
 	mustRun(t, "manager", "policy", "create", "Plain tier", "--manager-socket", msock)
 	oneLineErr(t, "create a duplicate", vmcryptd(t, nil, nil, "manager", "policy", "create", "gold", "--manager-socket", msock), `"Gold" already exists`)
 	oneLineErr(t, "create with an unknown provider", vmcryptd(t, nil, nil, "manager", "policy", "create", "X", "--encrypt", "--provider", "nope", "--manager-socket", msock), `"nope" is not configured`)
-	oneLineErr(t, "remove a built-in", vmcryptd(t, nil, nil, "manager", "policy", "remove", engine.PolicyEncrypt, "--manager-socket", msock), "built in")
+	oneLineErr(t, "remove a built-in", vmcryptd(t, nil, nil, "manager", "policy", "remove", mgrproto.PolicyEncrypt, "--manager-socket", msock), "built in")
 
 	// Both hosts list the manager's policies.
 	for _, h := range []string{h1, h2} {
@@ -116,7 +116,7 @@ func TestManagerStoragePolicy(t *testing.T) {
 				t.Errorf("%s policy list: %+v", h, p)
 			}
 		}
-		if strings.Join(names, "|") != engine.PolicyEncrypt+"|"+engine.PolicyDefault+"|Gold|Plain tier" {
+		if strings.Join(names, "|") != mgrproto.PolicyEncrypt+"|"+mgrproto.PolicyDefault+"|Gold|Plain tier" {
 			t.Fatalf("%s policy list: %v", h, names)
 		}
 	}
@@ -196,7 +196,7 @@ func TestManagerStoragePolicy(t *testing.T) {
 	if err := stopPID(mpid); err != nil {
 		t.Fatal(err)
 	}
-	r := vmcryptd(t, nil, nil, "--socket", h1, "policy", "set", vm, engine.PolicyDefault)
+	r := vmcryptd(t, nil, nil, "--socket", h1, "policy", "set", vm, mgrproto.PolicyDefault)
 	oneLineErr(t, "policy set with the manager down", r, "manager unreachable")
 	if !strings.Contains(r.err, "nothing was changed") {
 		t.Errorf("policy set with the manager down does not say nothing was changed: %s", r.err)
@@ -263,9 +263,9 @@ func TestManagerStoragePolicy(t *testing.T) {
 
 	// Datastore Default decrypts back to the original bytes; the VM
 	// leaves the inventory and the policies may go.
-	mustRun(t, "--socket", h1, "policy", "set", vm, engine.PolicyDefault)
+	mustRun(t, "--socket", h1, "policy", "set", vm, mgrproto.PolicyDefault)
 	sameFiles(t, "after policy set Datastore Default", dirFiles(t, vm), orig)
-	if st := vmStatusJSON(t, h1, vm); st.Encrypted || st.Policy != engine.PolicyDefault {
+	if st := vmStatusJSON(t, h1, vm); st.Encrypted || st.Policy != mgrproto.PolicyDefault {
 		t.Fatalf("after policy set Datastore Default: encrypted %v, policy %q", st.Encrypted, st.Policy)
 	}
 	if _, ok := managerVMs(t, dir)[vm]; ok {
@@ -297,7 +297,7 @@ func TestManagerStoragePolicy(t *testing.T) {
 func TestManagerPolicyDirectHostUnchanged(t *testing.T) {
 	dir := startLab(t)
 	sock := filepath.Join(dir, "vmcryptd.sock")
-	want := fmt.Sprintf("%-22s %s\n%-22s %s\n", engine.PolicyEncrypt, "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)", engine.PolicyDefault, "no encryption")
+	want := fmt.Sprintf("%-22s %s\n%-22s %s\n", mgrproto.PolicyEncrypt, "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)", mgrproto.PolicyDefault, "no encryption")
 	if out := mustRun(t, "--socket", sock, "policy", "list"); out != want {
 		t.Fatalf("direct policy list:\n%q\nwant\n%q", out, want)
 	}
@@ -305,14 +305,14 @@ func TestManagerPolicyDirectHostUnchanged(t *testing.T) {
 	mustRun(t, "--socket", sock, "vm", "create", "--name", "dvm", "--disk", "1M", vm)
 	orig := dirFiles(t, vm)
 	oneLineErr(t, "direct policy set Gold", vmcryptd(t, nil, nil, "--socket", sock, "policy", "set", vm, "Gold"), `unknown policy "Gold" (known: "VM Encryption Policy", "Datastore Default")`)
-	mustRun(t, "--socket", sock, "policy", "set", vm, engine.PolicyEncrypt)
-	if st := vmStatusJSON(t, sock, vm); !st.Encrypted || st.Policy != engine.PolicyEncrypt {
+	mustRun(t, "--socket", sock, "policy", "set", vm, mgrproto.PolicyEncrypt)
+	if st := vmStatusJSON(t, sock, vm); !st.Encrypted || st.Policy != mgrproto.PolicyEncrypt {
 		t.Fatalf("direct policy set encrypt: encrypted %v, policy %q", st.Encrypted, st.Policy)
 	}
 	state, err := os.ReadFile(filepath.Join(dir, "state", "state.json"))
 	if err != nil || !bytes.Contains(state, []byte(vm)) || bytes.Contains(state, []byte(`"policy"`)) {
 		t.Errorf("a direct host's state should record the VM and no policy (%v):\n%s", err, state)
 	}
-	mustRun(t, "--socket", sock, "policy", "set", vm, engine.PolicyDefault)
+	mustRun(t, "--socket", sock, "policy", "set", vm, mgrproto.PolicyDefault)
 	sameFiles(t, "direct policy set back to Datastore Default", dirFiles(t, vm), orig)
 }

@@ -34,7 +34,7 @@ func TestParseSize(t *testing.T) {
 }
 
 // vm create refuses absurd memory and disk sizes before asking the daemon
-// (the daemon and engine refuse them too: engine.TestCreateLimits).
+// (the daemon and engine refuse them too: engine/enginetest TestCreateLimits).
 func TestVMCreateSizeFlags(t *testing.T) {
 	cases := []struct {
 		args []string

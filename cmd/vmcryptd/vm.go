@@ -13,7 +13,6 @@ import (
 	"github.com/vbauerster/mpb/v8/decor"
 	"golang.org/x/sys/unix"
 
-	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 )
 
@@ -146,7 +145,7 @@ func (g *globals) convert(path string, req api.VMRequest, jsonOut bool, done str
 			fmt.Printf("{\"progress\":%s}\n", raw)
 			return
 		}
-		var ev engine.ProgressEvent
+		var ev api.Progress
 		if json.Unmarshal(raw, &ev) != nil {
 			return
 		}

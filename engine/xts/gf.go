@@ -1,7 +1,7 @@
 package xts
 
 // GF(2^128) arithmetic on XTS tweaks, IEEE 1619 convention: the 16 tweak
-// bytes are a 128-bit little-endian integer (lo = bytes 0..7, hi = bytes
+// Bytes are a 128-bit little-endian integer (lo = bytes 0..7, hi = bytes
 // 8..15), the field polynomial is x^128 + x^7 + x^2 + x + 1, so multiplying
 // by x is a 1-bit left shift with the carry out of bit 127 folded back in as
 // 0x87. The assembly kernels use the same identity on vector lanes (see

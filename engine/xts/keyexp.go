@@ -7,7 +7,7 @@ import "encoding/binary"
 // We expand keys ourselves instead of borrowing crypto/aes internals so the
 // round keys can be written straight into locked, non-dumpable memory (from
 // internal/secmem) in exactly the layout the kernels read: 15 round keys of 16
-// bytes, each in the byte order AESENC expects (which is the FIPS-197 byte
+// Bytes, each in the byte order AESENC expects (which is the FIPS-197 byte
 // order of the words w[4r..4r+3]).
 //
 // The S-box is computed, not looked up: a table lookup indexed by key bytes

@@ -6,9 +6,9 @@ package api
 
 import (
 	"encoding/json"
+	"fmt"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
 	"github.com/vmcryptd/vmcryptd/kms"
 )
 
@@ -202,7 +202,7 @@ type StreamLine struct {
 
 // VMStatusReply is GET /v1/vm/status?dir=...
 type VMStatusReply struct {
-	engine.VMStatus
+	VMStatus
 	Locked     bool   `json:"locked"`
 	LockReason string `json:"lock_reason,omitempty"`
 	// Warning names a KEK of the VM held in a revoked state (unwrap only).
@@ -323,5 +323,87 @@ type CheckRequest struct {
 
 // CheckReply holds one report per VM directory checked.
 type CheckReply struct {
-	Reports []engine.CheckReport `json:"reports"`
+	Reports []CheckReport `json:"reports"`
+}
+
+// VMStatus is a VM directory's encryption state, as vm status shows it.
+type VMStatus struct {
+	Dir         string       `json:"dir"`
+	Name        string       `json:"name,omitempty"`
+	Encrypted   bool         `json:"encrypted"`
+	VMID        string       `json:"vm_id,omitempty"`
+	Policy      string       `json:"policy"`
+	KEKs        []string     `json:"keks"` // provider/key id of every KEK the VM needs
+	Interrupted string       `json:"interrupted,omitempty"`
+	Snapshots   int          `json:"snapshots"`
+	Files       []FileStatus `json:"files"`
+	// Problems are one-line findings that need the admin's attention
+	// but do not stop the VM from being used.
+	Problems []string `json:"problems,omitempty"`
+}
+
+// FileStatus is one data file of a VM.
+type FileStatus struct {
+	Name        string `json:"name"`
+	Kind        string `json:"kind"`
+	Disk        string `json:"disk,omitempty"`
+	Encrypted   bool   `json:"encrypted"`
+	KEK         string `json:"kek,omitempty"`
+	Fingerprint string `json:"dek_fingerprint,omitempty"`
+	Size        int64  `json:"size"`
+}
+
+// Progress is one progress line of a streamed conversion.
+type Progress struct {
+	Op    string `json:"op"`    // "encrypt", "decrypt" or "rekey-deep"
+	File  string `json:"file"`  // the file being converted
+	Done  int64  `json:"done"`  // bytes of all files so far
+	Total int64  `json:"total"` // bytes of all files to convert
+}
+
+// CheckReport is the result of vm check for one VM directory: what was
+// repaired (with --repair) and the findings that remain. A VM is healthy
+// when Findings is empty.
+type CheckReport struct {
+	Dir      string         `json:"dir"`
+	Checked  int            `json:"containers_checked"`
+	Repaired []string       `json:"repaired,omitempty"`
+	Findings []CheckFinding `json:"findings"`
+}
+
+// CheckFinding is one problem vm check found.
+type CheckFinding struct {
+	File       string `json:"file,omitempty"`
+	Problem    string `json:"problem"`
+	Repairable bool   `json:"repairable"`
+}
+
+// String is the one line the CLI prints for f.
+func (f CheckFinding) String() string {
+	s := f.Problem
+	if f.File != "" {
+		s = f.File + ": " + s
+	}
+	if f.Repairable {
+		s += " (vm check --repair fixes this)"
+	}
+	return s
+}
+
+// Summary is the one line the CLI prints after r's findings.
+func (r CheckReport) Summary() string {
+	if len(r.Findings) == 0 {
+		return fmt.Sprintf("%s: ok (%d containers verified)", r.Dir, r.Checked)
+	}
+	n := 0
+	for _, f := range r.Findings {
+		if f.Repairable {
+			n++
+		}
+	}
+	s := fmt.Sprintf("%s: %d problem(s)", r.Dir, len(r.Findings))
+	if n > 0 {
+		s += fmt.Sprintf(", %d repairable with --repair", n)
+	}
+	return s
 }

@@ -7,12 +7,12 @@ import (
 	"sort"
 	"strings"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/vmops"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 )
 
 // hVMCheck verifies VM directories against their text files
-// (engine.VMOps.Check). Checking needs only System.Read: DEKs are
+// (vmops.VMOps.Check). Checking needs only System.Read: DEKs are
 // unwrapped inside the daemon to authenticate headers and nothing but
 // verdicts leaves it. --repair rewrites header slots and key lines, so it
 // needs Cryptographer.Recrypt and Cryptographer.AddDisk, takes the VM
@@ -57,18 +57,18 @@ func (d *Daemon) hVMCheck(rc *reqCtx) (any, error) {
 		return nil, badRequest("give a VM directory or --datastore")
 	}
 	ctx := context.WithoutCancel(rc.r.Context())
-	reply := api.CheckReply{Reports: []engine.CheckReport{}}
+	reply := api.CheckReply{Reports: []api.CheckReport{}}
 	for _, dir := range dirs {
 		rep, err := d.checkOne(ctx, rc, dir, req.Repair)
 		if err != nil {
-			rep = &engine.CheckReport{Dir: dir, Findings: []engine.CheckFinding{{Problem: err.Error()}}}
+			rep = &vmops.CheckReport{Dir: dir, Findings: []vmops.CheckFinding{{Problem: err.Error()}}}
 		}
-		reply.Reports = append(reply.Reports, *rep)
+		reply.Reports = append(reply.Reports, wireCheckReport(rep))
 	}
 	return reply, nil
 }
 
-func (d *Daemon) checkOne(ctx context.Context, rc *reqCtx, dir string, repair bool) (*engine.CheckReport, error) {
+func (d *Daemon) checkOne(ctx context.Context, rc *reqCtx, dir string, repair bool) (*vmops.CheckReport, error) {
 	if !repair {
 		// Reading only: no VM lock, so a check never makes the views
 		// refuse a running VM's opens (a conversion in progress shows

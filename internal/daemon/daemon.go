@@ -22,7 +22,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/view"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/config"
 	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
@@ -44,8 +46,8 @@ type Options struct {
 // The engine reaches key providers only through its KeyServer (and, for
 // key states, KeyStateServer) interface; a KMIP provider must satisfy both.
 var (
-	_ engine.KeyServer      = (*kms.Provider)(nil)
-	_ engine.KeyStateServer = (*kms.Provider)(nil)
+	_ keys.KeyServer      = (*kms.Provider)(nil)
+	_ keys.KeyStateServer = (*kms.Provider)(nil)
 )
 
 // Daemon is one running vmcryptd.
@@ -77,7 +79,7 @@ type Daemon struct {
 	readTimeout time.Duration
 	auth        *authorizer
 	audit       *auditLog
-	keyring     *engine.Keyring
+	keyring     *keys.Keyring
 	started     time.Time
 	// mgr is the manager client when the manager is the key source
 	// ([manager] in the config); nil for a trusted host (manager.go).
@@ -88,7 +90,7 @@ type Daemon struct {
 	st        *state
 	providers map[string]*kms.Provider
 	source    map[string]string // provider name -> "config" | "api"
-	keyErrs   map[engine.KeyRef]string
+	keyErrs   map[keys.KeyRef]string
 	vmLocks   vmLocks
 	metrics   *metrics
 	mounts    map[string]*activeMount  // by mountpoint
@@ -98,9 +100,9 @@ type Daemon struct {
 	// metricsSrv is the running metrics listener (nil when off); a
 	// reload that changes metrics_listen replaces it (metrics.go).
 	metricsSrv *metricsListener
-	reading    map[string]bool              // VM dirs whose status read has not returned (see registerDatastoreVMs)
-	made       map[string]*engine.MadeFiles // disks made through views, by datastore root
-	ops        sync.WaitGroup               // conversions in progress
+	reading    map[string]bool            // VM dirs whose status read has not returned (see registerDatastoreVMs)
+	made       map[string]*view.MadeFiles // disks made through views, by datastore root
+	ops        sync.WaitGroup             // conversions in progress
 }
 
 // HardenProcess makes the process undumpable (no core dumps, no ptrace
@@ -147,9 +149,9 @@ func New(opts Options) (*Daemon, error) {
 	}
 	d := &Daemon{
 		cfgPath: opts.ConfigPath, log: opts.Logger, version: opts.Version, readTimeout: 30 * time.Second, retryReset: make(chan struct{}, 1),
-		auth: auth, audit: audit, keyring: engine.NewKeyring(), started: time.Now(),
+		auth: auth, audit: audit, keyring: keys.NewKeyring(), started: time.Now(),
 		st: st, providers: map[string]*kms.Provider{}, source: map[string]string{},
-		keyErrs: map[engine.KeyRef]string{}, mounts: map[string]*activeMount{}, exports: map[string]*activeExport{},
+		keyErrs: map[keys.KeyRef]string{}, mounts: map[string]*activeMount{}, exports: map[string]*activeExport{},
 	}
 	d.conf.Store(cfg)
 	d.retry.Store(int64(opts.RetryInterval))
@@ -209,13 +211,13 @@ func (d *Daemon) defaultProvider() string {
 }
 
 // neededKeys lists every KEK the registered state refers to.
-func (d *Daemon) neededKeys() []engine.KeyRef {
+func (d *Daemon) neededKeys() []keys.KeyRef {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	seen := map[engine.KeyRef]bool{}
-	var out []engine.KeyRef
+	seen := map[keys.KeyRef]bool{}
+	var out []keys.KeyRef
 	add := func(k keyRefJSON) {
-		r := engine.KeyRef{Provider: k.Provider, KeyID: k.KeyID}
+		r := keys.KeyRef{Provider: k.Provider, KeyID: k.KeyID}
 		if !seen[r] {
 			seen[r] = true
 			out = append(out, r)
@@ -249,7 +251,7 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 			return // the hello said the manager locked this host
 		}
 	}
-	var refs []engine.KeyRef
+	var refs []keys.KeyRef
 	for _, ref := range d.neededKeys() {
 		if !d.keyring.Cached(ref) && !d.deniedRecently(ref) {
 			refs = append(refs, ref)
@@ -257,7 +259,7 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 	}
 	// One key server that ignores its deadline costs its slot, never
 	// the other keys or the retry loop.
-	eachBounded(ctx, refs, 4, keyFetchTimeout+5*time.Second, func(ref engine.KeyRef) {
+	eachBounded(ctx, refs, 4, keyFetchTimeout+5*time.Second, func(ref keys.KeyRef) {
 		fctx, cancel := context.WithTimeout(ctx, keyFetchTimeout)
 		defer cancel()
 		kek, err := d.keyring.Get(fctx, ref)
@@ -278,7 +280,7 @@ func (d *Daemon) loadKeys(ctx context.Context) {
 			d.log.Info("key loaded", "key", ref.String())
 			d.noteKeyLoaded(ref, kek)
 		}
-	}, func(ref engine.KeyRef) {
+	}, func(ref keys.KeyRef) {
 		d.log.Warn("key fetch still running past its deadline; not waiting for it", "key", ref.String())
 	})
 }
@@ -530,8 +532,8 @@ func (d *Daemon) status(id identity) api.Status {
 	// the views' key lookups (they take the lock for KeyErr).
 	registered := map[string]bool{}
 	interrupted := func(dir string) string {
-		if op, err := engine.InterruptedOp(dir); err == nil && op != "" {
-			return "conversion interrupted (" + op + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"
+		if op, err := vm.InterruptedOp(dir); err == nil && op != "" {
+			return "conversion interrupted (" + string(op) + "): run 'vmcryptd vm " + verbFor(op) + "' again to finish"
 		}
 		return ""
 	}
@@ -564,7 +566,7 @@ func (d *Daemon) statusMemory(s *api.Status) {
 	s.DefaultKMS = d.defaultProvider()
 	s.KeySource = d.keySource()
 	if h := d.st.HostKey; h != nil {
-		ref := engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
+		ref := keys.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
 		s.HostEncryption = api.HostEncryption{Enabled: true, Provider: h.Provider, KeyID: h.KeyID,
 			KeyLoaded: d.keyring.Cached(ref), Error: d.keyErrs[ref]}
 	}
@@ -575,9 +577,9 @@ func (d *Daemon) statusMemory(s *api.Status) {
 	sort.Slice(s.Providers, func(i, j int) bool { return s.Providers[i].Name < s.Providers[j].Name })
 	for _, vm := range d.st.VMs {
 		vs := api.VMLockState{Dir: vm.Dir, Name: vm.Name, Keys: []string{}}
-		var refs []engine.KeyRef
+		var refs []keys.KeyRef
 		for _, k := range vm.Keys {
-			ref := engine.KeyRef{Provider: k.Provider, KeyID: k.KeyID}
+			ref := keys.KeyRef{Provider: k.Provider, KeyID: k.KeyID}
 			refs = append(refs, ref)
 			vs.Keys = append(vs.Keys, ref.String())
 			if !d.keyring.Cached(ref) {
@@ -594,9 +596,9 @@ func (d *Daemon) statusMemory(s *api.Status) {
 	}
 }
 
-func verbFor(op string) string {
-	if op == "rekey-deep" {
+func verbFor(op vm.Op) string {
+	if op == vm.OpRekeyDeep {
 		return "rekey --deep"
 	}
-	return op
+	return string(op)
 }

@@ -5,7 +5,8 @@ import (
 	"fmt"
 	"testing"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 )
 
@@ -18,10 +19,10 @@ func TestErrorKind(t *testing.T) {
 		{errors.New("disk full"), ""},
 		{badRequest("bad"), ""},
 		{forbidden("needs Cryptographer.Encrypt"), api.KindDenied},
-		{fmt.Errorf("vm decrypt: %w", engine.ErrConversionInterrupted), api.KindInterrupted},
-		{&engine.RefusedError{Path: "vm/vm.nvram", Clause: engine.ClauseKind, Why: "x"}, api.KindRefused},
-		{fmt.Errorf("unwrap: %w", engine.ErrLocked), api.KindKeyUnavailable},
-		{fmt.Errorf("kek lab/1 %w: dial tcp: refused", engine.ErrKeyUnavailable), api.KindKeyUnavailable},
+		{fmt.Errorf("vm decrypt: %w", vm.ErrConversionInterrupted), api.KindInterrupted},
+		{&vm.RefusedError{Path: "vm/vm.nvram", Clause: vm.ClauseKind, Why: "x"}, api.KindRefused},
+		{fmt.Errorf("unwrap: %w", keys.ErrLocked), api.KindKeyUnavailable},
+		{fmt.Errorf("kek lab/1 %w: dial tcp: refused", keys.ErrKeyUnavailable), api.KindKeyUnavailable},
 	} {
 		if got := errorKind(tc.err); got != tc.want {
 			t.Errorf("errorKind(%v) = %q, want %q", tc.err, got, tc.want)

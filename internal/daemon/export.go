@@ -13,14 +13,15 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/view"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/nbd"
 )
 
 // NBD exports: a virtual disk of a datastore served decrypted over NBD
 // (internal/nbd) on a unix socket, or on TCP with mutual TLS. The disk's
-// files are opened through engine.Datastore like a view's, so the same
+// files are opened through view.Datastore like a view's, so the same
 // trust rules and the same exclusion with conversions apply: an export
 // is refused while its VM converts (Datastore.Busy), and a conversion is
 // refused while an export holds its VM's files (openFilesUnder).
@@ -55,8 +56,8 @@ func (r exportRecord) uri() string {
 
 type activeExport struct {
 	rec      exportRecord
-	ds       *engine.Datastore
-	disk     *engine.BlockDisk
+	ds       *view.Datastore
+	disk     *view.BlockDisk
 	srv      *nbd.Server
 	ln       net.Listener
 	starting bool   // reserved: its files are being opened
@@ -106,8 +107,8 @@ func exportTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
 	}, nil
 }
 
-// blockBackend adapts an engine.BlockDisk to nbd.Backend.
-type blockBackend struct{ *engine.BlockDisk }
+// blockBackend adapts an view.BlockDisk to nbd.Backend.
+type blockBackend struct{ *view.BlockDisk }
 
 func (b blockBackend) Trim(off, n int64) error { return b.Zero(off, n, true) }
 
@@ -214,7 +215,7 @@ func (d *Daemon) startExport(ctx context.Context, rec exportRecord) (*activeExpo
 		d.stopExport(ae, "")
 		return nil, err
 	}
-	if st, err := engine.ReadVMStatus(filepath.Dir(disk), d.config().CoreDumpPatterns); err == nil && st.Encrypted {
+	if st, err := vm.ReadVMStatus(filepath.Dir(disk), d.config().CoreDumpPatterns); err == nil && st.Encrypted {
 		if err := d.registerVM(st, ""); err != nil {
 			d.log.Warn("register VM", "dir", st.Dir, "err", err)
 		}
@@ -230,7 +231,7 @@ func (d *Daemon) startExport(ctx context.Context, rec exportRecord) (*activeExpo
 	rel, _ := filepath.Rel(root, disk)
 	bd, err := ds.OpenBlockDisk(filepath.ToSlash(rel), rec.ReadOnly)
 	if err != nil {
-		if errors.Is(err, engine.ErrBusy) {
+		if errors.Is(err, view.ErrBusy) {
 			return fail(conflict("%v", err))
 		}
 		return fail(badRequest("%v", err))

@@ -12,7 +12,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/kms"
 )
@@ -211,11 +212,11 @@ func errorKind(err error) api.ErrorKind {
 	switch {
 	case errors.As(err, &he) && he.code == http.StatusForbidden:
 		return api.KindDenied
-	case errors.Is(err, engine.ErrConversionInterrupted):
+	case errors.Is(err, vm.ErrConversionInterrupted):
 		return api.KindInterrupted
-	case errors.Is(err, engine.ErrRefused):
+	case errors.Is(err, vm.ErrRefused):
 		return api.KindRefused
-	case errors.Is(err, engine.ErrKeyUnavailable):
+	case errors.Is(err, keys.ErrKeyUnavailable):
 		return api.KindKeyUnavailable
 	}
 	return ""
@@ -337,7 +338,7 @@ func (d *Daemon) hHostSet(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	ref := engine.KeyRef{Provider: cur.Provider, KeyID: cur.KeyID}
+	ref := keys.KeyRef{Provider: cur.Provider, KeyID: cur.KeyID}
 	d.keyring.Forget(ref)
 	d.log.Info("host encryption mode disabled", "key", ref.String())
 	if d.mgr != nil {

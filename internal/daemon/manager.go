@@ -9,7 +9,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
 )
@@ -28,7 +29,7 @@ type mgrState struct {
 	// mgrDenied are keys the manager refused to this host, and when: the
 	// key loop asks for them again only after deniedBackoff (each ask is
 	// an audited denial at the manager); vm register asks at once.
-	mgrDenied map[engine.KeyRef]time.Time
+	mgrDenied map[keys.KeyRef]time.Time
 	// mgrLocked is set while the manager holds this host locked
 	// (`vmcryptd manager host lock`), with the manager's reason;
 	// localLocked while `vmcryptd lock` is in force. The keys come back
@@ -41,7 +42,7 @@ type mgrState struct {
 // deniedBackoff is how long the key loop leaves a refused key alone.
 const deniedBackoff = 5 * time.Minute
 
-func (d *Daemon) deniedRecently(ref engine.KeyRef) bool {
+func (d *Daemon) deniedRecently(ref keys.KeyRef) bool {
 	if d.mgr == nil {
 		return false
 	}
@@ -52,7 +53,7 @@ func (d *Daemon) deniedRecently(ref engine.KeyRef) bool {
 }
 
 // noteDenied records (or clears) a manager refusal of ref.
-func (d *Daemon) noteDenied(ref engine.KeyRef, err error) {
+func (d *Daemon) noteDenied(ref keys.KeyRef, err error) {
 	if d.mgr == nil {
 		return
 	}
@@ -67,7 +68,7 @@ func (d *Daemon) noteDenied(ref engine.KeyRef, err error) {
 }
 
 // useManager makes the manager the key source: every provider name is
-// served through it (engine.Keyring.SetResolver).
+// served through it (keys.Keyring.SetResolver).
 func (d *Daemon) useManager(c mgrproto.Config) error {
 	cl, err := mgrproto.NewClient(c)
 	if err != nil {
@@ -75,8 +76,8 @@ func (d *Daemon) useManager(c mgrproto.Config) error {
 	}
 	d.mgr = cl
 	d.mgrSynced = map[string]bool{}
-	d.mgrDenied = map[engine.KeyRef]time.Time{}
-	d.keyring.SetResolver(func(provider string) engine.KeyServer {
+	d.mgrDenied = map[keys.KeyRef]time.Time{}
+	d.keyring.SetResolver(func(provider string) keys.KeyServer {
 		return mgrKeyServer{d: d, ks: mgrproto.KeyServer{C: cl, Provider: provider}}
 	})
 	return nil
@@ -247,13 +248,13 @@ func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
 // managerRegister registers the VM recorded for dir with the manager.
 func (d *Daemon) managerRegister(ctx context.Context, dir string) error {
 	d.mu.Lock()
-	var vm mgrproto.VM
+	var rec mgrproto.VM
 	found := false
 	for _, r := range d.st.VMs {
 		if r.Dir == dir {
-			vm = mgrproto.VM{ID: r.VMID, Name: r.Name, Dir: r.Dir, Policy: r.Policy}
+			rec = mgrproto.VM{ID: r.VMID, Name: r.Name, Dir: r.Dir, Policy: r.Policy}
 			for _, k := range r.Keys {
-				vm.Keys = append(vm.Keys, mgrproto.KeyRef{Provider: k.Provider, KeyID: k.KeyID})
+				rec.Keys = append(rec.Keys, mgrproto.KeyRef{Provider: k.Provider, KeyID: k.KeyID})
 			}
 			found = true
 		}
@@ -262,10 +263,10 @@ func (d *Daemon) managerRegister(ctx context.Context, dir string) error {
 	if !found {
 		return nil
 	}
-	if vm.ID == "" {
-		return conflict("%s has no %s line: the manager registers VMs by their vmcryptd VM id", dir, engine.VMXVMID)
+	if rec.ID == "" {
+		return conflict("%s has no %s line: the manager registers VMs by their vmcryptd VM id", dir, vm.VMXVMID)
 	}
-	err := d.mgr.RegisterVM(ctx, vm)
+	err := d.mgr.RegisterVM(ctx, rec)
 	d.noteManager(err)
 	var ue *mgrproto.UnreachableError
 	if errors.As(err, &ue) {
@@ -345,7 +346,7 @@ func (d *Daemon) hVMRegister(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -358,13 +359,13 @@ func (d *Daemon) hVMRegister(rc *reqCtx) (any, error) {
 		ctx, cancel := context.WithTimeout(rc.r.Context(), 30*time.Second)
 		defer cancel()
 		if st.VMID == "" {
-			return nil, conflict("%s has no %s line: the manager registers VMs by their vmcryptd VM id", dir, engine.VMXVMID)
+			return nil, conflict("%s has no %s line: the manager registers VMs by their vmcryptd VM id", dir, vm.VMXVMID)
 		}
-		vm := mgrproto.VM{ID: st.VMID, Name: st.Name, Dir: dir}
-		for _, r := range engine.KEKRefs(st.KEKs) {
-			vm.Keys = append(vm.Keys, mgrproto.KeyRef{Provider: r.Provider, KeyID: r.KeyID})
+		rec := mgrproto.VM{ID: st.VMID, Name: st.Name, Dir: dir}
+		for _, r := range vm.KEKRefs(st.KEKs) {
+			rec.Keys = append(rec.Keys, mgrproto.KeyRef{Provider: r.Provider, KeyID: r.KeyID})
 		}
-		err := d.mgr.RegisterVM(ctx, vm)
+		err := d.mgr.RegisterVM(ctx, rec)
 		d.noteManager(err)
 		if err != nil {
 			return nil, forbidden("register %s with the manager: %v", dir, err)
@@ -378,7 +379,7 @@ func (d *Daemon) hVMRegister(rc *reqCtx) (any, error) {
 		return nil, err
 	}
 	d.mgrMu.Lock()
-	for _, r := range engine.KEKRefs(st.KEKs) {
+	for _, r := range vm.KEKRefs(st.KEKs) {
 		delete(d.mgrDenied, r) // entitled now, perhaps: ask at once
 	}
 	d.mgrMu.Unlock()
@@ -426,12 +427,12 @@ func (d *Daemon) hVMUnregister(rc *reqCtx) (any, error) {
 	for _, k := range rec.Keys {
 		res.Keys = append(res.Keys, k.Provider+"/"+k.KeyID)
 	}
-	still := map[engine.KeyRef]bool{}
+	still := map[keys.KeyRef]bool{}
 	for _, r := range d.neededKeys() {
 		still[r] = true
 	}
 	for _, k := range rec.Keys {
-		if ref := (engine.KeyRef{Provider: k.Provider, KeyID: k.KeyID}); !still[ref] {
+		if ref := (keys.KeyRef{Provider: k.Provider, KeyID: k.KeyID}); !still[ref] {
 			d.keyring.Forget(ref)
 		}
 	}

@@ -8,7 +8,9 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
+	"github.com/vmcryptd/vmcryptd/engine/vmops"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
 )
@@ -86,7 +88,7 @@ func managerPolicyError(what string, err error, suffix string) error {
 // hVMPolicyManaged is `policy set DIR NAME` with [manager].
 func (d *Daemon) hVMPolicyManaged(rc *reqCtx) (any, error) {
 	var recorded string
-	return d.vmOpPolicy(rc, false, &recorded, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+	return d.vmOpPolicy(rc, false, &recorded, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Provider != "" || req.KeyID != "" {
 			return badRequest("policy set takes no provider or key id: the manager's policy %q names the provider", req.Policy)
 		}
@@ -97,15 +99,15 @@ func (d *Daemon) hVMPolicyManaged(rc *reqCtx) (any, error) {
 		if err != nil {
 			return managerPolicyError(fmt.Sprintf("policy %q for %s", req.Policy, dir), err, " (nothing was changed)")
 		}
-		cur, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+		cur, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err != nil {
 			return err
 		}
 		var provs []string
-		for _, r := range engine.KEKRefs(cur.KEKs) {
+		for _, r := range vm.KEKRefs(cur.KEKs) {
 			provs = append(provs, r.Provider)
 		}
-		step := planPolicy(pol, cur.Encrypted, cur.Interrupted, provs)
+		step := planPolicy(pol, cur.Encrypted, string(cur.Interrupted), provs)
 		if priv := policyStepPrivilege(step); priv != "" && !d.auth.allowed(rc.id, priv) {
 			return &httpError{http.StatusForbidden, fmt.Sprintf("permission denied: policy %q needs to %s the VM, which needs privilege %s", pol.Name, step, priv)}
 		}
@@ -115,7 +117,7 @@ func (d *Daemon) hVMPolicyManaged(rc *reqCtx) (any, error) {
 			if err := d.requireHostEncryption(); err != nil {
 				return err
 			}
-			var kek engine.KeyRef
+			var kek keys.KeyRef
 			if step == stepRekey || cur.Interrupted == "" {
 				if kek, err = d.kekFor(ctx, api.VMRequest{Provider: pol.Provider}, filepath.Base(dir)); err != nil {
 					return err
@@ -159,7 +161,7 @@ func (d *Daemon) managerPolicies(ctx context.Context) ([]api.Policy, error) {
 
 // managedPolicy is the manager policy recorded for the VM in dir (st is
 // its status), "" in direct mode or when none was set.
-func (d *Daemon) managedPolicy(dir string, st *engine.VMStatus) string {
+func (d *Daemon) managedPolicy(dir string, st *vm.VMStatus) string {
 	if d.mgr == nil || !st.Encrypted {
 		return ""
 	}

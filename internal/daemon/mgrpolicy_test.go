@@ -6,13 +6,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/internal/mgrproto"
 )
 
 func TestPolicyNamesMatchEngine(t *testing.T) {
-	if mgrproto.PolicyEncrypt != engine.PolicyEncrypt || mgrproto.PolicyDefault != engine.PolicyDefault {
-		t.Fatalf("built-in policy names differ: mgrproto %q/%q, engine %q/%q", mgrproto.PolicyEncrypt, mgrproto.PolicyDefault, engine.PolicyEncrypt, engine.PolicyDefault)
+	if mgrproto.PolicyEncrypt != vm.PolicyEncrypt || mgrproto.PolicyDefault != vm.PolicyDefault {
+		t.Fatalf("built-in policy names differ: mgrproto %q/%q, engine %q/%q", mgrproto.PolicyEncrypt, mgrproto.PolicyDefault, vm.PolicyEncrypt, vm.PolicyDefault)
 	}
 }
 

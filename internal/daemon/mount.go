@@ -10,7 +10,10 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/view"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/fusefs"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/config"
@@ -20,17 +23,17 @@ import (
 // asks: the daemon's keyring, its made-files set for root, its VM locks as
 // the busy test, the configured core dump names, and the key loader's last
 // errors as reasons.
-func (d *Daemon) newDatastore(root string) (*engine.Datastore, error) {
-	impl, err := engine.ChooseImpl()
+func (d *Daemon) newDatastore(root string) (*view.Datastore, error) {
+	impl, err := container.ChooseImpl()
 	if err != nil {
 		return nil, err
 	}
-	return engine.NewDatastore(root, d.keyring, engine.DatastoreOptions{
+	return view.NewDatastore(root, d.keyring, view.DatastoreOptions{
 		Impl:             impl,
 		Made:             d.madeFiles(root),
 		Busy:             d.vmLocks.isBusy,
 		CoreDumpPatterns: d.config().CoreDumpPatterns,
-		KeyErr: func(r engine.KeyRef) string {
+		KeyErr: func(r keys.KeyRef) string {
 			d.mu.Lock()
 			defer d.mu.Unlock()
 			return d.keyErrs[r]
@@ -41,7 +44,7 @@ func (d *Daemon) newDatastore(root string) (*engine.Datastore, error) {
 type activeMount struct {
 	rec  mountRecord
 	view *fusefs.View
-	ds   *engine.Datastore
+	ds   *view.Datastore
 }
 
 type mountRecord struct {
@@ -101,7 +104,7 @@ func (d *Daemon) registerDatastoreVMs(ctx context.Context, root string) {
 			return
 		}
 		defer d.endRead(dir)
-		st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+		st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err == nil && st.Encrypted {
 			if err := d.registerVM(st, ""); err != nil {
 				d.log.Warn("register VM", "dir", st.Dir, "err", err)
@@ -236,15 +239,15 @@ func nestedMount(datastore, mountpoint string) string {
 
 // madeFiles is the set of disks made through views of the datastore at
 // root, shared by all its mounts (a remount still knows them).
-func (d *Daemon) madeFiles(root string) *engine.MadeFiles {
+func (d *Daemon) madeFiles(root string) *view.MadeFiles {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.made == nil {
-		d.made = map[string]*engine.MadeFiles{}
+		d.made = map[string]*view.MadeFiles{}
 	}
 	m, ok := d.made[root]
 	if !ok {
-		m = engine.NewMadeFiles()
+		m = view.NewMadeFiles()
 		d.made[root] = m
 	}
 	return m

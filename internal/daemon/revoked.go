@@ -4,12 +4,12 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
 )
 
 // revokedWarning is the status warning for a VM one of whose KEKs is in
 // memory in a revoked state (Deactivated or Compromised), or "".
-func revokedWarning(r *engine.Keyring, refs []engine.KeyRef) string {
+func revokedWarning(r *keys.Keyring, refs []keys.KeyRef) string {
 	var parts []string
 	for _, ref := range refs {
 		if k, ok := r.Peek(ref); ok && k.Revoked() {
@@ -24,7 +24,7 @@ func revokedWarning(r *engine.Keyring, refs []engine.KeyRef) string {
 
 // noteKeyLoaded logs and audits a KEK fetched in a revoked state: it will
 // be used to unwrap only.
-func (d *Daemon) noteKeyLoaded(ref engine.KeyRef, kek *engine.KEK) {
+func (d *Daemon) noteKeyLoaded(ref keys.KeyRef, kek *keys.KEK) {
 	if kek == nil || !kek.Revoked() {
 		return
 	}

@@ -11,7 +11,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
+	"github.com/vmcryptd/vmcryptd/engine/vmops"
 	"github.com/vmcryptd/vmcryptd/internal/api"
 	"github.com/vmcryptd/vmcryptd/internal/config"
 )
@@ -117,25 +119,25 @@ func (d *Daemon) vmDir(p string) (string, error) {
 	return "", badRequest("%s is not inside a configured datastore", p)
 }
 
-func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
-	ops := &engine.VMOps{Keys: d.keyring, Log: d.log, CoreDumpPatterns: d.config().CoreDumpPatterns}
+func (d *Daemon) vmOps(emit func(any)) *vmops.VMOps {
+	ops := &vmops.VMOps{Keys: d.keyring, Log: d.log, CoreDumpPatterns: d.config().CoreDumpPatterns}
 	d.mu.Lock()
 	if h := d.st.HostKey; h != nil {
-		ops.HostKEK = &engine.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
+		ops.HostKEK = &keys.KeyRef{Provider: h.Provider, KeyID: h.KeyID}
 	}
 	d.mu.Unlock()
 	if emit != nil {
 		var last time.Time
 		var prev int64
-		ops.Progress = func(ev engine.ProgressEvent) {
+		ops.Progress = func(ev vmops.ProgressEvent) {
 			if ev.Done > prev {
-				d.metrics.converted.WithLabelValues(ev.Op).Add(float64(ev.Done - prev))
+				d.metrics.converted.WithLabelValues(string(ev.Op)).Add(float64(ev.Done - prev))
 				prev = ev.Done
 			}
 			// A line per 100 ms keeps the stream light on fast disks.
 			if now := time.Now(); now.Sub(last) >= 100*time.Millisecond || ev.Done == ev.Total {
 				last = now
-				emit(ev)
+				emit(wireProgress(ev))
 			}
 		}
 	}
@@ -145,7 +147,7 @@ func (d *Daemon) vmOps(emit func(any)) *engine.VMOps {
 // vmResult is what VM operations answer; it names the VM and its keys for
 // the audit log.
 type vmResult struct {
-	engine.VMStatus
+	vm.VMStatus
 	op string // audited operation name, when not the route's (an abort)
 }
 
@@ -162,7 +164,7 @@ func (v vmResult) auditOp() string { return v.op }
 //
 // policy is the storage policy `policy set` put the VM under (manager
 // mode); empty keeps the recorded one.
-func (d *Daemon) registerVM(st *engine.VMStatus, policy string) error {
+func (d *Daemon) registerVM(st *vm.VMStatus, policy string) error {
 	prev, err := d.registerLocal(st, policy)
 	if err != nil || d.mgr == nil {
 		return err
@@ -181,7 +183,7 @@ func (d *Daemon) registerVM(st *engine.VMStatus, policy string) error {
 // registerLocal updates the state; it returns the record st.Dir had.
 // The record keeps its storage policy (manager mode) unless policy names
 // another or the VM is no longer the same one.
-func (d *Daemon) registerLocal(st *engine.VMStatus, policy string) (*vmRecord, error) {
+func (d *Daemon) registerLocal(st *vm.VMStatus, policy string) (*vmRecord, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var kept []vmRecord
@@ -198,7 +200,7 @@ func (d *Daemon) registerLocal(st *engine.VMStatus, policy string) (*vmRecord, e
 		if policy == "" && prev != nil && prev.VMID == st.VMID {
 			rec.Policy = prev.Policy
 		}
-		for _, r := range engine.KEKRefs(st.KEKs) {
+		for _, r := range vm.KEKRefs(st.KEKs) {
 			rec.Keys = append(rec.Keys, keyRefJSON{Provider: r.Provider, KeyID: r.KeyID})
 		}
 		kept = append(kept, rec)
@@ -214,9 +216,9 @@ func (d *Daemon) registerLocal(st *engine.VMStatus, policy string) (*vmRecord, e
 
 // kekFor picks the KEK of an encryption: a named existing key, or a new
 // key on the provider (vCenter likewise asks the KMS for a fresh key).
-func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (engine.KeyRef, error) {
+func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (keys.KeyRef, error) {
 	if err := d.managerReady(ctx); err != nil {
-		return engine.KeyRef{}, err
+		return keys.KeyRef{}, err
 	}
 	d.mu.Lock()
 	provider := req.Provider
@@ -225,30 +227,30 @@ func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (en
 	}
 	d.mu.Unlock()
 	if provider == "" {
-		return engine.KeyRef{}, badRequest("no key provider configured")
+		return keys.KeyRef{}, badRequest("no key provider configured")
 	}
 	if req.KeyID != "" {
-		ref := engine.KeyRef{Provider: provider, KeyID: req.KeyID}
+		ref := keys.KeyRef{Provider: provider, KeyID: req.KeyID}
 		if _, err := d.keyring.Get(ctx, ref); err != nil {
-			return engine.KeyRef{}, err
+			return keys.KeyRef{}, err
 		}
 		return ref, nil
 	}
 	kek, err := d.keyring.Create(ctx, provider, "vmcryptd-vm-"+name)
 	if err != nil {
-		return engine.KeyRef{}, err
+		return keys.KeyRef{}, err
 	}
 	return kek.Ref, nil
 }
 
 // vmOp is the common frame of the converting operations.
-func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error) (any, error) {
+func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error) (any, error) {
 	return d.vmOpPolicy(rc, needHostMode, nil, run)
 }
 
 // vmOpPolicy is vmOp that, when policy is set, records *policy (as run
 // left it) as the VM's storage policy on registration.
-func (d *Daemon) vmOpPolicy(rc *reqCtx, needHostMode bool, policy *string, run func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error) (any, error) {
+func (d *Daemon) vmOpPolicy(rc *reqCtx, needHostMode bool, policy *string, run func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error) (any, error) {
 	var req api.VMRequest
 	if err := decode(rc, &req); err != nil {
 		return nil, err
@@ -280,7 +282,7 @@ func (d *Daemon) vmOpPolicy(rc *reqCtx, needHostMode bool, policy *string, run f
 	ctx := context.WithoutCancel(rc.r.Context())
 	emit := rc.stream()
 	err = run(ctx, dir, req, d.vmOps(emit))
-	st, serr := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, serr := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if serr != nil {
 		if err == nil {
 			err = serr
@@ -308,12 +310,12 @@ func (d *Daemon) vmOpPolicy(rc *reqCtx, needHostMode bool, policy *string, run f
 }
 
 func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
-	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Abort {
-			return ops.Abort(ctx, dir, "encrypt")
+			return ops.Abort(ctx, dir, vm.OpEncrypt)
 		}
-		var kek engine.KeyRef
-		if op, err := engine.InterruptedOp(dir); err != nil {
+		var kek keys.KeyRef
+		if op, err := vm.InterruptedOp(dir); err != nil {
 			return err
 		} else if op == "" { // a resumed encryption already has its keys
 			// Refuse before a new KEK is made on the key server.
@@ -330,32 +332,32 @@ func (d *Daemon) hVMEncrypt(rc *reqCtx) (any, error) {
 }
 
 func (d *Daemon) hVMDecrypt(rc *reqCtx) (any, error) {
-	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Abort {
-			return ops.Abort(ctx, dir, "decrypt")
+			return ops.Abort(ctx, dir, vm.OpDecrypt)
 		}
 		return ops.Decrypt(ctx, dir)
 	})
 }
 
 func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
-	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
+	return d.vmOp(rc, true, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		if req.Abort {
 			// Only a deep rekey converts data; a shallow one rewrites
 			// keySafes one by one and has nothing to roll back.
-			return ops.Abort(ctx, dir, "rekey-deep")
+			return ops.Abort(ctx, dir, vm.OpRekeyDeep)
 		}
 		if req.Deep {
-			var kek engine.KeyRef
-			if op, err := engine.InterruptedOp(dir); err != nil {
+			var kek keys.KeyRef
+			if op, err := vm.InterruptedOp(dir); err != nil {
 				return err
 			} else if op == "" {
-				cur, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+				cur, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 				if err != nil {
 					return err
 				}
 				// Deep rekey keeps the current KEK unless another is named.
-				refs := engine.KEKRefs(cur.KEKs)
+				refs := vm.KEKRefs(cur.KEKs)
 				if req.KeyID == "" && req.Provider == "" && len(refs) > 0 {
 					kek = refs[0]
 				} else if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
@@ -376,13 +378,13 @@ func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
 	if d.mgr != nil {
 		return d.hVMPolicyManaged(rc) // the manager's policies (mgrpolicy.go)
 	}
-	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *engine.VMOps) error {
-		cur, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
+		cur, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err != nil {
 			return err
 		}
 		switch req.Policy {
-		case engine.PolicyEncrypt:
+		case vm.PolicyEncrypt:
 			if !d.auth.allowed(rc.id, PrivEncrypt) {
 				return &httpError{403, fmt.Sprintf("permission denied: this policy encrypts the VM, which needs privilege %s", PrivEncrypt)}
 			}
@@ -392,14 +394,14 @@ func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
 			if cur.Encrypted && cur.Interrupted == "" {
 				return nil
 			}
-			var kek engine.KeyRef
+			var kek keys.KeyRef
 			if cur.Interrupted == "" {
 				if kek, err = d.kekFor(ctx, req, filepath.Base(dir)); err != nil {
 					return err
 				}
 			}
 			return ops.Encrypt(ctx, dir, kek)
-		case engine.PolicyDefault:
+		case vm.PolicyDefault:
 			if !d.auth.allowed(rc.id, PrivDecrypt) {
 				return &httpError{403, fmt.Sprintf("permission denied: this policy decrypts the VM, which needs privilege %s", PrivDecrypt)}
 			}
@@ -408,7 +410,7 @@ func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
 			}
 			return ops.Decrypt(ctx, dir)
 		default:
-			return badRequest("unknown policy %q (known: %q, %q)", req.Policy, engine.PolicyEncrypt, engine.PolicyDefault)
+			return badRequest("unknown policy %q (known: %q, %q)", req.Policy, vm.PolicyEncrypt, vm.PolicyDefault)
 		}
 	})
 }
@@ -418,12 +420,12 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
 	locked, reason := false, ""
-	for _, r := range engine.KEKRefs(st.KEKs) {
+	for _, r := range vm.KEKRefs(st.KEKs) {
 		if !d.keyring.Cached(r) {
 			locked = true
 			d.mu.Lock()
@@ -440,8 +442,8 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 		// slots differ or one under the wrong key shows up here too.
 		if rep, err := d.vmOps(nil).Check(context.WithoutCancel(rc.r.Context()), dir, false); err == nil {
 			for _, f := range rep.Findings {
-				if f.File != "" && !slices.Contains(st.Problems, f.String()) {
-					st.Problems = append(st.Problems, f.String())
+				if line := wireFinding(f).String(); f.File != "" && !slices.Contains(st.Problems, line) {
+					st.Problems = append(st.Problems, line)
 				}
 			}
 		}
@@ -449,8 +451,8 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 	if p := d.managedPolicy(dir, st); p != "" {
 		st.Policy = p
 	}
-	return api.VMStatusReply{VMStatus: *st, Locked: locked, LockReason: reason,
-		Warning: revokedWarning(d.keyring, engine.KEKRefs(st.KEKs))}, nil
+	return api.VMStatusReply{VMStatus: wireVMStatus(st), Locked: locked, LockReason: reason,
+		Warning: revokedWarning(d.keyring, vm.KEKRefs(st.KEKs))}, nil
 }
 
 func (d *Daemon) hPolicyList(rc *reqCtx) (any, error) {
@@ -458,8 +460,8 @@ func (d *Daemon) hPolicyList(rc *reqCtx) (any, error) {
 		return d.managerPolicies(rc.r.Context())
 	}
 	return []api.Policy{
-		{Name: engine.PolicyEncrypt, Encrypts: true, Description: "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)"},
-		{Name: engine.PolicyDefault, Encrypts: false, Description: "no encryption"},
+		{Name: vm.PolicyEncrypt, Encrypts: true, Description: "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)"},
+		{Name: vm.PolicyDefault, Encrypts: false, Description: "no encryption"},
 	}, nil
 }
 
@@ -485,7 +487,7 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -503,10 +505,10 @@ func (d *Daemon) hDiskAdd(rc *reqCtx) (any, error) {
 	}
 	defer d.vmLocks.release(dir)
 	// Re-check under the lock: the VM may have been encrypted meanwhile.
-	if st2, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns); err != nil || st2.Encrypted != st.Encrypted {
+	if st2, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns); err != nil || st2.Encrypted != st.Encrypted {
 		return nil, conflict("%s changed while the request waited; try again", dir)
 	}
-	name, err := d.vmOps(nil).AddDisk(context.WithoutCancel(rc.r.Context()), dir, engine.DiskSpec{Size: req.Size, Subformat: req.Subformat})
+	name, err := d.vmOps(nil).AddDisk(context.WithoutCancel(rc.r.Context()), dir, vmops.DiskSpec{Size: req.Size, Subformat: req.Subformat})
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
@@ -523,7 +525,7 @@ func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
 	}
 	defer d.vmLocks.release(dir)
 	enc, err := d.vmOps(nil).AttachDisk(rc.r.Context(), dir, req.Path, d.auth.allowed(rc.id, PrivAddDisk))
-	if errors.Is(err, engine.ErrAttachEncrypted) {
+	if errors.Is(err, vmops.ErrAttachEncrypted) {
 		return nil, &httpError{403, fmt.Sprintf("permission denied: %v; it needs privilege %s", err, PrivAddDisk)}
 	}
 	if err != nil {
@@ -533,7 +535,7 @@ func (d *Daemon) hDiskAttach(rc *reqCtx) (any, error) {
 }
 
 // hDiskRestoreKeys writes back a disk's lost key lines from its extents'
-// keySafe copy (engine.VMOps.RestoreDiskKeys): a cryptographic act, never
+// keySafe copy (vmops.VMOps.RestoreDiskKeys): a cryptographic act, never
 // done without being asked.
 func (d *Daemon) hDiskRestoreKeys(rc *reqCtx) (any, error) {
 	req, dir, err := d.diskRequest(rc)
@@ -572,9 +574,9 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 		return nil, err
 	}
 	dir := filepath.Join(parent, filepath.Base(req.Dir))
-	spec := engine.CreateSpec{Name: req.Name, Memory: req.Memory, Encrypt: req.Encrypt}
+	spec := vmops.CreateSpec{Name: req.Name, Memory: req.Memory, Encrypt: req.Encrypt}
 	for _, ds := range req.Disks {
-		spec.Disks = append(spec.Disks, engine.DiskSpec{Size: ds.Size, Subformat: ds.Subformat})
+		spec.Disks = append(spec.Disks, vmops.DiskSpec{Size: ds.Size, Subformat: ds.Subformat})
 	}
 	if req.Encrypt {
 		if !d.auth.allowed(rc.id, PrivEncryptNew) {
@@ -596,7 +598,7 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 	if err := d.vmOps(nil).Create(context.WithoutCancel(rc.r.Context()), dir, spec); err != nil {
 		return nil, badRequest("%v", err)
 	}
-	st, err := engine.ReadVMStatus(dir, d.config().CoreDumpPatterns)
+	st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 	if err != nil {
 		return nil, err
 	}

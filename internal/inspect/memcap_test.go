@@ -19,7 +19,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/vm"
 	"github.com/vmcryptd/vmcryptd/formats/nvram"
 	"github.com/vmcryptd/vmcryptd/formats/vmdk"
 )
@@ -54,7 +56,7 @@ func inspectChild(path string) int {
 	// The peak RSS of this process since its exec, for the parent
 	// (getrusage of a child reports the parent's RSS at the fork).
 	defer func() { fmt.Fprintln(os.Stderr, "VmHWM", procStatus("self", "VmHWM:")) }()
-	r, err := InspectWith(path, Options{Detector: engine.DetectContainer})
+	r, err := InspectWith(path, Options{Detector: vm.DetectContainer})
 	if err != nil {
 		fmt.Println("error:", err)
 		return 0
@@ -217,12 +219,12 @@ func sparseWithTables(overlap bool) []byte {
 
 func containerHead(t testing.TB) []byte {
 	t.Helper()
-	dek, err := engine.NewDEK()
+	dek, err := keys.NewDEK()
 	if err != nil {
 		t.Fatal(err)
 	}
 	p := filepath.Join(t.TempDir(), "c")
-	c, err := engine.CreateContainer(p, dek, engine.CreateOptions{Kind: engine.KindExtent, Binding: engine.Binding{Purpose: engine.PurposeDisk, OwnerID: "disk-1"}})
+	c, err := container.CreateContainer(p, dek, container.CreateOptions{Kind: container.KindExtent, Binding: keys.Binding{Purpose: keys.PurposeDisk, OwnerID: "disk-1"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -480,7 +482,7 @@ func FuzzInspectFile(f *testing.F) {
 		var before, after runtime.MemStats
 		runtime.ReadMemStats(&before)
 		start := time.Now()
-		r, err := InspectWith(p, Options{Detector: engine.DetectContainer})
+		r, err := InspectWith(p, Options{Detector: vm.DetectContainer})
 		if err == nil {
 			json.Marshal(r)
 			r.WriteText(io.Discard)

@@ -257,7 +257,7 @@ func (c *Client) GetPolicy(ctx context.Context, name string) (Policy, error) {
 	return *r.Policy, nil
 }
 
-// KeyServer is the engine.KeyServer (and engine.KeyStateServer) of one
+// KeyServer is the keys.KeyServer (and keys.KeyStateServer) of one
 // provider name, served through the manager.
 type KeyServer struct {
 	C        *Client

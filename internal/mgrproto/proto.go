@@ -41,7 +41,7 @@ const (
 
 // The two built-in storage policies, which every manager (and every
 // direct-mode host) has and which cannot be removed. They are the names
-// engine.PolicyEncrypt and engine.PolicyDefault write in a vmx.
+// vm.PolicyEncrypt and vm.PolicyDefault (engine/vm) write in a vmx.
 const (
 	PolicyEncrypt = "VM Encryption Policy"
 	PolicyDefault = "Datastore Default"

@@ -16,7 +16,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vmcryptd/vmcryptd/engine"
+	"github.com/vmcryptd/vmcryptd/engine/container"
+	"github.com/vmcryptd/vmcryptd/engine/keys"
+	"github.com/vmcryptd/vmcryptd/engine/view"
 	"github.com/vmcryptd/vmcryptd/fusefs"
 )
 
@@ -24,21 +26,21 @@ import (
 type oneKey struct {
 	fusefs.Unpoliced
 	root string
-	dek  *engine.DEK
+	dek  *keys.DEK
 }
 
-func (b *oneKey) Classify(rel string) (engine.FileState, string, error) {
-	return engine.FileEncrypted, "", nil
+func (b *oneKey) Classify(rel string) (view.FileState, string, error) {
+	return view.FileEncrypted, "", nil
 }
 
-func (b *oneKey) Open(rel string, readOnly bool) (*engine.Container, error) {
-	return engine.OpenContainer(filepath.Join(b.root, rel), b.dek, readOnly, "")
+func (b *oneKey) Open(rel string, readOnly bool) (*container.Container, error) {
+	return container.OpenContainer(filepath.Join(b.root, rel), b.dek, readOnly, "")
 }
 
-func (b *oneKey) Create(rel string, perm os.FileMode) (*engine.Container, bool, error) {
-	c, err := engine.CreateContainer(filepath.Join(b.root, rel), b.dek, engine.CreateOptions{
-		Kind:    engine.KindOther,
-		Binding: engine.Binding{Purpose: engine.PurposeVM, OwnerID: "fusebench"},
+func (b *oneKey) Create(rel string, perm os.FileMode) (*container.Container, bool, error) {
+	c, err := container.CreateContainer(filepath.Join(b.root, rel), b.dek, container.CreateOptions{
+		Kind:    container.KindOther,
+		Binding: keys.Binding{Purpose: keys.PurposeVM, OwnerID: "fusebench"},
 		Perm:    perm & 0o777,
 	})
 	return c, err == nil, err
@@ -47,13 +49,13 @@ func (b *oneKey) Create(rel string, perm os.FileMode) (*engine.Container, bool, 
 // plainStore serves everything as plain files.
 type plainStore struct{ fusefs.Unpoliced }
 
-func (plainStore) Classify(string) (engine.FileState, string, error) {
-	return engine.FilePlain, "", nil
+func (plainStore) Classify(string) (view.FileState, string, error) {
+	return view.FilePlain, "", nil
 }
-func (plainStore) Open(string, bool) (*engine.Container, error) {
+func (plainStore) Open(string, bool) (*container.Container, error) {
 	return nil, errors.New("plain store has no containers")
 }
-func (plainStore) Create(string, os.FileMode) (*engine.Container, bool, error) {
+func (plainStore) Create(string, os.FileMode) (*container.Container, bool, error) {
 	return nil, false, nil
 }
 
@@ -106,7 +108,7 @@ func run() error {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	dek, err := engine.NewDEK()
+	dek, err := keys.NewDEK()
 	if err != nil {
 		return err
 	}
