@@ -26,3 +26,4 @@ func printJSON(v any) error {
 }
 
 func queryEscape(s string) string { return url.QueryEscape(s) }
+func pathEscape(s string) string  { return url.PathEscape(s) }

@@ -19,9 +19,108 @@ import (
 )
 
 type managerCmd struct {
-	Init  managerInitCmd  `cmd:"" help:"Create a manager directory: its CA, its server certificate for the host channel, a state dir and an example manager.toml."`
-	Serve managerServeCmd `cmd:"" help:"Run the manager (vCenter's role): the only holder of KMS credentials, brokering KEKs to registered hosts over mutual TLS 1.3."`
-	Host  managerHostCmd  `cmd:"" help:"Hosts of the manager: add (issue a certificate bundle), list, remove (revoke)."`
+	Init   managerInitCmd   `cmd:"" help:"Create a manager directory: its CA, its server certificate for the host channel, a state dir and an example manager.toml."`
+	Serve  managerServeCmd  `cmd:"" help:"Run the manager (vCenter's role): the only holder of KMS credentials, brokering KEKs to registered hosts over mutual TLS 1.3."`
+	Host   managerHostCmd   `cmd:"" help:"Hosts of the manager: add (issue a certificate bundle), list, remove (revoke)."`
+	Policy managerPolicyCmd `cmd:"" help:"Storage policies of the manager (as vCenter's VM storage policies): list, create, remove. Hosts with [manager] use them for 'vmcryptd policy set'."`
+}
+
+type managerPolicyCmd struct {
+	List   managerPolicyListCmd   `cmd:"" help:"List storage policies: the two built-ins (VM Encryption Policy, Datastore Default) and those made with create, whether each encrypts, its key provider and how many registered VMs use it."`
+	Create managerPolicyCreateCmd `cmd:"" help:"Make a storage policy: with --encrypt its VMs are encrypted under a KEK of --provider (default: the manager's default provider), without it they are stored plain (needs Cryptographer.ManageEncryptionPolicy, audited)."`
+	Remove managerPolicyRemoveCmd `cmd:"" help:"Remove a storage policy; refused for the built-ins and while a VM in the inventory uses it (needs Cryptographer.ManageEncryptionPolicy, audited)."`
+}
+
+type managerPolicyListCmd struct {
+	JSON bool `help:"Print JSON." name:"json"`
+	managerSocket
+}
+
+func (c *managerPolicyListCmd) Run(g *globals) error {
+	var ps []manager.PolicyInfo
+	if err := c.call("GET", "/policies", nil, &ps); err != nil {
+		return err
+	}
+	if c.JSON {
+		return printJSON(ps)
+	}
+	printManagerPolicies(ps)
+	return nil
+}
+
+func printManagerPolicies(ps []manager.PolicyInfo) {
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "POLICY\tENCRYPTS\tPROVIDER\tVMS\tBUILT IN\tDESCRIPTION")
+	for _, p := range ps {
+		enc, prov := "no", "-"
+		if p.Encrypts {
+			enc, prov = "yes", p.Provider
+			if prov == "" {
+				prov = "default"
+				if p.ResolvedProvider != "" {
+					prov += " (" + p.ResolvedProvider + ")"
+				}
+			}
+			if p.ResolvedProvider == "" {
+				prov += " (NOT CONFIGURED)"
+			}
+		}
+		bi := ""
+		if p.Builtin {
+			bi = "yes"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", p.Name, enc, prov, p.VMs, bi, p.Description)
+	}
+	tw.Flush()
+}
+
+type managerPolicyCreateCmd struct {
+	Name        string `arg:"" help:"Policy name (1-80 bytes, no '/'; unique regardless of case)."`
+	Encrypt     bool   `help:"An encryption policy: VMs under it are encrypted."`
+	Provider    string `help:"Key provider of an encryption policy (one of the manager's [[kms]]; default: the manager's default provider when a VM is put under it)."`
+	Description string `help:"A line describing the policy."`
+	JSON        bool   `help:"Print JSON." name:"json"`
+	managerSocket
+}
+
+func (c *managerPolicyCreateCmd) Run(g *globals) error {
+	if c.Provider != "" && !c.Encrypt {
+		return fmt.Errorf("--provider is only for an encryption policy: add --encrypt")
+	}
+	var p manager.PolicyInfo
+	if err := c.call("POST", "/policies", manager.PolicyCreateRequest{Name: c.Name, Encrypt: c.Encrypt, Provider: c.Provider, Description: c.Description}, &p); err != nil {
+		return err
+	}
+	if c.JSON {
+		return printJSON(p)
+	}
+	if p.Encrypts {
+		fmt.Printf("policy %q created: encrypts under provider %s\n", p.Name, orDefaultProvider(p))
+	} else {
+		fmt.Printf("policy %q created: stores VMs plain\n", p.Name)
+	}
+	return nil
+}
+
+func orDefaultProvider(p manager.PolicyInfo) string {
+	if p.Provider != "" {
+		return p.Provider
+	}
+	return "the manager's default (now " + orNone(p.ResolvedProvider) + ")"
+}
+
+type managerPolicyRemoveCmd struct {
+	Name string `arg:"" help:"Policy name."`
+	managerSocket
+}
+
+func (c *managerPolicyRemoveCmd) Run(g *globals) error {
+	var r manager.PolicyRemoved
+	if err := c.call("DELETE", "/policies/"+pathEscape(c.Name), nil, &r); err != nil {
+		return err
+	}
+	fmt.Printf("policy %q removed\n", r.Name)
+	return nil
 }
 
 type managerInitCmd struct {
@@ -269,15 +368,20 @@ func printManagerStatus(raw json.RawMessage, asJSON bool) error {
 	fmt.Println()
 	printHosts(st.Hosts)
 	tw = tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "\nVM\tHOST\tDIR\tSTATE\tKEYS\tREASON")
+	fmt.Fprintln(tw, "\nVM\tHOST\tDIR\tPOLICY\tSTATE\tKEYS\tREASON")
 	for _, vm := range st.VMs {
 		state := "unlocked"
 		if vm.Locked {
 			state = "locked"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", vm.ID, vm.Host, vm.Dir, state, strings.Join(vm.Keys, ","), vm.Reason)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", vm.ID, vm.Host, vm.Dir, vm.Policy, state, strings.Join(vm.Keys, ","), vm.Reason)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Println()
+	printManagerPolicies(st.Policies)
+	return nil
 }
 
 // vm register / unregister (host daemon).

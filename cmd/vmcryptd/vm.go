@@ -187,19 +187,35 @@ func isTerminal(f *os.File) bool {
 }
 
 type policyCmd struct {
-	List policyListCmd `cmd:"" help:"List storage policies."`
-	Set  policySetCmd  `cmd:"" help:"Set a VM's storage policy: encrypts or decrypts it accordingly."`
+	List policyListCmd `cmd:"" help:"List storage policies: the two built-ins, or with [manager] the manager's policies (with the key provider each encrypting one resolves to)."`
+	Set  policySetCmd  `cmd:"" help:"Set a VM's storage policy: encrypts or decrypts it accordingly. With [manager] the name is resolved by the manager (encrypt under the policy's provider, rekey onto it when the VM is encrypted under another, or decrypt) and the manager records the VM's policy; an unreachable manager changes nothing."`
 }
 
-type policyListCmd struct{}
+type policyListCmd struct {
+	JSON bool `help:"Print JSON." name:"json"`
+}
 
 func (c *policyListCmd) Run(g *globals) error {
 	var ps []api.Policy
 	if err := g.call("GET", "/policies", nil, &ps); err != nil {
 		return err
 	}
+	if c.JSON {
+		return printJSON(ps)
+	}
 	for _, p := range ps {
-		fmt.Printf("%-22s %s\n", p.Name, p.Description)
+		if p.Source == "" {
+			fmt.Printf("%-22s %s\n", p.Name, p.Description)
+			continue
+		}
+		what := "plain"
+		if p.Encrypts {
+			what = "encrypts under " + p.Provider
+			if p.Provider == "" {
+				what = "encrypts (provider NOT CONFIGURED)"
+			}
+		}
+		fmt.Printf("%-22s %-32s %s (from the manager)\n", p.Name, what, p.Description)
 	}
 	return nil
 }

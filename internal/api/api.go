@@ -214,6 +214,12 @@ type Policy struct {
 	Name        string `json:"name"`
 	Encrypts    bool   `json:"encrypts"`
 	Description string `json:"description"`
+	// With [manager]: the policies are the manager's; Provider is the key
+	// provider an encrypting one resolves to, Builtin marks the two
+	// built-ins, Source is "manager".
+	Provider string `json:"provider,omitempty"`
+	Builtin  bool   `json:"builtin,omitempty"`
+	Source   string `json:"source,omitempty"`
 }
 
 // DiskRequest is POST /v1/disk/add, /v1/disk/attach and /v1/disk/restore-keys.

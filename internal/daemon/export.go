@@ -216,7 +216,7 @@ func (d *Daemon) startExport(ctx context.Context, rec exportRecord) (*activeExpo
 		return nil, err
 	}
 	if st, err := vm.ReadVMStatus(filepath.Dir(disk), d.config().CoreDumpPatterns); err == nil && st.Encrypted {
-		if err := d.registerVM(st); err != nil {
+		if err := d.registerVM(st, ""); err != nil {
 			d.log.Warn("register VM", "dir", st.Dir, "err", err)
 		}
 	}

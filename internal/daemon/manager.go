@@ -252,7 +252,7 @@ func (d *Daemon) managerRegister(ctx context.Context, dir string) error {
 	found := false
 	for _, r := range d.st.VMs {
 		if r.Dir == dir {
-			rec = mgrproto.VM{ID: r.VMID, Name: r.Name, Dir: r.Dir}
+			rec = mgrproto.VM{ID: r.VMID, Name: r.Name, Dir: r.Dir, Policy: r.Policy}
 			for _, k := range r.Keys {
 				rec.Keys = append(rec.Keys, mgrproto.KeyRef{Provider: k.Provider, KeyID: k.KeyID})
 			}
@@ -375,7 +375,7 @@ func (d *Daemon) hVMRegister(rc *reqCtx) (any, error) {
 		d.mgrMu.Unlock()
 		res.Manager = "registered"
 	}
-	if _, err := d.registerLocal(st); err != nil {
+	if _, err := d.registerLocal(st, ""); err != nil {
 		return nil, err
 	}
 	d.mgrMu.Lock()

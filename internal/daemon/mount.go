@@ -106,7 +106,7 @@ func (d *Daemon) registerDatastoreVMs(ctx context.Context, root string) {
 		defer d.endRead(dir)
 		st, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err == nil && st.Encrypted {
-			if err := d.registerVM(st); err != nil {
+			if err := d.registerVM(st, ""); err != nil {
 				d.log.Warn("register VM", "dir", st.Dir, "err", err)
 			}
 		}

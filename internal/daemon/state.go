@@ -40,6 +40,9 @@ type vmRecord struct {
 	VMID string       `json:"vm_id,omitempty"` // the vmx's vmcryptd.vmId (the manager's key)
 	Name string       `json:"name,omitempty"`
 	Keys []keyRefJSON `json:"keys"`
+	// Policy is the manager's storage policy `policy set` put the VM
+	// under (manager mode only; re-sent with its registration).
+	Policy string `json:"policy,omitempty"`
 }
 
 const stateVersion = 1

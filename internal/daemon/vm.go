@@ -161,8 +161,11 @@ func (v vmResult) auditOp() string { return v.op }
 // With the manager as key source the VM is then registered there too (or
 // unregistered): a refusal is returned; an unreachable manager is not,
 // the key loop registers the VM once the manager answers.
-func (d *Daemon) registerVM(st *vm.VMStatus) error {
-	prev, err := d.registerLocal(st)
+//
+// policy is the storage policy `policy set` put the VM under (manager
+// mode); empty keeps the recorded one.
+func (d *Daemon) registerVM(st *vm.VMStatus, policy string) error {
+	prev, err := d.registerLocal(st, policy)
 	if err != nil || d.mgr == nil {
 		return err
 	}
@@ -178,7 +181,9 @@ func (d *Daemon) registerVM(st *vm.VMStatus) error {
 }
 
 // registerLocal updates the state; it returns the record st.Dir had.
-func (d *Daemon) registerLocal(st *vm.VMStatus) (*vmRecord, error) {
+// The record keeps its storage policy (manager mode) unless policy names
+// another or the VM is no longer the same one.
+func (d *Daemon) registerLocal(st *vm.VMStatus, policy string) (*vmRecord, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var kept []vmRecord
@@ -191,7 +196,10 @@ func (d *Daemon) registerLocal(st *vm.VMStatus) (*vmRecord, error) {
 		}
 	}
 	if st.Encrypted {
-		rec := vmRecord{Dir: st.Dir, Name: st.Name, VMID: st.VMID}
+		rec := vmRecord{Dir: st.Dir, Name: st.Name, VMID: st.VMID, Policy: policy}
+		if policy == "" && prev != nil && prev.VMID == st.VMID {
+			rec.Policy = prev.Policy
+		}
 		for _, r := range vm.KEKRefs(st.KEKs) {
 			rec.Keys = append(rec.Keys, keyRefJSON{Provider: r.Provider, KeyID: r.KeyID})
 		}
@@ -237,6 +245,12 @@ func (d *Daemon) kekFor(ctx context.Context, req api.VMRequest, name string) (ke
 
 // vmOp is the common frame of the converting operations.
 func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error) (any, error) {
+	return d.vmOpPolicy(rc, needHostMode, nil, run)
+}
+
+// vmOpPolicy is vmOp that, when policy is set, records *policy (as run
+// left it) as the VM's storage policy on registration.
+func (d *Daemon) vmOpPolicy(rc *reqCtx, needHostMode bool, policy *string, run func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error) (any, error) {
 	var req api.VMRequest
 	if err := decode(rc, &req); err != nil {
 		return nil, err
@@ -275,8 +289,15 @@ func (d *Daemon) vmOp(rc *reqCtx, needHostMode bool, run func(ctx context.Contex
 		}
 		return nil, err
 	}
-	if rerr := d.registerVM(st); rerr != nil && err == nil {
+	pol := ""
+	if policy != nil && err == nil {
+		pol = *policy
+	}
+	if rerr := d.registerVM(st, pol); rerr != nil && err == nil {
 		err = rerr
+	}
+	if p := d.managedPolicy(dir, st); p != "" {
+		st.Policy = p
 	}
 	res := vmResult{VMStatus: *st}
 	if req.Abort {
@@ -354,6 +375,9 @@ func (d *Daemon) hVMRekey(rc *reqCtx) (any, error) {
 }
 
 func (d *Daemon) hVMPolicy(rc *reqCtx) (any, error) {
+	if d.mgr != nil {
+		return d.hVMPolicyManaged(rc) // the manager's policies (mgrpolicy.go)
+	}
 	return d.vmOp(rc, false, func(ctx context.Context, dir string, req api.VMRequest, ops *vmops.VMOps) error {
 		cur, err := vm.ReadVMStatus(dir, d.config().CoreDumpPatterns)
 		if err != nil {
@@ -424,11 +448,17 @@ func (d *Daemon) hVMStatus(rc *reqCtx) (any, error) {
 			}
 		}
 	}
+	if p := d.managedPolicy(dir, st); p != "" {
+		st.Policy = p
+	}
 	return api.VMStatusReply{VMStatus: wireVMStatus(st), Locked: locked, LockReason: reason,
 		Warning: revokedWarning(d.keyring, vm.KEKRefs(st.KEKs))}, nil
 }
 
 func (d *Daemon) hPolicyList(rc *reqCtx) (any, error) {
+	if d.mgr != nil {
+		return d.managerPolicies(rc.r.Context())
+	}
 	return []api.Policy{
 		{Name: vm.PolicyEncrypt, Encrypts: true, Description: "VM files and disks encrypted at rest (XTS-AES-256 under per-VM and per-disk keys)"},
 		{Name: vm.PolicyDefault, Encrypts: false, Description: "no encryption"},
@@ -572,7 +602,7 @@ func (d *Daemon) hVMCreate(rc *reqCtx) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.registerVM(st); err != nil {
+	if err := d.registerVM(st, ""); err != nil {
 		return nil, err
 	}
 	return vmResult{VMStatus: *st}, nil

@@ -38,6 +38,7 @@ type Status struct {
 	Providers       []ProviderInfo `json:"providers"`
 	Hosts           []HostInfo     `json:"hosts"`
 	VMs             []VMInfo       `json:"vms"`
+	Policies        []PolicyInfo   `json:"policies"`
 	CachedKeys      int            `json:"cached_keys"`
 	KeysLocked      bool           `json:"keys_mlocked"`
 	// KMSFetches counts keys fetched from the KMS since start (each key
@@ -89,8 +90,31 @@ type VMInfo struct {
 	Dir    string   `json:"dir,omitempty"`
 	Host   string   `json:"host"`
 	Keys   []string `json:"keys"`
+	Policy string   `json:"policy"`
 	Locked bool     `json:"locked"`
 	Reason string   `json:"reason,omitempty"`
+}
+
+// PolicyInfo is one storage policy (GET /v1/policies, POST /v1/policies).
+type PolicyInfo struct {
+	Name     string `json:"name"`
+	Encrypts bool   `json:"encrypts"`
+	// Provider is the policy's own key provider; empty: the manager's
+	// default. ResolvedProvider is the one a VM put under it now gets
+	// (empty when the policy does not encrypt, or its provider is gone).
+	Provider         string    `json:"provider,omitempty"`
+	ResolvedProvider string    `json:"resolved_provider,omitempty"`
+	Builtin          bool      `json:"builtin"`
+	Description      string    `json:"description,omitempty"`
+	Created          time.Time `json:"created,omitzero"`
+	CreatedBy        string    `json:"created_by,omitempty"`
+	// VMs counts the registered VMs under the policy.
+	VMs int `json:"vms"`
+}
+
+// PolicyRemoved answers DELETE /v1/policies/NAME.
+type PolicyRemoved struct {
+	Name string `json:"name"`
 }
 
 // HostAddRequest is POST /v1/hosts.
@@ -192,6 +216,9 @@ func (m *Manager) adminRoutes() http.Handler {
 	route("DELETE "+p+"/hosts/{name}", PrivRegisterHost, m.hHostRemove)
 	route("POST "+p+"/hosts/{name}/lock", PrivManageKeys, func(ac *adminCtx) (any, error) { return m.hHostLock(ac, true) })
 	route("POST "+p+"/hosts/{name}/unlock", PrivManageKeys, func(ac *adminCtx) (any, error) { return m.hHostLock(ac, false) })
+	route("GET "+p+"/policies", PrivRead, func(*adminCtx) (any, error) { return m.policyInfos(), nil })
+	route("POST "+p+"/policies", PrivManagePolicy, m.hPolicyCreate)
+	route("DELETE "+p+"/policies/{name}", PrivManagePolicy, m.hPolicyRemove)
 	return mux
 }
 
@@ -226,6 +253,7 @@ func (m *Manager) hStatus(ac *adminCtx) (any, error) {
 		Providers:       []ProviderInfo{},
 		Hosts:           m.hostInfos(),
 		VMs:             m.vmInfos(),
+		Policies:        m.policyInfos(),
 		CachedKeys:      n, KeysLocked: locked,
 		KMSFetches: m.keys.fetches.Load(),
 	}
@@ -274,7 +302,7 @@ func (m *Manager) vmInfos() []VMInfo {
 	defer m.mu.Unlock()
 	out := []VMInfo{}
 	for _, vm := range m.inv.VMs {
-		vi := VMInfo{ID: vm.ID, Name: vm.Name, Dir: vm.Dir, Host: vm.Host, Keys: []string{}}
+		vi := VMInfo{ID: vm.ID, Name: vm.Name, Dir: vm.Dir, Host: vm.Host, Keys: []string{}, Policy: registeredPolicy(vm, "")}
 		s, seen := m.seen[vm.Host]
 		held := map[mgrproto.KeyRef]bool{}
 		for _, k := range s.Status.Held {
@@ -459,4 +487,122 @@ func (m *Manager) hHostLock(ac *adminCtx, lock bool) (any, error) {
 	}
 	m.log.Warn("host lock changed", "host", name, "locked", lock, "changed", res.Changed, "by", ac.user)
 	return res, nil
+}
+
+func (m *Manager) policyInfos() []PolicyInfo {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.policyInfosLocked()
+}
+
+func (m *Manager) policyInfosLocked() []PolicyInfo {
+	used := map[string]int{}
+	for _, vm := range m.inv.VMs {
+		used[registeredPolicy(vm, "")]++
+	}
+	out := []PolicyInfo{}
+	for _, r := range allPolicies(m.inv) {
+		_, bi := builtinPolicy(r.Name)
+		pi := PolicyInfo{Name: r.Name, Encrypts: r.Encrypts, Provider: r.Provider, Builtin: bi, Description: r.Description,
+			Created: r.Created, CreatedBy: r.CreatedBy, VMs: used[r.Name]}
+		if pol, err := resolvePolicy(m.inv, r.Name, m.cfg.DefaultProvider, m.providerNames()); err == nil {
+			pi.ResolvedProvider = pol.Provider
+		}
+		out = append(out, pi)
+	}
+	return out
+}
+
+// hPolicyCreate is `manager policy create NAME [--encrypt [--provider
+// P]]`: the policy is saved in the inventory before the answer.
+func (m *Manager) hPolicyCreate(ac *adminCtx) (any, error) {
+	var req PolicyCreateRequest
+	dec := json.NewDecoder(ac.r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return nil, &httpErr{400, "bad request: " + err.Error()}
+	}
+	m.mu.Lock()
+	err := m.updateLocked(func(inv *inventory) error {
+		if err := mayCreatePolicy(inv, req, m.providerNames()); err != nil {
+			code := 400
+			var ex errPolicyExists
+			if errors.As(err, &ex) {
+				code = 409
+			}
+			return &httpErr{code, err.Error()}
+		}
+		inv.Policies[req.Name] = &policyRec{Name: req.Name, Encrypts: req.Encrypt, Provider: req.Provider,
+			Description: req.Description, Created: time.Now().UTC(), CreatedBy: ac.user}
+		return nil
+	})
+	var info PolicyInfo
+	if err == nil {
+		for _, pi := range m.policyInfosLocked() {
+			if pi.Name == req.Name {
+				info = pi
+			}
+		}
+	}
+	m.mu.Unlock()
+	if err != nil {
+		result := "denied"
+		var he *httpErr
+		if !errors.As(err, &he) {
+			result = "error"
+		}
+		if aerr := m.auditAdmin(ac, "manager.policy.create", PrivManagePolicy, result, fmt.Sprintf("policy %q: %v", req.Name, err)); aerr != nil {
+			m.log.Error("audit log write failed", "err", aerr)
+		}
+		return nil, err
+	}
+	what := "decrypts (stores VMs plain)"
+	if req.Encrypt {
+		what = "encrypts under provider " + orDefault(req.Provider)
+	}
+	if err := m.auditAdmin(ac, "manager.policy.create", PrivManagePolicy, "ok", fmt.Sprintf("policy %q created: %s", req.Name, what)); err != nil {
+		return nil, err
+	}
+	return info, nil
+}
+
+func orDefault(provider string) string {
+	if provider == "" {
+		return "(the manager's default)"
+	}
+	return provider
+}
+
+// hPolicyRemove is `manager policy remove NAME`: refused for a built-in
+// and while a VM of the inventory is under the policy.
+func (m *Manager) hPolicyRemove(ac *adminCtx) (any, error) {
+	name := ac.r.PathValue("name")
+	m.mu.Lock()
+	err := m.updateLocked(func(inv *inventory) error {
+		if err := mayRemovePolicy(inv, name); err != nil {
+			var nf errPolicyNotFound
+			if errors.As(err, &nf) {
+				return &httpErr{404, err.Error()}
+			}
+			return &httpErr{409, err.Error()}
+		}
+		delete(inv.Policies, name)
+		return nil
+	})
+	m.mu.Unlock()
+	if err != nil {
+		result := "denied"
+		var he *httpErr
+		if !errors.As(err, &he) {
+			result = "error"
+		}
+		if aerr := m.auditAdmin(ac, "manager.policy.remove", PrivManagePolicy, result, fmt.Sprintf("policy %q: %v", name, err)); aerr != nil {
+			m.log.Error("audit log write failed", "err", aerr)
+		}
+		return nil, err
+	}
+	if err := m.auditAdmin(ac, "manager.policy.remove", PrivManagePolicy, "ok", fmt.Sprintf("policy %q removed", name)); err != nil {
+		return nil, err
+	}
+	return PolicyRemoved{Name: name}, nil
 }

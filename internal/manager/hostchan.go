@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -127,6 +128,10 @@ func (m *Manager) handle(ctx context.Context, w io.Writer, p peer, q *mgrproto.R
 		return m.unregisterVM(w, p, q)
 	case mgrproto.OpWatch:
 		return m.watch(ctx, w, p, q)
+	case mgrproto.OpListPolicies:
+		return m.listPolicies(w, p, q)
+	case mgrproto.OpGetPolicy:
+		return m.getPolicy(w, p, q)
 	}
 	return false // Check accepted only the ops above
 }
@@ -154,6 +159,8 @@ var opPrivilege = map[string]string{
 	mgrproto.OpRegisterVM:   privHostRegister,
 	mgrproto.OpUnregisterVM: privHostRegister,
 	mgrproto.OpWatch:        privHostHello,
+	mgrproto.OpListPolicies: privHostPolicy,
+	mgrproto.OpGetPolicy:    privHostPolicy,
 }
 
 // refuse audits a refusal and sends it. The reply is one line.
@@ -327,8 +334,12 @@ func (m *Manager) registerVM(w io.Writer, p peer, q *mgrproto.Request) bool {
 	m.mu.Lock()
 	err := mayRegister(m.inv, p.name, vm)
 	if err == nil {
+		err = mayRegisterPolicy(m.inv, vm)
+	}
+	policy := registeredPolicy(m.inv.VMs[vm.ID], vm.Policy)
+	if err == nil {
 		err = m.updateLocked(func(inv *inventory) error {
-			inv.VMs[vm.ID] = &vmRec{ID: vm.ID, Name: vm.Name, Dir: vm.Dir, Host: p.name, Keys: vm.Keys, Registered: time.Now().UTC()}
+			inv.VMs[vm.ID] = &vmRec{ID: vm.ID, Name: vm.Name, Dir: vm.Dir, Host: p.name, Keys: vm.Keys, Registered: time.Now().UTC(), Policy: policy}
 			for _, ref := range vm.Keys {
 				if k := inv.Keys[ref.String()]; k != nil {
 					k.CreatedFor = "" // bound to a VM now
@@ -347,7 +358,7 @@ func (m *Manager) registerVM(w io.Writer, p peer, q *mgrproto.Request) bool {
 		m.refuse(w, p, q.Op, vm.ID, keys, mgrproto.CodeDenied, "permission denied: "+err.Error())
 		return true
 	}
-	if !m.ok(w, p, q.Op, vm.ID, keys, vm.Dir) {
+	if !m.ok(w, p, q.Op, vm.ID, keys, vm.Dir+" policy "+policy) {
 		return false
 	}
 	return mgrproto.WriteFrame(w, mgrproto.Reply{OK: true}) == nil
@@ -381,4 +392,54 @@ func (m *Manager) unregisterVM(w io.Writer, p peer, q *mgrproto.Request) bool {
 		return false
 	}
 	return mgrproto.WriteFrame(w, mgrproto.Reply{OK: true}) == nil
+}
+
+// listPolicies answers every storage policy, each resolved as get_policy
+// would (a policy whose provider is gone is listed without one).
+func (m *Manager) listPolicies(w io.Writer, p peer, q *mgrproto.Request) bool {
+	m.mu.Lock()
+	recs := allPolicies(m.inv)
+	out := make([]mgrproto.Policy, 0, len(recs))
+	for _, r := range recs {
+		pol, err := resolvePolicy(m.inv, r.Name, m.cfg.DefaultProvider, m.providerNames())
+		if err != nil {
+			_, bi := builtinPolicy(r.Name)
+			pol = mgrproto.Policy{Name: r.Name, Encrypts: r.Encrypts, Builtin: bi, Description: r.Description}
+		}
+		out = append(out, pol)
+	}
+	m.mu.Unlock()
+	r := mgrproto.Reply{OK: true, Policies: out}
+	if b, err := json.Marshal(r); err != nil || len(b) > mgrproto.MaxFrame {
+		// mayCreatePolicy keeps the list within a frame; a provider
+		// renamed in manager.toml since could still push it over.
+		m.refuse(w, p, q.Op, "", nil, mgrproto.CodeInternal, fmt.Sprintf("the %d storage policies do not fit in one frame of %d bytes: shorten their descriptions", len(out), mgrproto.MaxFrame))
+		return true
+	}
+	return mgrproto.WriteFrame(w, r) == nil
+}
+
+// getPolicy resolves one storage policy for a `vmcryptd policy set` on
+// the host: audited, since it decides what the host does to a VM.
+func (m *Manager) getPolicy(w io.Writer, p peer, q *mgrproto.Request) bool {
+	m.mu.Lock()
+	pol, err := resolvePolicy(m.inv, q.Policy, m.cfg.DefaultProvider, m.providerNames())
+	m.mu.Unlock()
+	var nf errPolicyNotFound
+	switch {
+	case errors.As(err, &nf):
+		m.refuse(w, p, q.Op, "", nil, mgrproto.CodeNotFound, err.Error())
+		return true
+	case err != nil:
+		m.refuse(w, p, q.Op, "", nil, mgrproto.CodeUnavailable, err.Error())
+		return true
+	}
+	detail := fmt.Sprintf("policy %q: decrypts", pol.Name)
+	if pol.Encrypts {
+		detail = fmt.Sprintf("policy %q: encrypts under provider %s", pol.Name, pol.Provider)
+	}
+	if !m.ok(w, p, q.Op, "", nil, detail) {
+		return false
+	}
+	return mgrproto.WriteFrame(w, mgrproto.Reply{OK: true, Policy: &pol}) == nil
 }

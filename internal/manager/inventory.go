@@ -21,6 +21,10 @@ type inventory struct {
 	VMs     map[string]*vmRec     `json:"vms"`  // by vmcryptd VM id
 	Keys    map[string]*keyRec    `json:"keys"` // by "provider/key id"
 	Revoked map[string]revokedRec `json:"revoked"`
+	// Policies are the storage policies made with `manager policy
+	// create`, by name (the two built-ins are not stored). Absent in an
+	// inventory written before storage policies: none.
+	Policies map[string]*policyRec `json:"policies,omitempty"`
 }
 
 type hostRec struct {
@@ -46,6 +50,9 @@ type vmRec struct {
 	Host       string            `json:"host"`
 	Keys       []mgrproto.KeyRef `json:"keys"`
 	Registered time.Time         `json:"registered"`
+	// Policy is the VM's storage policy (registeredPolicy); empty in an
+	// inventory written before storage policies: VM Encryption Policy.
+	Policy string `json:"policy,omitempty"`
 }
 
 // keyRec is a KEK the manager knows: made through it, or named by a VM
@@ -68,7 +75,7 @@ const inventoryVersion = 1
 
 func newInventory() *inventory {
 	return &inventory{Version: inventoryVersion, Hosts: map[string]*hostRec{}, VMs: map[string]*vmRec{},
-		Keys: map[string]*keyRec{}, Revoked: map[string]revokedRec{}}
+		Keys: map[string]*keyRec{}, Revoked: map[string]revokedRec{}, Policies: map[string]*policyRec{}}
 }
 
 func loadInventory(path string) (*inventory, error) {
@@ -89,6 +96,17 @@ func loadInventory(path string) (*inventory, error) {
 	for _, m := range []bool{inv.Hosts == nil, inv.VMs == nil, inv.Keys == nil, inv.Revoked == nil} {
 		if m {
 			return nil, fmt.Errorf("inventory %s: incomplete (a section is missing)", path)
+		}
+	}
+	if inv.Policies == nil {
+		inv.Policies = map[string]*policyRec{}
+	}
+	for name, p := range inv.Policies {
+		if p == nil || p.Name != name {
+			return nil, fmt.Errorf("inventory %s: policy %q: record does not match its name", path, name)
+		}
+		if _, bi := builtinPolicy(name); bi {
+			return nil, fmt.Errorf("inventory %s: policy %q shadows a built-in policy", path, name)
 		}
 	}
 	return inv, nil

@@ -300,6 +300,10 @@ func TestHostChannelBadInput(t *testing.T) {
 		{"unknown op", frame([]byte(`{"op":"steal_all"}`)), `unknown op "steal_all"`},
 		{"missing key id", frame([]byte(`{"op":"get_key","provider":"lab"}`)), "needs provider and key_id"},
 		{"trailing", frame([]byte(`{"op":"hello","status":{}} {}`)), "data after"},
+		{"policy missing", frame([]byte(`{"op":"get_policy"}`)), "get_policy needs policy"},
+		{"policy too long", frame([]byte(`{"op":"get_policy","policy":"` + strings.Repeat("p", mgrproto.MaxField+1) + `"}`)), "longer than"},
+		{"policy not a string", frame([]byte(`{"op":"get_policy","policy":7}`)), "malformed frame"},
+		{"vm policy too long", frame([]byte(`{"op":"register_vm","vm":{"id":"x","policy":"` + strings.Repeat("p", mgrproto.MaxField+1) + `","keys":[{"provider":"a","key_id":"b"}]}}`)), "longer than"},
 		{"too many keys", frame([]byte(`{"op":"register_vm","vm":{"id":"x","keys":[` + strings.Repeat(`{"provider":"a","key_id":"b"},`, 64) + `{"provider":"a","key_id":"b"}]}}`)), "1 to 64 keys"},
 	}
 	for _, c := range cases {

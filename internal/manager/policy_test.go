@@ -98,6 +98,11 @@ func TestRoleAllows(t *testing.T) {
 	}{
 		{"Administrator", PrivRegisterHost, true},
 		{"Administrator", PrivRead, true},
+		{"Administrator", PrivManagePolicy, true},
+		{"ReadOnly", PrivManagePolicy, false},
+		{"NoCryptoAdmin", PrivManagePolicy, false},
+		{"NoCryptoAdmin", PrivRead, true},
+		{"", PrivManagePolicy, false},
 		{"ReadOnly", PrivRead, true},
 		{"ReadOnly", PrivRegisterHost, false},
 		{"NoCryptoAdmin", PrivRegisterHost, false},

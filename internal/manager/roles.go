@@ -13,16 +13,20 @@ const (
 	PrivRead         = "System.Read"                // status, host list
 	PrivRegisterHost = "Cryptographer.RegisterHost" // host add / remove
 	PrivManageKeys   = "Cryptographer.ManageKeys"   // host lock / unlock
-	privHostKey      = "Cryptographer.Access"       // host channel: get_key
-	privHostCreate   = "Cryptographer.EncryptNew"   // host channel: create_key
-	privHostRegister = "Cryptographer.RegisterVM"   // host channel: (un)register_vm
-	privHostHello    = "Host.Config.Connection"     // host channel: hello
+	// PrivManagePolicy is vSphere's privilege for encryption storage
+	// policies: policy create / remove.
+	PrivManagePolicy = "Cryptographer.ManageEncryptionPolicy"
+	privHostKey      = "Cryptographer.Access"     // host channel: get_key
+	privHostCreate   = "Cryptographer.EncryptNew" // host channel: create_key
+	privHostRegister = "Cryptographer.RegisterVM" // host channel: (un)register_vm
+	privHostHello    = "Host.Config.Connection"   // host channel: hello
+	privHostPolicy   = "StorageProfile.View"      // host channel: list_policies, get_policy
 )
 
 // rolePrivileges are the daemon's built-in roles as the manager's admin
 // socket knows them.
 var rolePrivileges = map[string][]string{
-	"Administrator": {PrivRead, PrivRegisterHost, PrivManageKeys},
+	"Administrator": {PrivRead, PrivRegisterHost, PrivManageKeys, PrivManagePolicy},
 	"NoCryptoAdmin": {PrivRead},
 	"ReadOnly":      {PrivRead},
 }

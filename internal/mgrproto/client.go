@@ -231,6 +231,32 @@ func (c *Client) UnregisterVM(ctx context.Context, vmID string) error {
 	return err
 }
 
+// ListPolicies returns the manager's storage policies, built-ins first.
+func (c *Client) ListPolicies(ctx context.Context) ([]Policy, error) {
+	r, _, err := c.do(ctx, &Request{Op: OpListPolicies})
+	if err != nil {
+		return nil, err
+	}
+	if len(r.Policies) > MaxPolicies {
+		return nil, fmt.Errorf("manager answered list_policies with %d policies, at most %d", len(r.Policies), MaxPolicies)
+	}
+	return r.Policies, nil
+}
+
+// GetPolicy resolves a storage policy by name: whether it encrypts and
+// under which provider. An unknown name is a *RefusedError with code
+// CodeNotFound.
+func (c *Client) GetPolicy(ctx context.Context, name string) (Policy, error) {
+	r, _, err := c.do(ctx, &Request{Op: OpGetPolicy, Policy: name})
+	if err != nil {
+		return Policy{}, err
+	}
+	if r.Policy == nil || r.Policy.Name != name || (r.Policy.Encrypts && r.Policy.Provider == "") {
+		return Policy{}, fmt.Errorf("manager answered get_policy %q with %+v", name, r.Policy)
+	}
+	return *r.Policy, nil
+}
+
 // KeyServer is the keys.KeyServer (and keys.KeyStateServer) of one
 // provider name, served through the manager.
 type KeyServer struct {

@@ -30,6 +30,21 @@ const (
 	MaxHeld = 2048
 	// MaxField bounds every string field (names, ids, directories).
 	MaxField = 4096
+	// MaxPolicies bounds the storage policies a manager holds (built-ins
+	// included), so a list_policies reply always fits in one frame.
+	MaxPolicies = 256
+	// MaxPolicyName and MaxPolicyDescription bound a policy's name and
+	// description (bytes).
+	MaxPolicyName        = 80
+	MaxPolicyDescription = 256
+)
+
+// The two built-in storage policies, which every manager (and every
+// direct-mode host) has and which cannot be removed. They are the names
+// vm.PolicyEncrypt and vm.PolicyDefault (engine/vm) write in a vmx.
+const (
+	PolicyEncrypt = "VM Encryption Policy"
+	PolicyDefault = "Datastore Default"
 )
 
 // Operations.
@@ -40,6 +55,8 @@ const (
 	OpRegisterVM   = "register_vm"
 	OpUnregisterVM = "unregister_vm"
 	OpWatch        = "watch"
+	OpListPolicies = "list_policies"
+	OpGetPolicy    = "get_policy"
 )
 
 // WatchHold is how long the manager holds a watch request whose answer
@@ -54,6 +71,7 @@ const (
 	CodeUnavailable = "unavailable" // the KMS could not serve it; retry later
 	CodeInternal    = "internal"    // the manager failed (its state could not be saved)
 	CodeHostLocked  = "host_locked" // the manager locked this host: no key until unlock
+	CodeNotFound    = "not_found"   // get_policy: the manager has no policy of that name
 )
 
 // KeyRef names a KEK: key provider plus key id.
@@ -71,6 +89,23 @@ type VM struct {
 	Name string   `json:"name,omitempty"`
 	Dir  string   `json:"dir,omitempty"`
 	Keys []KeyRef `json:"keys"`
+	// Policy is the storage policy the host set on the VM (`vmcryptd
+	// policy set`); empty: keep the one the manager has recorded (or
+	// PolicyEncrypt for a VM it did not have).
+	Policy string `json:"policy,omitempty"`
+}
+
+// Policy is a storage policy as the manager resolves it for a host.
+type Policy struct {
+	Name string `json:"name"`
+	// Encrypts: a VM under it is encrypted, with a KEK of Provider;
+	// otherwise a VM under it is decrypted (stored plain).
+	Encrypts bool `json:"encrypts"`
+	// Provider is the key provider the policy resolves to now (its own,
+	// or the manager's default); empty for a policy that does not encrypt.
+	Provider    string `json:"provider,omitempty"`
+	Builtin     bool   `json:"builtin,omitempty"`
+	Description string `json:"description,omitempty"`
 }
 
 // HostStatus is what a host reports in a hello (heartbeat).
@@ -93,6 +128,8 @@ type Request struct {
 	// Locked is, in a watch, whether the host holds itself locked by the
 	// manager now: the manager answers as soon as that is no longer so.
 	Locked bool `json:"locked,omitempty"`
+	// Policy is, in a get_policy, the name of the storage policy asked for.
+	Policy string `json:"policy,omitempty"`
 }
 
 // Reply answers one request.
@@ -115,6 +152,9 @@ type Reply struct {
 	// follow this frame on the stream.
 	State  string `json:"state,omitempty"`
 	KeyLen int    `json:"key_len,omitempty"`
+	// list_policies: every storage policy; get_policy: the one asked for.
+	Policies []Policy `json:"policies,omitempty"`
+	Policy   *Policy  `json:"policy,omitempty"`
 }
 
 // WriteFrame writes v as one frame: a 4-byte big-endian length, then
@@ -175,7 +215,7 @@ func Decode(b []byte, v any) error {
 // needs and the limits. It is the one place a request's shape is judged.
 func (q *Request) Check() error {
 	long := func(s string) bool { return len(s) > MaxField }
-	for _, s := range []string{q.Provider, q.KeyID, q.Name, q.VMID} {
+	for _, s := range []string{q.Provider, q.KeyID, q.Name, q.VMID, q.Policy} {
 		if long(s) {
 			return fmt.Errorf("a field is longer than %d bytes", MaxField)
 		}
@@ -201,7 +241,7 @@ func (q *Request) Check() error {
 		if vm == nil || vm.ID == "" {
 			return errors.New("register_vm needs vm.id")
 		}
-		if long(vm.ID) || long(vm.Name) || long(vm.Dir) {
+		if long(vm.ID) || long(vm.Name) || long(vm.Dir) || long(vm.Policy) {
 			return fmt.Errorf("a field is longer than %d bytes", MaxField)
 		}
 		if len(vm.Keys) == 0 || len(vm.Keys) > MaxVMKeys {
@@ -216,7 +256,11 @@ func (q *Request) Check() error {
 		if q.VMID == "" {
 			return errors.New("unregister_vm needs vm_id")
 		}
-	case OpWatch:
+	case OpWatch, OpListPolicies:
+	case OpGetPolicy:
+		if q.Policy == "" {
+			return errors.New("get_policy needs policy")
+		}
 	case "":
 		return errors.New("request has no op")
 	default:

@@ -3,6 +3,8 @@ package mgrproto
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
+	"os"
 	"strings"
 	"testing"
 )
@@ -42,6 +44,12 @@ func TestRequestCheck(t *testing.T) {
 		{Request{Op: OpRegisterVM, VM: &VM{ID: "v", Keys: []KeyRef{{"p", ""}}}}, "needs provider and key_id"},
 		{Request{Op: OpRegisterVM, VM: &VM{ID: long, Keys: []KeyRef{{"p", "k"}}}}, "longer than"},
 		{Request{Op: OpUnregisterVM}, "needs vm_id"},
+		{Request{Op: OpListPolicies}, ""},
+		{Request{Op: OpGetPolicy, Policy: "Gold"}, ""},
+		{Request{Op: OpGetPolicy}, "needs policy"},
+		{Request{Op: OpGetPolicy, Policy: long}, "longer than"},
+		{Request{Op: OpRegisterVM, VM: &VM{ID: "v", Policy: long, Keys: []KeyRef{{"p", "k"}}}}, "longer than"},
+		{Request{Op: OpRegisterVM, VM: &VM{ID: "v", Policy: "Gold", Keys: []KeyRef{{"p", "k"}}}}, ""},
 		{Request{}, "no op"},
 		{Request{Op: "x"}, "unknown op"},
 	} {
@@ -70,4 +78,28 @@ func FuzzReadFrame(f *testing.F) {
 			t.Fatalf("read %d bytes of a refused frame", len(data)-4-r.Len())
 		}
 	})
+}
+
+// TestPolicyExamplesInDoc: the get_policy and list_policies frames of
+// docs/MANAGER.md are what WriteFrame writes, length prefix included.
+func TestPolicyExamplesInDoc(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/MANAGER.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []any{
+		Request{Op: OpGetPolicy, Policy: "Gold"},
+		Reply{OK: true, Policy: &Policy{Name: "Gold", Encrypts: true, Provider: "lab", Description: "PCI VMs"}},
+		Request{Op: OpListPolicies},
+	} {
+		var b bytes.Buffer
+		if err := WriteFrame(&b, v); err != nil {
+			t.Fatal(err)
+		}
+		prefix := fmt.Sprintf("`% x`", b.Bytes()[:4])
+		body := b.Bytes()[4:]
+		if !bytes.Contains(doc, body) || !bytes.Contains(doc, []byte(prefix)) || !bytes.Contains(doc, []byte(fmt.Sprintf("%d bytes", len(body)))) {
+			t.Errorf("MANAGER.md lacks the frame %s %s (%d bytes)", prefix, body, len(body))
+		}
+	}
 }
