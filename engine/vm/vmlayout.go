@@ -369,7 +369,7 @@ func NewID() (string, error) {
 	return id.String(), nil
 }
 
-// journal records an in-progress conversion so a killed one can be
+// Journal records an in-progress conversion so a killed one can be
 // resumed. It holds wrapped keys only (keySafes), never a plain key.
 type Journal struct {
 	Version    int           `json:"version"`
