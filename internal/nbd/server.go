@@ -217,7 +217,7 @@ func (s *Server) Close() {
 		l.Close()
 	}
 	for c := range s.conns {
-		closeConn(c)
+		c.Close()
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
@@ -240,7 +240,7 @@ type conn struct {
 }
 
 func (c *conn) close() {
-	c.closeOnce.Do(func() { c.nc.Close(); closeConn(c.raw) })
+	c.closeOnce.Do(func() { c.nc.Close(); c.raw.Close() })
 }
 
 func (c *conn) serve() error {
@@ -269,7 +269,6 @@ func (c *conn) serve() error {
 		return err
 	}
 	c.nc.SetDeadline(time.Time{})
-	c.blockingReads()
 	return c.transmit(exp)
 }
 

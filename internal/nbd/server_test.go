@@ -512,8 +512,8 @@ func execOut(name string, args ...string) (string, error) {
 }
 
 // TestCloseWakesIdleReader: a connection in transmission whose client
-// sends nothing (its reader blocked in read(2) on the socket) is ended
-// by Server.Close, and one whose client goes away ends by itself.
+// sends nothing (its reader waiting on the socket) is ended by
+// Server.Close, and one whose client goes away ends by itself.
 func TestCloseWakesIdleReader(t *testing.T) {
 	s, sock := serveUnix(t, Config{Export: &Export{Backend: &memBackend{b: make([]byte, 1<<20)}}})
 	idle := func() *client {
