@@ -510,3 +510,45 @@ func execOut(name string, args ...string) (string, error) {
 	out, err := exec.Command(name, args...).CombinedOutput()
 	return string(out), err
 }
+
+// TestCloseWakesIdleReader: a connection in transmission whose client
+// sends nothing (its reader waiting on the socket) is ended by
+// Server.Close, and one whose client goes away ends by itself.
+func TestCloseWakesIdleReader(t *testing.T) {
+	s, sock := serveUnix(t, Config{Export: &Export{Backend: &memBackend{b: make([]byte, 1<<20)}}})
+	idle := func() *client {
+		c := dial(t, sock)
+		c.goExport("")
+		c.write(reqBytes(0, cmdRead, 1, 4096, 4096))
+		var r [16 + 4096]byte
+		c.read(r[:])
+		if binary.BigEndian.Uint32(r[:]) != magicSimple || binary.BigEndian.Uint64(r[8:]) != 1 {
+			t.Fatalf("reply % x", r[:16])
+		}
+		return c
+	}
+	waitConns := func(n int) {
+		t.Helper()
+		for i := 0; s.Conns() != n; i++ {
+			if i > 2000 {
+				t.Fatalf("%d connections open, want %d", s.Conns(), n)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	gone := idle()
+	gone.c.Close()
+	waitConns(0)
+
+	c := idle()
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Server.Close did not return with an idle connection open")
+	}
+	if n, err := c.c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("client read after Close: %d, %v (want EOF)", n, err)
+	}
+}
