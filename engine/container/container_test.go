@@ -546,3 +546,37 @@ func TestContainerShrinkCrashNoStaleData(t *testing.T) {
 		t.Fatal("growing after an uncut shrink brought old data back")
 	}
 }
+
+// TestVerifyHeaderCutInsideHeader: a region that holds slot 0 whole but
+// stops inside slot 1 (a file cut within its header) is judged on slot 0
+// alone, reported as one damaged slot, and never read past its end.
+func TestVerifyHeaderCutInsideHeader(t *testing.T) {
+	dek := testkit.MustDEK(t)
+	p := filepath.Join(t.TempDir(), "c")
+	c, err := CreateContainer(p, dek, CreateOptions{Kind: KindNVRAM, Binding: keys.Binding{Purpose: keys.PurposeVM, OwnerID: "vm-1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	head, err := ReadHead(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck, err := DeriveContainerKeys(dek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ck.Destroy()
+	for _, n := range []int{SlotSize, SlotSize + 100, 2*SlotSize - 1} {
+		h, health, err := VerifyHeader(head[:n], ck)
+		if err != nil {
+			t.Fatalf("%d bytes: %v", n, err)
+		}
+		if h.Kind != KindNVRAM || health.Degraded == "" {
+			t.Fatalf("%d bytes: kind %v, health %+v; want slot 0, degraded", n, h.Kind, health)
+		}
+	}
+	if _, _, err := VerifyHeader(head[:SlotSize-1], ck); err == nil {
+		t.Fatal("a region shorter than one slot verified")
+	}
+}

@@ -408,6 +408,11 @@ func VerifyHeader(region []byte, keys *containerKeys) (*Header, HeaderHealth, er
 	}
 	var s [2]slotCheck
 	for slot := 0; slot < 2; slot++ {
+		if len(region) < (slot+1)*SlotSize {
+			// A file cut inside its header: the slot is missing.
+			s[slot].parseErr = fmt.Errorf("%w: header slot %d cut off (%d bytes)", ErrTruncated, slot, len(region))
+			continue
+		}
 		b := region[slot*SlotSize : (slot+1)*SlotSize]
 		h, err := parseSlot(b, slot)
 		if err != nil {
