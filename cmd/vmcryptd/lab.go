@@ -205,7 +205,7 @@ func readPID(pidPath string) int {
 // exited. A process being torn down has an empty command line (its memory
 // goes first) but may still hold its socket, so it counts as alive until
 // it is a zombie; a command line naming another program means the pid was
-// recycled.
+// recycled. A zombie counts as exited once its last thread is gone.
 func alive(pidPath string) bool {
 	pid := readPID(pidPath)
 	if pid <= 0 {
@@ -218,7 +218,13 @@ func alive(pidPath string) bool {
 	// The state follows the parenthesised command name.
 	if i := strings.LastIndexByte(string(stat), ')'); i >= 0 && i+2 < len(stat) {
 		if st := stat[i+2]; st == 'Z' || st == 'X' {
-			return false
+			// A killed group leader is a zombie while its other threads
+			// are still in exit, and the last of them closes the
+			// process's files: /dev/fuse among them. Until then a FUSE
+			// request may still be taken by a dying reader (the kernel
+			// answers it EIO), and the view is not yet disconnected.
+			tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+			return len(tasks) > 1
 		}
 	}
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
